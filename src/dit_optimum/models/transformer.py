@@ -1,0 +1,256 @@
+"""DiTOptimumTransformer2DModel: diffusers' DiT with swappable attention and one shared conditioning embedding."""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections import OrderedDict
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from diffusers import DiTTransformer2DModel
+from diffusers.configuration_utils import register_to_config
+from diffusers.models.attention import AttentionMixin, FeedForward
+from diffusers.models.embeddings import CombinedTimestepLabelEmbeddings, PatchEmbed
+from diffusers.models.modeling_outputs import Transformer2DModelOutput
+from diffusers.models.normalization import AdaLayerNormZero
+from torch import nn
+
+from ..configs import dit_config
+from .attention import DiTAttention, validate_attention_config
+
+logger = logging.getLogger(__name__)
+
+# diffusers' DiTPipeline always passes 1000 as the unconditional ("null") class.
+DIFFUSERS_NULL_CLASS = 1000
+_STOCK_BLOCK_EMBEDDING = re.compile(r"^transformer_blocks\.(\d+)\.norm1\.emb\.(.+)$")
+
+
+class DiTBlock(nn.Module):
+    """adaLN-Zero DiT block; submodule names match diffusers' ``BasicTransformerBlock`` for weight compatibility."""
+
+    def __init__(
+        self,
+        dim: int,
+        attention: DiTAttention,
+        ff_inner_dim: int,
+        dropout: float,
+        activation_fn: str,
+        norm_elementwise_affine: bool,
+        norm_eps: float,
+    ):
+        super().__init__()
+        self.norm1 = AdaLayerNormZero(dim, num_embeddings=None)
+        self.attn1 = attention
+        self.norm2 = nn.LayerNorm(dim, eps=norm_eps, elementwise_affine=norm_elementwise_affine)
+        self.ff = FeedForward(dim, dropout=dropout, activation_fn=activation_fn, inner_dim=ff_inner_dim)
+
+    def forward(self, hidden_states: torch.Tensor, conditioning: torch.Tensor, grid_size: tuple[int, int]) -> torch.Tensor:
+        # hidden_states: (B, N, dim); conditioning: (B, dim)
+        norm_hidden, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.norm1(hidden_states, emb=conditioning)
+        hidden_states = gate_msa.unsqueeze(1) * self.attn1(norm_hidden, grid_size) + hidden_states
+        norm_hidden = self.norm2(hidden_states) * (1 + scale_mlp[:, None]) + shift_mlp[:, None]
+        return gate_mlp.unsqueeze(1) * self.ff(norm_hidden) + hidden_states
+
+
+class DiTOptimumTransformer2DModel(DiTTransformer2DModel, AttentionMixin):
+    """A ``DiTTransformer2DModel`` whose config also picks the attention type and computes conditioning once.
+
+    Loads stock diffusers DiT folders unchanged (the per-block copies of the timestep/class embedder collapse into
+    ``conditioning_embedding``). Extra config keys:
+
+    - ``attention_type``: one of ``ATTENTION_TYPES`` with its parameters ``num_kv_heads`` (gqa types),
+      ``attention_compression`` (shallow), ``num_mediators`` (mediated), ``focusing_factor``,
+      ``focused_variant`` (focused types) and ``dwconv_kernel_size`` (mediated and focused; default 3 / 5).
+    - ``class_dropout_prob``: label dropout for classifier-free guidance; the null class is ``num_embeds_ada_norm``.
+    - ``original_timestep_embedding``: use the original DiT sinusoid (frequency shift 0) instead of diffusers'
+      (shift 1), so that converted original checkpoints reproduce the original model.
+    """
+
+    _supports_gradient_checkpointing = True
+    _skip_layerwise_casting_patterns = ["pos_embed", "norm", "conditioning_embedding"]
+    _no_split_modules = ["DiTBlock"]
+
+    @register_to_config
+    def __init__(
+        self,
+        num_attention_heads: int = 16,
+        attention_head_dim: int = 72,
+        in_channels: int = 4,
+        out_channels: int | None = None,
+        num_layers: int = 28,
+        dropout: float = 0.0,
+        norm_num_groups: int = 32,
+        attention_bias: bool = True,
+        sample_size: int = 32,
+        patch_size: int = 2,
+        activation_fn: str = "gelu-approximate",
+        num_embeds_ada_norm: int | None = 1000,
+        upcast_attention: bool = False,
+        norm_type: str = "ada_norm_zero",
+        norm_elementwise_affine: bool = False,
+        norm_eps: float = 1e-5,
+        attention_type: str = "sdpa",
+        num_kv_heads: int | None = None,
+        attention_compression: int = 2,
+        num_mediators: int = 4,
+        focusing_factor: float = 3.0,
+        dwconv_kernel_size: int | None = None,
+        focused_variant: str = "published",
+        mlp_ratio: float = 4.0,
+        class_dropout_prob: float = 0.1,
+        original_timestep_embedding: bool = False,
+    ):
+        # Skip the parent's __init__ (it would build stock blocks); the class stays a DiTTransformer2DModel.
+        nn.Module.__init__(self)
+        self._validate_config()
+
+        self.attention_head_dim = attention_head_dim
+        self.inner_dim = num_attention_heads * attention_head_dim
+        self.out_channels = in_channels if out_channels is None else out_channels
+        self.gradient_checkpointing = False
+        self.height = self.width = sample_size
+        self.patch_size = patch_size
+
+        self.pos_embed = PatchEmbed(
+            height=sample_size, width=sample_size, patch_size=patch_size, in_channels=in_channels, embed_dim=self.inner_dim
+        )
+        self.conditioning_embedding = CombinedTimestepLabelEmbeddings(
+            num_embeds_ada_norm, self.inner_dim, class_dropout_prob=class_dropout_prob
+        )
+        if original_timestep_embedding:
+            self.conditioning_embedding.time_proj.downscale_freq_shift = 0
+        self.transformer_blocks = nn.ModuleList([self._build_block() for _ in range(num_layers)])
+        self.norm_out = nn.LayerNorm(self.inner_dim, elementwise_affine=False, eps=1e-6)
+        self.proj_out_1 = nn.Linear(self.inner_dim, 2 * self.inner_dim)
+        self.proj_out_2 = nn.Linear(self.inner_dim, patch_size * patch_size * self.out_channels)
+
+    @classmethod
+    def from_preset(cls, name: str, **kwargs: Any) -> DiTOptimumTransformer2DModel:
+        """Randomly initialised model from a preset name such as ``"DiT-S/2"`` (see ``configs.dit_config``)."""
+        return cls(**dit_config(name, **kwargs))
+
+    @property
+    def num_classes(self) -> int:
+        return self.config.num_embeds_ada_norm
+
+    @property
+    def null_class_label(self) -> int | None:
+        """Label of the unconditional class used by classifier-free guidance (None if the model has none)."""
+        return self.num_classes if self.config.class_dropout_prob > 0 else None
+
+    def _validate_config(self) -> None:
+        config = self.config
+        if config.norm_type != "ada_norm_zero":
+            raise ValueError(f"`norm_type`={config.norm_type!r} is not supported; allowed values: 'ada_norm_zero'.")
+        if not isinstance(config.num_embeds_ada_norm, int) or config.num_embeds_ada_norm < 1:
+            raise ValueError(f"`num_embeds_ada_norm` (the class count) must be a positive integer, got {config.num_embeds_ada_norm!r}.")
+        if config.sample_size % config.patch_size != 0:
+            raise ValueError(
+                f"`sample_size`={config.sample_size} must be a multiple of `patch_size`={config.patch_size}."
+            )
+        if not 0 <= config.class_dropout_prob < 1:
+            raise ValueError(f"`class_dropout_prob`={config.class_dropout_prob!r} must lie in [0, 1).")
+        validate_attention_config(
+            config.attention_type,
+            config.num_attention_heads,
+            config.attention_head_dim,
+            config.sample_size // config.patch_size,
+            config.num_kv_heads,
+            config.attention_compression,
+            config.num_mediators,
+            config.focusing_factor,
+            config.dwconv_kernel_size,
+            config.focused_variant,
+        )
+
+    def _build_block(self) -> DiTBlock:
+        config = self.config
+        attention = DiTAttention(
+            self.inner_dim,
+            config.num_attention_heads,
+            config.attention_head_dim,
+            attention_type=config.attention_type,
+            num_kv_heads=config.num_kv_heads,
+            attention_compression=config.attention_compression,
+            num_mediators=config.num_mediators,
+            focusing_factor=config.focusing_factor,
+            dwconv_kernel_size=config.dwconv_kernel_size,
+            focused_variant=config.focused_variant,
+            bias=config.attention_bias,
+            dropout=config.dropout,
+        )
+        return DiTBlock(
+            self.inner_dim,
+            attention,
+            ff_inner_dim=int(self.inner_dim * config.mlp_ratio),
+            dropout=config.dropout,
+            activation_fn=config.activation_fn,
+            norm_elementwise_affine=config.norm_elementwise_affine,
+            norm_eps=config.norm_eps,
+        )
+
+    def _fix_state_dict_keys_on_load(self, state_dict: OrderedDict) -> None:
+        """Map a stock diffusers checkpoint (an embedder copy in every block) onto the shared embedding."""
+        copies: dict[str, list[torch.Tensor]] = {}
+        for key in [key for key in state_dict if _STOCK_BLOCK_EMBEDDING.match(key)]:
+            block, name = _STOCK_BLOCK_EMBEDDING.match(key).groups()
+            tensor = state_dict.pop(key)
+            if block == "0":
+                state_dict[f"conditioning_embedding.{name}"] = tensor
+            copies.setdefault(name, []).append(tensor)
+        differing = [name for name, tensors in copies.items() if any(not torch.equal(t, tensors[0]) for t in tensors)]
+        if differing:
+            logger.warning(
+                "The checkpoint's per-block timestep/class embedders differ (%s); this model shares block 0's.",
+                ", ".join(sorted(differing)),
+            )
+        super()._fix_state_dict_keys_on_load(state_dict)
+
+    def _map_null_label(self, class_labels: torch.LongTensor) -> torch.LongTensor:
+        # diffusers' DiTPipeline asks for class 1000 as "unconditional"; route it to this model's null class.
+        null = self.null_class_label
+        if null is None or null == DIFFUSERS_NULL_CLASS or self.num_classes > DIFFUSERS_NULL_CLASS:
+            return class_labels
+        return torch.where(class_labels == DIFFUSERS_NULL_CLASS, torch.full_like(class_labels, null), class_labels)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        timestep: torch.LongTensor | None = None,
+        class_labels: torch.LongTensor | None = None,
+        cross_attention_kwargs: dict[str, Any] | None = None,
+        return_dict: bool = True,
+    ) -> Transformer2DModelOutput | tuple[torch.Tensor]:
+        """Predict noise (and variance when learned) for ``hidden_states`` (B, C, H, W) at ``timestep``.
+
+        ``timestep`` and ``class_labels`` are (B,) tensors (a scalar timestep is broadcast). The conditioning
+        embedding is computed once and shared by every block.
+        """
+        batch = hidden_states.shape[0]
+        height, width = hidden_states.shape[-2] // self.patch_size, hidden_states.shape[-1] // self.patch_size
+        timestep = torch.as_tensor(timestep, device=hidden_states.device)
+        if timestep.ndim == 0:
+            timestep = timestep.expand(batch)
+        class_labels = self._map_null_label(torch.as_tensor(class_labels, device=hidden_states.device).reshape(-1))
+
+        hidden_states = self.pos_embed(hidden_states)  # (B, N, dim)
+        conditioning = self.conditioning_embedding(timestep, class_labels, hidden_dtype=hidden_states.dtype)  # (B, dim)
+        for block in self.transformer_blocks:
+            if torch.is_grad_enabled() and self.gradient_checkpointing:
+                hidden_states = self._gradient_checkpointing_func(block, hidden_states, conditioning, (height, width))
+            else:
+                hidden_states = block(hidden_states, conditioning, (height, width))
+
+        shift, scale = self.proj_out_1(F.silu(conditioning)).chunk(2, dim=1)
+        hidden_states = self.norm_out(hidden_states) * (1 + scale[:, None]) + shift[:, None]
+        hidden_states = self.proj_out_2(hidden_states)  # (B, N, p * p * C_out)
+
+        patch, channels = self.patch_size, self.out_channels
+        hidden_states = hidden_states.reshape(-1, height, width, patch, patch, channels)
+        hidden_states = torch.einsum("nhwpqc->nchpwq", hidden_states)
+        output = hidden_states.reshape(-1, channels, height * patch, width * patch)
+        if not return_dict:
+            return (output,)
+        return Transformer2DModelOutput(sample=output)

@@ -1,0 +1,211 @@
+"""DiTOptimumPipeline: class-conditional DiT sampling for any class count, in latent or pixel space."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import DDIMScheduler, DiTPipeline
+from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
+from diffusers.utils.torch_utils import randn_tensor
+
+from ..models.autoencoder import IdentityAutoencoder
+
+OUTPUT_TYPES: tuple[str, ...] = ("pil", "np", "pt", "latent")
+# Saved folders name diffusers' own class so that plain `DiffusionPipeline.from_pretrained` resolves them.
+SAVED_PIPELINE_CLASS = "DiTPipeline"
+
+
+def _normalize_id2label(id2label: dict[Any, str] | None, num_classes: int) -> dict[str, str] | None:
+    if id2label is None:
+        return None
+    normalized = {}
+    for key, value in id2label.items():
+        try:
+            index = int(key)
+        except (TypeError, ValueError):
+            raise ValueError(f"`id2label` keys must be class indices, got {key!r}.") from None
+        if not 0 <= index < num_classes:
+            raise ValueError(f"`id2label` key {index} is outside the model's classes; allowed values: 0..{num_classes - 1}.")
+        normalized[str(index)] = str(value)
+    return dict(sorted(normalized.items(), key=lambda item: int(item[0])))
+
+
+class DiTOptimumPipeline(DiTPipeline):
+    """``DiTPipeline`` that works for any class count (null class from the model config) and in pixel space.
+
+    ``vae=None`` means pixel space: an ``IdentityAutoencoder`` is stored so that the saved folder loads with plain
+    ``DiffusionPipeline.from_pretrained`` (which returns diffusers' ``DiTPipeline`` running these components and
+    giving the same images) or with ``DiTOptimumPipeline.from_pretrained`` (this class).
+    """
+
+    _optional_components = ["vae", "scheduler"]
+
+    def __init__(
+        self,
+        transformer,
+        vae=None,
+        scheduler=None,
+        id2label: dict[Any, str] | None = None,
+    ):
+        vae = IdentityAutoencoder() if vae is None else vae
+        scheduler = DDIMScheduler() if scheduler is None else scheduler
+        id2label = _normalize_id2label(id2label, transformer.config.num_embeds_ada_norm)
+        super().__init__(transformer=transformer, vae=vae, scheduler=scheduler, id2label=id2label)
+        self.register_to_config(id2label=id2label)
+
+    @property
+    def is_pixel_space(self) -> bool:
+        return isinstance(self.vae, IdentityAutoencoder)
+
+    def get_label_ids(self, label: str | Sequence[str]) -> list[int]:
+        """Class indices for class names (any comma-separated alias in ``id2label`` works)."""
+        labels = [label] if isinstance(label, str) else list(label)
+        unknown = [name for name in labels if name not in self.labels]
+        if unknown:
+            raise ValueError(f"Unknown class name(s) {unknown} in `class_labels`; allowed values: {sorted(self.labels)}.")
+        return [self.labels[name] for name in labels]
+
+    def _class_indices(self, class_labels: int | str | Sequence[int | str] | torch.Tensor) -> list[int]:
+        if isinstance(class_labels, torch.Tensor):
+            class_labels = class_labels.reshape(-1).tolist()
+        elif isinstance(class_labels, (int, str)):
+            class_labels = [class_labels]
+        class_labels = list(class_labels)
+        if not class_labels:
+            raise ValueError("`class_labels` is empty: give at least one class index or name.")
+        num_classes = self.transformer.config.num_embeds_ada_norm
+        indices = []
+        for label in class_labels:
+            index = self.get_label_ids(label)[0] if isinstance(label, str) else label
+            if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < num_classes:
+                raise ValueError(f"`class_labels` entry {label!r} is not a class; allowed values: 0..{num_classes - 1} or a name from id2label.")
+            indices.append(index)
+        return indices
+
+    def _check_sampling_arguments(self, guidance_scale: float, num_inference_steps: int, output_type: str) -> None:
+        if not isinstance(guidance_scale, (int, float)) or not math.isfinite(guidance_scale) or guidance_scale < 1:
+            raise ValueError(f"`guidance_scale`={guidance_scale!r} must be a finite number >= 1 (1 disables guidance).")
+        if guidance_scale > 1 and self.transformer.null_class_label is None:
+            raise ValueError("`guidance_scale` > 1 needs a null class, but the model has class_dropout_prob=0; use guidance_scale=1.")
+        max_steps = self.scheduler.config.num_train_timesteps
+        if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or not 1 <= num_inference_steps <= max_steps:
+            raise ValueError(f"`num_inference_steps`={num_inference_steps!r} must be an integer in 1..{max_steps}.")
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"Unknown `output_type`={output_type!r}; allowed values: {', '.join(OUTPUT_TYPES)}.")
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        class_labels: int | str | Sequence[int | str] | torch.Tensor,
+        guidance_scale: float = 4.0,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        num_inference_steps: int = 50,
+        output_type: str = "pil",
+        return_dict: bool = True,
+    ) -> ImagePipelineOutput | tuple:
+        """Sample one image per entry of ``class_labels`` (indices or names).
+
+        ``guidance_scale`` > 1 enables classifier-free guidance; ``output_type`` is ``"pil"``, ``"np"`` (B, H, W, C
+        in [0, 1]), ``"pt"`` (B, C, H, W in [0, 1]) or ``"latent"`` (the denoised latents, before decoding).
+        """
+        self._check_sampling_arguments(guidance_scale, num_inference_steps, output_type)
+        labels = self._class_indices(class_labels)
+        device = self._execution_device
+        batch_size = len(labels)
+        latent_size = self.transformer.config.sample_size
+        latent_channels = self.transformer.config.in_channels
+        use_guidance = guidance_scale > 1
+
+        latents = randn_tensor(
+            (batch_size, latent_channels, latent_size, latent_size), generator=generator, device=device, dtype=self.transformer.dtype
+        )
+        model_input = torch.cat([latents] * 2) if use_guidance else latents
+        class_tensor = torch.tensor(labels, device=device)
+        if use_guidance:
+            class_null = torch.full_like(class_tensor, self.transformer.null_class_label)
+            class_tensor = torch.cat([class_tensor, class_null], 0)
+
+        self.scheduler.set_timesteps(num_inference_steps)
+        for t in self.progress_bar(self.scheduler.timesteps):
+            if use_guidance:
+                half = model_input[: len(model_input) // 2]
+                model_input = torch.cat([half, half], dim=0)
+            model_input = self.scheduler.scale_model_input(model_input, t)
+            timesteps = t[None].to(device) if torch.is_tensor(t) else torch.tensor([t], device=device)
+            timesteps = timesteps.expand(model_input.shape[0])
+            noise_pred = self.transformer(model_input, timestep=timesteps, class_labels=class_tensor).sample
+
+            if use_guidance:
+                eps, rest = noise_pred[:, :latent_channels], noise_pred[:, latent_channels:]
+                cond_eps, uncond_eps = torch.split(eps, len(eps) // 2, dim=0)
+                half_eps = uncond_eps + guidance_scale * (cond_eps - uncond_eps)
+                eps = torch.cat([half_eps, half_eps], dim=0)
+                noise_pred = torch.cat([eps, rest], dim=1)
+
+            if self.transformer.config.out_channels // 2 == latent_channels:
+                model_output, _ = torch.split(noise_pred, latent_channels, dim=1)
+            else:
+                model_output = noise_pred
+            model_input = self.scheduler.step(model_output, t, model_input).prev_sample
+
+        latents = model_input.chunk(2, dim=0)[0] if use_guidance else model_input
+        if output_type == "latent":
+            samples = latents
+        else:
+            samples = self.vae.decode(1 / self.vae.config.scaling_factor * latents).sample
+            samples = (samples / 2 + 0.5).clamp(0, 1)
+            if output_type != "pt":
+                samples = samples.cpu().permute(0, 2, 3, 1).float().numpy()
+                if output_type == "pil":
+                    samples = self.numpy_to_pil(samples)
+
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return (samples,)
+        return ImagePipelineOutput(images=samples)
+
+    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: Any) -> None:
+        """Save atomically (temp folder, then rename) as a folder plain ``DiffusionPipeline`` can load; safetensors only."""
+        if kwargs.pop("safe_serialization", True) is not True:
+            raise ValueError("`safe_serialization` must be True: dit-optimum saves safetensors only.")
+        push_to_hub = kwargs.pop("push_to_hub", False)
+        target = Path(save_directory).resolve()
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+        try:
+            super().save_pretrained(staging, safe_serialization=True, **kwargs)
+            index_path = staging / "model_index.json"
+            index = json.loads(index_path.read_text())
+            index["_class_name"] = SAVED_PIPELINE_CLASS
+            for name, value in index.items():
+                # Components name our top-level package, which re-exports them and ModelMixin as diffusers requires.
+                if isinstance(value, list) and len(value) == 2 and str(value[0]).startswith("dit_optimum."):
+                    index[name] = ["dit_optimum", value[1]]
+            index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+            _replace_directory(staging, target)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        if push_to_hub:
+            kwargs.setdefault("repo_id", target.name)
+            self.push_to_hub(**{k: v for k, v in kwargs.items() if k in ("repo_id", "private", "token", "commit_message")})
+
+
+def _replace_directory(source: Path, target: Path) -> None:
+    """Move ``source`` to ``target``, replacing an existing folder only once the new one is complete."""
+    if not target.exists():
+        os.replace(source, target)
+        return
+    backup = target.with_name(f".{target.name}.old")
+    shutil.rmtree(backup, ignore_errors=True)
+    os.replace(target, backup)
+    os.replace(source, target)
+    shutil.rmtree(backup, ignore_errors=True)
