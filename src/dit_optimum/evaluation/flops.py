@@ -7,7 +7,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-_PROJECTIONS = ("to_q", "to_k", "to_v", "to_out")
+_PROJECTIONS = ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0")
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -39,10 +39,9 @@ def gflops_breakdown(model: nn.Module, sample_size: int | None = None, batch_siz
     per_module = {name: sum(counts.values()) for name, counts in counter.get_flop_counts().items()}
     attention = projections = 0
     for name, flops in per_module.items():
-        parts = name.split(".")
-        if parts[-1] == "attn1":
+        if name.endswith(".attn1"):
             attention += flops
-        elif len(parts) >= 2 and parts[-2] == "attn1" and parts[-1] in _PROJECTIONS:
+        elif name.endswith(_PROJECTIONS):
             projections += flops
     scale = 2 * 1e9 * batch_size
     return {

@@ -43,7 +43,9 @@ def resolve_num_kv_heads(attention_type: str, num_heads: int, num_kv_heads: int 
     """Number of K/V heads for an attention type; ``None`` picks groups of two query heads for grouped types."""
     if attention_type in _SINGLE_KV_TYPES:
         if num_kv_heads not in (None, 1):
-            raise ValueError(f"`num_kv_heads` must be None or 1 for attention_type={attention_type!r}, got {num_kv_heads}.")
+            raise ValueError(
+                f"`num_kv_heads` must be None or 1 for attention_type={attention_type!r}, got {num_kv_heads}."
+            )
         return 1
     if attention_type in _GROUPED_TYPES:
         if num_kv_heads is None:
@@ -58,7 +60,8 @@ def resolve_num_kv_heads(attention_type: str, num_heads: int, num_kv_heads: int 
         return num_kv_heads
     if num_kv_heads not in (None, num_heads):
         raise ValueError(
-            f"`num_kv_heads` is only used by {_GROUPED_TYPES + _SINGLE_KV_TYPES}; for attention_type={attention_type!r} "
+            f"`num_kv_heads` is only used by {_GROUPED_TYPES + _SINGLE_KV_TYPES}; "
+            f"for attention_type={attention_type!r} "
             f"it must be None or {num_heads}, got {num_kv_heads}."
         )
     return num_heads
@@ -92,18 +95,23 @@ def validate_attention_config(
         if side * side != num_mediators or side > grid_size:
             allowed = [s * s for s in range(1, grid_size + 1)]
             raise ValueError(
-                f"`num_mediators`={num_mediators!r} must be a square number whose side fits the {grid_size}x{grid_size} "
+                f"`num_mediators`={num_mediators!r} must be a square number whose side fits "
+                f"the {grid_size}x{grid_size} "
                 f"token grid (mediators are pooled over the grid); allowed values: {allowed}."
             )
     if attention_type in _FOCUSED_TYPES:
         if not focusing_factor >= 1:
             raise ValueError(f"`focusing_factor`={focusing_factor!r} must be a number >= 1 (the paper uses 3).")
         if focused_variant not in FOCUSED_VARIANTS:
-            raise ValueError(f"Unknown `focused_variant`={focused_variant!r}; allowed values: {', '.join(FOCUSED_VARIANTS)}.")
+            raise ValueError(
+                f"Unknown `focused_variant`={focused_variant!r}; allowed values: {', '.join(FOCUSED_VARIANTS)}."
+            )
     if dwconv_kernel_size is not None and (
         not isinstance(dwconv_kernel_size, int) or dwconv_kernel_size < 1 or dwconv_kernel_size % 2 == 0
     ):
-        raise ValueError(f"`dwconv_kernel_size`={dwconv_kernel_size!r} must be None or an odd positive integer (1, 3, 5, ...).")
+        raise ValueError(
+            f"`dwconv_kernel_size`={dwconv_kernel_size!r} must be None or an odd positive integer (1, 3, 5, ...)."
+        )
 
 
 class DepthwiseConv2d(nn.Module):
@@ -178,7 +186,9 @@ class MediatedAttnProcessor:
         mediated_values = F.scaled_dot_product_attention(mediators, key, value)  # (B, H, m, d)
         out = F.scaled_dot_product_attention(query, mediators, mediated_values)  # (B, H, N, d)
         local = attn.dwconv(value_tokens, grid_size)  # (B, N, kv_heads * d)
-        out = _merge_heads(out) + _merge_heads(_repeat_kv(_split_heads(local, attn.kv_heads), attn.heads // attn.kv_heads))
+        out = _merge_heads(out) + _merge_heads(
+            _repeat_kv(_split_heads(local, attn.kv_heads), attn.heads // attn.kv_heads)
+        )
         return attn.to_out[1](attn.to_out[0](out.to(query.dtype)))
 
 
@@ -208,12 +218,13 @@ class FocusedLinearAttnProcessor:
         batch, length, _ = hidden_states.shape
         groups = attn.heads // attn.kv_heads
         value_tokens = attn.to_v(hidden_states)
-        query = _split_heads(attn.to_q(hidden_states), attn.heads)  # (B, H, N, d)
-        key = _split_heads(attn.to_k(hidden_states), attn.kv_heads)  # (B, Hkv, N, d)
+        # Focus over all channels of a token (FLatten), or over the whole (N, C) map in the paper's variant.
+        dims = (-1,) if self.variant == "published" else (1, 2)
+        query = focus(F.relu(attn.to_q(hidden_states)) + self.eps, attn.focusing_factor, dims)
+        key = focus(F.relu(attn.to_k(hidden_states)) + self.eps, attn.focusing_factor, dims)
+        query = _split_heads(query, attn.heads)  # (B, H, N, d)
+        key = _split_heads(key, attn.kv_heads)  # (B, Hkv, N, d)
         value = _split_heads(value_tokens, attn.kv_heads)
-        dims = (-1,) if self.variant == "published" else (1, 2, 3)
-        query = focus(F.relu(query) + self.eps, attn.focusing_factor, dims)
-        key = focus(F.relu(key) + self.eps, attn.focusing_factor, dims)
         head_dim = query.shape[-1]
         # Query heads sharing a K/V head are consecutive: fold them into the token axis -> (B, Hkv, g * N, d).
         grouped_query = query.reshape(batch, attn.kv_heads, groups * length, head_dim)

@@ -46,7 +46,9 @@ class DiTBlock(nn.Module):
         self.norm2 = nn.LayerNorm(dim, eps=norm_eps, elementwise_affine=norm_elementwise_affine)
         self.ff = FeedForward(dim, dropout=dropout, activation_fn=activation_fn, inner_dim=ff_inner_dim)
 
-    def forward(self, hidden_states: torch.Tensor, conditioning: torch.Tensor, grid_size: tuple[int, int]) -> torch.Tensor:
+    def forward(
+        self, hidden_states: torch.Tensor, conditioning: torch.Tensor, grid_size: tuple[int, int]
+    ) -> torch.Tensor:
         # hidden_states: (B, N, dim); conditioning: (B, dim)
         norm_hidden, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.norm1(hidden_states, emb=conditioning)
         hidden_states = gate_msa.unsqueeze(1) * self.attn1(norm_hidden, grid_size) + hidden_states
@@ -114,7 +116,11 @@ class DiTOptimumTransformer2DModel(DiTTransformer2DModel, AttentionMixin):
         self.patch_size = patch_size
 
         self.pos_embed = PatchEmbed(
-            height=sample_size, width=sample_size, patch_size=patch_size, in_channels=in_channels, embed_dim=self.inner_dim
+            height=sample_size,
+            width=sample_size,
+            patch_size=patch_size,
+            in_channels=in_channels,
+            embed_dim=self.inner_dim,
         )
         self.conditioning_embedding = CombinedTimestepLabelEmbeddings(
             num_embeds_ada_norm, self.inner_dim, class_dropout_prob=class_dropout_prob
@@ -145,7 +151,10 @@ class DiTOptimumTransformer2DModel(DiTTransformer2DModel, AttentionMixin):
         if config.norm_type != "ada_norm_zero":
             raise ValueError(f"`norm_type`={config.norm_type!r} is not supported; allowed values: 'ada_norm_zero'.")
         if not isinstance(config.num_embeds_ada_norm, int) or config.num_embeds_ada_norm < 1:
-            raise ValueError(f"`num_embeds_ada_norm` (the class count) must be a positive integer, got {config.num_embeds_ada_norm!r}.")
+            raise ValueError(
+                "`num_embeds_ada_norm` (the class count) must be a positive integer, "
+                f"got {config.num_embeds_ada_norm!r}."
+            )
         if config.sample_size % config.patch_size != 0:
             raise ValueError(
                 f"`sample_size`={config.sample_size} must be a multiple of `patch_size`={config.patch_size}."

@@ -33,7 +33,9 @@ def _normalize_id2label(id2label: dict[Any, str] | None, num_classes: int) -> di
         except (TypeError, ValueError):
             raise ValueError(f"`id2label` keys must be class indices, got {key!r}.") from None
         if not 0 <= index < num_classes:
-            raise ValueError(f"`id2label` key {index} is outside the model's classes; allowed values: 0..{num_classes - 1}.")
+            raise ValueError(
+                f"`id2label` key {index} is outside the model's classes; allowed values: 0..{num_classes - 1}."
+            )
         normalized[str(index)] = str(value)
     return dict(sorted(normalized.items(), key=lambda item: int(item[0])))
 
@@ -70,7 +72,9 @@ class DiTOptimumPipeline(DiTPipeline):
         labels = [label] if isinstance(label, str) else list(label)
         unknown = [name for name in labels if name not in self.labels]
         if unknown:
-            raise ValueError(f"Unknown class name(s) {unknown} in `class_labels`; allowed values: {sorted(self.labels)}.")
+            raise ValueError(
+                f"Unknown class name(s) {unknown} in `class_labels`; allowed values: {sorted(self.labels)}."
+            )
         return [self.labels[name] for name in labels]
 
     def _class_indices(self, class_labels: int | str | Sequence[int | str] | torch.Tensor) -> list[int]:
@@ -86,7 +90,10 @@ class DiTOptimumPipeline(DiTPipeline):
         for label in class_labels:
             index = self.get_label_ids(label)[0] if isinstance(label, str) else label
             if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < num_classes:
-                raise ValueError(f"`class_labels` entry {label!r} is not a class; allowed values: 0..{num_classes - 1} or a name from id2label.")
+                raise ValueError(
+                    f"`class_labels` entry {label!r} is not a class; "
+                    f"allowed values: 0..{num_classes - 1} or a name from id2label."
+                )
             indices.append(index)
         return indices
 
@@ -94,9 +101,15 @@ class DiTOptimumPipeline(DiTPipeline):
         if not isinstance(guidance_scale, (int, float)) or not math.isfinite(guidance_scale) or guidance_scale < 1:
             raise ValueError(f"`guidance_scale`={guidance_scale!r} must be a finite number >= 1 (1 disables guidance).")
         if guidance_scale > 1 and self.transformer.null_class_label is None:
-            raise ValueError("`guidance_scale` > 1 needs a null class, but the model has class_dropout_prob=0; use guidance_scale=1.")
+            raise ValueError(
+                "`guidance_scale` > 1 needs a null class, but the model has class_dropout_prob=0; use guidance_scale=1."
+            )
         max_steps = self.scheduler.config.num_train_timesteps
-        if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or not 1 <= num_inference_steps <= max_steps:
+        if (
+            isinstance(num_inference_steps, bool)
+            or not isinstance(num_inference_steps, int)
+            or not 1 <= num_inference_steps <= max_steps
+        ):
             raise ValueError(f"`num_inference_steps`={num_inference_steps!r} must be an integer in 1..{max_steps}.")
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"Unknown `output_type`={output_type!r}; allowed values: {', '.join(OUTPUT_TYPES)}.")
@@ -125,7 +138,10 @@ class DiTOptimumPipeline(DiTPipeline):
         use_guidance = guidance_scale > 1
 
         latents = randn_tensor(
-            (batch_size, latent_channels, latent_size, latent_size), generator=generator, device=device, dtype=self.transformer.dtype
+            (batch_size, latent_channels, latent_size, latent_size),
+            generator=generator,
+            device=device,
+            dtype=self.transformer.dtype,
         )
         model_input = torch.cat([latents] * 2) if use_guidance else latents
         class_tensor = torch.tensor(labels, device=device)
@@ -173,7 +189,7 @@ class DiTOptimumPipeline(DiTPipeline):
         return ImagePipelineOutput(images=samples)
 
     def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: Any) -> None:
-        """Save atomically (temp folder, then rename) as a folder plain ``DiffusionPipeline`` can load; safetensors only."""
+        """Save atomically (temp folder, then rename) so plain ``DiffusionPipeline`` loads it; safetensors only."""
         if kwargs.pop("safe_serialization", True) is not True:
             raise ValueError("`safe_serialization` must be True: dit-optimum saves safetensors only.")
         push_to_hub = kwargs.pop("push_to_hub", False)
@@ -196,7 +212,9 @@ class DiTOptimumPipeline(DiTPipeline):
             raise
         if push_to_hub:
             kwargs.setdefault("repo_id", target.name)
-            self.push_to_hub(**{k: v for k, v in kwargs.items() if k in ("repo_id", "private", "token", "commit_message")})
+            self.push_to_hub(
+                **{k: v for k, v in kwargs.items() if k in ("repo_id", "private", "token", "commit_message")}
+            )
 
 
 def _replace_directory(source: Path, target: Path) -> None:

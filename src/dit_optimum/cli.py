@@ -1,0 +1,151 @@
+"""The ``dit-optimum`` command: ``benchmark`` (the main job) and ``convert``."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from .configs import preset_names
+from .models.attention import ATTENTION_TYPES
+
+
+def _csv(value: str) -> list[str]:
+    return [item.strip() for item in value.split(",") if item.strip()]
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dit-optimum", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    bench = commands.add_parser(
+        "benchmark", help="Parameters, GFLOPs and CPU/GPU forward time of every attention type."
+    )
+    bench.add_argument(
+        "--presets",
+        type=_csv,
+        default=["DiT-S/2", "DiT-S/4", "DiT-XS/2", "DiT-XS/4"],
+        help=f"comma-separated presets; allowed: {', '.join(preset_names())}",
+    )
+    bench.add_argument(
+        "--attention-types",
+        type=_csv,
+        default=list(ATTENTION_TYPES),
+        help=f"comma-separated; allowed: {', '.join(ATTENTION_TYPES)}",
+    )
+    bench.add_argument(
+        "--sample-sizes",
+        type=lambda v: [int(x) for x in _csv(v)],
+        default=[32],
+        help="input sides (latent 32 = 256 tokens at patch 2)",
+    )
+    bench.add_argument("--batch-size", type=int, default=4)
+    bench.add_argument("--repeats", type=int, default=3)
+    bench.add_argument("--output-dir", type=Path, default=Path("benchmark-results"))
+
+    convert = commands.add_parser("convert", help="Convert an original DiT checkpoint or a stock diffusers DiT folder.")
+    convert.add_argument("source_format", choices=["original", "diffusers"])
+    convert.add_argument("source", help="checkpoint file (original) or pipeline folder / Hub id (diffusers)")
+    convert.add_argument("output_dir", type=Path)
+    convert.add_argument("--model", dest="model_name", help="preset name to check against, e.g. DiT-XL/2")
+    convert.add_argument("--sample-size", type=int, help="input side, if the checkpoint has no pos_embed")
+    convert.add_argument("--num-classes", type=int, help="class count (default: class table rows - 1)")
+    convert.add_argument("--num-heads", type=int, help="attention heads (default: from --model or the matching preset)")
+    convert.add_argument("--vae", help="AutoencoderKL folder or Hub id for latent models")
+    convert.add_argument("--id2label", help="JSON file mapping class index to name")
+    convert.add_argument("--transformer-only", action="store_true", help="save only the transformer folder")
+    convert.add_argument(
+        "--original-timestep-embedding",
+        action="store_true",
+        help="(diffusers) use the original DiT sinusoid the released weights were trained with",
+    )
+    return parser
+
+
+def _run_benchmark(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from .evaluation.benchmark import architecture_benchmark, hardware_description, markdown_table, write_json_atomic
+
+    console = Console(width=140)
+    start = time.perf_counter()
+    rows = architecture_benchmark(
+        presets=args.presets,
+        attention_types=args.attention_types,
+        sample_sizes=args.sample_sizes,
+        batch_size=args.batch_size,
+        repeats=args.repeats,
+    )
+    table = Table(title=f"DiT attention variants (batch {args.batch_size}, fp32, forward median of {args.repeats})")
+    for column in (
+        "model",
+        "attention",
+        "tokens",
+        "params (M)",
+        "GFLOPs",
+        "attn-core GFLOPs",
+        "forward (s)",
+        "vs sdpa",
+    ):
+        table.add_column(column, justify="left" if column in ("model", "attention") else "right")
+    for row in rows:
+        table.add_row(
+            row["preset"],
+            row["attention_type"],
+            str(row["tokens"]),
+            f"{row['params_m']:.2f}",
+            f"{row['gflops']:.3f}",
+            f"{row['attention_core_gflops']:.3f}",
+            f"{row['forward_s']:.4f}",
+            f"{row['time_ratio']:.2f}x",
+        )
+    console.print(table)
+    hardware = hardware_description()
+    elapsed = time.perf_counter() - start
+    write_json_atomic(args.output_dir / "architecture.json", {"hardware": hardware, "rows": rows, "wall_s": elapsed})
+    report = (
+        "# dit-optimum architecture benchmark\n\nSmall-scale numbers: random weights, forward pass only. "
+        f"Hardware: {hardware}. Wall time {elapsed:.0f} s.\n\n" + markdown_table(rows)
+    )
+    (args.output_dir / "report.md").write_text(report)
+    console.print(f"Wrote {args.output_dir / 'architecture.json'} and report.md ({elapsed:.0f} s).")
+    return 0
+
+
+def _run_convert(args: argparse.Namespace) -> int:
+    from .conversion import convert_diffusers_pipeline, convert_original_checkpoint
+
+    if args.source_format == "original":
+        out = convert_original_checkpoint(
+            args.source,
+            args.output_dir,
+            model_name=args.model_name,
+            sample_size=args.sample_size,
+            num_classes=args.num_classes,
+            num_heads=args.num_heads,
+            vae=args.vae,
+            id2label=args.id2label,
+            transformer_only=args.transformer_only,
+        )
+    else:
+        out = convert_diffusers_pipeline(args.source, args.output_dir, args.original_timestep_embedding)
+    print(f"Saved {out}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``dit-optimum`` console script."""
+    args = _build_parser().parse_args(argv)
+    try:
+        if args.command == "benchmark":
+            return _run_benchmark(args)
+        return _run_convert(args)
+    except ValueError as error:
+        print(f"error: {error}")
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

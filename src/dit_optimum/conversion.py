@@ -1,0 +1,245 @@
+"""Conversion of original DiT / fast-DiT checkpoints and stock diffusers DiT folders to dit-optimum.
+
+Key mapping from the original ``models.py`` layout (``D`` = hidden size):
+
+==========================================  =====================================================
+original                                    dit-optimum (diffusers names)
+==========================================  =====================================================
+``x_embedder.proj.{weight,bias}``           ``pos_embed.proj.{weight,bias}``
+``pos_embed`` (fixed sin-cos)               dropped: recomputed by ``PatchEmbed`` (same values)
+``t_embedder.mlp.0`` / ``.mlp.2``           ``conditioning_embedding.timestep_embedder.linear_1`` / ``linear_2``
+``y_embedder.embedding_table.weight``       ``conditioning_embedding.class_embedder.embedding_table.weight``
+``blocks.i.attn.qkv`` (3D x D, q|k|v)       ``transformer_blocks.i.attn1.to_q`` / ``to_k`` / ``to_v`` (rows split in 3)
+``blocks.i.attn.proj``                      ``transformer_blocks.i.attn1.to_out.0``
+``blocks.i.mlp.fc1`` / ``mlp.fc2``          ``transformer_blocks.i.ff.net.0.proj`` / ``ff.net.2``
+``blocks.i.adaLN_modulation.1``             ``transformer_blocks.i.norm1.linear`` (same chunk order)
+``final_layer.adaLN_modulation.1``          ``proj_out_1`` (shift, scale order kept)
+``final_layer.linear``                      ``proj_out_2``
+==========================================  =====================================================
+
+The converted config sets ``original_timestep_embedding=True`` (sinusoid frequencies divided by ``half``, not
+``half - 1`` as in diffusers) and ``norm_eps=1e-6`` (the original's second LayerNorm), so outputs match the
+original model to float precision. A stock diffusers DiT folder loads directly (per-block embedder copies
+collapse into the shared one); its timestep embedding is kept unless asked otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .configs import DIT_SIZES, parse_preset_name
+from .models.transformer import DiTOptimumTransformer2DModel
+
+_ORIGINAL_RENAMES = {
+    "x_embedder.proj": "pos_embed.proj",
+    "t_embedder.mlp.0": "conditioning_embedding.timestep_embedder.linear_1",
+    "t_embedder.mlp.2": "conditioning_embedding.timestep_embedder.linear_2",
+    "y_embedder.embedding_table": "conditioning_embedding.class_embedder.embedding_table",
+    "final_layer.adaLN_modulation.1": "proj_out_1",
+    "final_layer.linear": "proj_out_2",
+}
+_ORIGINAL_BLOCK_RENAMES = {
+    "attn.proj": "attn1.to_out.0",
+    "mlp.fc1": "ff.net.0.proj",
+    "mlp.fc2": "ff.net.2",
+    "adaLN_modulation.1": "norm1.linear",
+}
+
+
+def load_original_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
+    """State dict of an original DiT / fast-DiT checkpoint (``.pt``, preferring ``ema`` over ``model``; or safetensors).
+
+    ``.pt`` files are read with ``torch.load(weights_only=True)``: tensors and plain containers only, no code.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"`checkpoint` {path} does not exist.")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(path)
+    torch.serialization.add_safe_globals([argparse.Namespace])
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    for key in ("ema", "model", "state_dict"):
+        if isinstance(checkpoint, Mapping) and key in checkpoint and isinstance(checkpoint[key], Mapping):
+            return dict(checkpoint[key])
+    if not isinstance(checkpoint, Mapping):
+        raise ValueError(f"`checkpoint` {path} does not hold a state dict (got {type(checkpoint).__name__}).")
+    return dict(checkpoint)
+
+
+def original_config(
+    state_dict: Mapping[str, torch.Tensor],
+    model_name: str | None = None,
+    sample_size: int | None = None,
+    num_classes: int | None = None,
+    num_heads: int | None = None,
+) -> dict[str, Any]:
+    """Infer the dit-optimum config of an original DiT state dict (size, patch, channels, classes, learned sigma).
+
+    The class table of a model trained with label dropout (the DiT recipe) has one extra row, the null class;
+    ``num_classes`` defaults to rows - 1 and may be given to read a table without that row. The head count
+    cannot be read from weights: it comes from ``num_heads``, else ``model_name``, else the preset of the same
+    depth and width, else head dim 64.
+    """
+    required = ("x_embedder.proj.weight", "y_embedder.embedding_table.weight", "final_layer.linear.weight")
+    missing = [key for key in required if key not in state_dict]
+    if missing:
+        raise ValueError(f"Not an original DiT state dict: missing {missing}.")
+    hidden, in_channels, patch, _ = state_dict["x_embedder.proj.weight"].shape
+    depth = 1 + max(int(key.split(".")[1]) for key in state_dict if key.startswith("blocks."))
+    out_channels = state_dict["final_layer.linear.weight"].shape[0] // (patch * patch)
+    table_rows = state_dict["y_embedder.embedding_table.weight"].shape[0]
+    if model_name is not None:
+        size, name_patch = parse_preset_name(model_name)
+        expected = (DIT_SIZES[size][0], DIT_SIZES[size][1], name_patch)
+        if expected != (depth, hidden, patch):
+            raise ValueError(
+                f"`model_name`={model_name!r} expects depth/hidden/patch {expected}, "
+                f"the checkpoint has {(depth, hidden, patch)}."
+            )
+        heads = DIT_SIZES[size][2]
+    else:
+        heads = next((h for d, w, h in DIT_SIZES.values() if (d, w) == (depth, hidden)), max(1, hidden // 64))
+    if num_heads is not None:
+        if num_heads < 1 or hidden % num_heads:
+            raise ValueError(f"`num_heads`={num_heads} must divide the hidden size {hidden}.")
+        heads = num_heads
+    if sample_size is None:
+        if "pos_embed" not in state_dict:
+            raise ValueError("The checkpoint has no `pos_embed`: pass `sample_size` (the latent/pixel side).")
+        sample_size = math.isqrt(state_dict["pos_embed"].shape[1]) * patch
+    if num_classes is None:
+        num_classes = table_rows - 1
+    elif table_rows not in (num_classes, num_classes + 1):
+        raise ValueError(f"`num_classes`={num_classes} does not fit the checkpoint's class table of {table_rows} rows.")
+    return {
+        "num_layers": depth,
+        "num_attention_heads": heads,
+        "attention_head_dim": hidden // heads,
+        "patch_size": patch,
+        "sample_size": sample_size,
+        "in_channels": in_channels,
+        "out_channels": out_channels,
+        "num_embeds_ada_norm": num_classes,
+        "class_dropout_prob": 0.1 if table_rows == num_classes + 1 else 0.0,
+        "norm_eps": 1e-6,
+        "original_timestep_embedding": True,
+    }
+
+
+def convert_original_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rename (and split qkv of) an original DiT state dict into dit-optimum keys; see the module docstring."""
+    converted: dict[str, torch.Tensor] = {}
+    for key, tensor in state_dict.items():
+        if key == "pos_embed":
+            continue
+        prefix, _, suffix = key.rpartition(".")
+        if prefix in _ORIGINAL_RENAMES:
+            converted[f"{_ORIGINAL_RENAMES[prefix]}.{suffix}"] = tensor
+            continue
+        if not key.startswith("blocks."):
+            raise ValueError(f"Unexpected key {key!r} in the original DiT state dict.")
+        _, index, rest = key.split(".", 2)
+        module, _, suffix = rest.rpartition(".")
+        target = f"transformer_blocks.{index}"
+        if module == "attn.qkv":
+            for name, part in zip(("to_q", "to_k", "to_v"), tensor.chunk(3, dim=0)):
+                converted[f"{target}.attn1.{name}.{suffix}"] = part.clone()
+        elif module in _ORIGINAL_BLOCK_RENAMES:
+            converted[f"{target}.{_ORIGINAL_BLOCK_RENAMES[module]}.{suffix}"] = tensor
+        else:
+            raise ValueError(f"Unexpected key {key!r} in the original DiT state dict.")
+    return converted
+
+
+def model_from_original(
+    state_dict: Mapping[str, torch.Tensor],
+    model_name: str | None = None,
+    sample_size: int | None = None,
+    num_classes: int | None = None,
+    num_heads: int | None = None,
+) -> DiTOptimumTransformer2DModel:
+    """Build a ``DiTOptimumTransformer2DModel`` holding the weights of an original DiT state dict (strict load)."""
+    config = original_config(state_dict, model_name, sample_size, num_classes, num_heads)
+    model = DiTOptimumTransformer2DModel(**config)
+    model.load_state_dict(convert_original_state_dict(state_dict), strict=True)
+    return model.eval()
+
+
+def _load_id2label(path: str | None) -> dict[str, str] | None:
+    if path is None:
+        return None
+    return {str(key): str(value) for key, value in json.loads(Path(path).read_text()).items()}
+
+
+def convert_original_checkpoint(
+    checkpoint: str | Path,
+    output_dir: str | Path,
+    model_name: str | None = None,
+    sample_size: int | None = None,
+    num_classes: int | None = None,
+    num_heads: int | None = None,
+    vae: str | None = None,
+    id2label: str | None = None,
+    transformer_only: bool = False,
+) -> Path:
+    """Convert an original checkpoint to a pipeline folder (or a transformer folder with ``transformer_only``).
+
+    ``vae`` is an ``AutoencoderKL`` folder or Hub id for latent models; without it, a model whose input has 1 or 3
+    channels becomes a pixel-space pipeline and a 4-channel one is refused (it needs its VAE).
+    """
+    from diffusers import AutoencoderKL
+
+    from .pipelines.dit import DiTOptimumPipeline
+
+    model = model_from_original(load_original_checkpoint(checkpoint), model_name, sample_size, num_classes, num_heads)
+    output_dir = Path(output_dir)
+    if transformer_only:
+        model.save_pretrained(output_dir, safe_serialization=True)
+        return output_dir
+    if vae is None and model.config.in_channels not in (1, 3):
+        raise ValueError(
+            f"The model takes {model.config.in_channels}-channel latents: "
+            "pass `vae` (an AutoencoderKL folder or Hub id), "
+            "or `transformer_only=True`."
+        )
+    autoencoder = AutoencoderKL.from_pretrained(vae) if vae is not None else None
+    pipeline = DiTOptimumPipeline(transformer=model, vae=autoencoder, id2label=_load_id2label(id2label))
+    pipeline.save_pretrained(output_dir)
+    return output_dir
+
+
+def convert_diffusers_pipeline(
+    source: str | Path, output_dir: str | Path, original_timestep_embedding: bool = False
+) -> Path:
+    """Convert a stock diffusers DiT pipeline folder (or Hub id) to dit-optimum, keeping its VAE and scheduler.
+
+    ``original_timestep_embedding=True`` fixes diffusers' conversion of the released DiT weights, which were
+    trained with the original sinusoid.
+    """
+    import diffusers
+    from diffusers import AutoencoderKL, DiffusionPipeline
+
+    from .pipelines.dit import DiTOptimumPipeline
+
+    index = DiffusionPipeline.load_config(source)
+    model = DiTOptimumTransformer2DModel.from_pretrained(
+        source, subfolder="transformer", original_timestep_embedding=original_timestep_embedding
+    )
+    vae = AutoencoderKL.from_pretrained(source, subfolder="vae") if index.get("vae", [None])[0] == "diffusers" else None
+    scheduler_library, scheduler_class = index["scheduler"]
+    if scheduler_library != "diffusers":
+        raise ValueError(f"Expected a diffusers scheduler in {source}, found {scheduler_library}.{scheduler_class}.")
+    scheduler = getattr(diffusers, scheduler_class).from_pretrained(source, subfolder="scheduler")
+    id2label = dict(index.get("id2label") or {}) or None
+    pipeline = DiTOptimumPipeline(transformer=model.eval(), vae=vae, scheduler=scheduler, id2label=id2label)
+    pipeline.save_pretrained(output_dir)
+    return Path(output_dir)

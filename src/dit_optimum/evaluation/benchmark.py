@@ -1,0 +1,137 @@
+"""Architecture benchmark: parameters, GFLOPs and forward time of every attention type, as ratios to SDPA.
+
+This is the part of the multi-method benchmark that needs no training; the full matrix (FID, sFID, techniques)
+builds on the same rows.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..configs import dit_config, parse_preset_name
+from ..models.attention import ATTENTION_TYPES
+from ..models.transformer import DiTOptimumTransformer2DModel
+from .flops import count_parameters, gflops_breakdown
+
+PAPER_PRESETS: tuple[str, ...] = ("DiT-S/2", "DiT-S/4", "DiT-XS/2", "DiT-XS/4")
+
+
+def hardware_description() -> dict[str, Any]:
+    """What the numbers were measured on."""
+    info: dict[str, Any] = {
+        "cpu": platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+    }
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def _interleaved_median_times(
+    models: dict[str, torch.nn.Module], inputs: tuple[torch.Tensor, ...], warmup: int, repeats: int
+) -> dict[str, float]:
+    # Round-robin over the variants so that machine noise hits them alike.
+    times: dict[str, list[float]] = {name: [] for name in models}
+    with torch.inference_mode():
+        for round_index in range(warmup + repeats):
+            for name, model in models.items():
+                start = time.perf_counter()
+                model(*inputs)
+                if round_index >= warmup:
+                    times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def architecture_benchmark(
+    presets: Sequence[str] = PAPER_PRESETS,
+    attention_types: Sequence[str] = ATTENTION_TYPES,
+    sample_sizes: Sequence[int] = (32,),
+    in_channels: int = 4,
+    batch_size: int = 4,
+    warmup: int = 1,
+    repeats: int = 3,
+    seed: int = 0,
+) -> list[dict[str, Any]]:
+    """One row per (preset, sample size, attention type): params, GMACs, forward seconds and ratios to ``sdpa``."""
+    unknown = [name for name in attention_types if name not in ATTENTION_TYPES]
+    if unknown:
+        raise ValueError(f"Unknown `attention_types` {unknown}; allowed values: {', '.join(ATTENTION_TYPES)}.")
+    for preset in presets:
+        parse_preset_name(preset)
+    types = ["sdpa", *[name for name in attention_types if name != "sdpa"]]
+    rows = []
+    for preset in presets:
+        for sample_size in sample_sizes:
+            torch.manual_seed(seed)
+            models = {
+                name: DiTOptimumTransformer2DModel(
+                    **dit_config(preset, sample_size=sample_size, in_channels=in_channels, attention_type=name)
+                ).eval()
+                for name in types
+            }
+            inputs = (
+                torch.randn(batch_size, in_channels, sample_size, sample_size),
+                torch.full((batch_size,), 500, dtype=torch.long),
+                torch.zeros(batch_size, dtype=torch.long),
+            )
+            seconds = _interleaved_median_times(models, inputs, warmup, repeats)
+            patch = models["sdpa"].config.patch_size
+            base: dict[str, float] = {}
+            for name, model in models.items():
+                flops = gflops_breakdown(model)
+                row = {
+                    "preset": preset,
+                    "attention_type": name,
+                    "sample_size": sample_size,
+                    "tokens": (sample_size // patch) ** 2,
+                    "params_m": count_parameters(model) / 1e6,
+                    "gflops": flops["total"],
+                    "attention_core_gflops": flops["attention_core"],
+                    "forward_s": seconds[name],
+                    "batch_size": batch_size,
+                }
+                if name == "sdpa":
+                    base = row
+                row["params_ratio"] = row["params_m"] / base["params_m"]
+                row["gflops_ratio"] = row["gflops"] / base["gflops"]
+                row["time_ratio"] = row["forward_s"] / base["forward_s"]
+                rows.append(row)
+    return [row for row in rows if row["attention_type"] in attention_types]
+
+
+def write_json_atomic(path: str | Path, payload: Any) -> None:
+    """Write JSON to a temp file in the same folder, then rename: readers never see half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(handle, "w") as stream:
+            json.dump(payload, stream, indent=2)
+        os.replace(temp_name, path)
+    except BaseException:
+        Path(temp_name).unlink(missing_ok=True)
+        raise
+
+
+def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
+    """Rows as a Markdown table (the same columns the terminal table shows)."""
+    header = "| model | attention | tokens | params (M) | GFLOPs | attn-core GFLOPs | forward (s) | time vs sdpa |"
+    lines = [header, "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for row in rows:
+        lines.append(
+            f"| {row['preset']} | {row['attention_type']} | {row['tokens']} | {row['params_m']:.2f} "
+            f"| {row['gflops']:.3f} "
+            f"| {row['attention_core_gflops']:.3f} | {row['forward_s']:.4f} | {row['time_ratio']:.2f} |"
+        )
+    return "\n".join(lines) + "\n"
