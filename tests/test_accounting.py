@@ -14,6 +14,7 @@ from dit_optimum import (
     gflops_breakdown,
     preset_names,
 )
+from dit_optimum.evaluation import time_forward
 
 
 def test_preset_names_and_parsing():
@@ -77,3 +78,10 @@ def test_counting_leaves_the_model_and_backend_untouched():
         before = model(*inputs).sample
         gflops_breakdown(model)
         assert torch.equal(model(*inputs).sample, before)
+
+
+def test_time_forward_measures_and_validates():
+    model = tiny_model()
+    assert time_forward(model, batch_size=2, warmup=0, repeats=2) > 0
+    with pytest.raises(ValueError, match="repeats"):
+        time_forward(model, repeats=0)

@@ -9,9 +9,7 @@ from __future__ import annotations
 import json
 import os
 import platform
-import statistics
 import tempfile
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -22,6 +20,8 @@ from ..configs import dit_config, parse_preset_name
 from ..models.attention import ATTENTION_TYPES
 from ..models.transformer import DiTOptimumTransformer2DModel
 from .flops import count_parameters, gflops_breakdown
+from .inputs import example_inputs
+from .speed import interleaved_median_times
 
 PAPER_PRESETS: tuple[str, ...] = ("DiT-S/2", "DiT-S/4", "DiT-XS/2", "DiT-XS/4")
 
@@ -36,21 +36,6 @@ def hardware_description() -> dict[str, Any]:
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     return info
-
-
-def _interleaved_median_times(
-    models: dict[str, torch.nn.Module], inputs: tuple[torch.Tensor, ...], warmup: int, repeats: int
-) -> dict[str, float]:
-    # Round-robin over the variants so that machine noise hits them alike.
-    times: dict[str, list[float]] = {name: [] for name in models}
-    with torch.inference_mode():
-        for round_index in range(warmup + repeats):
-            for name, model in models.items():
-                start = time.perf_counter()
-                model(*inputs)
-                if round_index >= warmup:
-                    times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(values) for name, values in times.items()}
 
 
 def architecture_benchmark(
@@ -80,12 +65,8 @@ def architecture_benchmark(
                 ).eval()
                 for name in types
             }
-            inputs = (
-                torch.randn(batch_size, in_channels, sample_size, sample_size),
-                torch.full((batch_size,), 500, dtype=torch.long),
-                torch.zeros(batch_size, dtype=torch.long),
-            )
-            seconds = _interleaved_median_times(models, inputs, warmup, repeats)
+            inputs = example_inputs(models["sdpa"], batch_size)
+            seconds = interleaved_median_times(models, inputs, warmup, repeats)
             patch = models["sdpa"].config.patch_size
             base: dict[str, float] = {}
             for name, model in models.items():

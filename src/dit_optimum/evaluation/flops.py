@@ -7,22 +7,14 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
+from .inputs import example_inputs
+
 _PROJECTIONS = ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0")
 
 
 def count_parameters(model: nn.Module) -> int:
     """Number of parameters (buffers such as the fixed positional embedding excluded)."""
     return sum(parameter.numel() for parameter in model.parameters())
-
-
-def _example_inputs(model: nn.Module, batch_size: int, sample_size: int | None) -> tuple[torch.Tensor, ...]:
-    config = model.config
-    side = sample_size or config.sample_size
-    parameter = next(model.parameters())
-    sample = torch.randn(batch_size, config.in_channels, side, side, device=parameter.device, dtype=parameter.dtype)
-    timestep = torch.full((batch_size,), 500, device=parameter.device, dtype=torch.long)
-    labels = torch.zeros(batch_size, device=parameter.device, dtype=torch.long)
-    return sample, timestep, labels
 
 
 def gflops_breakdown(model: nn.Module, sample_size: int | None = None, batch_size: int = 1) -> dict[str, float]:
@@ -32,7 +24,7 @@ def gflops_breakdown(model: nn.Module, sample_size: int | None = None, batch_siz
     SDPA backend: the fused CPU kernel is invisible to ``torch.utils.flop_counter``. That counter reports 2 FLOPs
     per MAC; values here are divided by two (DiT-S/2 at 32x32x4: 6.06).
     """
-    sample, timestep, labels = _example_inputs(model, batch_size, sample_size)
+    sample, timestep, labels = example_inputs(model, batch_size, sample_size)
     counter = FlopCounterMode(display=False)
     with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), counter:
         model(sample, timestep=timestep, class_labels=labels)

@@ -1,12 +1,15 @@
-"""Wall-clock timing of one transformer forward: warm-up, then the median of repeated runs."""
+"""Wall-clock timing of transformer forwards: warm-up, device synchronisation, median of repeated runs."""
 
 from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Mapping
 
 import torch
 from torch import nn
+
+from .inputs import example_inputs
 
 
 def _synchronize(device: torch.device) -> None:
@@ -14,29 +17,29 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_forward(
-    model: nn.Module,
-    batch_size: int = 8,
-    sample_size: int | None = None,
-    warmup: int = 2,
-    repeats: int = 5,
-) -> float:
-    """Median seconds of one forward of ``model`` on a random batch (inference mode, device synchronised)."""
+def interleaved_median_times(
+    models: Mapping[str, nn.Module], inputs: tuple[torch.Tensor, ...], warmup: int = 1, repeats: int = 3
+) -> dict[str, float]:
+    """Median seconds of one forward per model, timing the models round-robin so machine noise hits them alike."""
     if warmup < 0 or repeats < 1:
         raise ValueError(f"`warmup` must be >= 0 and `repeats` >= 1, got warmup={warmup}, repeats={repeats}.")
-    config = model.config
-    side = sample_size or config.sample_size
-    parameter = next(model.parameters())
-    sample = torch.randn(batch_size, config.in_channels, side, side, device=parameter.device, dtype=parameter.dtype)
-    timestep = torch.full((batch_size,), 500, device=parameter.device, dtype=torch.long)
-    labels = torch.zeros(batch_size, device=parameter.device, dtype=torch.long)
-    times = []
+    device = inputs[0].device
+    times: dict[str, list[float]] = {name: [] for name in models}
     with torch.inference_mode():
-        for index in range(warmup + repeats):
-            _synchronize(parameter.device)
-            start = time.perf_counter()
-            model(sample, timestep=timestep, class_labels=labels)
-            _synchronize(parameter.device)
-            if index >= warmup:
-                times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for round_index in range(warmup + repeats):
+            for name, model in models.items():
+                _synchronize(device)
+                start = time.perf_counter()
+                model(*inputs)
+                _synchronize(device)
+                if round_index >= warmup:
+                    times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def time_forward(
+    model: nn.Module, batch_size: int = 8, sample_size: int | None = None, warmup: int = 2, repeats: int = 5
+) -> float:
+    """Median seconds of one forward of ``model`` on a random batch (inference mode, device synchronised)."""
+    inputs = example_inputs(model, batch_size, sample_size)
+    return interleaved_median_times({"model": model}, inputs, warmup, repeats)["model"]
