@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from diffusers import DiTTransformer2DModel
+from diffusers import DiTTransformer2DModel, ModelMixin
 from diffusers.configuration_utils import register_to_config
 from diffusers.models.attention import AttentionMixin, FeedForward
 from diffusers.models.embeddings import CombinedTimestepLabelEmbeddings, PatchEmbed
@@ -104,8 +104,8 @@ class DiTOptimumTransformer2DModel(DiTTransformer2DModel, AttentionMixin):
         class_dropout_prob: float = 0.1,
         original_timestep_embedding: bool = False,
     ):
-        # Skip the parent's __init__ (it would build stock blocks); the class stays a DiTTransformer2DModel.
-        nn.Module.__init__(self)
+        # Skip DiTTransformer2DModel.__init__ (it would build stock blocks); the class stays one for isinstance checks.
+        ModelMixin.__init__(self)
         self._validate_config()
 
         self.attention_head_dim = attention_head_dim
