@@ -18,6 +18,7 @@ from .models import (
     SDPAAttnProcessor,
 )
 from .pipelines import DiTOptimumPipeline
+from .techniques import CalibrationSettings, prune, quantize
 
 __version__ = "0.1.0"
 
@@ -25,6 +26,7 @@ __all__ = [
     "ATTENTION_TYPES",
     "DIT_SIZES",
     "PATCH_SIZES",
+    "CalibrationSettings",
     "DiTAttention",
     "DiTOptimumPipeline",
     "DiTOptimumTransformer2DModel",
@@ -38,4 +40,6 @@ __all__ = [
     "dit_config",
     "gflops_breakdown",
     "preset_names",
+    "prune",
+    "quantize",
 ]

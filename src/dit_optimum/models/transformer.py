@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import re
 from collections import OrderedDict
 from typing import Any
@@ -18,12 +19,15 @@ from diffusers.models.normalization import AdaLayerNormZero
 from torch import nn
 
 from ..configs import dit_config
+from ..utils import atomic_directory
 from .attention import DiTAttention, validate_attention_config
 
 logger = logging.getLogger(__name__)
 
 # diffusers' DiTPipeline always passes 1000 as the unconditional ("null") class.
 DIFFUSERS_NULL_CLASS = 1000
+# Set (to the reason) on a model whose quantized form cannot be saved as a diffusers folder.
+UNSERIALIZABLE_ATTRIBUTE = "_dit_optimum_unserializable"
 _STOCK_BLOCK_EMBEDDING = re.compile(r"^transformer_blocks\.(\d+)\.norm1\.emb\.(.+)$")
 
 
@@ -103,6 +107,8 @@ class DiTOptimumTransformer2DModel(DiTTransformer2DModel, AttentionMixin):
         mlp_ratio: float = 4.0,
         class_dropout_prob: float = 0.1,
         original_timestep_embedding: bool = False,
+        layer_heads: list[int] | None = None,
+        layer_mlp_dims: list[int] | None = None,
     ):
         # Skip DiTTransformer2DModel.__init__ (it would build stock blocks); the class stays one for isinstance checks.
         ModelMixin.__init__(self)
@@ -127,7 +133,7 @@ class DiTOptimumTransformer2DModel(DiTTransformer2DModel, AttentionMixin):
         )
         if original_timestep_embedding:
             self.conditioning_embedding.time_proj.downscale_freq_shift = 0
-        self.transformer_blocks = nn.ModuleList([self._build_block() for _ in range(num_layers)])
+        self.transformer_blocks = nn.ModuleList([self._build_block(index) for index in range(num_layers)])
         self.norm_out = nn.LayerNorm(self.inner_dim, elementwise_affine=False, eps=1e-6)
         self.proj_out_1 = nn.Linear(self.inner_dim, 2 * self.inner_dim)
         self.proj_out_2 = nn.Linear(self.inner_dim, patch_size * patch_size * self.out_channels)
@@ -161,6 +167,24 @@ class DiTOptimumTransformer2DModel(DiTTransformer2DModel, AttentionMixin):
             )
         if not 0 <= config.class_dropout_prob < 1:
             raise ValueError(f"`class_dropout_prob`={config.class_dropout_prob!r} must lie in [0, 1).")
+        for name, values, upper in (
+            ("layer_heads", config.layer_heads, config.num_attention_heads),
+            ("layer_mlp_dims", config.layer_mlp_dims, None),
+        ):
+            if values is None:
+                continue
+            if len(values) != config.num_layers or any(not isinstance(v, int) or v < 1 for v in values):
+                raise ValueError(
+                    f"`{name}` must list one positive integer per layer ({config.num_layers}), got {values}."
+                )
+            if upper is not None and max(values) > upper:
+                raise ValueError(f"`{name}` entries must be at most num_attention_heads={upper}, got {values}.")
+        if config.layer_heads is not None and config.attention_type in ("gqa", "mqa", "focused_gqa", "focused_mqa"):
+            raise ValueError(
+                "`layer_heads` (head pruning) needs one K/V head per query head; "
+                f"attention_type={config.attention_type!r} "
+                "shares K/V heads. Allowed attention types: sdpa, shallow, mediated, focused."
+            )
         validate_attention_config(
             config.attention_type,
             config.num_attention_heads,
@@ -174,11 +198,21 @@ class DiTOptimumTransformer2DModel(DiTTransformer2DModel, AttentionMixin):
             config.focused_variant,
         )
 
-    def _build_block(self) -> DiTBlock:
+    def heads_of_layer(self, index: int) -> int:
+        """Attention heads of block ``index`` (fewer than ``num_attention_heads`` after head pruning)."""
+        layer_heads = self.config.layer_heads
+        return self.config.num_attention_heads if layer_heads is None else layer_heads[index]
+
+    def mlp_dim_of_layer(self, index: int) -> int:
+        """Hidden width of block ``index``'s feed-forward network (smaller after MLP pruning)."""
+        layer_mlp_dims = self.config.layer_mlp_dims
+        return int(self.inner_dim * self.config.mlp_ratio) if layer_mlp_dims is None else layer_mlp_dims[index]
+
+    def _build_block(self, index: int) -> DiTBlock:
         config = self.config
         attention = DiTAttention(
             self.inner_dim,
-            config.num_attention_heads,
+            self.heads_of_layer(index),
             config.attention_head_dim,
             attention_type=config.attention_type,
             num_kv_heads=config.num_kv_heads,
@@ -193,7 +227,7 @@ class DiTOptimumTransformer2DModel(DiTTransformer2DModel, AttentionMixin):
         return DiTBlock(
             self.inner_dim,
             attention,
-            ff_inner_dim=int(self.inner_dim * config.mlp_ratio),
+            ff_inner_dim=self.mlp_dim_of_layer(index),
             dropout=config.dropout,
             activation_fn=config.activation_fn,
             norm_elementwise_affine=config.norm_elementwise_affine,
@@ -216,6 +250,16 @@ class DiTOptimumTransformer2DModel(DiTTransformer2DModel, AttentionMixin):
                 ", ".join(sorted(differing)),
             )
         super()._fix_state_dict_keys_on_load(state_dict)
+
+    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: Any) -> None:
+        """Save atomically as safetensors; refuse models whose quantized form cannot be reloaded."""
+        reason = getattr(self, UNSERIALIZABLE_ATTRIBUTE, None)
+        if reason:
+            raise ValueError(reason)
+        if kwargs.pop("safe_serialization", True) is not True:
+            raise ValueError("`safe_serialization` must be True: dit-optimum saves safetensors only.")
+        with atomic_directory(save_directory) as staging:
+            super().save_pretrained(staging, safe_serialization=True, **kwargs)
 
     def _map_null_label(self, class_labels: torch.LongTensor) -> torch.LongTensor:
         # diffusers' DiTPipeline asks for class 1000 as "unconditional"; route it to this model's null class.

@@ -5,10 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
-import tempfile
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -17,6 +14,7 @@ from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 from diffusers.utils.torch_utils import randn_tensor
 
 from ..models.autoencoder import IdentityAutoencoder
+from ..utils import atomic_directory
 
 OUTPUT_TYPES: tuple[str, ...] = ("pil", "np", "pt", "latent")
 # Saved folders name diffusers' own class so that plain `DiffusionPipeline.from_pretrained` resolves them.
@@ -192,11 +190,9 @@ class DiTOptimumPipeline(DiTPipeline):
         """Save atomically (temp folder, then rename) so plain ``DiffusionPipeline`` loads it; safetensors only."""
         if kwargs.pop("safe_serialization", True) is not True:
             raise ValueError("`safe_serialization` must be True: dit-optimum saves safetensors only.")
-        push_to_hub = kwargs.pop("push_to_hub", False)
-        target = Path(save_directory).resolve()
-        target.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-        try:
+        if kwargs.pop("push_to_hub", False):
+            raise ValueError("`push_to_hub` is not supported here: save, then upload the folder.")
+        with atomic_directory(save_directory) as staging:
             super().save_pretrained(staging, safe_serialization=True, **kwargs)
             index_path = staging / "model_index.json"
             index = json.loads(index_path.read_text())
@@ -206,24 +202,3 @@ class DiTOptimumPipeline(DiTPipeline):
                 if isinstance(value, list) and len(value) == 2 and str(value[0]).startswith("dit_optimum."):
                     index[name] = ["dit_optimum", value[1]]
             index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-            _replace_directory(staging, target)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
-        if push_to_hub:
-            kwargs.setdefault("repo_id", target.name)
-            self.push_to_hub(
-                **{k: v for k, v in kwargs.items() if k in ("repo_id", "private", "token", "commit_message")}
-            )
-
-
-def _replace_directory(source: Path, target: Path) -> None:
-    """Move ``source`` to ``target``, replacing an existing folder only once the new one is complete."""
-    if not target.exists():
-        os.replace(source, target)
-        return
-    backup = target.with_name(f".{target.name}.old")
-    shutil.rmtree(backup, ignore_errors=True)
-    os.replace(target, backup)
-    os.replace(source, target)
-    shutil.rmtree(backup, ignore_errors=True)

@@ -1,0 +1,34 @@
+"""What every technique shares: take a pipeline or a bare transformer, give back the same kind."""
+
+from __future__ import annotations
+
+from ..models.transformer import UNSERIALIZABLE_ATTRIBUTE, DiTOptimumTransformer2DModel
+from ..pipelines.dit import DiTOptimumPipeline
+
+
+def unwrap(pipe_or_model, *, float_only: bool = True) -> DiTOptimumTransformer2DModel:
+    """The transformer of a pipeline (or the model itself); refuses other types and, by default, quantized models."""
+    model = pipe_or_model.transformer if isinstance(pipe_or_model, DiTOptimumPipeline) else pipe_or_model
+    if not isinstance(model, DiTOptimumTransformer2DModel):
+        raise ValueError(
+            "`pipe_or_model` must be a DiTOptimumPipeline or DiTOptimumTransformer2DModel, "
+            f"got {type(pipe_or_model).__name__}."
+        )
+    quantized = getattr(model.config, "quantization_config", None) is not None or hasattr(
+        model, UNSERIALIZABLE_ATTRIBUTE
+    )
+    if float_only and quantized:
+        raise ValueError("`pipe_or_model` is already quantized: apply this technique to its float original.")
+    return model
+
+
+def rewrap(pipe_or_model, model: DiTOptimumTransformer2DModel):
+    """A new pipeline around ``model`` sharing the original's VAE, scheduler and labels, or ``model`` itself."""
+    if not isinstance(pipe_or_model, DiTOptimumPipeline):
+        return model
+    return DiTOptimumPipeline(
+        transformer=model,
+        vae=pipe_or_model.vae,
+        scheduler=pipe_or_model.scheduler,
+        id2label=pipe_or_model.config.get("id2label"),
+    )

@@ -1,0 +1,245 @@
+"""Quantization and half precision behind one function: ``quantize(pipe_or_model, backend, weights, activations)``.
+
+Backends and what they support (weights, activations):
+
+- ``torch``: ``bf16`` / ``fp16`` casts (no activations option). Serializable.
+- ``torchao``: ``int8`` weights (weight-only, or with ``activations="int8"``: dynamic per-token activations),
+  ``float8`` (weight-only, or with ``float8`` dynamic activations; needs a CUDA GPU of compute capability 8.9+),
+  ``int4`` weight-only (CUDA only). Loaded through diffusers' ``TorchAoConfig``, which runs the non-quantized
+  layers in bfloat16: serializable, and a plain ``from_pretrained`` of the saved folder is bit-identical.
+- ``quanto``: ``int8`` / ``int4`` / ``float8`` weight-only through diffusers' ``QuantoConfig``: serializable;
+  with ``activations`` (``int8`` / ``float8``, static scales from a calibration pass over real sampling steps):
+  native optimum-quanto, runs but cannot be saved as a diffusers pipeline.
+
+Kept in float by default (``DEFAULT_KEEP_FLOAT``): the patch embedding, the timestep/class embedding and the
+final layer; they are under 3% of DiT-S/2's weights and sit at the input and output, where errors propagate
+furthest. The adaLN modulation linears are quantized: they are a third of the weights (see BENCHMARKS.md).
+"""
+
+from __future__ import annotations
+
+import copy
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..models.transformer import UNSERIALIZABLE_ATTRIBUTE, DiTOptimumTransformer2DModel
+from ..pipelines.dit import DiTOptimumPipeline
+from .common import rewrap, unwrap
+
+BACKENDS: tuple[str, ...] = ("torch", "torchao", "quanto")
+WEIGHT_DTYPES: tuple[str, ...] = ("int8", "int4", "float8", "bf16", "fp16")
+ACTIVATION_DTYPES: tuple[str | None, ...] = (None, "int8", "float8")
+DEFAULT_KEEP_FLOAT: tuple[str, ...] = ("pos_embed", "conditioning_embedding", "proj_out_1", "proj_out_2")
+
+# (backend, weights, activations) -> (serializable, needs CUDA compute capability or None)
+SUPPORTED: dict[tuple[str, str, str | None], tuple[bool, tuple[int, int] | None]] = {
+    ("torch", "bf16", None): (True, None),
+    ("torch", "fp16", None): (True, None),
+    ("torchao", "int8", None): (True, None),
+    ("torchao", "int8", "int8"): (True, None),
+    ("torchao", "int4", None): (True, (8, 0)),
+    ("torchao", "float8", None): (True, (8, 9)),
+    ("torchao", "float8", "float8"): (True, (8, 9)),
+    ("quanto", "int8", None): (True, None),
+    ("quanto", "int4", None): (True, None),
+    ("quanto", "float8", None): (True, None),
+    ("quanto", "int8", "int8"): (False, None),
+    ("quanto", "float8", "float8"): (False, None),
+    ("quanto", "int8", "float8"): (False, None),
+}
+
+
+@dataclass(frozen=True)
+class CalibrationSettings:
+    """How static activation scales are calibrated: full sampling runs over random classes (seeded).
+
+    Each run samples ``batch_size`` images for ``num_inference_steps`` steps, so the observers see the whole
+    timestep range and many classes, with guidance as at inference.
+    """
+
+    num_batches: int = 4
+    batch_size: int = 4
+    num_inference_steps: int = 10
+    guidance_scale: float = 4.0
+    seed: int = 0
+
+
+def supported_options() -> list[str]:
+    """Human-readable list of valid (backend, weights, activations) combinations."""
+    return [f"backend={b!r}, weights={w!r}, activations={a!r}" for b, w, a in SUPPORTED]
+
+
+def _check_options(backend: str, weights: str, activations: str | None, device: torch.device) -> None:
+    if backend not in BACKENDS:
+        raise ValueError(f"Unknown `backend`={backend!r}; allowed values: {', '.join(BACKENDS)}.")
+    if weights not in WEIGHT_DTYPES:
+        raise ValueError(f"Unknown `weights`={weights!r}; allowed values: {', '.join(WEIGHT_DTYPES)}.")
+    if activations not in ACTIVATION_DTYPES:
+        raise ValueError(f"Unknown `activations`={activations!r}; allowed values: None, 'int8', 'float8'.")
+    key = (backend, weights, activations)
+    if key not in SUPPORTED:
+        raise ValueError(
+            f"Unsupported combination backend={backend!r}, weights={weights!r}, activations={activations!r}; "
+            f"supported: {'; '.join(supported_options())}."
+        )
+    capability = SUPPORTED[key][1]
+    if capability is not None and (device.type != "cuda" or torch.cuda.get_device_capability(device) < capability):
+        raise ValueError(
+            f"backend={backend!r} with weights={weights!r}, activations={activations!r} needs a CUDA GPU of compute "
+            f"capability {capability[0]}.{capability[1]}+; on this device use backend='quanto' with "
+            f"weights={weights!r} (or weights='int8')."
+        )
+
+
+def _reload_with_quantization_config(
+    model: DiTOptimumTransformer2DModel, quantization_config, torch_dtype: torch.dtype
+) -> DiTOptimumTransformer2DModel:
+    # diffusers' quantizers (and dtype casts) apply at load time; doing the same here makes the result identical to
+    # what a plain `from_pretrained` of the saved folder rebuilds.
+    with tempfile.TemporaryDirectory() as folder:
+        model.save_pretrained(folder)
+        loaded = DiTOptimumTransformer2DModel.from_pretrained(
+            folder, quantization_config=quantization_config, torch_dtype=torch_dtype
+        )
+    processors = model.attn_processors
+    loaded.set_attn_processor(processors)
+    return loaded.to(model.device).eval()
+
+
+def _quanto_local_names(model: nn.Module, keep_float: Sequence[str]) -> list[str]:
+    # diffusers' quanto integration skips Linear layers by their local name: translate full-name prefixes and make
+    # sure no layer that should be quantized shares such a name.
+    keep, quantize = set(), set()
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear):
+            local = name.rsplit(".", 1)[-1]
+            (keep if any(name == p or name.startswith(p + ".") for p in keep_float) else quantize).add(local)
+    clash = keep & quantize
+    if clash:
+        raise ValueError(
+            "`keep_float` cannot be expressed for backend='quanto' weight-only: "
+            f"layer names {sorted(clash)} occur both inside and outside the kept modules; "
+            "use backend='torchao' for this selection."
+        )
+    return sorted(keep)
+
+
+def _torchao_config(weights: str, activations: str | None):
+    from torchao.quantization import (
+        Float8DynamicActivationFloat8WeightConfig,
+        Float8WeightOnlyConfig,
+        Int4WeightOnlyConfig,
+        Int8DynamicActivationInt8WeightConfig,
+        Int8WeightOnlyConfig,
+    )
+
+    return {
+        ("int8", None): Int8WeightOnlyConfig,
+        ("int8", "int8"): Int8DynamicActivationInt8WeightConfig,
+        ("int4", None): Int4WeightOnlyConfig,
+        ("float8", None): Float8WeightOnlyConfig,
+        ("float8", "float8"): Float8DynamicActivationFloat8WeightConfig,
+    }[(weights, activations)]()
+
+
+def calibrate(pipeline: DiTOptimumPipeline, settings: CalibrationSettings) -> None:
+    """Run full sampling passes (latent output, no decoding) so that activation observers see real inputs."""
+    generator = torch.Generator().manual_seed(settings.seed)
+    num_classes = pipeline.transformer.config.num_embeds_ada_norm
+    guidance = settings.guidance_scale if pipeline.transformer.null_class_label is not None else 1.0
+    for _ in range(settings.num_batches):
+        labels = torch.randint(0, num_classes, (settings.batch_size,), generator=generator).tolist()
+        pipeline(
+            labels,
+            guidance_scale=guidance,
+            num_inference_steps=settings.num_inference_steps,
+            generator=generator,
+            output_type="latent",
+        )
+
+
+def _quanto_static(
+    model: DiTOptimumTransformer2DModel,
+    pipeline: DiTOptimumPipeline,
+    weights: str,
+    activations: str,
+    keep_float: Sequence[str],
+    calibration: CalibrationSettings,
+) -> DiTOptimumTransformer2DModel:
+    from optimum.quanto import Calibration, freeze, qfloat8, qint8
+    from optimum.quanto import quantize as quanto_quantize
+
+    dtypes = {"int8": qint8, "float8": qfloat8}
+    exclude = [pattern for prefix in keep_float for pattern in (prefix, f"{prefix}.*")]
+    quanto_quantize(model, weights=dtypes[weights], activations=dtypes[activations], exclude=exclude)
+    with Calibration(momentum=0.9):
+        calibrate(pipeline, calibration)
+    freeze(model)
+    setattr(
+        model,
+        UNSERIALIZABLE_ATTRIBUTE,
+        "optimum-quanto activation quantization (static, calibrated scales) cannot be saved as a diffusers "
+        "pipeline; for a saveable int8 model with quantized activations use backend='torchao', weights='int8', "
+        "activations='int8' (dynamic scales), or quanto weight-only (activations=None).",
+    )
+    return model
+
+
+def quantize(
+    pipe_or_model: DiTOptimumPipeline | DiTOptimumTransformer2DModel,
+    backend: str = "torchao",
+    weights: str = "int8",
+    activations: str | None = None,
+    calibration: CalibrationSettings | None = None,
+    keep_float: Sequence[str] = DEFAULT_KEEP_FLOAT,
+    compile: bool = False,
+) -> DiTOptimumPipeline | DiTOptimumTransformer2DModel:
+    """Quantize (or cast to half precision) the transformer of a pipeline, or a bare transformer.
+
+    Returns a new pipeline (sharing VAE and scheduler) or a new model; the input is left unchanged.
+    ``keep_float`` lists module-name prefixes left in float; ``calibration`` sets the sampling passes used for
+    static activation scales (quanto with activations); ``compile`` wraps the forward in ``torch.compile``
+    (the module stays saveable). Unsupported combinations raise ``ValueError`` listing the supported ones.
+    """
+    is_pipeline = isinstance(pipe_or_model, DiTOptimumPipeline)
+    model = unwrap(pipe_or_model)
+    _check_options(backend, weights, activations, model.device)
+    if calibration is not None and not (backend == "quanto" and activations is not None):
+        raise ValueError(
+            "`calibration` only applies to backend='quanto' with activations (torchao scales are dynamic)."
+        )
+
+    if backend == "torch":
+        # Loaded the way diffusers reloads it (e.g. the positional table stays float32), so reloads are identical.
+        quantized = _reload_with_quantization_config(
+            model, None, {"bf16": torch.bfloat16, "fp16": torch.float16}[weights]
+        )
+    elif backend == "torchao":
+        from diffusers import TorchAoConfig
+
+        config = TorchAoConfig(_torchao_config(weights, activations), modules_to_not_convert=list(keep_float))
+        # diffusers loads torchao models with bfloat16 for the non-quantized layers; quantizing the same way keeps
+        # a plain `from_pretrained` of the saved folder bit-identical (and bf16 is the fast path on CPU and GPU).
+        quantized = _reload_with_quantization_config(model, config, torch.bfloat16)
+    elif activations is None:
+        from diffusers import QuantoConfig
+
+        config = QuantoConfig(weights_dtype=weights, modules_to_not_convert=_quanto_local_names(model, keep_float))
+        quantized = _reload_with_quantization_config(model, config, model.dtype)
+    else:
+        quantized = copy.deepcopy(model).eval()
+        calibration_pipe = (
+            rewrap(pipe_or_model, quantized) if is_pipeline else DiTOptimumPipeline(transformer=quantized)
+        )
+        calibration_pipe.set_progress_bar_config(disable=True)
+        quantized = _quanto_static(
+            quantized, calibration_pipe, weights, activations, keep_float, calibration or CalibrationSettings()
+        )
+    quantized.eval()
+    if compile:
+        quantized.compile()
+    return rewrap(pipe_or_model, quantized)
