@@ -85,3 +85,28 @@ def test_time_forward_measures_and_validates():
     assert time_forward(model, batch_size=2, warmup=0, repeats=2) > 0
     with pytest.raises(ValueError, match="repeats"):
         time_forward(model, repeats=0)
+
+
+def test_peak_memory_sees_a_large_temporary_allocation():
+    from dit_optimum.evaluation.memory import peak_memory_bytes
+
+    def allocate():
+        block = torch.ones(64 * 1024 * 1024 // 4)  # 64 MiB, touched
+        return float(block.sum())
+
+    assert peak_memory_bytes(allocate) > 32 * 1024 * 1024
+    assert peak_memory_bytes(lambda: None) < 16 * 1024 * 1024
+
+
+def test_sampled_peak_memory_fallback_sees_a_held_allocation():
+    import time
+
+    from dit_optimum.evaluation.memory import _sampled_peak_rss
+
+    def allocate_and_hold():
+        block = torch.ones(64 * 1024 * 1024 // 4)
+        time.sleep(0.05)
+        return float(block.sum())
+
+    baseline, peak = _sampled_peak_rss(allocate_and_hold, 0.001)
+    assert peak - baseline > 32 * 1024 * 1024

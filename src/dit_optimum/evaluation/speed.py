@@ -25,7 +25,8 @@ def interleaved_median_times(
         raise ValueError(f"`warmup` must be >= 0 and `repeats` >= 1, got warmup={warmup}, repeats={repeats}.")
     device = inputs[0].device
     times: dict[str, list[float]] = {name: [] for name in models}
-    with torch.inference_mode():
+    # no_grad, not inference_mode: quantized tensor subclasses (quanto int4) cannot run under inference mode.
+    with torch.no_grad():
         for round_index in range(warmup + repeats):
             for name, model in models.items():
                 _synchronize(device)
@@ -40,6 +41,6 @@ def interleaved_median_times(
 def time_forward(
     model: nn.Module, batch_size: int = 8, sample_size: int | None = None, warmup: int = 2, repeats: int = 5
 ) -> float:
-    """Median seconds of one forward of ``model`` on a random batch (inference mode, device synchronised)."""
+    """Median seconds of one forward of ``model`` on a random batch (no grad, device synchronised)."""
     inputs = example_inputs(model, batch_size, sample_size)
     return interleaved_median_times({"model": model}, inputs, warmup, repeats)["model"]
