@@ -31,12 +31,24 @@ QUANTIZATION_OPTIONS = {
     "bf16": {"backend": "torch", "weights": "bf16"},
     "torchao int8 weight-only": {"backend": "torchao", "weights": "int8"},
     "torchao int8 w8a8 (dynamic)": {"backend": "torchao", "weights": "int8", "activations": "int8"},
+    "torchao int8 w8a8 (dynamic), fp32 compute": {
+        "backend": "torchao",
+        "weights": "int8",
+        "activations": "int8",
+        "dtype": torch.float32,
+    },
     "quanto int8 weight-only": {"backend": "quanto", "weights": "int8"},
     "quanto int4 weight-only": {"backend": "quanto", "weights": "int4"},
     "quanto float8 weight-only": {"backend": "quanto", "weights": "float8"},
     "quanto int8 w8a8 (static)": {"backend": "quanto", "weights": "int8", "activations": "int8"},
 }
-COMPILED = ("fp32", "bf16", "torchao int8 weight-only", "torchao int8 w8a8 (dynamic)")
+COMPILED = (
+    "fp32",
+    "bf16",
+    "torchao int8 weight-only",
+    "torchao int8 w8a8 (dynamic)",
+    "torchao int8 w8a8 (dynamic), fp32 compute",
+)
 
 
 def saved_size(model) -> int:

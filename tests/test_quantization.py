@@ -7,7 +7,7 @@ import torch
 from diffusers import DDIMScheduler, DiffusionPipeline
 
 from conftest import model_inputs, tiny_model
-from dit_optimum import DiTOptimumPipeline
+from dit_optimum import DiTOptimumPipeline, DiTOptimumTransformer2DModel
 from dit_optimum.evaluation.quality import compare_pipelines, output_difference
 from dit_optimum.techniques import CalibrationSettings, quantize
 
@@ -162,3 +162,18 @@ def test_compare_pipelines_reports_quantization_error():
     quantized = quantize(pipe, backend="quanto", weights="int8")
     difference = compare_pipelines(pipe, quantized, num_inference_steps=2)
     assert 0 < difference["relative_error"] < 0.5 and difference["psnr_db"] > 10
+
+
+def test_dtype_of_the_float_layers_is_selectable(tmp_path):
+    model = tiny_model(sample_size=16)
+    fp32 = quantize(model, backend="torchao", weights="int8", activations="int8", dtype=torch.float32)
+    assert fp32.proj_out_1.weight.dtype == torch.float32
+    assert quantize(model, backend="torchao", weights="int8").proj_out_1.weight.dtype == torch.bfloat16
+    assert relative_error(model, fp32) < CPU_OPTIONS[("torchao", "int8", "int8")]
+    fp32.save_pretrained(tmp_path)
+    again = DiTOptimumTransformer2DModel.from_pretrained(tmp_path, torch_dtype=torch.float32)
+    inputs = model_inputs(model)
+    with torch.no_grad():
+        assert torch.equal(again(*inputs).sample, fp32(*inputs).sample)
+    with pytest.raises(ValueError, match="dtype"):
+        quantize(model, backend="torch", weights="bf16", dtype=torch.float32)

@@ -196,18 +196,26 @@ def quantize(
     activations: str | None = None,
     calibration: CalibrationSettings | None = None,
     keep_float: Sequence[str] = DEFAULT_KEEP_FLOAT,
+    dtype: torch.dtype | None = None,
     compile: bool = False,
 ) -> DiTOptimumPipeline | DiTOptimumTransformer2DModel:
     """Quantize (or cast to half precision) the transformer of a pipeline, or a bare transformer.
 
     Returns a new pipeline (sharing VAE and scheduler) or a new model; the input is left unchanged.
     ``keep_float`` lists module-name prefixes left in float; ``calibration`` sets the sampling passes used for
-    static activation scales (quanto with activations); ``compile`` wraps the forward in ``torch.compile``
-    (the module stays saveable). Unsupported combinations raise ``ValueError`` listing the supported ones.
+    static activation scales (quanto with activations); ``dtype`` is the floating dtype of the non-quantized
+    layers and activations (default: bfloat16 for torchao, which a plain ``from_pretrained`` reproduces; the
+    model's dtype for quanto; reload a torchao model saved with another dtype with ``torch_dtype=<that dtype>``).
+    ``compile`` wraps the forward in ``torch.compile`` (the module stays saveable). Unsupported combinations
+    raise ``ValueError`` listing the supported ones.
     """
     is_pipeline = isinstance(pipe_or_model, DiTOptimumPipeline)
     model = unwrap(pipe_or_model)
     _check_options(backend, weights, activations, model.device)
+    if dtype is not None and (backend == "torch" or not dtype.is_floating_point):
+        raise ValueError(
+            f"`dtype`={dtype} must be a floating dtype, and backend='torch' takes its dtype from `weights`."
+        )
     if calibration is not None and not (backend == "quanto" and activations is not None):
         raise ValueError(
             "`calibration` only applies to backend='quanto' with activations (torchao scales are dynamic)."
@@ -224,14 +232,14 @@ def quantize(
         config = TorchAoConfig(_torchao_config(weights, activations), modules_to_not_convert=list(keep_float))
         # diffusers loads torchao models with bfloat16 for the non-quantized layers; quantizing the same way keeps
         # a plain `from_pretrained` of the saved folder bit-identical (and bf16 is the fast path on CPU and GPU).
-        quantized = _reload_with_quantization_config(model, config, torch.bfloat16)
+        quantized = _reload_with_quantization_config(model, config, dtype or torch.bfloat16)
     elif activations is None:
         from diffusers import QuantoConfig
 
         config = QuantoConfig(weights_dtype=weights, modules_to_not_convert=_quanto_local_names(model, keep_float))
-        quantized = _reload_with_quantization_config(model, config, model.dtype)
+        quantized = _reload_with_quantization_config(model, config, dtype or model.dtype)
     else:
-        quantized = copy.deepcopy(model).eval()
+        quantized = copy.deepcopy(model).to(dtype or model.dtype).eval()
         calibration_pipe = (
             rewrap(pipe_or_model, quantized) if is_pipeline else DiTOptimumPipeline(transformer=quantized)
         )
