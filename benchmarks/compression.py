@@ -117,8 +117,11 @@ def build_quantized(base, skip_compile: bool) -> tuple[dict, dict]:
         build_seconds[name] = time.perf_counter() - start
     if not skip_compile:
         for name in COMPILED:
-            compiled = copy.deepcopy(base) if name == "fp32" else quantize(base, **QUANTIZATION_OPTIONS[name])
-            compiled.compile()
+            if name == "fp32":
+                compiled = copy.deepcopy(base)
+                compiled.compile(dynamic=False)
+            else:
+                compiled = quantize(base, **QUANTIZATION_OPTIONS[name], compile=True)
             models[f"{name} + compile"] = compiled
     return models, build_seconds
 

@@ -66,6 +66,12 @@ def _build_parser() -> argparse.ArgumentParser:
     quant.add_argument("--backend", default="torchao", help="torch | torchao | quanto")
     quant.add_argument("--weights", default="int8", help="int8 | int4 | float8 | bf16 | fp16")
     quant.add_argument("--activations", default=None, help="int8 | float8 (default: weight-only)")
+    quant.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16", "float16"],
+        default=None,
+        help="float dtype of non-quantized layers (default: bfloat16 for torchao, the model's for quanto)",
+    )
     quant.add_argument("--keep-float", type=_csv, default=None, help="module-name prefixes left in float")
     quant.add_argument("--calibration-batches", type=int, default=4, help="(quanto with activations) sampling runs")
     quant.add_argument("--calibration-steps", type=int, default=10, help="(quanto with activations) steps per run")
@@ -98,6 +104,8 @@ def _describe_change(before, after, label: str) -> None:
 
 
 def _run_quantize(args: argparse.Namespace) -> int:
+    import torch
+
     from .pipelines.dit import DiTOptimumPipeline
     from .techniques.quantization import DEFAULT_KEEP_FLOAT, SUPPORTED, CalibrationSettings, quantize
 
@@ -120,6 +128,7 @@ def _run_quantize(args: argparse.Namespace) -> int:
         activations=args.activations,
         calibration=calibration,
         keep_float=DEFAULT_KEEP_FLOAT if args.keep_float is None else args.keep_float,
+        dtype=None if args.dtype is None else getattr(torch, args.dtype),
     )
     _describe_change(pipe, quantized, "quantized")
     quantized.save_pretrained(args.output_dir)

@@ -249,5 +249,7 @@ def quantize(
         )
     quantized.eval()
     if compile:
-        quantized.compile()
+        # One specialised graph per input shape: after a batch-size change, dynamic-shape kernels ran up to 2x
+        # slower on CPU (benchmarks/compression.py), and a pipeline only ever sees a few shapes.
+        quantized.compile(dynamic=False)
     return rewrap(pipe_or_model, quantized)
