@@ -109,12 +109,31 @@ def test_bad_arguments_raise_clear_errors(options, message):
         prune(tiny_model(), **options)
 
 
-def test_head_pruning_with_shared_kv_heads_is_refused():
-    with pytest.raises(ValueError, match="one K/V head per query head"):
-        prune(tiny_model(attention_type="gqa"), heads=0.5)
-    assert prune(tiny_model(attention_type="gqa"), mlp=0.5).config.layer_mlp_dims == [64, 64]
-    with pytest.raises(ValueError, match="layer_heads"):
-        DiTOptimumTransformer2DModel(**{**tiny_model().config, "attention_type": "mqa", "layer_heads": [2, 2]})
+@pytest.mark.parametrize("attention_type", ["gqa", "focused_gqa", "mqa", "focused_mqa"])
+def test_head_pruning_with_shared_kv_heads_removes_whole_groups(tmp_path, attention_type):
+    model = tiny_model(attention_type=attention_type, num_kv_heads=2 if "gqa" in attention_type else None)
+    pruned = prune(model, heads=0.5)
+    assert pruned.config.layer_heads == [2, 2]
+    attn = pruned.transformer_blocks[0].attn1
+    assert (attn.heads, attn.kv_heads) == (2, 1)  # gqa: one of two groups left; mqa: the shared K/V head kept
+    assert attn.to_k.out_features == 8
+    pruned.save_pretrained(tmp_path)
+    assert torch.equal(outputs(DiTOptimumTransformer2DModel.from_pretrained(tmp_path).eval()), outputs(pruned))
+
+
+def test_gqa_head_pruning_equals_dropping_a_silent_group():
+    model = tiny_model(attention_type="gqa", num_kv_heads=2)
+    with torch.no_grad():
+        for block in model.transformer_blocks:  # group 1 = query heads 2, 3 (output columns 16..31)
+            block.attn1.to_out[0].weight[:, 16:32] = 0
+            block.attn1.to_q.weight[16:32] *= 0.01
+    torch.testing.assert_close(outputs(prune(model, heads=0.5)), outputs(model), rtol=1e-5, atol=1e-5)
+
+
+def test_layer_heads_must_keep_whole_groups():
+    config = {**tiny_model().config, "attention_type": "gqa", "num_kv_heads": 2, "layer_heads": [3, 2]}
+    with pytest.raises(ValueError, match="multiples of 2"):
+        DiTOptimumTransformer2DModel(**config)
 
 
 def test_cli_prune_and_quantize(tmp_path, capsys):
@@ -134,3 +153,10 @@ def test_cli_prune_and_quantize(tmp_path, capsys):
     )
     assert code == 2 and "cannot be saved" in capsys.readouterr().out
     assert not (tmp_path / "x").exists()
+
+
+def test_a_fraction_too_small_to_remove_anything_warns(caplog):
+    model = tiny_model(attention_type="gqa", num_kv_heads=2)
+    with caplog.at_level("WARNING", logger="dit_optimum.techniques.pruning"):
+        pruned = prune(model, heads=0.2)
+    assert pruned.config.layer_heads is None and "removes nothing" in caplog.text

@@ -33,21 +33,21 @@ ATTENTION_TYPES: tuple[str, ...] = (
     "focused_mqa",
 )
 FOCUSED_VARIANTS: tuple[str, ...] = ("published", "paper")
-_GROUPED_TYPES = ("gqa", "focused_gqa")
-_SINGLE_KV_TYPES = ("mqa", "focused_mqa")
+GROUPED_TYPES = ("gqa", "focused_gqa")
+SINGLE_KV_TYPES = ("mqa", "focused_mqa")
 _FOCUSED_TYPES = ("focused", "focused_gqa", "focused_mqa")
 _DEFAULT_DWCONV_KERNEL = {"mediated": 3, "focused": 5, "focused_gqa": 5, "focused_mqa": 5}
 
 
 def resolve_num_kv_heads(attention_type: str, num_heads: int, num_kv_heads: int | None) -> int:
     """Number of K/V heads for an attention type; ``None`` picks groups of two query heads for grouped types."""
-    if attention_type in _SINGLE_KV_TYPES:
+    if attention_type in SINGLE_KV_TYPES:
         if num_kv_heads not in (None, 1):
             raise ValueError(
                 f"`num_kv_heads` must be None or 1 for attention_type={attention_type!r}, got {num_kv_heads}."
             )
         return 1
-    if attention_type in _GROUPED_TYPES:
+    if attention_type in GROUPED_TYPES:
         if num_kv_heads is None:
             group = next(g for g in range(2, num_heads + 1) if num_heads % g == 0) if num_heads > 1 else 1
             return num_heads // group
@@ -60,7 +60,7 @@ def resolve_num_kv_heads(attention_type: str, num_heads: int, num_kv_heads: int 
         return num_kv_heads
     if num_kv_heads not in (None, num_heads):
         raise ValueError(
-            f"`num_kv_heads` is only used by {_GROUPED_TYPES + _SINGLE_KV_TYPES}; "
+            f"`num_kv_heads` is only used by {GROUPED_TYPES + SINGLE_KV_TYPES}; "
             f"for attention_type={attention_type!r} "
             f"it must be None or {num_heads}, got {num_kv_heads}."
         )

@@ -20,7 +20,13 @@ from torch import nn
 
 from ..configs import dit_config
 from ..utils import atomic_directory
-from .attention import DiTAttention, validate_attention_config
+from .attention import (
+    GROUPED_TYPES,
+    SINGLE_KV_TYPES,
+    DiTAttention,
+    resolve_num_kv_heads,
+    validate_attention_config,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -179,12 +185,6 @@ class DiTOptimumTransformer2DModel(DiTTransformer2DModel, AttentionMixin):
                 )
             if upper is not None and max(values) > upper:
                 raise ValueError(f"`{name}` entries must be at most num_attention_heads={upper}, got {values}.")
-        if config.layer_heads is not None and config.attention_type in ("gqa", "mqa", "focused_gqa", "focused_mqa"):
-            raise ValueError(
-                "`layer_heads` (head pruning) needs one K/V head per query head; "
-                f"attention_type={config.attention_type!r} "
-                "shares K/V heads. Allowed attention types: sdpa, shallow, mediated, focused."
-            )
         validate_attention_config(
             config.attention_type,
             config.num_attention_heads,
@@ -197,6 +197,27 @@ class DiTOptimumTransformer2DModel(DiTTransformer2DModel, AttentionMixin):
             config.dwconv_kernel_size,
             config.focused_variant,
         )
+        group = self.query_heads_per_kv_head
+        grouped = config.layer_heads is not None and config.attention_type in GROUPED_TYPES
+        if grouped and any(heads % group for heads in config.layer_heads):
+            raise ValueError(
+                f"`layer_heads` entries must be multiples of {group} (query heads per K/V head for "
+                f"attention_type={config.attention_type!r}), got {config.layer_heads}."
+            )
+
+    @property
+    def query_heads_per_kv_head(self) -> int:
+        """Query heads sharing one K/V head in the unpruned layout (1 without grouping)."""
+        config = self.config
+        kv_heads = resolve_num_kv_heads(config.attention_type, config.num_attention_heads, config.num_kv_heads)
+        return config.num_attention_heads // kv_heads if config.attention_type in GROUPED_TYPES else 1
+
+    def kv_heads_of_layer(self, index: int) -> int | None:
+        """K/V heads of block ``index``: head pruning removes whole groups, so the group size is kept."""
+        attention_type = self.config.attention_type
+        if attention_type in GROUPED_TYPES:
+            return self.heads_of_layer(index) // self.query_heads_per_kv_head
+        return 1 if attention_type in SINGLE_KV_TYPES else None
 
     def heads_of_layer(self, index: int) -> int:
         """Attention heads of block ``index`` (fewer than ``num_attention_heads`` after head pruning)."""
@@ -215,7 +236,7 @@ class DiTOptimumTransformer2DModel(DiTTransformer2DModel, AttentionMixin):
             self.heads_of_layer(index),
             config.attention_head_dim,
             attention_type=config.attention_type,
-            num_kv_heads=config.num_kv_heads,
+            num_kv_heads=self.kv_heads_of_layer(index),
             attention_compression=config.attention_compression,
             num_mediators=config.num_mediators,
             focusing_factor=config.focusing_factor,

@@ -9,15 +9,19 @@ depthwise-conv channels per head) are few and fixed, and a strict reload proves 
 from __future__ import annotations
 
 import copy
+import logging
 from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler
 
+from ..models.attention import GROUPED_TYPES, SINGLE_KV_TYPES
 from ..models.transformer import DiTOptimumTransformer2DModel
 from ..pipelines.dit import DiTOptimumPipeline
 from .common import rewrap, unwrap
+
+logger = logging.getLogger(__name__)
 
 IMPORTANCE_CRITERIA: tuple[str, ...] = ("l1", "l2", "taylor", "random")
 SCOPES: tuple[str, ...] = ("layer", "global")
@@ -37,11 +41,26 @@ def _group_norm(weights: Sequence[torch.Tensor], groups: int, order: int) -> tor
     return total if order == 1 else total.sqrt()
 
 
+def head_units(attn) -> tuple[int, bool]:
+    """(prunable head units of an attention module, whether its K/V rows are pruned with them).
+
+    A unit is one query head, or for grouped attention one K/V head with its query heads; a single K/V head
+    shared by all query heads (multi-query) is kept whole.
+    """
+    if attn.attention_type in GROUPED_TYPES:
+        return attn.kv_heads, True
+    return attn.heads, attn.attention_type not in SINGLE_KV_TYPES
+
+
 def _block_tensors(block) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """(head-grouped tensors, unit-grouped tensors) of one block, each with the group along dim 0."""
+    """(head-unit-grouped tensors, MLP-unit-grouped tensors) of one block, each with the group along dim 0."""
     attn = block.attn1
-    head_tensors = [attn.to_q.weight, attn.to_k.weight, attn.to_v.weight, attn.to_out[0].weight.t()]
-    head_tensors += [b for b in (attn.to_q.bias, attn.to_k.bias, attn.to_v.bias) if b is not None]
+    head_tensors = [attn.to_q.weight, attn.to_out[0].weight.t()]
+    head_tensors += [attn.to_q.bias] if attn.to_q.bias is not None else []
+    if head_units(attn)[1]:
+        head_tensors += [
+            t for t in (attn.to_k.weight, attn.to_v.weight, attn.to_k.bias, attn.to_v.bias) if t is not None
+        ]
     fc1, fc2 = block.ff.net[0].proj, block.ff.net[2]
     unit_tensors = [fc1.weight, fc1.bias, fc2.weight.t()]
     return head_tensors, unit_tensors
@@ -80,7 +99,8 @@ def _taylor(tensors: Sequence[torch.Tensor], groups: int) -> torch.Tensor:
 def _taylor_params(block) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     # Parameters (not transposed views) with their grads, grouped like _block_tensors.
     attn, fc1 = block.attn1, block.ff.net[0].proj
-    return [attn.to_q.weight, attn.to_k.weight, attn.to_v.weight], [fc1.weight, fc1.bias]
+    head_params = [attn.to_q.weight, attn.to_k.weight, attn.to_v.weight] if head_units(attn)[1] else [attn.to_q.weight]
+    return head_params, [fc1.weight, fc1.bias]
 
 
 def importance_scores(
@@ -104,7 +124,7 @@ def importance_scores(
     if importance == "random":
         generator = torch.Generator().manual_seed(seed)
         return {
-            "heads": [torch.rand(b.attn1.heads, generator=generator) for b in blocks],
+            "heads": [torch.rand(head_units(b.attn1)[0], generator=generator) for b in blocks],
             "mlp": [torch.rand(b.ff.net[2].in_features, generator=generator) for b in blocks],
             "blocks": torch.rand(len(blocks), generator=generator),
         }
@@ -114,7 +134,7 @@ def importance_scores(
         heads, units, block_scores = [], [], []
         for block in blocks:
             head_params, unit_params = _taylor_params(block)
-            heads.append(_taylor(head_params, block.attn1.heads))
+            heads.append(_taylor(head_params, head_units(block.attn1)[0]))
             units.append(_taylor(unit_params, block.ff.net[2].in_features))
             block_scores.append(sum(_taylor([p], 1)[0] for p in block.parameters()))
         model.zero_grad(set_to_none=True)
@@ -123,7 +143,7 @@ def importance_scores(
     heads, units, block_scores = [], [], []
     for block in blocks:
         head_tensors, unit_tensors = _block_tensors(block)
-        heads.append(_group_norm(head_tensors, block.attn1.heads, order))
+        heads.append(_group_norm(head_tensors, head_units(block.attn1)[0], order))
         units.append(_group_norm(unit_tensors, block.ff.net[2].in_features, order))
         linear = block.norm1.linear  # rows: shift, scale, gate (msa) | shift, scale, gate (mlp)
         gates = torch.cat([linear.weight[2 * dim : 3 * dim], linear.weight[5 * dim :]], 0)
@@ -136,6 +156,11 @@ def _select(scores: list[torch.Tensor], ratio: float, scope: str, what: str, lay
     """Indices kept per layer, in their original order."""
     if ratio == 0:
         return [list(range(len(s))) for s in scores]
+    total = sum(len(s) for s in scores)
+    if (round(ratio * total) if scope == "global" else sum(round(ratio * len(s)) for s in scores)) == 0:
+        logger.warning(
+            "`%s`=%s removes nothing: the layers have too few %s groups for this fraction.", what, ratio, what
+        )
     if scope == "layer":
         kept = []
         for layer, layer_scores in zip(layer_names, scores):
@@ -180,17 +205,21 @@ def _sliced_state_dict(
     for new_index, (old_index, heads, units) in enumerate(zip(kept_blocks, kept_heads, kept_units)):
         old, new = f"transformer_blocks.{old_index}.", f"transformer_blocks.{new_index}."
         attn = model.transformer_blocks[old_index].attn1
-        head_rows = _rows(heads, attn.to_q.out_features // attn.heads)
+        num_units, kv_pruned = head_units(attn)
+        heads_pruned = len(heads) < num_units
+        query_rows = _rows(heads, attn.to_q.out_features // num_units)
+        kv_rows = _rows(heads, attn.to_k.out_features // num_units) if kv_pruned else None
         unit_rows = torch.tensor(units, dtype=torch.long)
         for key, tensor in state.items():
             if not key.startswith(old):
                 continue
             name = key[len(old) :]
-            heads_pruned = len(heads) < attn.heads
-            if heads_pruned and name.startswith(("attn1.to_q.", "attn1.to_k.", "attn1.to_v.", "attn1.dwconv.conv.")):
-                tensor = tensor.index_select(0, head_rows)
+            if heads_pruned and name.startswith("attn1.to_q."):
+                tensor = tensor.index_select(0, query_rows)
             elif heads_pruned and name == "attn1.to_out.0.weight":
-                tensor = tensor.index_select(1, head_rows)
+                tensor = tensor.index_select(1, query_rows)
+            elif heads_pruned and kv_pruned and name.startswith(("attn1.to_k.", "attn1.to_v.", "attn1.dwconv.conv.")):
+                tensor = tensor.index_select(0, kv_rows)
             elif name.startswith("ff.net.0.proj."):
                 tensor = tensor.index_select(0, unit_rows)
             elif name == "ff.net.2.weight":
@@ -221,11 +250,6 @@ def prune(
     if scope not in SCOPES:
         raise ValueError(f"Unknown `scope`={scope!r}; allowed values: {', '.join(SCOPES)}.")
     model = unwrap(pipe_or_model)
-    if heads > 0 and model.config.attention_type in ("gqa", "mqa", "focused_gqa", "focused_mqa"):
-        raise ValueError(
-            f"`heads` pruning needs one K/V head per query head; attention_type={model.config.attention_type!r} shares "
-            "them. Prune `mlp` or `depth` instead, or use sdpa, shallow, mediated or focused attention."
-        )
     importance_scores_ = importance_scores(copy.deepcopy(model).eval(), importance, data, labels, seed=seed)
     num_layers = len(model.transformer_blocks)
     remove_blocks = min(round(depth * num_layers), num_layers - 1)
@@ -238,7 +262,10 @@ def prune(
     config = {k: v for k, v in config.items() if not k.startswith("_") and k != "quantization_config"}
     config.update(
         num_layers=len(kept_blocks),
-        layer_heads=[len(h) for h in kept_heads],
+        layer_heads=[
+            len(h) * model.transformer_blocks[b].attn1.heads // head_units(model.transformer_blocks[b].attn1)[0]
+            for h, b in zip(kept_heads, kept_blocks)
+        ],
         layer_mlp_dims=[len(u) for u in kept_units],
     )
     if all(h == model.config.num_attention_heads for h in config["layer_heads"]):
