@@ -27,6 +27,7 @@ from .attention import (
     resolve_num_kv_heads,
     validate_attention_config,
 )
+from .moe import MoEFeedForward
 
 logger = logging.getLogger(__name__)
 
@@ -38,12 +39,16 @@ _STOCK_BLOCK_EMBEDDING = re.compile(r"^transformer_blocks\.(\d+)\.norm1\.emb\.(.
 
 
 class DiTBlock(nn.Module):
-    """adaLN-Zero DiT block; submodule names match diffusers' ``BasicTransformerBlock`` for weight compatibility."""
+    """adaLN-Zero DiT block; submodule names match diffusers' ``BasicTransformerBlock`` for weight compatibility.
+
+    ``feed_forward`` replaces the dense MLP (a ``MoEFeedForward`` in MoE blocks).
+    """
 
     def __init__(
         self,
         dim: int,
         attention: DiTAttention,
+        feed_forward: nn.Module | None,
         ff_inner_dim: int,
         dropout: float,
         activation_fn: str,
@@ -54,7 +59,7 @@ class DiTBlock(nn.Module):
         self.norm1 = AdaLayerNormZero(dim, num_embeddings=None)
         self.attn1 = attention
         self.norm2 = nn.LayerNorm(dim, eps=norm_eps, elementwise_affine=norm_elementwise_affine)
-        self.ff = FeedForward(dim, dropout=dropout, activation_fn=activation_fn, inner_dim=ff_inner_dim)
+        self.ff = feed_forward or FeedForward(dim, dropout=dropout, activation_fn=activation_fn, inner_dim=ff_inner_dim)
 
     def forward(
         self, hidden_states: torch.Tensor, conditioning: torch.Tensor, grid_size: tuple[int, int]
@@ -78,6 +83,11 @@ class DiTOptimumTransformer2DModel(DiTTransformer2DModel, AttentionMixin):
     - ``class_dropout_prob``: label dropout for classifier-free guidance; the null class is ``num_embeds_ada_norm``.
     - ``original_timestep_embedding``: use the original DiT sinusoid (frequency shift 0) instead of diffusers'
       (shift 1), so that converted original checkpoints reproduce the original model.
+    - ``layer_heads`` / ``layer_mlp_dims``: per-block widths written by structured pruning.
+    - ``moe_*``: mixture-of-experts feed-forward (``moe_num_experts`` > 0) in every ``moe_every``-th block (or the
+      blocks in ``moe_layers``), top-``moe_top_k`` routing, ``moe_num_shared_experts``, ``moe_capacity_factor``,
+      ``moe_expert_dim`` (default: the MLP width / top-k, so active compute matches the dense MLP), and the
+      balance / router z-loss weights.
     """
 
     _supports_gradient_checkpointing = True
@@ -115,6 +125,15 @@ class DiTOptimumTransformer2DModel(DiTTransformer2DModel, AttentionMixin):
         original_timestep_embedding: bool = False,
         layer_heads: list[int] | None = None,
         layer_mlp_dims: list[int] | None = None,
+        moe_num_experts: int = 0,
+        moe_top_k: int = 2,
+        moe_num_shared_experts: int = 0,
+        moe_capacity_factor: float = 1.25,
+        moe_every: int = 1,
+        moe_layers: list[int] | None = None,
+        moe_expert_dim: int | None = None,
+        moe_balance_loss_weight: float = 0.01,
+        moe_router_z_loss_weight: float = 0.0,
     ):
         # Skip DiTTransformer2DModel.__init__ (it would build stock blocks); the class stays one for isinstance checks.
         ModelMixin.__init__(self)
@@ -198,12 +217,73 @@ class DiTOptimumTransformer2DModel(DiTTransformer2DModel, AttentionMixin):
             config.focused_variant,
         )
         group = self.query_heads_per_kv_head
+        self._validate_moe_config()
         grouped = config.layer_heads is not None and config.attention_type in GROUPED_TYPES
         if grouped and any(heads % group for heads in config.layer_heads):
             raise ValueError(
                 f"`layer_heads` entries must be multiples of {group} (query heads per K/V head for "
                 f"attention_type={config.attention_type!r}), got {config.layer_heads}."
             )
+
+    def _validate_moe_config(self) -> None:
+        config = self.config
+        experts = config.moe_num_experts
+        if not isinstance(experts, int) or experts < 0:
+            raise ValueError(f"`moe_num_experts`={experts!r} must be 0 (dense) or a positive integer.")
+        if experts == 0:
+            return
+        checks = [
+            ("moe_top_k", isinstance(config.moe_top_k, int) and 1 <= config.moe_top_k <= experts, f"1..{experts}"),
+            (
+                "moe_num_shared_experts",
+                isinstance(config.moe_num_shared_experts, int) and config.moe_num_shared_experts >= 0,
+                "an integer >= 0",
+            ),
+            ("moe_capacity_factor", config.moe_capacity_factor > 0, "a number > 0"),
+            (
+                "moe_every",
+                isinstance(config.moe_every, int) and 1 <= config.moe_every <= config.num_layers,
+                f"1..{config.num_layers}",
+            ),
+            (
+                "moe_layers",
+                config.moe_layers is None
+                or all(isinstance(i, int) and 0 <= i < config.num_layers for i in config.moe_layers),
+                f"None or block indices in 0..{config.num_layers - 1}",
+            ),
+            ("moe_expert_dim", config.moe_expert_dim is None or config.moe_expert_dim >= 1, "None or >= 1"),
+            ("moe_balance_loss_weight", config.moe_balance_loss_weight >= 0, "a number >= 0"),
+            ("moe_router_z_loss_weight", config.moe_router_z_loss_weight >= 0, "a number >= 0"),
+        ]
+        for name, valid, allowed in checks:
+            if not valid:
+                raise ValueError(f"`{name}`={getattr(config, name)!r} is invalid; allowed values: {allowed}.")
+        if config.layer_mlp_dims is not None:
+            raise ValueError("`layer_mlp_dims` (MLP pruning) cannot be combined with MoE (`moe_num_experts` > 0).")
+
+    def is_moe_layer(self, index: int) -> bool:
+        """Whether block ``index`` has the MoE feed-forward (listed in ``moe_layers``, else every ``moe_every``-th)."""
+        config = self.config
+        if config.moe_num_experts == 0:
+            return False
+        return index in config.moe_layers if config.moe_layers is not None else (index + 1) % config.moe_every == 0
+
+    def moe_aux_loss(self) -> torch.Tensor:
+        """Weighted balance + z losses of the last forward, summed over MoE blocks (0 for a dense model)."""
+        losses = [block.ff.aux_loss for block in self.transformer_blocks if isinstance(block.ff, MoEFeedForward)]
+        losses = [loss for loss in losses if loss is not None]
+        return torch.stack(losses).sum() if losses else torch.zeros((), device=self.device)
+
+    def routing_statistics(self) -> dict[str, dict[str, float | list[float]]]:
+        """Routing statistics of the last forward per MoE block, plus the saved cumulative load (host values)."""
+        statistics = {}
+        for index, block in enumerate(self.transformer_blocks):
+            if isinstance(block.ff, MoEFeedForward) and block.ff.last_stats:
+                stats = {name: value.tolist() for name, value in block.ff.last_stats.items()}
+                counts = block.ff.routing_counts
+                stats["cumulative_load"] = (counts / counts.sum().clamp_min(1)).tolist()
+                statistics[f"block_{index}"] = stats
+        return statistics
 
     @property
     def query_heads_per_kv_head(self) -> int:
@@ -245,9 +325,22 @@ class DiTOptimumTransformer2DModel(DiTTransformer2DModel, AttentionMixin):
             bias=config.attention_bias,
             dropout=config.dropout,
         )
+        feed_forward = None
+        if self.is_moe_layer(index):
+            feed_forward = MoEFeedForward(
+                self.inner_dim,
+                num_experts=config.moe_num_experts,
+                expert_dim=config.moe_expert_dim or self.mlp_dim_of_layer(index) // config.moe_top_k,
+                top_k=config.moe_top_k,
+                num_shared_experts=config.moe_num_shared_experts,
+                capacity_factor=config.moe_capacity_factor,
+                balance_loss_weight=config.moe_balance_loss_weight,
+                router_z_loss_weight=config.moe_router_z_loss_weight,
+            )
         return DiTBlock(
             self.inner_dim,
             attention,
+            feed_forward=feed_forward,
             ff_inner_dim=self.mlp_dim_of_layer(index),
             dropout=config.dropout,
             activation_fn=config.activation_fn,

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from diffusers import DDPMScheduler
 
 from ..models.attention import GROUPED_TYPES, SINGLE_KV_TYPES
+from ..models.moe import MoEFeedForward
 from ..models.transformer import DiTOptimumTransformer2DModel
 from ..pipelines.dit import DiTOptimumPipeline
 from .common import rewrap, unwrap
@@ -61,9 +62,15 @@ def _block_tensors(block) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         head_tensors += [
             t for t in (attn.to_k.weight, attn.to_v.weight, attn.to_k.bias, attn.to_v.bias) if t is not None
         ]
+    if isinstance(block.ff, MoEFeedForward):
+        return head_tensors, []
     fc1, fc2 = block.ff.net[0].proj, block.ff.net[2]
     unit_tensors = [fc1.weight, fc1.bias, fc2.weight.t()]
     return head_tensors, unit_tensors
+
+
+def _mlp_units(block) -> int:
+    return 0 if isinstance(block.ff, MoEFeedForward) else block.ff.net[2].in_features
 
 
 def _taylor_gradients(
@@ -98,9 +105,11 @@ def _taylor(tensors: Sequence[torch.Tensor], groups: int) -> torch.Tensor:
 
 def _taylor_params(block) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     # Parameters (not transposed views) with their grads, grouped like _block_tensors.
-    attn, fc1 = block.attn1, block.ff.net[0].proj
+    attn = block.attn1
     head_params = [attn.to_q.weight, attn.to_k.weight, attn.to_v.weight] if head_units(attn)[1] else [attn.to_q.weight]
-    return head_params, [fc1.weight, fc1.bias]
+    if isinstance(block.ff, MoEFeedForward):
+        return head_params, []
+    return head_params, [block.ff.net[0].proj.weight, block.ff.net[0].proj.bias]
 
 
 def importance_scores(
@@ -125,7 +134,7 @@ def importance_scores(
         generator = torch.Generator().manual_seed(seed)
         return {
             "heads": [torch.rand(head_units(b.attn1)[0], generator=generator) for b in blocks],
-            "mlp": [torch.rand(b.ff.net[2].in_features, generator=generator) for b in blocks],
+            "mlp": [torch.rand(_mlp_units(b), generator=generator) for b in blocks],
             "blocks": torch.rand(len(blocks), generator=generator),
         }
     if importance == "taylor":
@@ -135,7 +144,7 @@ def importance_scores(
         for block in blocks:
             head_params, unit_params = _taylor_params(block)
             heads.append(_taylor(head_params, head_units(block.attn1)[0]))
-            units.append(_taylor(unit_params, block.ff.net[2].in_features))
+            units.append(_taylor(unit_params, _mlp_units(block)))
             block_scores.append(sum(_taylor([p], 1)[0] for p in block.parameters()))
         model.zero_grad(set_to_none=True)
         return {"heads": heads, "mlp": units, "blocks": torch.stack(block_scores)}
@@ -144,7 +153,7 @@ def importance_scores(
     for block in blocks:
         head_tensors, unit_tensors = _block_tensors(block)
         heads.append(_group_norm(head_tensors, head_units(block.attn1)[0], order))
-        units.append(_group_norm(unit_tensors, block.ff.net[2].in_features, order))
+        units.append(_group_norm(unit_tensors, _mlp_units(block), order))
         linear = block.norm1.linear  # rows: shift, scale, gate (msa) | shift, scale, gate (mlp)
         gates = torch.cat([linear.weight[2 * dim : 3 * dim], linear.weight[5 * dim :]], 0)
         gate_bias = torch.cat([linear.bias[2 * dim : 3 * dim], linear.bias[5 * dim :]], 0)
@@ -250,6 +259,11 @@ def prune(
     if scope not in SCOPES:
         raise ValueError(f"Unknown `scope`={scope!r}; allowed values: {', '.join(SCOPES)}.")
     model = unwrap(pipe_or_model)
+    is_moe = model.config.moe_num_experts > 0
+    if is_moe and mlp > 0:
+        raise ValueError(
+            "`mlp` pruning does not apply to MoE models (`moe_num_experts` > 0); prune `heads` or `depth`."
+        )
     importance_scores_ = importance_scores(copy.deepcopy(model).eval(), importance, data, labels, seed=seed)
     num_layers = len(model.transformer_blocks)
     remove_blocks = min(round(depth * num_layers), num_layers - 1)
@@ -268,6 +282,9 @@ def prune(
         ],
         layer_mlp_dims=[len(u) for u in kept_units],
     )
+    if is_moe:
+        config["layer_mlp_dims"] = None
+        config["moe_layers"] = [new for new, old in enumerate(kept_blocks) if model.is_moe_layer(old)]
     if all(h == model.config.num_attention_heads for h in config["layer_heads"]):
         config["layer_heads"] = None
     pruned = DiTOptimumTransformer2DModel(**config)
