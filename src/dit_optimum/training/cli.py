@@ -1,0 +1,158 @@
+"""Command line shared by scripts/train.py, train_moe.py, distill.py and extract_features.py."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Sequence
+
+from .trainer import MIXED_PRECISION, TrainConfig, train
+
+MODES = ("base", "moe", "distill")
+
+
+def _ints(value: str) -> list[int]:
+    return [int(item) for item in value.split(",") if item.strip()]
+
+
+def build_parser(mode: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description={
+            "base": "Train a DiT.",
+            "moe": "Train a mixture-of-experts DiT.",
+            "distill": "Distill a teacher DiT pipeline into a student.",
+        }[mode]
+    )
+    parser.add_argument("--output-dir", required=True)
+    parser.add_argument("--model", default="DiT-XS/2", help="preset, e.g. DiT-S/2")
+    parser.add_argument("--attention-type", default=None, help="sdpa, gqa, mqa, shallow, mediated, focused, ...")
+    parser.add_argument("--num-kv-heads", type=int, default=None)
+    parser.add_argument("--model-config", type=json.loads, default={}, help="JSON of extra model config keys")
+    parser.add_argument("--data", default="digits", help="digits | imagefolder dir | latents dir | datasets id")
+    parser.add_argument("--image-size", type=int, default=16)
+    parser.add_argument("--channels", type=int, default=1)
+    parser.add_argument(
+        "--skip-corrupt", action="store_true", help="skip unreadable images (counted) instead of failing"
+    )
+    parser.add_argument("--max-samples", type=int, default=None, help="train on the first N samples only")
+    parser.add_argument("--steps", type=int, default=1000)
+    parser.add_argument("--batch-size", type=int, default=32, help="global batch, split across processes")
+    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--weight-decay", type=float, default=0.0)
+    parser.add_argument("--ema-decay", type=float, default=0.9999)
+    parser.add_argument("--max-grad-norm", type=float, default=None)
+    parser.add_argument("--mixed-precision", choices=MIXED_PRECISION, default="no")
+    parser.add_argument("--gradient-checkpointing", action="store_true")
+    parser.add_argument("--checkpoint-every", type=int, default=500)
+    parser.add_argument("--keep-checkpoints", type=int, default=2)
+    parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --output-dir")
+    parser.add_argument("--log-every", type=int, default=10)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--tensorboard", action="store_true")
+    if mode == "moe":
+        parser.add_argument("--moe-num-experts", type=int, default=8)
+        parser.add_argument("--moe-top-k", type=int, default=2)
+        parser.add_argument("--moe-num-shared-experts", type=int, default=0)
+        parser.add_argument("--moe-capacity-factor", type=float, default=1.25)
+        parser.add_argument("--moe-every", type=int, default=1)
+        parser.add_argument("--moe-expert-dim", type=int, default=None)
+        parser.add_argument("--moe-balance-loss-weight", type=float, default=0.01)
+        parser.add_argument("--moe-router-z-loss-weight", type=float, default=0.001)
+    if mode == "distill":
+        parser.add_argument("--teacher", required=True, help="teacher pipeline folder")
+        parser.add_argument(
+            "--alpha", type=float, default=0.5, help="weight of the diffusion loss (1 - alpha: teacher)"
+        )
+        parser.add_argument("--feature-blocks", type=_ints, default=[], help="student blocks for the feature loss")
+        parser.add_argument("--feature-weight", type=float, default=1.0)
+    return parser
+
+
+def config_from_args(args: argparse.Namespace, mode: str) -> TrainConfig:
+    overrides = dict(args.model_config)
+    if args.attention_type is not None:
+        overrides["attention_type"] = args.attention_type
+    if args.num_kv_heads is not None:
+        overrides["num_kv_heads"] = args.num_kv_heads
+    if mode == "moe":
+        for key in (
+            "num_experts",
+            "top_k",
+            "num_shared_experts",
+            "capacity_factor",
+            "every",
+            "expert_dim",
+            "balance_loss_weight",
+            "router_z_loss_weight",
+        ):
+            overrides[f"moe_{key}"] = getattr(args, f"moe_{key}")
+    distill = {}
+    if mode == "distill":
+        distill = {
+            "teacher": args.teacher,
+            "alpha": args.alpha,
+            "feature_blocks": args.feature_blocks,
+            "feature_weight": args.feature_weight,
+        }
+    return TrainConfig(
+        output_dir=args.output_dir,
+        model=args.model,
+        model_overrides=overrides,
+        data=args.data,
+        image_size=args.image_size,
+        channels=args.channels,
+        skip_corrupt=args.skip_corrupt,
+        max_samples=args.max_samples,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        learning_rate=args.lr,
+        weight_decay=args.weight_decay,
+        ema_decay=args.ema_decay,
+        max_grad_norm=args.max_grad_norm,
+        mixed_precision=args.mixed_precision,
+        gradient_checkpointing=args.gradient_checkpointing,
+        checkpoint_every=args.checkpoint_every,
+        keep_checkpoints=args.keep_checkpoints,
+        resume=args.resume,
+        log_every=args.log_every,
+        seed=args.seed,
+        tensorboard=args.tensorboard,
+        **distill,
+    )
+
+
+def main(mode: str = "base", argv: Sequence[str] | None = None) -> int:
+    """Parse arguments for ``mode`` (base, moe, distill), train, and print where the pipeline was saved."""
+    if mode not in MODES:
+        raise ValueError(f"Unknown `mode`={mode!r}; allowed values: {', '.join(MODES)}.")
+    args = build_parser(mode).parse_args(argv)
+    try:
+        pipeline_dir = train(config_from_args(args, mode))
+    except ValueError as error:
+        print(f"error: {error}")
+        return 2
+    print(f"Saved pipeline to {pipeline_dir}")
+    return 0
+
+
+def extract_main(argv: Sequence[str] | None = None) -> int:
+    """Encode a dataset to VAE latents once (``scripts/extract_features.py``)."""
+    from .data import extract_latents, load_training_data
+
+    parser = argparse.ArgumentParser(description="Encode images to scaled VAE latents for training.")
+    parser.add_argument("--data", default="digits")
+    parser.add_argument("--vae", required=True, help="AutoencoderKL folder or Hub id")
+    parser.add_argument("--output-dir", required=True)
+    parser.add_argument("--image-size", type=int, default=32)
+    parser.add_argument("--channels", type=int, default=3)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--skip-corrupt", action="store_true")
+    args = parser.parse_args(argv)
+    try:
+        data = load_training_data(args.data, args.image_size, args.channels, args.skip_corrupt)
+        out = extract_latents(data, args.vae, args.output_dir, args.batch_size)
+    except ValueError as error:
+        print(f"error: {error}")
+        return 2
+    print(f"Saved {len(data.labels)} latents to {out}")
+    return 0

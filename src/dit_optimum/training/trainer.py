@@ -1,0 +1,389 @@
+"""The trainer: DiT (any attention, MoE) and knowledge distillation, with accelerate, resumable, multi-process.
+
+Read top to bottom: ``TrainConfig`` says what can be set (fast-DiT defaults), ``train`` builds data, model,
+optimizer, EMA and logging, then loops: sample a global batch (a permutation fixed by seed and epoch, split
+across processes), noise it, take the DiT loss (+ MoE auxiliary loss, + distillation terms), step, update the
+EMA, log, and checkpoint atomically every ``checkpoint_every`` steps. The result is saved as a pipeline that
+``DiffusionPipeline.from_pretrained`` loads.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.tracking import GeneralTracker
+from diffusers import AutoencoderKL, DDIMScheduler
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..configs import dit_config
+from ..models.transformer import DiTOptimumTransformer2DModel
+from ..pipelines.dit import DiTOptimumPipeline
+from .data import TrainingData, load_training_data
+from .diffusion import GaussianDiffusion
+from .ema import EMA
+
+MIXED_PRECISION = ("no", "bf16", "fp16")
+
+
+@dataclass
+class TrainConfig:
+    """Everything a run needs. Defaults follow fast-DiT: AdamW 1e-4, no weight decay, EMA 0.9999, label dropout 0.1."""
+
+    output_dir: str
+    model: str = "DiT-XS/2"
+    model_overrides: dict[str, Any] = field(default_factory=dict)
+    data: str = "digits"
+    image_size: int = 16
+    channels: int = 1
+    skip_corrupt: bool = False
+    max_samples: int | None = None
+    steps: int = 1000
+    batch_size: int = 32
+    learning_rate: float = 1e-4
+    weight_decay: float = 0.0
+    ema_decay: float = 0.9999
+    max_grad_norm: float | None = None
+    mixed_precision: str = "no"
+    gradient_checkpointing: bool = False
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 2
+    resume: bool = False
+    log_every: int = 10
+    seed: int = 0
+    tensorboard: bool = False
+    teacher: str | None = None
+    alpha: float = 0.5
+    feature_blocks: list[int] = field(default_factory=list)
+    feature_weight: float = 1.0
+
+    def validate(self) -> None:
+        positive = {
+            "steps": self.steps,
+            "batch_size": self.batch_size,
+            "checkpoint_every": self.checkpoint_every,
+            "log_every": self.log_every,
+            "image_size": self.image_size,
+            "keep_checkpoints": self.keep_checkpoints,
+        }
+        for name, value in positive.items():
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"`{name}`={value!r} must be a positive integer.")
+        if self.max_samples is not None and (not isinstance(self.max_samples, int) or self.max_samples < 1):
+            raise ValueError(f"`max_samples`={self.max_samples!r} must be None or a positive integer.")
+        if self.learning_rate <= 0:
+            raise ValueError(f"`learning_rate`={self.learning_rate!r} must be > 0.")
+        if self.channels not in (1, 3, 4):
+            raise ValueError(f"`channels`={self.channels!r} must be 1, 3 (pixels) or 4 (latents).")
+        if self.mixed_precision not in MIXED_PRECISION:
+            raise ValueError(
+                f"Unknown `mixed_precision`={self.mixed_precision!r}; allowed values: {', '.join(MIXED_PRECISION)}."
+            )
+        if not 0 <= self.alpha <= 1:
+            raise ValueError(f"`alpha`={self.alpha!r} must lie in [0, 1] (1 = no distillation term).")
+        if self.feature_blocks and self.teacher is None:
+            raise ValueError("`feature_blocks` needs a `teacher` to distill from.")
+
+
+class CSVTracker(GeneralTracker):
+    """accelerate tracker writing one CSV row per logged step (columns fixed by the first row)."""
+
+    name = "csv"
+    requires_logging_directory = True
+
+    def __init__(self, run_name: str, logging_dir: str | os.PathLike):
+        super().__init__()
+        self.path = Path(logging_dir) / f"{run_name}.csv"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.columns: list[str] | None = None
+        if self.path.exists():
+            with self.path.open() as stream:
+                header = stream.readline().strip()
+            self.columns = header.split(",") if header else None
+
+    @property
+    def tracker(self):
+        return self.path
+
+    def store_init_configuration(self, values: dict) -> None:
+        self.path.with_suffix(".config.json").write_text(json.dumps(values, indent=2, default=str))
+
+    def log(self, values: dict, step: int | None = None, **kwargs) -> None:
+        row = {"step": step, **values}
+        new = self.columns is None
+        if new:
+            self.columns = list(row)
+        with self.path.open("a", newline="") as stream:
+            writer = csv.DictWriter(stream, fieldnames=self.columns, extrasaction="ignore")
+            if new:
+                writer.writeheader()
+            writer.writerow(row)
+
+
+def _truncate_log(path: Path, last_step: int) -> None:
+    # On resume, drop rows logged after the checkpoint so the CSV has each step once.
+    if not path.exists():
+        return
+    with path.open() as stream:
+        rows = list(csv.DictReader(stream))
+        columns = rows[0].keys() if rows else None
+    if columns is None:
+        return
+    with path.open("w", newline="") as stream:
+        writer = csv.DictWriter(stream, fieldnames=list(columns))
+        writer.writeheader()
+        writer.writerows(row for row in rows if int(row["step"]) <= last_step)
+
+
+def _checkpoint_dirs(output_dir: Path) -> list[Path]:
+    folder = output_dir / "checkpoints"
+    if not folder.is_dir():
+        return []
+    return sorted((p for p in folder.iterdir() if p.name.startswith("step_")), key=lambda p: int(p.name[5:]))
+
+
+def _save_checkpoint(accelerator: Accelerator, output_dir: Path, step: int, keep: int) -> None:
+    """``save_state`` into a temp folder, then rename: a killed run never leaves a half-written checkpoint."""
+    final = output_dir / "checkpoints" / f"step_{step}"
+    staging = output_dir / "checkpoints" / f".step_{step}.tmp"
+    if accelerator.is_main_process:
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(staging))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        (staging / "trainer_state.json").write_text(json.dumps({"step": step}))
+        os.replace(staging, final)
+        for old in _checkpoint_dirs(output_dir)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+
+
+def build_model(config: TrainConfig, data: TrainingData) -> DiTOptimumTransformer2DModel:
+    """The student/base model: a preset sized to the data (side, channels, classes) plus overrides."""
+    side, channels = data.samples.shape[-1], data.samples.shape[1]
+    num_classes = max(data.num_classes, max(data.id2label, default=-1) + 1)
+    return DiTOptimumTransformer2DModel(
+        **dit_config(
+            config.model, sample_size=side, in_channels=channels, num_classes=num_classes, **config.model_overrides
+        )
+    )
+
+
+def _global_batch_indices(num_samples: int, step: int, batch_size: int, seed: int) -> torch.Tensor:
+    """Indices of the global batch of ``step``: a fresh permutation per epoch, fixed by (seed, epoch)."""
+    batches_per_epoch = max(1, num_samples // batch_size)
+    epoch, position = divmod(step, batches_per_epoch)
+    permutation = torch.randperm(num_samples, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+    indices = permutation[position * batch_size : (position + 1) * batch_size]
+    if len(indices) < batch_size:  # fewer samples than one batch: wrap around
+        indices = permutation[torch.arange(position * batch_size, (position + 1) * batch_size) % num_samples]
+    return indices
+
+
+class _FeatureTaps:
+    """Forward hooks that keep the outputs of chosen transformer blocks."""
+
+    def __init__(self, model: DiTOptimumTransformer2DModel, blocks: list[int]):
+        self.outputs: dict[int, torch.Tensor] = {}
+        self.handles = [model.transformer_blocks[index].register_forward_hook(self._hook(index)) for index in blocks]
+
+    def _hook(self, index: int):
+        def keep(_module, _inputs, output):
+            self.outputs[index] = output
+
+        return keep
+
+
+def _teacher_block(student_index: int, student_layers: int, teacher_layers: int) -> int:
+    # Proportional depth mapping: the last student block pairs with the last teacher block.
+    return round((student_index + 1) * teacher_layers / student_layers) - 1
+
+
+def _load_teacher(config: TrainConfig, student: DiTOptimumTransformer2DModel) -> DiTOptimumTransformer2DModel:
+    teacher = DiTOptimumPipeline.from_pretrained(config.teacher).transformer
+    for key in ("sample_size", "in_channels", "num_embeds_ada_norm"):
+        if teacher.config[key] != student.config[key]:
+            raise ValueError(
+                f"Teacher and student differ in `{key}` ({teacher.config[key]} vs {student.config[key]}): "
+                "distillation needs the same input space and classes."
+            )
+    return teacher.eval().requires_grad_(False)
+
+
+def train(config: TrainConfig) -> Path:
+    """Train (or distill) and return the folder of the saved pipeline (``<output_dir>/pipeline``)."""
+    config.validate()
+    output_dir = Path(config.output_dir)
+    accelerator = Accelerator(
+        mixed_precision=config.mixed_precision,
+        log_with=[CSVTracker("train_log", output_dir)] + (["tensorboard"] if config.tensorboard else []),
+        project_dir=str(output_dir),
+    )
+    data = load_training_data(config.data, config.image_size, config.channels, config.skip_corrupt)
+    if config.max_samples is not None:
+        data.samples, data.labels = data.samples[: config.max_samples], data.labels[: config.max_samples]
+    model = build_model(config, data)
+    if config.gradient_checkpointing:
+        model.enable_gradient_checkpointing()
+    teacher = _load_teacher(config, model) if config.teacher else None
+    projections = nn.ModuleDict()
+    student_taps = teacher_taps = None
+    if teacher is not None and config.feature_blocks:
+        for index in config.feature_blocks:
+            if not 0 <= index < model.config.num_layers:
+                raise ValueError(
+                    f"`feature_blocks` entry {index} is not a block; allowed values: 0..{model.config.num_layers - 1}."
+                )
+        width, teacher_width = model.inner_dim, teacher.inner_dim
+        for index in config.feature_blocks:
+            projections[str(index)] = nn.Identity() if width == teacher_width else nn.Linear(width, teacher_width)
+        student_taps = _FeatureTaps(model, config.feature_blocks)
+        teacher_map = {
+            i: _teacher_block(i, model.config.num_layers, teacher.config.num_layers) for i in config.feature_blocks
+        }
+        teacher_taps = _FeatureTaps(teacher, sorted(set(teacher_map.values())))
+
+    # The trainer draws label dropout itself (seeded), so teacher and student see the same labels and a resumed
+    # run repeats the same draws; the model's own random dropout is switched off.
+    null_class = model.null_class_label
+    class_dropout = model.config.class_dropout_prob
+    model.conditioning_embedding.class_embedder.dropout_prob = 0.0
+    trainable = list(model.parameters()) + list(projections.parameters())
+    optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, weight_decay=config.weight_decay)
+    if len(projections):
+        model, projections, optimizer = accelerator.prepare(model, projections, optimizer)
+    else:
+        model, optimizer = accelerator.prepare(model, optimizer)
+    unwrapped = accelerator.unwrap_model(model)
+    ema = EMA(unwrapped, config.ema_decay)
+    accelerator.register_for_checkpointing(ema)
+    if teacher is not None:
+        teacher.to(accelerator.device)
+    diffusion = GaussianDiffusion()
+
+    start_step = 0
+    checkpoints = _checkpoint_dirs(output_dir)
+    if config.resume and checkpoints:
+        accelerator.load_state(str(checkpoints[-1]))
+        start_step = json.loads((checkpoints[-1] / "trainer_state.json").read_text())["step"]
+        if accelerator.is_main_process:
+            _truncate_log(output_dir / "train_log.csv", start_step)
+    accelerator.init_trackers("train_log", config={k: v for k, v in asdict(config).items() if k != "model_overrides"})
+
+    world, rank = accelerator.num_processes, accelerator.process_index
+    if config.batch_size % world:
+        raise ValueError(f"`batch_size`={config.batch_size} must be divisible by the number of processes ({world}).")
+    samples, labels = data.samples, data.labels
+    progress = tqdm(
+        range(start_step, config.steps),
+        initial=start_step,
+        total=config.steps,
+        disable=not accelerator.is_main_process,
+        desc="train",
+    )
+    window_start, window_steps = time.perf_counter(), 0
+    model.train()
+    for step in progress:
+        # Every process draws the same global batch, timesteps, noise and label drops (seeded by seed and step) and
+        # takes its slice: any process count sees the same samples, and a resumed run repeats the same draws.
+        indices = _global_batch_indices(len(samples), step, config.batch_size, config.seed)
+        generator = torch.Generator().manual_seed(config.seed * 7_919 + step * 131)
+        t = torch.randint(0, diffusion.num_timesteps, (len(indices),), generator=generator)
+        noise = torch.randn((len(indices), *samples.shape[1:]), generator=generator)
+        dropped = torch.rand(len(indices), generator=generator) < class_dropout
+        y = labels[indices]
+        if null_class is not None:
+            y = torch.where(dropped, torch.full_like(y, null_class), y)
+        local = slice(rank, None, world)
+        x0, y, t, noise = (v[local].to(accelerator.device) for v in (samples[indices], y, t, noise))
+        x_t = diffusion.q_sample(x0, t, noise)
+
+        with accelerator.autocast():
+            output = model(x_t, t, y).sample
+            terms = diffusion.losses(output.float(), x0, x_t, t, noise)
+            diffusion_loss = terms["loss"].mean()
+            loss = diffusion_loss + unwrapped.moe_aux_loss()
+            logs = {"mse": terms["mse"].mean().item(), "vb": terms["vb"].mean().item()}
+            if teacher is not None:
+                with torch.no_grad():
+                    teacher_output = teacher(x_t, t, y).sample.float()
+                shared = min(output.shape[1], teacher_output.shape[1])
+                distill = F.mse_loss(output.float()[:, :shared], teacher_output[:, :shared])
+                loss = config.alpha * loss + (1 - config.alpha) * distill
+                logs["distill"] = distill.item()
+                if student_taps is not None:
+                    feature = sum(
+                        F.mse_loss(
+                            projections[str(i)](student_taps.outputs[i]).float(),
+                            teacher_taps.outputs[teacher_map[i]].float(),
+                        )
+                        for i in config.feature_blocks
+                    ) / len(config.feature_blocks)
+                    loss = loss + config.feature_weight * feature
+                    logs["feature"] = feature.item()
+
+        optimizer.zero_grad(set_to_none=True)
+        accelerator.backward(loss)
+        grad_norm = accelerator.clip_grad_norm_(trainable, config.max_grad_norm or float("inf"))
+        optimizer.step()
+        ema.update(unwrapped)
+        window_steps += 1
+
+        done = step + 1
+        if done % config.log_every == 0 or done == config.steps:
+            elapsed = time.perf_counter() - window_start
+            logs.update(
+                loss=accelerator.reduce(loss.detach(), reduction="mean").item(),
+                grad_norm=float(grad_norm),
+                lr=optimizer.param_groups[0]["lr"],
+                steps_per_s=window_steps / elapsed,
+            )
+            for block, stats in unwrapped.routing_statistics().items():
+                logs[f"{block}/max_over_mean_load"] = stats["max_over_mean_load"]
+                logs[f"{block}/dropped_fraction"] = stats["dropped_fraction"]
+                logs[f"{block}/load_entropy"] = stats["load_entropy"]
+            accelerator.log(logs, step=done)
+            progress.set_postfix(loss=f"{logs['loss']:.4f}")
+            window_start, window_steps = time.perf_counter(), 0
+        if done % config.checkpoint_every == 0 and done < config.steps:
+            _save_checkpoint(accelerator, output_dir, done, config.keep_checkpoints)
+
+    accelerator.wait_for_everyone()
+    pipeline_dir = output_dir / "pipeline"
+    if accelerator.is_main_process:
+        ema.model.conditioning_embedding.class_embedder.dropout_prob = class_dropout
+        _save_pipeline(ema.model, data, pipeline_dir)
+    accelerator.end_training()
+    return pipeline_dir
+
+
+def _save_pipeline(model: DiTOptimumTransformer2DModel, data: TrainingData, pipeline_dir: Path) -> None:
+    vae = AutoencoderKL.from_pretrained(data.vae) if data.vae else None
+    pipeline = DiTOptimumPipeline(
+        transformer=model.eval(), vae=vae, scheduler=DDIMScheduler(), id2label=data.id2label or None
+    )
+    pipeline.save_pretrained(pipeline_dir)
+    statistics = model.routing_statistics()
+    if statistics:
+        (pipeline_dir / "routing_statistics.json").write_text(json.dumps(statistics, indent=2))
+
+
+def final_loss(output_dir: str | Path, window: int = 5) -> float:
+    """Mean logged loss over the last ``window`` log rows of a run."""
+    with (Path(output_dir) / "train_log.csv").open() as stream:
+        rows = list(csv.DictReader(stream))
+    values = [float(row["loss"]) for row in rows[-window:]]
+    return sum(values) / len(values) if values else math.nan
