@@ -118,6 +118,7 @@ def test_moe_transformer_runs_saves_and_reports(tmp_path):
         assert torch.equal(reloaded(*inputs).sample, out)
     dense = tiny_model()
     assert dense.moe_aux_loss().item() == 0 and dense.routing_statistics() == {}
+    assert set(tiny_model(moe_num_experts=2).routing_statistics()["block_0"]) == {"cumulative_load"}
     pruned = prune(model, heads=0.5, depth=0.25)
     assert pruned.config.moe_num_experts == 4
     with pytest.raises(ValueError, match="MoE"):

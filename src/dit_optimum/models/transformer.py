@@ -275,10 +275,10 @@ class DiTOptimumTransformer2DModel(DiTTransformer2DModel, AttentionMixin):
         return torch.stack(losses).sum() if losses else torch.zeros((), device=self.device)
 
     def routing_statistics(self) -> dict[str, dict[str, float | list[float]]]:
-        """Routing statistics of the last forward per MoE block, plus the saved cumulative load (host values)."""
+        """Per MoE block: statistics of the last forward (if any) and the saved cumulative load (host values)."""
         statistics = {}
         for index, block in enumerate(self.transformer_blocks):
-            if isinstance(block.ff, MoEFeedForward) and block.ff.last_stats:
+            if isinstance(block.ff, MoEFeedForward):
                 stats = {name: value.tolist() for name, value in block.ff.last_stats.items()}
                 counts = block.ff.routing_counts
                 stats["cumulative_load"] = (counts / counts.sum().clamp_min(1)).tolist()

@@ -97,10 +97,10 @@ def latents_data(root: str | Path) -> TrainingData:
 
     root = Path(root)
     metadata = json.loads((root / LATENTS_METADATA).read_text())
-    dataset = load_from_disk(str(root)).with_format("torch")
+    dataset = load_from_disk(str(root)).with_format("numpy")
     return TrainingData(
-        dataset["latents"].float(),
-        dataset["label"].long(),
+        torch.as_tensor(np.asarray(dataset["latents"]), dtype=torch.float32),
+        torch.as_tensor(np.asarray(dataset["label"]), dtype=torch.long),
         {int(k): v for k, v in metadata.get("id2label", {}).items()},
         vae=metadata["vae"],
     )

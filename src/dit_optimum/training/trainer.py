@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.tracking import GeneralTracker
+from accelerate.utils import set_seed
 from diffusers import AutoencoderKL, DDIMScheduler
 from torch import nn
 from tqdm.auto import tqdm
@@ -107,10 +108,6 @@ class CSVTracker(GeneralTracker):
         self.path = Path(logging_dir) / f"{run_name}.csv"
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.columns: list[str] | None = None
-        if self.path.exists():
-            with self.path.open() as stream:
-                header = stream.readline().strip()
-            self.columns = header.split(",") if header else None
 
     @property
     def tracker(self):
@@ -121,9 +118,12 @@ class CSVTracker(GeneralTracker):
 
     def log(self, values: dict, step: int | None = None, **kwargs) -> None:
         row = {"step": step, **values}
-        new = self.columns is None
-        if new:
-            self.columns = list(row)
+        new = False
+        if self.columns is None:
+            # Continue a resumed run's file with its columns; otherwise this row fixes them.
+            header = self.path.read_text().split("\n", 1)[0] if self.path.exists() else ""
+            new = not header
+            self.columns = header.split(",") if header else list(row)
         with self.path.open("a", newline="") as stream:
             writer = csv.DictWriter(stream, fieldnames=self.columns, extrasaction="ignore")
             if new:
@@ -132,8 +132,11 @@ class CSVTracker(GeneralTracker):
 
 
 def _truncate_log(path: Path, last_step: int) -> None:
-    # On resume, drop rows logged after the checkpoint so the CSV has each step once.
+    # On resume, drop rows logged after the checkpoint so the CSV has each step once; a fresh run starts empty.
     if not path.exists():
+        return
+    if last_step == 0:
+        path.unlink()
         return
     with path.open() as stream:
         rows = list(csv.DictReader(stream))
@@ -228,10 +231,13 @@ def train(config: TrainConfig) -> Path:
     config.validate()
     output_dir = Path(config.output_dir)
     accelerator = Accelerator(
+        # Without a GPU, accelerate only sets up multi-process (gloo) training when told it runs on CPU.
+        cpu=not torch.cuda.is_available(),
         mixed_precision=config.mixed_precision,
         log_with=[CSVTracker("train_log", output_dir)] + (["tensorboard"] if config.tensorboard else []),
         project_dir=str(output_dir),
     )
+    set_seed(config.seed)  # model initialisation; the training draws below are seeded per step
     data = load_training_data(config.data, config.image_size, config.channels, config.skip_corrupt)
     if config.max_samples is not None:
         data.samples, data.labels = data.samples[: config.max_samples], data.labels[: config.max_samples]
@@ -279,8 +285,8 @@ def train(config: TrainConfig) -> Path:
     if config.resume and checkpoints:
         accelerator.load_state(str(checkpoints[-1]))
         start_step = json.loads((checkpoints[-1] / "trainer_state.json").read_text())["step"]
-        if accelerator.is_main_process:
-            _truncate_log(output_dir / "train_log.csv", start_step)
+    if accelerator.is_main_process:
+        _truncate_log(output_dir / "train_log.csv", start_step)
     accelerator.init_trackers("train_log", config={k: v for k, v in asdict(config).items() if k != "model_overrides"})
 
     world, rank = accelerator.num_processes, accelerator.process_index
@@ -358,7 +364,7 @@ def train(config: TrainConfig) -> Path:
             accelerator.log(logs, step=done)
             progress.set_postfix(loss=f"{logs['loss']:.4f}")
             window_start, window_steps = time.perf_counter(), 0
-        if done % config.checkpoint_every == 0 and done < config.steps:
+        if done % config.checkpoint_every == 0 or done == config.steps:
             _save_checkpoint(accelerator, output_dir, done, config.keep_checkpoints)
 
     accelerator.wait_for_everyone()
