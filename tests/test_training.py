@@ -260,3 +260,39 @@ def test_latent_training_via_extracted_features(tmp_path):
     assert type(pipe.vae).__name__ == "AutoencoderKL" and pipe.transformer.config.in_channels == 4
     images = pipe([3], num_inference_steps=2, output_type="np").images
     assert images.shape == (1, 16, 16, 1)
+
+
+def test_bf16_mixed_precision_and_gradient_checkpointing_run(tmp_path):
+    train(tiny_run(tmp_path, steps=3, mixed_precision="bf16", gradient_checkpointing=True))
+    assert len(losses(tmp_path)) == 3 and all(value == value for value in losses(tmp_path))
+
+
+def test_a_finished_run_continues_with_resume_and_is_not_overwritten_without(tmp_path):
+    train(tiny_run(tmp_path, steps=3))
+    with pytest.raises(ValueError, match=r"already holds checkpoints \(step_3\).*resume"):
+        train(tiny_run(tmp_path, steps=4))
+    train(tiny_run(tmp_path, steps=5, resume=True))  # continues from the final checkpoint at step 3
+    assert [int(v) for v in losses(tmp_path, "step")] == [1, 2, 3, 4, 5]
+
+
+def test_ema_follows_the_weights_with_warmup():
+    from dit_optimum.training import EMA
+
+    model = torch.nn.Linear(2, 2)
+    ema = EMA(model, decay=0.99)
+    initial = ema.model.weight.clone()
+    assert ema.current_decay() == pytest.approx(0.1)
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+    ema.update(model)
+    assert torch.allclose(ema.model.weight, 0.1 * initial + 0.9)
+    assert ema.updates == 1 and ema.current_decay() == pytest.approx(2 / 11)
+    constant = EMA(model, decay=0.5, warmup=False)
+    with torch.no_grad():
+        model.weight.fill_(3.0)
+    constant.update(model)
+    assert torch.allclose(constant.model.weight, torch.full((2, 2), 2.0))
+    state = constant.state_dict()
+    restored = EMA(torch.nn.Linear(2, 2), decay=0.9)
+    restored.load_state_dict(state)
+    assert restored.decay == 0.5 and not restored.warmup and torch.equal(restored.model.weight, constant.model.weight)

@@ -78,8 +78,9 @@ class MoEFeedForward(nn.Module):
 
     def experts(self, slots: torch.Tensor) -> torch.Tensor:
         # slots: (E, C, D) -> (E, C, D), every expert at once
-        hidden = F.gelu(torch.baddbmm(self.b_in.unsqueeze(1), slots, self.w_in), approximate="tanh")
-        return torch.baddbmm(self.b_out.unsqueeze(1), hidden, self.w_out)
+        # bmm + broadcast add: baddbmm would first materialise the bias expanded to (E, C, H).
+        hidden = F.gelu(torch.bmm(slots, self.w_in) + self.b_in.unsqueeze(1), approximate="tanh")
+        return torch.bmm(hidden, self.w_out) + self.b_out.unsqueeze(1)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         # hidden_states: (B, N, D) -> (B, N, D)
@@ -106,9 +107,10 @@ class MoEFeedForward(nn.Module):
         source_token = order // k
         buffer = tokens.new_zeros(dummy + 1, shape[-1]).index_copy(0, slot, tokens[source_token])
         expert_out = self.experts(buffer[:dummy].view(experts, capacity, -1)).reshape(dummy, -1)
-        expert_out = torch.cat([expert_out, expert_out.new_zeros(1, shape[-1])], 0)
+        # Dropped assignments read any valid row and get weight 0.
         weights = gate.reshape(-1)[order].to(tokens.dtype) * kept.to(tokens.dtype)
-        output = torch.zeros_like(tokens).index_add(0, source_token, expert_out[slot] * weights[:, None])
+        gathered = expert_out.index_select(0, slot.clamp(max=dummy - 1)) * weights[:, None]
+        output = torch.zeros_like(tokens).index_add(0, source_token, gathered)
         if self.shared is not None:
             output = output + self.shared(tokens)
 

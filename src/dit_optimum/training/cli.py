@@ -40,6 +40,7 @@ def build_parser(mode: str) -> argparse.ArgumentParser:
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--weight-decay", type=float, default=0.0)
     parser.add_argument("--ema-decay", type=float, default=0.9999)
+    parser.add_argument("--no-ema-warmup", action="store_true", help="constant EMA decay from step 0 (as fast-DiT)")
     parser.add_argument("--max-grad-norm", type=float, default=None)
     parser.add_argument("--mixed-precision", choices=MIXED_PRECISION, default="no")
     parser.add_argument("--gradient-checkpointing", action="store_true")
@@ -108,6 +109,7 @@ def config_from_args(args: argparse.Namespace, mode: str) -> TrainConfig:
         learning_rate=args.lr,
         weight_decay=args.weight_decay,
         ema_decay=args.ema_decay,
+        ema_warmup=not args.no_ema_warmup,
         max_grad_norm=args.max_grad_norm,
         mixed_precision=args.mixed_precision,
         gradient_checkpointing=args.gradient_checkpointing,

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from accelerate.tracking import GeneralTracker
 from accelerate.utils import set_seed
 from diffusers import AutoencoderKL, DDIMScheduler
@@ -40,7 +41,10 @@ MIXED_PRECISION = ("no", "bf16", "fp16")
 
 @dataclass
 class TrainConfig:
-    """Everything a run needs. Defaults follow fast-DiT: AdamW 1e-4, no weight decay, EMA 0.9999, label dropout 0.1."""
+    """Everything a run needs. Defaults follow fast-DiT: AdamW 1e-4, no weight decay, EMA 0.9999, label dropout 0.1.
+
+    ``ema_warmup`` (on by default, unlike fast-DiT) ramps the EMA decay up so that short runs sample well.
+    """
 
     output_dir: str
     model: str = "DiT-XS/2"
@@ -55,6 +59,7 @@ class TrainConfig:
     learning_rate: float = 1e-4
     weight_decay: float = 0.0
     ema_decay: float = 0.9999
+    ema_warmup: bool = True
     max_grad_norm: float | None = None
     mixed_precision: str = "no"
     gradient_checkpointing: bool = False
@@ -230,6 +235,9 @@ def train(config: TrainConfig) -> Path:
     """Train (or distill) and return the folder of the saved pipeline (``<output_dir>/pipeline``)."""
     config.validate()
     output_dir = Path(config.output_dir)
+    # accelerate keeps mixed precision in a process-wide singleton: reset it (not the process group) so that each
+    # train() in a process may choose its own precision.
+    AcceleratorState._reset_state(reset_partial_state=False)
     accelerator = Accelerator(
         # Without a GPU, accelerate only sets up multi-process (gloo) training when told it runs on CPU.
         cpu=not torch.cuda.is_available(),
@@ -274,7 +282,7 @@ def train(config: TrainConfig) -> Path:
     else:
         model, optimizer = accelerator.prepare(model, optimizer)
     unwrapped = accelerator.unwrap_model(model)
-    ema = EMA(unwrapped, config.ema_decay)
+    ema = EMA(unwrapped, config.ema_decay, config.ema_warmup)
     accelerator.register_for_checkpointing(ema)
     if teacher is not None:
         teacher.to(accelerator.device)
@@ -282,6 +290,11 @@ def train(config: TrainConfig) -> Path:
 
     start_step = 0
     checkpoints = _checkpoint_dirs(output_dir)
+    if checkpoints and not config.resume:
+        raise ValueError(
+            f"`output_dir`={str(output_dir)!r} already holds checkpoints ({checkpoints[-1].name}): pass resume=True "
+            "(--resume) to continue, or choose another folder."
+        )
     if config.resume and checkpoints:
         accelerator.load_state(str(checkpoints[-1]))
         start_step = json.loads((checkpoints[-1] / "trainer_state.json").read_text())["step"]
@@ -322,14 +335,14 @@ def train(config: TrainConfig) -> Path:
             terms = diffusion.losses(output.float(), x0, x_t, t, noise)
             diffusion_loss = terms["loss"].mean()
             loss = diffusion_loss + unwrapped.moe_aux_loss()
-            logs = {"mse": terms["mse"].mean().item(), "vb": terms["vb"].mean().item()}
+            logs = {"mse": terms["mse"].mean().detach(), "vb": terms["vb"].mean().detach()}  # read at log steps
             if teacher is not None:
                 with torch.no_grad():
                     teacher_output = teacher(x_t, t, y).sample.float()
                 shared = min(output.shape[1], teacher_output.shape[1])
                 distill = F.mse_loss(output.float()[:, :shared], teacher_output[:, :shared])
                 loss = config.alpha * loss + (1 - config.alpha) * distill
-                logs["distill"] = distill.item()
+                logs["distill"] = distill.detach()
                 if student_taps is not None:
                     feature = sum(
                         F.mse_loss(
@@ -339,7 +352,7 @@ def train(config: TrainConfig) -> Path:
                         for i in config.feature_blocks
                     ) / len(config.feature_blocks)
                     loss = loss + config.feature_weight * feature
-                    logs["feature"] = feature.item()
+                    logs["feature"] = feature.detach()
 
         optimizer.zero_grad(set_to_none=True)
         accelerator.backward(loss)
@@ -351,6 +364,7 @@ def train(config: TrainConfig) -> Path:
         done = step + 1
         if done % config.log_every == 0 or done == config.steps:
             elapsed = time.perf_counter() - window_start
+            logs = {name: value.item() for name, value in logs.items()}
             logs.update(
                 loss=accelerator.reduce(loss.detach(), reduction="mean").item(),
                 grad_norm=float(grad_norm),
