@@ -24,6 +24,12 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = {"num_layers": 2}
 
 
+def cli_args(*extra: str) -> list[str]:
+    """Command-line options of a tiny run (2-block DiT-XS/4 on 8x8 digits) plus ``extra``."""
+    tiny = ["--model", "DiT-XS/4", "--model-config", '{"num_layers": 2}', "--image-size", "8", "--batch-size", "8"]
+    return [*tiny, "--lr", "1e-3", "--log-every", "1", "--ema-decay", "0.9", *extra]
+
+
 def tiny_run(output_dir, **overrides) -> TrainConfig:
     options = {
         "output_dir": str(output_dir),
@@ -112,26 +118,7 @@ def _wait_for(path: Path, process: subprocess.Popen, timeout: float = 120) -> No
 
 
 def test_killed_run_resumes_to_the_same_weights_as_an_uninterrupted_run(tmp_path):
-    common = [
-        "--model",
-        "DiT-XS/4",
-        "--model-config",
-        '{"num_layers": 2}',
-        "--image-size",
-        "8",
-        "--batch-size",
-        "8",
-        "--max-samples",
-        "24",
-        "--lr",
-        "1e-3",
-        "--log-every",
-        "1",
-        "--checkpoint-every",
-        "10",
-        "--ema-decay",
-        "0.9",
-    ]
+    common = cli_args("--max-samples", "24", "--checkpoint-every", "10")
     assert train_cli("base", ["--output-dir", str(tmp_path / "reference"), "--steps", "40", *common]) == 0
     command = [
         sys.executable,
@@ -158,26 +145,7 @@ def test_killed_run_resumes_to_the_same_weights_as_an_uninterrupted_run(tmp_path
 
 
 def test_two_processes_follow_the_single_process_loss_curve(tmp_path):
-    common = [
-        "--model",
-        "DiT-XS/4",
-        "--model-config",
-        '{"num_layers": 2}',
-        "--image-size",
-        "8",
-        "--batch-size",
-        "8",
-        "--max-samples",
-        "16",
-        "--lr",
-        "1e-3",
-        "--log-every",
-        "1",
-        "--steps",
-        "12",
-        "--ema-decay",
-        "0.9",
-    ]
+    common = cli_args("--max-samples", "16", "--steps", "12")
     assert train_cli("base", ["--output-dir", str(tmp_path / "one"), *common]) == 0
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
