@@ -372,6 +372,8 @@ class DiTOptimumTransformer2DModel(DiTTransformer2DModel, AttentionMixin):
             raise ValueError(reason)
         if kwargs.pop("safe_serialization", True) is not True:
             raise ValueError("`safe_serialization` must be True: dit-optimum saves safetensors only.")
+        if kwargs.pop("push_to_hub", False):
+            raise ValueError("`push_to_hub` is not supported here: save, then upload the folder.")
         with atomic_directory(save_directory) as staging:
             super().save_pretrained(staging, safe_serialization=True, **kwargs)
 

@@ -90,6 +90,7 @@ def _taylor_gradients(
             sample, label = data[index], labels[index]
         noise = torch.randn(sample.shape, generator=generator)
         timestep = torch.randint(0, 1000, (len(sample),), generator=generator)
+        sample, noise, timestep, label = (v.to(model.device) for v in (sample, noise, timestep, label))
         noisy = scheduler.add_noise(sample, noise, timestep)
         prediction = model(noisy, timestep, label).sample[:, : config.in_channels]
         F.mse_loss(prediction, noise).backward()
