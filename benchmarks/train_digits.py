@@ -82,6 +82,7 @@ def main() -> None:
             output_type="np",
         ).images
         grid = images.reshape(2, 10, 16, 16).transpose(0, 2, 1, 3).reshape(32, 160)
+        grid = grid.repeat(4, axis=0).repeat(4, axis=1)  # nearest-neighbour x4, readable at a glance
         plt.imsave(RESULTS / f"train_digits_samples_{device}.png", grid, cmap="gray")
 
         student_overrides = {"num_layers": 3}
