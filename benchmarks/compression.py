@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import tempfile
 import time
 from pathlib import Path
 
@@ -23,6 +22,7 @@ from dit_optimum import DiTOptimumTransformer2DModel, count_gflops, count_parame
 from dit_optimum.evaluation.benchmark import hardware_description, write_json_atomic
 from dit_optimum.evaluation.inputs import example_inputs
 from dit_optimum.evaluation.memory import peak_memory_bytes
+from dit_optimum.evaluation.size import saved_size_bytes
 from dit_optimum.evaluation.speed import interleaved_median_times
 from dit_optimum.techniques.quantization import CalibrationSettings
 
@@ -49,19 +49,6 @@ COMPILED = (
     "torchao int8 w8a8 (dynamic)",
     "torchao int8 w8a8 (dynamic), fp32 compute",
 )
-
-
-def saved_size(model) -> int:
-    """Bytes of the saved transformer; quanto static models use quanto's own safetensors state dict."""
-    with tempfile.TemporaryDirectory() as folder:
-        try:
-            model.save_pretrained(folder)
-        except ValueError:
-            from safetensors.torch import save_file
-
-            state = {k: v.contiguous() for k, v in model.state_dict().items() if v is not None}
-            save_file(state, f"{folder}/quanto.safetensors")
-        return sum(f.stat().st_size for f in Path(folder).rglob("*.safetensors"))
 
 
 def cast_inputs(inputs, model):
@@ -161,7 +148,7 @@ def main() -> None:
     torch.manual_seed(0)
     base = DiTOptimumTransformer2DModel.from_preset("DiT-S/2").eval()
     models, build_seconds = build_quantized(base, args.skip_compile)
-    sizes = {name: saved_size(model) for name, model in models.items() if "compile" not in name}
+    sizes = {name: saved_size_bytes(model) for name, model in models.items() if "compile" not in name}
     quantization = []
     for batch_size in args.batch_sizes:
         for name, row in measure(models, batch_size, args.repeats).items():

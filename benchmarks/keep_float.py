@@ -9,12 +9,12 @@ benchmarks/results/keep_float_<device>.md.
 
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
 
 import torch
 
 from dit_optimum import DiTOptimumTransformer2DModel, quantize
+from dit_optimum.evaluation.size import saved_size_bytes
 from dit_optimum.techniques import DEFAULT_KEEP_FLOAT
 
 RESULTS = Path(__file__).parent / "results"
@@ -35,21 +35,17 @@ def main() -> None:
     labels = torch.randint(0, 1000, (8,), generator=generator)
     with torch.no_grad():
         reference = model(sample, timestep, labels).sample
-    with tempfile.TemporaryDirectory() as folder:
-        model.save_pretrained(f"{folder}/fp32")
-        fp32_size = sum(f.stat().st_size for f in Path(f"{folder}/fp32").glob("*.safetensors"))
-        lines = ["| backend | kept in float | rel. error | size vs fp32 |", "|---|---|---:|---:|"]
-        for backend in ("torchao", "quanto"):
-            for label, keep in choices.items():
-                quantized = quantize(model, backend=backend, weights="int8", keep_float=keep)
-                cast = sample.to(quantized.dtype)
-                with torch.no_grad():
-                    output = quantized(cast, timestep, labels).sample.float()
-                error = ((output - reference).norm() / reference.norm()).item()
-                target = Path(folder) / f"{backend}{len(keep)}"
-                quantized.save_pretrained(target)
-                size = sum(f.stat().st_size for f in target.glob("*.safetensors"))
-                lines.append(f"| {backend} int8 | {label} | {error:.4f} | {size / fp32_size:.1%} |")
+    fp32_size = saved_size_bytes(model)
+    lines = ["| backend | kept in float | rel. error | size vs fp32 |", "|---|---|---:|---:|"]
+    for backend in ("torchao", "quanto"):
+        for label, keep in choices.items():
+            quantized = quantize(model, backend=backend, weights="int8", keep_float=keep)
+            cast = sample.to(quantized.dtype)
+            with torch.no_grad():
+                output = quantized(cast, timestep, labels).sample.float()
+            error = ((output - reference).norm() / reference.norm()).item()
+            size = saved_size_bytes(quantized)
+            lines.append(f"| {backend} int8 | {label} | {error:.4f} | {size / fp32_size:.1%} |")
     text = "# Keep-float choices, DiT-S/2, int8 weights\n\n" + "\n".join(lines) + "\n"
     device = "gpu" if torch.cuda.is_available() else "cpu"
     (RESULTS / f"keep_float_{device}.md").write_text(text)
