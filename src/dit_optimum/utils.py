@@ -1,4 +1,4 @@
-"""Small shared helpers: atomic folder writes."""
+"""Small shared helpers: atomic folder writes and the save options dit-optimum accepts."""
 
 from __future__ import annotations
 
@@ -32,3 +32,11 @@ def atomic_directory(target: str | os.PathLike) -> Iterator[Path]:
     os.replace(target, backup)
     os.replace(staging, target)
     shutil.rmtree(backup, ignore_errors=True)
+
+
+def pop_unsupported_save_options(kwargs: dict) -> None:
+    """Remove ``safe_serialization`` / ``push_to_hub`` from save kwargs, refusing pickle files and in-save pushes."""
+    if kwargs.pop("safe_serialization", True) is not True:
+        raise ValueError("`safe_serialization` must be True: dit-optimum saves safetensors only.")
+    if kwargs.pop("push_to_hub", False):
+        raise ValueError("`push_to_hub` is not supported here: save, then upload the folder.")

@@ -19,7 +19,7 @@ from diffusers.models.normalization import AdaLayerNormZero
 from torch import nn
 
 from ..configs import dit_config
-from ..utils import atomic_directory
+from ..utils import atomic_directory, pop_unsupported_save_options
 from .attention import (
     GROUPED_TYPES,
     SINGLE_KV_TYPES,
@@ -370,10 +370,7 @@ class DiTOptimumTransformer2DModel(DiTTransformer2DModel, AttentionMixin):
         reason = getattr(self, UNSERIALIZABLE_ATTRIBUTE, None)
         if reason:
             raise ValueError(reason)
-        if kwargs.pop("safe_serialization", True) is not True:
-            raise ValueError("`safe_serialization` must be True: dit-optimum saves safetensors only.")
-        if kwargs.pop("push_to_hub", False):
-            raise ValueError("`push_to_hub` is not supported here: save, then upload the folder.")
+        pop_unsupported_save_options(kwargs)
         with atomic_directory(save_directory) as staging:
             super().save_pretrained(staging, safe_serialization=True, **kwargs)
 

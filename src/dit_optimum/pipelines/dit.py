@@ -14,7 +14,7 @@ from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 from diffusers.utils.torch_utils import randn_tensor
 
 from ..models.autoencoder import IdentityAutoencoder
-from ..utils import atomic_directory
+from ..utils import atomic_directory, pop_unsupported_save_options
 
 OUTPUT_TYPES: tuple[str, ...] = ("pil", "np", "pt", "latent")
 # Saved folders name diffusers' own class so that plain `DiffusionPipeline.from_pretrained` resolves them.
@@ -188,10 +188,7 @@ class DiTOptimumPipeline(DiTPipeline):
 
     def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: Any) -> None:
         """Save atomically (temp folder, then rename) so plain ``DiffusionPipeline`` loads it; safetensors only."""
-        if kwargs.pop("safe_serialization", True) is not True:
-            raise ValueError("`safe_serialization` must be True: dit-optimum saves safetensors only.")
-        if kwargs.pop("push_to_hub", False):
-            raise ValueError("`push_to_hub` is not supported here: save, then upload the folder.")
+        pop_unsupported_save_options(kwargs)
         with atomic_directory(save_directory) as staging:
             super().save_pretrained(staging, safe_serialization=True, **kwargs)
             index_path = staging / "model_index.json"
