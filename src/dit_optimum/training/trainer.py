@@ -10,6 +10,7 @@ EMA, log, and checkpoint atomically every ``checkpoint_every`` steps. The result
 from __future__ import annotations
 
 import csv
+import functools
 import json
 import math
 import os
@@ -190,11 +191,17 @@ def build_model(config: TrainConfig, data: TrainingData) -> DiTOptimumTransforme
     )
 
 
+@functools.lru_cache(maxsize=2)
+def _epoch_permutation(num_samples: int, seed: int, epoch: int) -> torch.Tensor:
+    # Cached: every step of an epoch reuses it instead of drawing an O(N) permutation again.
+    return torch.randperm(num_samples, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+
+
 def _global_batch_indices(num_samples: int, step: int, batch_size: int, seed: int) -> torch.Tensor:
     """Indices of the global batch of ``step``: a fresh permutation per epoch, fixed by (seed, epoch)."""
     batches_per_epoch = max(1, num_samples // batch_size)
     epoch, position = divmod(step, batches_per_epoch)
-    permutation = torch.randperm(num_samples, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+    permutation = _epoch_permutation(num_samples, seed, epoch)
     indices = permutation[position * batch_size : (position + 1) * batch_size]
     if len(indices) < batch_size:  # fewer samples than one batch: wrap around
         indices = permutation[torch.arange(position * batch_size, (position + 1) * batch_size) % num_samples]
