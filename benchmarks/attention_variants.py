@@ -13,13 +13,9 @@ from pathlib import Path
 
 import torch
 
-from dit_optimum.evaluation.benchmark import (
-    PAPER_PRESETS,
-    architecture_benchmark,
-    hardware_description,
-    markdown_table,
-    write_json_atomic,
-)
+from dit_optimum.configs import PAPER_PRESETS
+from dit_optimum.evaluation.architecture import architecture_benchmark, markdown_table
+from dit_optimum.evaluation.records import hardware_description, write_json_atomic
 
 RESULTS = Path(__file__).parent / "results"
 

@@ -22,7 +22,7 @@ import matplotlib.pyplot as plt
 import torch
 
 from dit_optimum import DiTOptimumPipeline
-from dit_optimum.evaluation.benchmark import hardware_description, write_json_atomic
+from dit_optimum.evaluation.records import hardware_description, write_json_atomic
 from dit_optimum.training import TrainConfig, final_loss, train
 
 RESULTS = Path(__file__).parent / "results"

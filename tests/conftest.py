@@ -61,3 +61,38 @@ def stock_model(seed: int = 0, **overrides) -> DiTTransformer2DModel:
             if ".norm1.emb." in key:
                 tensor.copy_(state["transformer_blocks.0." + key.split(".", 2)[2]])
     return model.eval()
+
+
+class TinyFeatureExtractor(torch.nn.Module):
+    """A stand-in for Inception with the same interface: 16x16 input, 8-d pooled and 12-d spatial features."""
+
+    name = "tiny_test_extractor"
+    weights_hash = "0" * 64
+    input_size = 16
+    feature_dims = {"pool": 8, "spatial": 12}
+
+    def __init__(self):
+        super().__init__()
+        generator = torch.Generator().manual_seed(0)
+        self.weight = torch.nn.Parameter(torch.randn(8, 3, 3, 3, generator=generator) * 0.5, requires_grad=False)
+
+    @torch.no_grad()
+    def forward(self, images):
+        h = torch.relu(torch.nn.functional.conv2d(images / 255, self.weight, stride=2, padding=1))  # (B, 8, 8, 8)
+        spatial = h[:, :3, ::4, ::4].permute(0, 2, 3, 1).reshape(len(h), -1)  # (B, 12)
+        return {"pool": h.mean(dim=(2, 3)), "spatial": spatial}
+
+
+def tiny_pixel_pipeline(seed: int = 0, channels: int = 1, **overrides):
+    """A pixel-space pipeline around a tiny random model: 8x8 images, 10 classes."""
+    from diffusers import DDIMScheduler
+
+    from dit_optimum import DiTOptimumPipeline
+
+    model = tiny_model(seed, in_channels=channels, out_channels=2 * channels, **overrides)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.mul_(0.25)  # keep samples in range
+    pipeline = DiTOptimumPipeline(transformer=model, vae=None, scheduler=DDIMScheduler())
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline

@@ -1,4 +1,4 @@
-"""The `dit-optimum` command: the benchmark main job on a tiny matrix, and argument errors."""
+"""The `dit-optimum architecture` command on a tiny matrix, and argument errors."""
 
 from __future__ import annotations
 
@@ -7,10 +7,10 @@ import json
 from dit_optimum.cli import main
 
 
-def test_benchmark_writes_rows_with_ratios_to_sdpa(tmp_path, capsys):
+def test_architecture_writes_rows_with_ratios_to_sdpa(tmp_path, capsys):
     code = main(
         [
-            "benchmark",
+            "architecture",
             "--presets",
             "DiT-XS/8",
             "--attention-types",
@@ -47,9 +47,9 @@ def test_benchmark_writes_rows_with_ratios_to_sdpa(tmp_path, capsys):
     assert "focused" in capsys.readouterr().out
 
 
-def test_benchmark_rejects_unknown_names(tmp_path, capsys):
-    assert main(["benchmark", "--attention-types", "sdpa,flash", "--output-dir", str(tmp_path)]) == 2
+def test_architecture_rejects_unknown_names(tmp_path, capsys):
+    assert main(["architecture", "--attention-types", "sdpa,flash", "--output-dir", str(tmp_path)]) == 2
     assert "flash" in capsys.readouterr().out
-    assert main(["benchmark", "--presets", "DiT-M/2", "--output-dir", str(tmp_path)]) == 2
+    assert main(["architecture", "--presets", "DiT-M/2", "--output-dir", str(tmp_path)]) == 2
     assert "DiT-XS/2" in capsys.readouterr().out
     assert not (tmp_path / "architecture.json").exists()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -15,34 +16,103 @@ def _csv(value: str) -> list[str]:
     return [item.strip() for item in value.split(",") if item.strip()]
 
 
+def _add_quality_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--num-samples", type=int, help="generated images for FID/sFID/KID")
+    parser.add_argument("--reference", help="real images: digits | imagefolder | datasets id")
+    parser.add_argument("--reference-samples", type=int, help="real images in the reference statistics")
+    parser.add_argument("--steps", type=int, help="sampling steps (DDIM)")
+    parser.add_argument("--guidance-scale", type=float)
+    parser.add_argument("--metrics", type=_csv, help="fid,sfid,kid (default: all that N supports)")
+    parser.add_argument("--inception-weights", help="FID Inception TorchScript file (default: found offline)")
+    parser.add_argument("--batch-size", type=int, help="sampling/feature batch for the quality metrics")
+
+
+def _quality_settings(args: argparse.Namespace, base):
+    from dataclasses import replace
+
+    changes = {
+        "num_samples": args.num_samples,
+        "reference": args.reference,
+        "reference_samples": args.reference_samples,
+        "num_inference_steps": args.steps,
+        "guidance_scale": args.guidance_scale,
+        "metrics": tuple(args.metrics) if args.metrics else None,
+        "inception_weights": args.inception_weights,
+        "batch_size": args.batch_size,
+    }
+    return replace(base, **{key: value for key, value in changes.items() if value is not None})
+
+
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dit-optimum", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
 
     bench = commands.add_parser(
-        "benchmark", help="Parameters, GFLOPs and CPU/GPU forward time of every attention type."
+        "benchmark",
+        help="The multi-method benchmark: variants x techniques, FID/sFID/KID, GFLOPs, speed, memory, size.",
+        description="Runs (or resumes) the matrix and writes results.json/.csv, report.md and plots. With no "
+        "arguments: the embedded small-scale run on the digits data (about 15 minutes on 2 CPU cores).",
     )
     bench.add_argument(
+        "--preset", default="default", help="default | paper (DiT-S/2, S/4, XS/2, XS/4, every technique)"
+    )
+    bench.add_argument("--variants", type=_csv, help=f"comma-separated presets; allowed: {', '.join(preset_names())}")
+    bench.add_argument("--techniques", type=_csv, help="comma-separated registered techniques (see --list)")
+    bench.add_argument("--list", action="store_true", help="list the registered techniques and exit")
+    bench.add_argument("--data", help="training data: digits | imagefolder | latents folder | datasets id")
+    bench.add_argument("--image-size", type=int, help="training image side (pixels; ignored for latents)")
+    bench.add_argument("--channels", type=int, help="1 or 3 for pixel data")
+    bench.add_argument(
+        "--pretrained",
+        type=_csv,
+        default=[],
+        help="VARIANT=PIPELINE,...: trained baselines to load instead of training",
+    )
+    bench.add_argument("--train-steps", type=int)
+    bench.add_argument("--train-batch-size", type=int)
+    bench.add_argument("--learning-rate", type=float)
+    _add_quality_arguments(bench)
+    bench.add_argument("--speed-batch-size", type=int, help="batch of the sampling-throughput and memory measurement")
+    bench.add_argument(
+        "--speed-only",
+        action="store_true",
+        help="cost columns only, on untrained models (no data, training or FID); --channels 4 = latents + SD-VAE",
+    )
+    bench.add_argument("--output-dir", type=Path, default=Path("benchmark-results"))
+
+    evaluate = commands.add_parser(
+        "evaluate", help="FID/sFID/KID, GFLOPs, throughput, latency, peak memory and size of one saved pipeline."
+    )
+    evaluate.add_argument("pipeline", help="pipeline folder or Hub id")
+    _add_quality_arguments(evaluate)
+    evaluate.add_argument("--speed-batch-size", type=int, default=8)
+    evaluate.add_argument("--no-speed", action="store_true", help="quality metrics only")
+    evaluate.add_argument("--output", type=Path, help="write the result as JSON here")
+
+    arch = commands.add_parser(
+        "architecture", help="Parameters, GFLOPs and forward time of every attention type (random weights)."
+    )
+    arch.add_argument(
         "--presets",
         type=_csv,
         default=["DiT-S/2", "DiT-S/4", "DiT-XS/2", "DiT-XS/4"],
         help=f"comma-separated presets; allowed: {', '.join(preset_names())}",
     )
-    bench.add_argument(
+    arch.add_argument(
         "--attention-types",
         type=_csv,
         default=list(ATTENTION_TYPES),
         help=f"comma-separated; allowed: {', '.join(ATTENTION_TYPES)}",
     )
-    bench.add_argument(
+    arch.add_argument(
         "--sample-sizes",
         type=lambda v: [int(x) for x in _csv(v)],
         default=[32],
         help="input sides (latent 32 = 256 tokens at patch 2)",
     )
-    bench.add_argument("--batch-size", type=int, default=4)
-    bench.add_argument("--repeats", type=int, default=3)
-    bench.add_argument("--output-dir", type=Path, default=Path("benchmark-results"))
+    arch.add_argument("--batch-size", type=int, default=4)
+    arch.add_argument("--repeats", type=int, default=3)
+    arch.add_argument("--output-dir", type=Path, default=Path("benchmark-results/architecture"))
 
     convert = commands.add_parser("convert", help="Convert an original DiT checkpoint or a stock diffusers DiT folder.")
     convert.add_argument("source_format", choices=["original", "diffusers"])
@@ -148,11 +218,133 @@ def _run_prune(args: argparse.Namespace) -> int:
     return 0
 
 
+def _print_table(console, rows, title: str) -> None:
+    from rich.table import Table
+
+    from .evaluation.report import COLUMNS, table_rows
+
+    table = Table(title=title)
+    for index, (header, _, _) in enumerate(COLUMNS):
+        table.add_column(header, justify="left" if index < 2 else "right")
+    for cells in table_rows(rows):
+        table.add_row(*cells)
+    console.print(table)
+
+
 def _run_benchmark(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from rich.console import Console
+
+    from .evaluation.benchmark import preset_settings, run_benchmark
+    from .evaluation.report import write_report
+    from .techniques.registry import TECHNIQUES
+
+    console = Console(width=160)
+    if args.list:
+        for name, technique in TECHNIQUES.items():
+            console.print(f"{name:22s} {technique.description}")
+        return 0
+    settings = preset_settings(args.preset, output_dir=str(args.output_dir))
+    pretrained = {}
+    for entry in args.pretrained:
+        variant, separator, path = entry.partition("=")
+        if not separator or not path:
+            raise ValueError(f"`--pretrained` entry {entry!r} must be VARIANT=PIPELINE, e.g. DiT-S/2=./dit-s2.")
+        pretrained[variant] = path
+    for key, value in {
+        "variants": tuple(args.variants) if args.variants else None,
+        "techniques": tuple(args.techniques) if args.techniques else None,
+        "data": args.data,
+        "image_size": args.image_size,
+        "channels": args.channels,
+        "pretrained": pretrained or None,
+        "speed_only": args.speed_only or None,
+    }.items():
+        if value is not None:
+            setattr(settings, key, value)
+    training = {"steps": args.train_steps, "batch_size": args.train_batch_size, "learning_rate": args.learning_rate}
+    settings.training = replace(settings.training, **{k: v for k, v in training.items() if v is not None})
+    settings.quality = _quality_settings(args, settings.quality)
+    if args.speed_batch_size is not None:
+        settings.speed = replace(settings.speed, batch_size=args.speed_batch_size)
+    if args.preset == "paper" and settings.data == "digits" and not settings.speed_only:
+        raise ValueError(
+            "`--preset paper` needs `--data` (a latents folder, an imagefolder or a datasets id) and "
+            "`--reference` (real images) of the dataset to reproduce, e.g. ImageNet 256."
+        )
+
+    start = time.perf_counter()
+    cells = len(settings.variants) * len(settings.techniques)
+    console.print(
+        f"Benchmark: {cells} cells ({', '.join(settings.variants)} x {len(settings.techniques)} techniques) "
+        f"-> {settings.output_dir}"
+    )
+
+    def report_cell(row) -> None:
+        status = "ok" if row["status"] == "ok" else f"FAILED ({row['error']})"
+        console.print(
+            f"  {row['variant']} / {row['technique']}: {status} in {row['cell_wall_s']:.0f} s", highlight=False
+        )
+
+    rows = run_benchmark(settings, on_cell=report_cell)
+    elapsed = time.perf_counter() - start
+    notes = [f"Command: `dit-optimum {' '.join(args.argv)}`" if args.argv else "Command: `dit-optimum benchmark`"]
+    if args.preset == "default":
+        notes.append(
+            "Small-scale numbers: DiT-XS/4 trained for a few hundred steps on the 1,797 8x8 scikit-learn digits "
+            "(upscaled to 16x16) and scored with few samples on a CPU. They rank techniques on this toy task and "
+            "show the benchmark working end to end; they are not ImageNet FIDs (use `--preset paper` for those)."
+        )
+    notes.append(f"Wall time of this run: {elapsed:.0f} s (cells finished in earlier runs were skipped).")
+    report = write_report(rows, settings.output_dir, notes=notes)
+    _print_table(console, rows, f"dit-optimum benchmark ({settings.output_dir})")
+    failed = [row for row in rows if row.get("status") != "ok"]
+    console.print(f"Wrote {report} and {settings.output_dir}/results.json ({elapsed:.0f} s; {len(failed)} failed).")
+    return 1 if failed else 0
+
+
+def _run_evaluate(args: argparse.Namespace) -> int:
+    import json
+
+    import torch
+
+    from .evaluation.efficiency import SpeedSettings, efficiency_metrics
+    from .evaluation.fid import QualitySettings, evaluate_quality
+    from .evaluation.records import hardware_description, write_json_atomic
+    from .pipelines.dit import DiTOptimumPipeline
+
+    settings = _quality_settings(args, QualitySettings())
+    pipeline = DiTOptimumPipeline.from_pretrained(args.pipeline)
+    pipeline.to("cuda" if torch.cuda.is_available() else "cpu")
+    pipeline.set_progress_bar_config(disable=True)
+    result, _ = evaluate_quality(pipeline, settings)
+    if not result:  # not the main process
+        return 0
+    if not args.no_speed:
+        result.update(
+            efficiency_metrics(
+                pipeline,
+                SpeedSettings(
+                    batch_size=args.speed_batch_size,
+                    num_inference_steps=settings.num_inference_steps,
+                    guidance_scale=settings.guidance_scale,
+                ),
+            )
+        )
+    result.update(pipeline=args.pipeline, hardware=hardware_description())
+    print(json.dumps(result, indent=2, default=str))
+    if args.output:
+        write_json_atomic(args.output, result)
+    return 0
+
+
+def _run_architecture(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from .evaluation.benchmark import architecture_benchmark, hardware_description, markdown_table, write_json_atomic
+    from .evaluation.architecture import architecture_benchmark, markdown_table
+    from .evaluation.records import hardware_description, write_json_atomic
 
     console = Console(width=140)
     start = time.perf_counter()
@@ -223,10 +415,18 @@ def _run_convert(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``dit-optimum`` console script."""
     args = _build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        runners = {"benchmark": _run_benchmark, "convert": _run_convert, "quantize": _run_quantize, "prune": _run_prune}
+        runners = {
+            "benchmark": _run_benchmark,
+            "evaluate": _run_evaluate,
+            "architecture": _run_architecture,
+            "convert": _run_convert,
+            "quantize": _run_quantize,
+            "prune": _run_prune,
+        }
         return runners[args.command](args)
-    except ValueError as error:
+    except (ValueError, FileNotFoundError) as error:
         print(f"error: {error}")
         return 2
 

@@ -14,6 +14,8 @@ DIT_SIZES: dict[str, tuple[int, int, int]] = {
     "XL": (28, 1152, 16),
 }
 PATCH_SIZES: tuple[int, ...] = (2, 4, 8)
+# The variants of the study this project reproduces (arXiv 2509.17894).
+PAPER_PRESETS: tuple[str, ...] = ("DiT-S/2", "DiT-S/4", "DiT-XS/2", "DiT-XS/4")
 
 _NAME_PATTERN = re.compile(r"^(?:DiT[-_])?(XS|S|B|L|XL)[/_-](\d+)$", re.IGNORECASE)
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -44,3 +45,22 @@ def time_forward(
     """Median seconds of one forward of ``model`` on a random batch (no grad, device synchronised)."""
     inputs = example_inputs(model, batch_size, sample_size)
     return interleaved_median_times({"model": model}, inputs, warmup, repeats)["model"]
+
+
+def median_call_seconds(
+    function: Callable[[], Any], device: torch.device | str = "cpu", warmup: int = 1, repeats: int = 3
+) -> float:
+    """Median wall-clock seconds of ``function()`` after ``warmup`` untimed calls, device synchronised."""
+    if warmup < 0 or repeats < 1:
+        raise ValueError(f"`warmup` must be >= 0 and `repeats` >= 1, got warmup={warmup}, repeats={repeats}.")
+    device = torch.device(device)
+    times = []
+    with torch.no_grad():
+        for round_index in range(warmup + repeats):
+            _synchronize(device)
+            start = time.perf_counter()
+            function()
+            _synchronize(device)
+            if round_index >= warmup:
+                times.append(time.perf_counter() - start)
+    return statistics.median(times)

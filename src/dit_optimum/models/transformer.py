@@ -38,6 +38,12 @@ UNSERIALIZABLE_ATTRIBUTE = "_dit_optimum_unserializable"
 _STOCK_BLOCK_EMBEDDING = re.compile(r"^transformer_blocks\.(\d+)\.norm1\.emb\.(.+)$")
 
 
+def is_quantized(model: nn.Module) -> bool:
+    """Whether ``model`` carries quantized weights (a diffusers quantization config, or quanto's unsaveable form)."""
+    config = getattr(model, "config", None)
+    return getattr(config, "quantization_config", None) is not None or hasattr(model, UNSERIALIZABLE_ATTRIBUTE)
+
+
 class DiTBlock(nn.Module):
     """adaLN-Zero DiT block; submodule names match diffusers' ``BasicTransformerBlock`` for weight compatibility.
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..models.transformer import UNSERIALIZABLE_ATTRIBUTE, DiTOptimumTransformer2DModel
+from ..models.transformer import DiTOptimumTransformer2DModel, is_quantized
 from ..pipelines.dit import DiTOptimumPipeline
 
 
@@ -14,10 +14,7 @@ def unwrap(pipe_or_model, *, float_only: bool = True) -> DiTOptimumTransformer2D
             "`pipe_or_model` must be a DiTOptimumPipeline or DiTOptimumTransformer2DModel, "
             f"got {type(pipe_or_model).__name__}."
         )
-    quantized = getattr(model.config, "quantization_config", None) is not None or hasattr(
-        model, UNSERIALIZABLE_ATTRIBUTE
-    )
-    if float_only and quantized:
+    if float_only and is_quantized(model):
         raise ValueError("`pipe_or_model` is already quantized: apply this technique to its float original.")
     return model
 

@@ -1,0 +1,105 @@
+"""Reference (real-data) features, computed once and cached in a user cache folder.
+
+The cache key names the dataset, split, resolution, N, the extractor and a hash of its weights, so a change to any
+of them computes new statistics instead of silently reusing stale ones. Never written inside site-packages.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .features import FeatureExtractor, extract_features
+
+REFERENCE_SPLITS = ("train",)
+
+
+def cache_dir() -> Path:
+    """``$DIT_OPTIMUM_CACHE``, else ``$XDG_CACHE_HOME/dit_optimum``, else ``~/.cache/dit_optimum``."""
+    if os.environ.get("DIT_OPTIMUM_CACHE"):
+        return Path(os.environ["DIT_OPTIMUM_CACHE"])
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return base / "dit_optimum"
+
+
+def _dataset_key(dataset: str) -> str:
+    path = Path(dataset)
+    if path.exists():  # a local folder: its name plus a hash of its absolute path
+        digest = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:10]
+        dataset = f"{path.name}-{digest}"
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", dataset).strip("-")
+
+
+def reference_cache_path(dataset: str, split: str, resolution: int, num_samples: int, extractor: FeatureExtractor):
+    """File holding the features of ``num_samples`` real images of ``dataset`` at ``resolution`` for ``extractor``."""
+    name = (
+        f"{_dataset_key(dataset)}_{split}_{resolution}px_n{num_samples}_{extractor.name}_{extractor.weights_hash[:16]}"
+    )
+    return cache_dir() / "reference" / f"{name}.npz"
+
+
+def load_reference_images(dataset: str, split: str, resolution: int, num_samples: int, seed: int = 0) -> np.ndarray:
+    """``num_samples`` real images (uint8, (N, H, W, C)) of a pixel dataset: ``digits``, an imagefolder or Hub id.
+
+    The images are drawn without replacement in an order fixed by ``seed``, at the generator's ``resolution``.
+    """
+    from ..training.data import load_training_data
+
+    if split not in REFERENCE_SPLITS:
+        raise ValueError(f"Unknown `reference_split`={split!r}; allowed values: {', '.join(REFERENCE_SPLITS)}.")
+    data = load_training_data(dataset, resolution, channels=3)
+    if data.vae is not None:
+        raise ValueError(
+            f"`reference`={dataset!r} holds VAE latents, not images: give the real images (an imagefolder or a "
+            "datasets id) as the reference."
+        )
+    available = len(data.samples)
+    if num_samples > available:
+        raise ValueError(
+            f"`reference_samples`={num_samples} is more than the {available} images of `reference`={dataset!r}."
+        )
+    order = torch.randperm(available, generator=torch.Generator().manual_seed(seed))[:num_samples]
+    images = (data.samples[order] + 1) / 2  # [-1, 1] -> [0, 1]
+    return (images.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+
+
+def _save_npz_atomic(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temp_name = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".npz", dir=path.parent)
+    try:
+        with os.fdopen(handle, "wb") as stream:
+            np.savez(stream, **arrays)
+        os.replace(temp_name, path)
+    except BaseException:
+        Path(temp_name).unlink(missing_ok=True)
+        raise
+
+
+def reference_features(
+    dataset: str,
+    resolution: int,
+    num_samples: int,
+    extractor: FeatureExtractor,
+    split: str = "train",
+    batch_size: int = 50,
+    device: torch.device | str = "cpu",
+    use_cache: bool = True,
+) -> dict[str, np.ndarray]:
+    """Features (``pool``, ``spatial``) of the reference images, from the cache or computed and cached."""
+    if not isinstance(num_samples, int) or num_samples < 2:
+        raise ValueError(f"`reference_samples`={num_samples!r} must be an integer >= 2.")
+    path = reference_cache_path(dataset, split, resolution, num_samples, extractor)
+    if use_cache and path.is_file():
+        with np.load(path) as stored:
+            return {kind: stored[kind] for kind in stored.files}
+    images = load_reference_images(dataset, split, resolution, num_samples)
+    features = extract_features(images, extractor, batch_size, device)
+    if use_cache:
+        _save_npz_atomic(path, {kind: value.astype(np.float32) for kind, value in features.items()})
+    return {kind: value.astype(np.float32) for kind, value in features.items()}

@@ -1,0 +1,113 @@
+"""Generate samples for FID/KID and turn them into features, split across processes with accelerate.
+
+Sample ``i`` always gets class ``i % num_classes`` and its own generator seeded by ``seed + i``, so the samples do
+not depend on how many processes share the work or on the batch size. Each process extracts the features of its
+contiguous share; only features (not images) are gathered, in sample order.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from accelerate import PartialState
+from accelerate.utils import gather
+
+from .features import FeatureExtractor, extract_features, to_uint8
+
+
+@dataclass
+class SampleFeatures:
+    """Features of every generated sample (on every process), the first few images, and the sample count."""
+
+    features: dict[str, np.ndarray]
+    images: np.ndarray
+    count: int
+
+
+def sample_labels(count: int, num_classes: int, start: int = 0) -> list[int]:
+    """Balanced class labels: sample ``i`` gets ``i % num_classes``."""
+    return [index % num_classes for index in range(start, start + count)]
+
+
+@torch.no_grad()
+def generate_images(
+    pipeline,
+    indices: range,
+    num_inference_steps: int,
+    guidance_scale: float,
+    seed: int,
+) -> np.ndarray:
+    """uint8 images (B, H, W, C) of the samples with the given indices (labels and seeds fixed per index)."""
+    num_classes = pipeline.transformer.config.num_embeds_ada_norm
+    generators = [torch.Generator().manual_seed(seed + index) for index in indices]
+    output = pipeline(
+        sample_labels(len(indices), num_classes, indices.start),
+        guidance_scale=guidance_scale,
+        generator=generators,
+        num_inference_steps=num_inference_steps,
+        output_type="np",
+    )
+    return to_uint8(output.images)
+
+
+def process_share(num_samples: int, world: int, rank: int) -> range:
+    """Sample indices of process ``rank``: contiguous near-equal shares (the first ``num_samples % world`` longer)."""
+    base, extra = divmod(num_samples, world)
+    start = rank * base + min(rank, extra)
+    return range(start, start + base + (rank < extra))
+
+
+def sample_features(
+    pipeline,
+    num_samples: int,
+    extractor: FeatureExtractor,
+    *,
+    batch_size: int = 50,
+    num_inference_steps: int = 50,
+    guidance_scale: float = 1.5,
+    seed: int = 0,
+    keep_images: int = 0,
+    state: PartialState | None = None,
+) -> SampleFeatures:
+    """Generate ``num_samples`` images with ``pipeline`` and return their features gathered from every process.
+
+    Run under ``torchrun``/``accelerate launch`` and every process takes a share; ``keep_images`` of the first
+    samples are kept (on the process that made them) for sample grids.
+    """
+    if not isinstance(num_samples, int) or num_samples < 1:
+        raise ValueError(f"`num_samples`={num_samples!r} must be a positive integer.")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"`batch_size`={batch_size!r} must be a positive integer.")
+    state = state or PartialState(cpu=not torch.cuda.is_available())
+    share = process_share(num_samples, state.num_processes, state.process_index)
+    device = state.device
+    local: dict[str, list[np.ndarray]] = {}
+    kept: list[np.ndarray] = []
+    for start in range(share.start, share.stop, batch_size):
+        indices = range(start, min(start + batch_size, share.stop))
+        images = generate_images(pipeline, indices, num_inference_steps, guidance_scale, seed)
+        if start < keep_images:
+            kept.append(images[: keep_images - start])
+        for kind, value in extract_features(images, extractor, batch_size, device).items():
+            local.setdefault(kind, []).append(value)
+    features = {kind: np.concatenate(values) for kind, values in local.items()}
+    if state.num_processes > 1:
+        features = _gather_in_order(features, num_samples, state)
+    empty = np.zeros((0, 0, 0, 0), dtype=np.uint8)
+    return SampleFeatures(features, np.concatenate(kept) if kept else empty, num_samples)
+
+
+def _gather_in_order(features: dict[str, np.ndarray], num_samples: int, state: PartialState) -> dict[str, np.ndarray]:
+    # Pad every share to the largest, gather, then drop the padding of the shorter shares.
+    longest = math.ceil(num_samples / state.num_processes)
+    gathered = {}
+    for kind, value in sorted(features.items()):
+        padded = torch.zeros(longest, value.shape[1], dtype=torch.float64, device=state.device)
+        padded[: len(value)] = torch.from_numpy(value).to(state.device)
+        everything = gather(padded).reshape(state.num_processes, longest, -1).cpu().numpy()
+        lengths = [len(process_share(num_samples, state.num_processes, rank)) for rank in range(state.num_processes)]
+        gathered[kind] = np.concatenate([everything[rank, :length] for rank, length in enumerate(lengths)])
+    return gathered

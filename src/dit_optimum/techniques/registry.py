@@ -1,0 +1,167 @@
+"""The technique registry: name -> function that makes a cheaper pipeline, so the benchmark never special-cases one.
+
+A technique is ``apply(context, **options) -> pipeline``. The context gives it the trained baseline of the current
+model variant, or trains a model under the benchmark's recipe (same data, steps and seed as the baseline), so that
+post-training techniques (quantization, pruning) and training-time ones (attention types, MoE, distillation) share
+one signature. Adding a technique is one function and one ``register_technique`` line.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+
+from ..models.attention import ATTENTION_TYPES
+from ..pipelines.dit import DiTOptimumPipeline
+from .pruning import prune
+from .quantization import quantize
+
+
+class TechniqueContext(Protocol):
+    """What a technique may ask for while the benchmark builds one cell."""
+
+    def baseline(self) -> DiTOptimumPipeline:
+        """A fresh copy of the variant's trained (or loaded) baseline pipeline."""
+
+    def baseline_config(self) -> Mapping[str, Any]:
+        """The baseline transformer's config."""
+
+    def train(
+        self, name: str, model_overrides: Mapping[str, Any] | None = None, *, distill: bool = False, **options: Any
+    ) -> DiTOptimumPipeline:
+        """Train (or load, once trained) the variant with ``model_overrides`` under the benchmark's recipe.
+
+        ``distill=True`` distills from the baseline; ``options`` are further trainer settings.
+        """
+
+
+@dataclass(frozen=True)
+class Technique:
+    """A registered technique: how to apply it, its default options and a one-line description."""
+
+    name: str
+    apply: Callable[..., DiTOptimumPipeline]
+    description: str
+    options: dict[str, Any] = field(default_factory=dict)
+    trains: bool = False
+
+    def build(self, context: TechniqueContext) -> DiTOptimumPipeline:
+        return self.apply(context, **self.options)
+
+
+TECHNIQUES: dict[str, Technique] = {}
+
+
+def register_technique(
+    name: str,
+    apply: Callable[..., DiTOptimumPipeline],
+    description: str,
+    options: Mapping[str, Any] | None = None,
+    *,
+    trains: bool = False,
+) -> Technique:
+    """Add a technique under ``name`` (names are unique); ``options`` are passed to ``apply`` as keywords."""
+    if name in TECHNIQUES:
+        raise ValueError(f"A technique named {name!r} is already registered.")
+    technique = Technique(name, apply, description, dict(options or {}), trains)
+    TECHNIQUES[name] = technique
+    return technique
+
+
+def get_technique(name: str) -> Technique:
+    """The technique registered as ``name``; an unknown name raises, listing the allowed ones."""
+    if name not in TECHNIQUES:
+        raise ValueError(f"Unknown technique {name!r}; allowed values: {', '.join(TECHNIQUES)}.")
+    return TECHNIQUES[name]
+
+
+# --- the techniques -------------------------------------------------------------------------------------------
+
+
+def baseline(context: TechniqueContext) -> DiTOptimumPipeline:
+    return context.baseline()
+
+
+def train_with_overrides(context: TechniqueContext, run_name: str, **model_overrides: Any) -> DiTOptimumPipeline:
+    """A model of the variant trained from scratch with changed config (attention type, MoE, ...)."""
+    return context.train(run_name, model_overrides)
+
+
+def distill_student(context: TechniqueContext, run_name: str, depth_fraction: float = 0.5) -> DiTOptimumPipeline:
+    """A student with ``depth_fraction`` of the baseline's blocks, distilled from the baseline (output + feature)."""
+    layers = max(1, round(context.baseline_config()["num_layers"] * depth_fraction))
+    return context.train(run_name, {"num_layers": layers}, distill=True, feature_blocks=[layers - 1])
+
+
+def quantized(context: TechniqueContext, **options: Any) -> DiTOptimumPipeline:
+    if isinstance(options.get("dtype"), str):
+        options["dtype"] = getattr(torch, options["dtype"])
+    return quantize(context.baseline(), **options)
+
+
+def pruned(context: TechniqueContext, **options: Any) -> DiTOptimumPipeline:
+    return prune(context.baseline(), **options)
+
+
+register_technique("baseline", baseline, "trained baseline (SDPA attention, dense MLP, fp32)")
+for _attention in ATTENTION_TYPES[1:]:
+    register_technique(
+        f"attention-{_attention}",
+        train_with_overrides,
+        f"{_attention} attention, trained from scratch with the baseline's recipe",
+        {"run_name": f"attention-{_attention}", "attention_type": _attention},
+        trains=True,
+    )
+register_technique(
+    "moe",
+    train_with_overrides,
+    "mixture of experts: 4 experts, top-2, expert width = MLP / 2 (dense-equal active compute), balance loss",
+    {"run_name": "moe", "moe_num_experts": 4, "moe_top_k": 2},
+    trains=True,
+)
+register_technique(
+    "distill",
+    distill_student,
+    "half-depth student distilled from the baseline (output + last-block feature loss, alpha 0.5)",
+    {"run_name": "distill"},
+    trains=True,
+)
+register_technique("bf16", quantized, "bfloat16 weights and compute", {"backend": "torch", "weights": "bf16"})
+register_technique(
+    "int8", quantized, "torchao int8 weight-only (bf16 compute)", {"backend": "torchao", "weights": "int8"}
+)
+register_technique(
+    "int8-dynamic",
+    quantized,
+    "torchao int8 weights + dynamic int8 activations (fp32 rest)",
+    {"backend": "torchao", "weights": "int8", "activations": "int8", "dtype": "float32"},
+)
+register_technique("int4", quantized, "torchao int4 weight-only (CUDA only)", {"backend": "torchao", "weights": "int4"})
+register_technique(
+    "float8-dynamic",
+    quantized,
+    "torchao float8 weights + dynamic float8 activations (CUDA compute capability 8.9+)",
+    {"backend": "torchao", "weights": "float8", "activations": "float8"},
+)
+register_technique(
+    "quanto-int8", quantized, "optimum-quanto int8 weight-only", {"backend": "quanto", "weights": "int8"}
+)
+register_technique(
+    "quanto-int4", quantized, "optimum-quanto int4 weight-only", {"backend": "quanto", "weights": "int4"}
+)
+register_technique(
+    "quanto-w8a8",
+    quantized,
+    "optimum-quanto int8 weights + static int8 activations (calibrated on sampling runs)",
+    {"backend": "quanto", "weights": "int8", "activations": "int8"},
+)
+for _part in ("heads", "mlp", "depth"):
+    register_technique(
+        f"prune-{_part}-50",
+        pruned,
+        f"structured pruning of 50% of the {_part} (L1 importance, per layer, no fine-tuning)",
+        {_part: 0.5},
+    )

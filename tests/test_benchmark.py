@@ -1,0 +1,241 @@
+"""The technique registry and the benchmark matrix: every technique builds, a tiny matrix writes its table, report
+and plots, resumes after an interruption without redoing finished cells, and bad arguments fail clearly."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import TinyFeatureExtractor, tiny_pixel_pipeline
+from dit_optimum import DiTOptimumPipeline, DiTOptimumTransformer2DModel
+from dit_optimum.cli import main as cli
+from dit_optimum.evaluation import benchmark as benchmark_module
+from dit_optimum.evaluation.benchmark import (
+    BenchmarkSettings,
+    TrainingRecipe,
+    load_results,
+    preset_settings,
+    run_benchmark,
+)
+from dit_optimum.evaluation.efficiency import SpeedSettings
+from dit_optimum.evaluation.fid import QualitySettings
+from dit_optimum.evaluation.report import baseline_deltas, markdown_table, pareto_front, write_report
+from dit_optimum.models.transformer import is_quantized
+from dit_optimum.techniques.quantization import SUPPORTED
+from dit_optimum.techniques.registry import TECHNIQUES, Technique, get_technique, register_technique
+
+
+class UntrainedContext:
+    """A TechniqueContext that builds untrained models instead of training them (for registry tests)."""
+
+    def __init__(self):
+        self.base = tiny_pixel_pipeline(num_layers=4)
+        self.requests = []
+
+    def baseline(self):
+        return DiTOptimumPipeline(
+            transformer=DiTOptimumTransformer2DModel.from_config(self.base.transformer.config),
+            vae=None,
+            scheduler=self.base.scheduler,
+        )
+
+    def baseline_config(self):
+        return self.base.transformer.config
+
+    def train(self, name, model_overrides=None, *, distill=False, **options):
+        self.requests.append((name, dict(model_overrides or {}), distill, options))
+        # drop diffusers' private keys: `_use_default_values` would reset overridden defaults
+        config = {k: v for k, v in self.base.transformer.config.items() if not k.startswith("_")}
+        config.update(model_overrides or {})
+        return DiTOptimumPipeline(
+            transformer=DiTOptimumTransformer2DModel.from_config(config), vae=None, scheduler=self.base.scheduler
+        )
+
+
+@pytest.mark.parametrize("name", list(TECHNIQUES))
+def test_every_registered_technique_builds_a_working_pipeline(name):
+    context = UntrainedContext()
+    options = get_technique(name).options
+    needs_gpu = SUPPORTED.get((options.get("backend"), options.get("weights"), options.get("activations")), (0, None))
+    if needs_gpu[1] is not None and not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="needs a CUDA GPU"):
+            get_technique(name).build(context)
+        return
+    pipeline = get_technique(name).build(context)
+    assert isinstance(pipeline, DiTOptimumPipeline)
+    model, base = pipeline.transformer, context.base.transformer
+    if name.startswith("attention-"):
+        assert model.config.attention_type == name.removeprefix("attention-")
+        assert context.requests[0][0] == name and not context.requests[0][2]
+    elif name == "moe":
+        assert model.config.moe_num_experts == 4
+    elif name == "distill":
+        assert model.config.num_layers == 2
+        assert context.requests[0][2] and context.requests[0][3] == {"feature_blocks": [1]}
+    elif name in ("int8", "int8-dynamic") or name.startswith("quanto"):
+        assert is_quantized(model)
+    elif name == "bf16":
+        assert model.dtype == torch.bfloat16
+    elif name.startswith("prune-"):
+        assert sum(p.numel() for p in model.parameters()) < sum(p.numel() for p in base.parameters())
+    images = pipeline([0, 3], num_inference_steps=2, guidance_scale=1.5, output_type="np").images
+    assert images.shape == (2, 8, 8, 1) and np.isfinite(images).all()
+
+
+def test_registry_rejects_unknown_and_duplicate_names():
+    with pytest.raises(ValueError, match="Unknown technique 'nope'; allowed values: baseline, attention-gqa"):
+        get_technique("nope")
+    with pytest.raises(ValueError, match="already registered"):
+        register_technique("baseline", lambda context: None, "again")
+
+
+def tiny_settings(output_dir: Path, techniques=("baseline", "prune-depth-50")) -> BenchmarkSettings:
+    return BenchmarkSettings(
+        output_dir=str(output_dir),
+        variants=("DiT-XS/4",),
+        techniques=techniques,
+        image_size=8,
+        training=TrainingRecipe(steps=3, batch_size=8, checkpoint_every=2),
+        quality=QualitySettings(num_samples=11, reference_samples=20, batch_size=7, num_inference_steps=2),
+        speed=SpeedSettings(batch_size=2, forward_batch_size=2, num_inference_steps=2, warmup=0, repeats=1),
+        grid_size=10,
+    )
+
+
+class CountingTrainer:
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, config):
+        from dit_optimum.training import train
+
+        self.calls.append(Path(config.output_dir).name)
+        return train(config)
+
+
+def test_tiny_matrix_writes_table_report_plots_and_resumes(tmp_path, monkeypatch):
+    monkeypatch.setenv("DIT_OPTIMUM_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "bench"
+    interrupted = Technique(
+        "interrupted", lambda context: (_ for _ in ()).throw(KeyboardInterrupt()), "killed mid-cell"
+    )
+    monkeypatch.setitem(TECHNIQUES, "interrupted", interrupted)
+    trainer, seen = CountingTrainer(), []
+    settings = tiny_settings(out, ("baseline", "interrupted", "prune-depth-50"))
+    with pytest.raises(KeyboardInterrupt):
+        run_benchmark(settings, TinyFeatureExtractor(), on_cell=seen.append, trainer=trainer)
+    # the finished cell survived the interruption in a valid file; the killed one left nothing
+    stored = load_results(out)
+    assert [row["technique"] for row in stored["rows"]] == ["baseline"]
+    assert trainer.calls == ["baseline"]
+
+    settings = tiny_settings(out)
+    rows = run_benchmark(settings, TinyFeatureExtractor(), on_cell=seen.append, trainer=trainer)
+    assert [row["technique"] for row in seen] == ["baseline", "prune-depth-50"]  # baseline not redone
+    assert trainer.calls == ["baseline"]  # the trained baseline was loaded, not trained again
+    assert [row["technique"] for row in rows] == ["baseline", "prune-depth-50"]
+    base, pruned = rows
+    for row in rows:
+        assert row["status"] == "ok" and row["num_samples"] == 11 and row["reference_samples"] == 20
+        # the tiny extractor's pool features are 8-d (Frechet needs N >= 9), its spatial ones 12-d (N >= 13)
+        assert row["fid"] > 0 and row["sfid"] is None and row["kid"] is not None
+        assert row["gflops"] > 0 and row["size_bytes"] > 0 and row["sampling_images_per_s"] > 0
+        assert row["hardware"]["torch"] == torch.__version__ and row["sampler"] == "DDIMScheduler"
+        assert Image.open(out / row["sample_grid"]).size == (10 * 64, 64)
+    assert base["train_steps"] == 3 and base["train_final_loss"] > 0
+    assert pruned["gflops"] < base["gflops"] and pruned["size_bytes"] < base["size_bytes"]
+    assert (out / "models" / "DiT-XS-4" / "baseline" / "pipeline" / "model_index.json").is_file()
+    assert len((out / "results.csv").read_text().strip().splitlines()) == 3
+
+    report = write_report(rows, out)
+    text = report.read_text()
+    assert "| DiT-XS/4 | prune-depth-50 |" in text and "## Change against each variant's baseline" in text
+    assert "samples/DiT-XS-4__baseline.png" in text
+    for plot in ("pareto.png", "gflops.png", "memory.png"):
+        assert Image.open(out / "plots" / plot).size[0] > 100
+    delta = baseline_deltas(rows)[0]
+    assert delta["GFLOPs"] == pytest.approx(100 * (pruned["gflops"] - base["gflops"]) / base["gflops"])
+
+    # a third run has nothing left to do
+    again = run_benchmark(settings, TinyFeatureExtractor(), on_cell=seen.append, trainer=trainer)
+    assert [row["kid"] for row in again] == [row["kid"] for row in rows] and len(seen) == 2
+
+    # results measured with other settings are not mixed into the same table
+    changed = replace(settings, quality=replace(settings.quality, num_samples=12))
+    with pytest.raises(ValueError, match=r"other settings \(quality\).*another output folder"):
+        run_benchmark(changed, TinyFeatureExtractor())
+
+
+def test_a_failing_cell_is_recorded_and_retried(tmp_path, monkeypatch):
+    monkeypatch.setenv("DIT_OPTIMUM_CACHE", str(tmp_path / "cache"))
+    broken = Technique("broken", lambda context: (_ for _ in ()).throw(RuntimeError("no kernel")), "always fails")
+    monkeypatch.setitem(TECHNIQUES, "broken", broken)
+    monkeypatch.setitem(TECHNIQUES, "cheap", Technique("cheap", lambda context: tiny_pixel_pipeline(), "untrained"))
+    settings = tiny_settings(tmp_path / "bench", ("cheap", "broken"))
+    rows = run_benchmark(settings, TinyFeatureExtractor())
+    assert [row["status"] for row in rows] == ["ok", "failed"]
+    assert rows[1]["error"] == "RuntimeError: no kernel"
+    report = write_report(rows, tmp_path / "bench").read_text()
+    assert "- DiT-XS/4 / broken: RuntimeError: no kernel" in report
+    assert "| DiT-XS/4 | cheap |" in markdown_table(rows) and "broken" not in markdown_table(rows)
+    seen = []
+    run_benchmark(settings, TinyFeatureExtractor(), on_cell=seen.append)
+    assert [row["technique"] for row in seen] == ["broken"]
+
+
+def test_pareto_front_keeps_the_undominated_points():
+    # (throughput, quality): higher x and lower y are better
+    points = [(1.0, 5.0), (2.0, 6.0), (2.0, 4.0), (3.0, 9.0), (0.5, 3.0)]
+    assert pareto_front(points) == [4, 2, 3]
+
+
+def test_bad_benchmark_arguments_fail_clearly(tmp_path, capsys):
+    with pytest.raises(ValueError, match="Unknown `techniques` \\['nope'\\]; allowed values: baseline"):
+        tiny_settings(tmp_path, ("baseline", "nope")).validate()
+    with pytest.raises(ValueError, match="Unknown DiT preset `name`='DiT-M/2'"):
+        replace(tiny_settings(tmp_path), variants=("DiT-M/2",)).validate()
+    with pytest.raises(ValueError, match="Unknown `preset`='huge'; allowed values: default, paper"):
+        preset_settings("huge")
+    with pytest.raises(ValueError, match="pretrained"):
+        replace(tiny_settings(tmp_path), pretrained={"DiT-S/2": "x"}).validate()
+    assert cli(["benchmark", "--techniques", "baseline,nope", "--output-dir", str(tmp_path)]) == 2
+    assert "Unknown `techniques` ['nope']" in capsys.readouterr().out
+    assert cli(["benchmark", "--preset", "paper", "--output-dir", str(tmp_path)]) == 2
+    assert "needs `--data`" in capsys.readouterr().out
+    assert cli(["benchmark", "--pretrained", "DiT-XS/4", "--output-dir", str(tmp_path)]) == 2
+    assert "VARIANT=PIPELINE" in capsys.readouterr().out
+    assert (
+        cli(
+            [
+                "benchmark",
+                "--metrics",
+                "fid",
+                "--num-samples",
+                "100",
+                "--techniques",
+                "baseline",
+                "--output-dir",
+                str(tmp_path),
+            ]
+        )
+        == 2
+    )
+    assert "fid needs N >= 2049" in capsys.readouterr().out
+    assert not (tmp_path / "results.json").exists()
+    assert cli(["benchmark", "--list"]) == 0
+    assert "quanto-w8a8" in capsys.readouterr().out
+
+
+def test_presets_describe_the_default_and_the_paper_runs():
+    default, paper = preset_settings("default"), preset_settings("paper")
+    assert default.variants == ("DiT-XS/4",) and default.data == "digits"
+    assert paper.variants == ("DiT-S/2", "DiT-S/4", "DiT-XS/2", "DiT-XS/4")
+    assert set(paper.techniques) == set(TECHNIQUES) and paper.quality.num_samples == 50_000
+    assert json.loads(json.dumps(default.comparable())) == default.comparable()
+    assert default.techniques == benchmark_module.DEFAULT_TECHNIQUES

