@@ -174,7 +174,10 @@ class DiTOptimumPipeline(DiTPipeline):
         if output_type == "latent":
             samples = latents
         else:
-            samples = self.vae.decode(1 / self.vae.config.scaling_factor * latents).sample
+            latents = latents / self.vae.config.scaling_factor
+            if not isinstance(self.vae, IdentityAutoencoder):  # a real VAE may run in another dtype than a
+                latents = latents.to(self.vae.dtype)  # quantized / half-precision transformer
+            samples = self.vae.decode(latents).sample
             samples = (samples / 2 + 0.5).clamp(0, 1)
             if output_type != "pt":
                 samples = samples.cpu().permute(0, 2, 3, 1).float().numpy()

@@ -35,10 +35,10 @@ def _check_ratio(name: str, value: float) -> None:
 
 def _group_norm(weights: Sequence[torch.Tensor], groups: int, order: int) -> torch.Tensor:
     # Each tensor: (groups * width, ...) along dim 0 -> per-group norm of all its entries, summed over tensors.
-    total = torch.zeros(groups)
+    total = torch.zeros(groups)  # scores live on the CPU whatever the model's device
     for tensor in weights:
         per_group = tensor.detach().float().reshape(groups, -1)
-        total += per_group.abs().sum(1) if order == 1 else per_group.pow(2).sum(1)
+        total += (per_group.abs().sum(1) if order == 1 else per_group.pow(2).sum(1)).cpu()
     return total if order == 1 else total.sqrt()
 
 
@@ -100,7 +100,7 @@ def _taylor(tensors: Sequence[torch.Tensor], groups: int) -> torch.Tensor:
     total = torch.zeros(groups)
     for tensor in tensors:
         grad = tensor.grad if tensor.grad is not None else torch.zeros_like(tensor)
-        total += (tensor.detach() * grad).abs().float().reshape(groups, -1).sum(1)
+        total += (tensor.detach() * grad).abs().float().reshape(groups, -1).sum(1).cpu()
     return total
 
 
@@ -224,6 +224,8 @@ def _sliced_state_dict(
             if not key.startswith(old):
                 continue
             name = key[len(old) :]
+            query_rows, unit_rows = query_rows.to(tensor.device), unit_rows.to(tensor.device)
+            kv_rows = None if kv_rows is None else kv_rows.to(tensor.device)
             if heads_pruned and name.startswith("attn1.to_q."):
                 tensor = tensor.index_select(0, query_rows)
             elif heads_pruned and name == "attn1.to_out.0.weight":
