@@ -239,3 +239,26 @@ def test_presets_describe_the_default_and_the_paper_runs():
     assert set(paper.techniques) == set(TECHNIQUES) and paper.quality.num_samples == 50_000
     assert json.loads(json.dumps(default.comparable())) == default.comparable()
     assert default.techniques == benchmark_module.DEFAULT_TECHNIQUES
+
+
+def test_speed_only_run_measures_cost_on_untrained_latent_models(tmp_path):
+    def no_training(config):
+        raise AssertionError("a speed-only run must not train")
+
+    settings = BenchmarkSettings(
+        output_dir=str(tmp_path),
+        variants=("DiT-XS/8",),
+        techniques=("baseline", "bf16", "distill"),
+        image_size=8,
+        channels=4,
+        speed=SpeedSettings(batch_size=1, forward_batch_size=2, num_inference_steps=2, warmup=0, repeats=1),
+        speed_only=True,
+    )
+    rows = run_benchmark(settings, trainer=no_training)
+    base, half, student = rows
+    assert [row["status"] for row in rows] == ["ok", "ok", "ok"]
+    assert "kid" not in base and "num_samples" not in base and "sample_grid" not in base
+    assert half["dtype"] == "bfloat16" and half["size_bytes"] < 0.6 * base["size_bytes"]
+    assert 0.4 * base["gflops"] < student["gflops"] < 0.6 * base["gflops"]  # half the blocks
+    assert "Cost only" in write_report(rows, tmp_path).read_text()
+    assert not (tmp_path / "plots" / "pareto.png").exists()

@@ -266,8 +266,12 @@ def _run_benchmark(args: argparse.Namespace) -> int:
     training = {"steps": args.train_steps, "batch_size": args.train_batch_size, "learning_rate": args.learning_rate}
     settings.training = replace(settings.training, **{k: v for k, v in training.items() if v is not None})
     settings.quality = _quality_settings(args, settings.quality)
-    if args.speed_batch_size is not None:
-        settings.speed = replace(settings.speed, batch_size=args.speed_batch_size)
+    speed = {
+        "batch_size": args.speed_batch_size,
+        "num_inference_steps": args.steps,
+        "guidance_scale": args.guidance_scale,
+    }
+    settings.speed = replace(settings.speed, **{k: v for k, v in speed.items() if v is not None})
     if args.preset == "paper" and settings.data == "digits" and not settings.speed_only:
         raise ValueError(
             "`--preset paper` needs `--data` (a latents folder, an imagefolder or a datasets id) and "
@@ -290,7 +294,7 @@ def _run_benchmark(args: argparse.Namespace) -> int:
     rows = run_benchmark(settings, on_cell=report_cell)
     elapsed = time.perf_counter() - start
     notes = [f"Command: `dit-optimum {' '.join(args.argv)}`" if args.argv else "Command: `dit-optimum benchmark`"]
-    if args.preset == "default":
+    if args.preset == "default" and settings.data == "digits" and not settings.speed_only:
         notes.append(
             "Small-scale numbers: DiT-XS/4 trained for a few hundred steps on the 1,797 8x8 scikit-learn digits "
             "(upscaled to 16x16) and scored with few samples on a CPU. They rank techniques on this toy task and "

@@ -124,8 +124,9 @@ def preset_settings(name: str, **overrides: Any) -> BenchmarkSettings:
         raise ValueError(f"Unknown `preset`={name!r}; allowed values: {', '.join(PRESETS)}.")
     if name == "default":
         settings = BenchmarkSettings(
-            quality=QualitySettings(num_samples=200, reference_samples=1000, num_inference_steps=25),
-            speed=SpeedSettings(batch_size=16, forward_batch_size=64, num_inference_steps=25),
+            training=TrainingRecipe(steps=250),
+            quality=QualitySettings(num_samples=150, reference_samples=500, num_inference_steps=20),
+            speed=SpeedSettings(batch_size=16, forward_batch_size=64, num_inference_steps=20),
         )
     else:
         settings = BenchmarkSettings(

@@ -5,7 +5,10 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
+import torch
+
 from .flops import count_gflops, count_parameters
+from .inputs import example_inputs
 from .memory import peak_memory_bytes
 from .sampling import generate_images
 from .size import saved_size_bytes
@@ -38,7 +41,8 @@ def efficiency_metrics(pipeline, settings: SpeedSettings | None = None) -> dict[
     ``forward_images_per_s``: one transformer forward at ``forward_batch_size``; ``sampling_images_per_s``: full
     sampling (all steps, guidance, decode) at ``batch_size``; ``latency_s``: full sampling of one image;
     ``peak_memory_bytes``: peak above the loaded model during one sampling call at ``batch_size`` (CUDA allocator
-    on GPU, resident-set growth on CPU); ``size_bytes``: the saved transformer.
+    on GPU, resident-set growth on CPU; a VAE decode can dominate it); ``forward_peak_memory_bytes``: the same
+    during one transformer forward at ``forward_batch_size``; ``size_bytes``: the saved transformer.
     """
     settings = settings or SpeedSettings()
     settings.validate()
@@ -50,6 +54,9 @@ def efficiency_metrics(pipeline, settings: SpeedSettings | None = None) -> dict[
         generate_images(pipeline, indices, settings.num_inference_steps, settings.guidance_scale, seed=0)
 
     forward_s = time_forward(model, settings.forward_batch_size, warmup=settings.warmup, repeats=settings.repeats)
+    inputs = example_inputs(model, settings.forward_batch_size)
+    with torch.no_grad():
+        forward_memory = peak_memory_bytes(lambda: model(*inputs), device)
     sampling_s = median_call_seconds(lambda: sample(batch), device, settings.warmup, settings.repeats)
     latency_s = median_call_seconds(lambda: sample(range(1)), device, settings.warmup, settings.repeats)
     memory = peak_memory_bytes(lambda: sample(batch), device)
@@ -61,6 +68,7 @@ def efficiency_metrics(pipeline, settings: SpeedSettings | None = None) -> dict[
         "sampling_images_per_s": settings.batch_size / sampling_s,
         "latency_s": latency_s,
         "peak_memory_bytes": memory,
+        "forward_peak_memory_bytes": forward_memory,
         "dtype": str(model.dtype).replace("torch.", ""),
         "speed_settings": asdict(settings),
     }

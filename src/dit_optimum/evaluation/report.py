@@ -23,7 +23,8 @@ COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("fwd img/s", "forward_images_per_s", "{:.1f}"),
     ("sample img/s", "sampling_images_per_s", "{:.2f}"),
     ("latency (s)", "latency_s", "{:.3f}"),
-    ("peak mem (MB)", "peak_memory_mb", "{:.1f}"),
+    ("sampling mem (MB)", "peak_memory_mb", "{:.1f}"),
+    ("fwd mem (MB)", "forward_peak_memory_mb", "{:.1f}"),
 )
 # Deltas against the baseline, in percent; for the quality metrics lower is better, for throughput higher.
 DELTAS: tuple[tuple[str, str], ...] = (
@@ -34,7 +35,8 @@ DELTAS: tuple[tuple[str, str], ...] = (
     ("fwd img/s", "forward_images_per_s"),
     ("sample img/s", "sampling_images_per_s"),
     ("latency", "latency_s"),
-    ("peak mem", "peak_memory_bytes"),
+    ("sampling mem", "peak_memory_bytes"),
+    ("fwd mem", "forward_peak_memory_bytes"),
 )
 
 
@@ -42,8 +44,9 @@ def _derived(row: dict[str, Any]) -> dict[str, Any]:
     row = dict(row)
     if row.get("size_bytes") is not None:
         row["size_mb"] = row["size_bytes"] / 1e6
-    if row.get("peak_memory_bytes") is not None:
-        row["peak_memory_mb"] = row["peak_memory_bytes"] / 1e6
+    for key in ("peak_memory_bytes", "forward_peak_memory_bytes"):
+        if row.get(key) is not None:
+            row[key.replace("_bytes", "_mb")] = row[key] / 1e6
     if row.get("kid") is not None:
         row["kid"] = row["kid"] * 1e3
     return row
@@ -99,10 +102,13 @@ def markdown_deltas(rows: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def quality_key(rows: Sequence[dict[str, Any]]) -> str:
-    """The quality metric every finished row has: FID when all have it, else KID."""
+def quality_key(rows: Sequence[dict[str, Any]]) -> str | None:
+    """The quality metric every finished row has: FID when all have it, else KID, else None (cost-only runs)."""
     finished = [row for row in rows if _ok(row)]
-    return "fid" if finished and all(row.get("fid") is not None for row in finished) else "kid"
+    for key in ("fid", "kid"):
+        if finished and all(row.get(key) is not None for row in finished):
+            return key
+    return None
 
 
 def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
@@ -133,6 +139,24 @@ def write_plots(rows: Sequence[dict[str, Any]], folder: Path) -> list[Path]:
     ]
     written = []
 
+    if metric is not None:
+        written.append(_pareto_plot(plt, finished, labels, metric, folder / "pareto.png"))
+
+    for key, title, filename in (
+        ("gflops", "GFLOPs per image per forward", "gflops.png"),
+        ("forward_peak_memory_mb", "peak memory of one transformer forward (MB)", "memory.png"),
+    ):
+        figure, axis = plt.subplots(figsize=(8, 0.3 * len(finished) + 1.5))
+        axis.barh(labels, [row.get(key) or 0 for row in finished], color="tab:green")
+        axis.invert_yaxis()
+        axis.set(title=title)
+        figure.tight_layout()
+        written.append(_save(figure, folder / filename))
+    plt.close("all")
+    return written
+
+
+def _pareto_plot(plt, finished: list[dict[str, Any]], labels: list[str], metric: str, path: Path) -> Path:
     points = [(row["sampling_images_per_s"], row[metric]) for row in finished]
     figure, axis = plt.subplots(figsize=(8, 5.5))
     axis.scatter([p[0] for p in points], [p[1] for p in points], color="tab:blue")
@@ -148,20 +172,7 @@ def write_plots(rows: Sequence[dict[str, Any]], folder: Path) -> list[Path]:
     )
     axis.legend()
     figure.tight_layout()
-    written.append(_save(figure, folder / "pareto.png"))
-
-    for key, title, filename in (
-        ("gflops", "GFLOPs per image per forward", "gflops.png"),
-        ("peak_memory_mb", "peak memory during sampling (MB)", "memory.png"),
-    ):
-        figure, axis = plt.subplots(figsize=(8, 0.3 * len(finished) + 1.5))
-        axis.barh(labels, [row.get(key) or 0 for row in finished], color="tab:green")
-        axis.invert_yaxis()
-        axis.set(title=title)
-        figure.tight_layout()
-        written.append(_save(figure, folder / filename))
-    plt.close("all")
-    return written
+    return _save(figure, path)
 
 
 def _save(figure, path: Path) -> Path:
@@ -211,15 +222,21 @@ def write_report(
 
 
 def _measurement_line(row: dict[str, Any]) -> str:
-    quality = row.get("quality_settings", {})
     speed = row.get("speed_settings", {})
-    return (
-        f"Measured on {row.get('device')} ({row.get('hardware')}), dtype of each cell as built. Quality: "
-        f"N={row.get('num_samples')} generated vs N={row.get('reference_samples')} reference images "
-        f"({quality.get('reference')}), {row.get('sampler')} {quality.get('num_inference_steps')} steps, guidance "
-        f"{quality.get('guidance_scale')}; KID subsets of {row.get('kid_subset_size')}; FID/sFID need N above the "
-        f"feature dimension (2048 / 2023) and are n/a below. Speed: forward at batch "
-        f"{speed.get('forward_batch_size')}, sampling at batch {speed.get('batch_size')} "
-        f"({speed.get('num_inference_steps')} steps), latency at batch 1, medians of {speed.get('repeats')} after "
-        f"{speed.get('warmup')} warm-up.\n"
+    line = f"Measured on {row.get('device')} ({row.get('hardware')}), each cell in the dtype its technique gives. "
+    if row.get("num_samples") is not None:
+        quality = row.get("quality_settings", {})
+        line += (
+            f"Quality: N={row['num_samples']} generated vs N={row.get('reference_samples')} reference images "
+            f"({quality.get('reference')}), {row.get('sampler')} {quality.get('num_inference_steps')} steps, "
+            f"guidance {quality.get('guidance_scale')}; KID (x1e3) over subsets of {row.get('kid_subset_size')}; "
+            "FID/sFID need N above the feature dimension (2048 / 2023) and are n/a below. "
+        )
+    else:
+        line += "Cost only: untrained models (weights do not change these columns), no quality metrics. "
+    return line + (
+        f"Speed: one transformer forward at batch {speed.get('forward_batch_size')}, full sampling at batch "
+        f"{speed.get('batch_size')} ({speed.get('num_inference_steps')} steps, guidance {speed.get('guidance_scale')}"
+        f", decode included), latency at batch 1; medians of {speed.get('repeats')} after {speed.get('warmup')} "
+        "warm-up; peak memory above the loaded model during one sampling call and one forward.\n"
     )
