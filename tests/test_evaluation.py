@@ -3,14 +3,17 @@ weights search), clean resize, the reference cache, sampling split across proces
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from conftest import TinyFeatureExtractor, tiny_pixel_pipeline
 from dit_optimum.evaluation import features as features_module
@@ -35,6 +38,7 @@ from dit_optimum.evaluation.metrics import (
 from dit_optimum.evaluation.reference import reference_cache_path, reference_features
 from dit_optimum.evaluation.sampling import process_share, sample_features
 from dit_optimum.evaluation.size import saved_size_bytes
+from dit_optimum.evaluation.speed import interleaved_call_seconds
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -266,3 +270,50 @@ def test_efficiency_metrics_measure_the_pipeline():
     assert result["speed_settings"]["batch_size"] == 2
     with pytest.raises(ValueError, match="forward_batch_size"):
         efficiency_metrics(pipeline, SpeedSettings(forward_batch_size=0))
+    deeper = tiny_pixel_pipeline(num_layers=6)
+    paired = efficiency_metrics(pipeline, replace(settings, repeats=3), reference=deeper)
+    assert paired["forward_speedup"] > 1.2  # 2 blocks against 6, timed in the same rounds
+    assert paired["sampling_speedup"] > 0 and paired["latency_ratio"] > 0
+    assert "forward_speedup" not in result
+
+
+def test_interleaved_timing_calls_alternatives_round_robin():
+    calls = []
+    seconds = interleaved_call_seconds(
+        {"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, warmup=1, repeats=2
+    )
+    assert calls == ["a", "b"] * 3 and set(seconds) == {"a", "b"} and all(v >= 0 for v in seconds.values())
+    with pytest.raises(ValueError, match="repeats"):
+        interleaved_call_seconds({"a": lambda: None}, repeats=0)
+
+
+def test_evaluate_command_scores_a_saved_pipeline(tmp_path, monkeypatch, capsys, inception):
+    from dit_optimum.cli import main as cli
+
+    monkeypatch.setenv("DIT_OPTIMUM_CACHE", str(tmp_path / "cache"))
+    tiny_pixel_pipeline().save_pretrained(tmp_path / "pipe")
+    common = ["--num-samples", "6", "--reference-samples", "10", "--steps", "2", "--batch-size", "6"]
+    assert cli(["evaluate", str(tmp_path / "pipe"), *common, "--metrics", "fid"]) == 2
+    assert "fid needs N >= 2049" in capsys.readouterr().out
+    output = tmp_path / "result.json"
+    assert cli(["evaluate", str(tmp_path / "pipe"), *common, "--speed-batch-size", "2", "--output", str(output)]) == 0
+    result = json.loads(output.read_text())
+    assert result["fid"] is None and result["sfid"] is None and result["kid"] > 0
+    assert result["num_samples"] == 6 and result["reference_samples"] == 10
+    assert result["feature_extractor"].startswith("inception_v3_fid:") and result["gflops"] > 0
+    assert result["pipeline"] == str(tmp_path / "pipe") and "hardware" in result
+
+
+def test_reference_images_from_a_folder_read_only_the_chosen_files(tmp_path):
+    rng = np.random.default_rng(0)
+    for index in range(6):
+        folder = tmp_path / "images" / f"class{index % 2}"
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, size=(12, 10, 3), dtype=np.uint8)).save(folder / f"{index}.png")
+    (tmp_path / "images" / "notes.txt").write_text("not an image")
+    images = reference_module.load_reference_images(str(tmp_path / "images"), "train", 8, 4)
+    assert images.shape == (4, 8, 8, 3) and images.dtype == np.uint8
+    again = reference_module.load_reference_images(str(tmp_path / "images"), "train", 8, 4)
+    np.testing.assert_array_equal(images, again)  # same seed, same draw
+    with pytest.raises(ValueError, match="`reference_samples`=7 is more than the 6 images"):
+        reference_module.load_reference_images(str(tmp_path / "images"), "train", 8, 7)

@@ -312,6 +312,7 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     import json
 
     import torch
+    from accelerate import PartialState
 
     from .evaluation.efficiency import SpeedSettings, efficiency_metrics
     from .evaluation.fid import QualitySettings, evaluate_quality
@@ -319,10 +320,10 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     from .pipelines.dit import DiTOptimumPipeline
 
     settings = _quality_settings(args, QualitySettings())
-    pipeline = DiTOptimumPipeline.from_pretrained(args.pipeline)
-    pipeline.to("cuda" if torch.cuda.is_available() else "cpu")
+    state = PartialState(cpu=not torch.cuda.is_available())  # one process per GPU under torchrun / accelerate
+    pipeline = DiTOptimumPipeline.from_pretrained(args.pipeline).to(state.device)
     pipeline.set_progress_bar_config(disable=True)
-    result, _ = evaluate_quality(pipeline, settings)
+    result, _ = evaluate_quality(pipeline, settings, state=state)
     if not result:  # not the main process
         return 0
     if not args.no_speed:

@@ -17,7 +17,8 @@ import torch
 
 from .features import FeatureExtractor, extract_features
 
-REFERENCE_SPLITS = ("train",)
+REFERENCE_SPLITS = ("train",)  # digits and image folders have one split
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 
 
 def cache_dir() -> Path:
@@ -44,29 +45,48 @@ def reference_cache_path(dataset: str, split: str, resolution: int, num_samples:
     return cache_dir() / "reference" / f"{name}.npz"
 
 
-def load_reference_images(dataset: str, split: str, resolution: int, num_samples: int, seed: int = 0) -> np.ndarray:
-    """``num_samples`` real images (uint8, (N, H, W, C)) of a pixel dataset: ``digits``, an imagefolder or Hub id.
+def _to_uint8(images: torch.Tensor) -> np.ndarray:
+    # (N, C, H, W) in [-1, 1] -> uint8 (N, H, W, C)
+    images = ((images + 1) / 2).clamp(0, 1)
+    return (images * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
 
-    The images are drawn without replacement in an order fixed by ``seed``, at the generator's ``resolution``.
-    """
-    from ..training.data import load_training_data
 
-    if split not in REFERENCE_SPLITS:
-        raise ValueError(f"Unknown `reference_split`={split!r}; allowed values: {', '.join(REFERENCE_SPLITS)}.")
-    data = load_training_data(dataset, resolution, channels=3)
-    if data.vae is not None:
-        raise ValueError(
-            f"`reference`={dataset!r} holds VAE latents, not images: give the real images (an imagefolder or a "
-            "datasets id) as the reference."
-        )
-    available = len(data.samples)
+def _choose(available: int, num_samples: int, seed: int, dataset: str) -> list[int]:
     if num_samples > available:
         raise ValueError(
             f"`reference_samples`={num_samples} is more than the {available} images of `reference`={dataset!r}."
         )
-    order = torch.randperm(available, generator=torch.Generator().manual_seed(seed))[:num_samples]
-    images = (data.samples[order] + 1) / 2  # [-1, 1] -> [0, 1]
-    return (images.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    return torch.randperm(available, generator=torch.Generator().manual_seed(seed))[:num_samples].tolist()
+
+
+def load_reference_images(dataset: str, split: str, resolution: int, num_samples: int, seed: int = 0) -> np.ndarray:
+    """``num_samples`` real images (uint8, (N, H, W, 3)) at the generator's ``resolution``, drawn without
+    replacement in an order fixed by ``seed``: ``digits``, an image folder (searched recursively; only the chosen
+    files are read) or a ``datasets`` id (``split`` of it)."""
+    from ..training.data import LATENTS_METADATA, digits_data, load_image, pil_to_tensor
+
+    path = Path(dataset)
+    if (dataset == "digits" or path.is_dir()) and split not in REFERENCE_SPLITS:
+        raise ValueError(
+            f"Unknown `reference_split`={split!r} for {dataset!r}; allowed values: {', '.join(REFERENCE_SPLITS)}."
+        )
+    if dataset == "digits":
+        samples = digits_data(resolution, channels=3).samples
+        return _to_uint8(samples[_choose(len(samples), num_samples, seed, dataset)])
+    if path.is_dir():
+        if (path / LATENTS_METADATA).is_file():
+            raise ValueError(
+                f"`reference`={dataset!r} holds VAE latents, not images: give the real images (an image folder or "
+                "a datasets id) as the reference."
+            )
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        chosen = [files[i] for i in _choose(len(files), num_samples, seed, dataset)]
+        return _to_uint8(torch.stack([load_image(file, resolution, 3) for file in chosen]))
+    from datasets import load_dataset
+
+    rows = load_dataset(dataset, split=split)
+    chosen = rows.select(_choose(len(rows), num_samples, seed, dataset))
+    return _to_uint8(torch.stack([pil_to_tensor(row["image"], resolution, 3) for row in chosen]))
 
 
 def _save_npz_atomic(path: Path, arrays: dict[str, np.ndarray]) -> None:

@@ -27,6 +27,12 @@ COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("fwd mem (MB)", "forward_peak_memory_mb", "{:.1f}"),
 )
 # Deltas against the baseline, in percent; for the quality metrics lower is better, for throughput higher.
+# Speed deltas come from the paired ratios (the baseline re-timed in the same rounds as the cell) when present.
+PAIRED_RATIOS = {
+    "forward_images_per_s": "forward_speedup",
+    "sampling_images_per_s": "sampling_speedup",
+    "latency_s": "latency_ratio",
+}
 DELTAS: tuple[tuple[str, str], ...] = (
     ("FID", "fid"),
     ("KID", "kid"),
@@ -77,17 +83,21 @@ def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
 
 
 def baseline_deltas(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per non-baseline row: percent change of each ``DELTAS`` metric against its variant's baseline row."""
+    """Per finished row: percent change of each ``DELTAS`` metric against its variant's baseline row (the baseline's
+    own row shows the timing noise of its paired re-measurement)."""
     baselines = {row["variant"]: row for row in rows if _ok(row) and row["technique"] == "baseline"}
     deltas = []
     for row in rows:
         base = baselines.get(row["variant"])
-        if not _ok(row) or base is None or row is base:
+        if not _ok(row) or base is None:
             continue
         entry: dict[str, Any] = {"variant": row["variant"], "technique": row["technique"]}
         for label, key in DELTAS:
             value, reference = row.get(key), base.get(key)
-            entry[label] = None if value is None or not reference else 100 * (value - reference) / abs(reference)
+            if row.get(PAIRED_RATIOS.get(key, "")) is not None:
+                entry[label] = 100 * (row[PAIRED_RATIOS[key]] - 1)
+            else:
+                entry[label] = None if value is None or not reference else 100 * (value - reference) / abs(reference)
         deltas.append(entry)
     return deltas
 
@@ -198,7 +208,11 @@ def write_report(
     if finished:
         parts.append(_measurement_line(finished[0]))
     parts.append("## Results\n\n" + markdown_table(rows))
-    parts.append("## Change against each variant's baseline\n\n" + markdown_deltas(rows))
+    parts.append(
+        "## Change against each variant's baseline\n\nSpeed columns are paired: in every cell the baseline is "
+        "timed again, round-robin with the technique, and the change is their ratio (the baseline's own row "
+        "measures the noise).\n\n" + markdown_deltas(rows)
+    )
     if failed:
         parts.append(
             "## Failed cells (retried on the next run)\n\n"

@@ -1,7 +1,8 @@
-"""Wall-clock timing of transformer forwards: warm-up, device synchronisation, median of repeated runs."""
+"""Wall-clock timing: warm-up, device synchronisation, medians of repeated runs, alternatives timed round-robin."""
 
 from __future__ import annotations
 
+import functools
 import statistics
 import time
 from collections.abc import Callable, Mapping
@@ -18,25 +19,43 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def interleaved_median_times(
-    models: Mapping[str, nn.Module], inputs: tuple[torch.Tensor, ...], warmup: int = 1, repeats: int = 3
+def interleaved_call_seconds(
+    functions: Mapping[str, Callable[[], Any]], device: torch.device | str = "cpu", warmup: int = 1, repeats: int = 3
 ) -> dict[str, float]:
-    """Median seconds of one forward per model, timing the models round-robin so machine noise hits them alike."""
+    """Median seconds of each ``function()``, called round-robin after ``warmup`` untimed rounds, device synchronised.
+
+    Round-robin timing lets machine noise hit every alternative alike, so their ratios stay meaningful on a
+    noisy machine. ``no_grad``, not ``inference_mode``: quantized tensor subclasses (quanto int4) cannot run there.
+    """
     if warmup < 0 or repeats < 1:
         raise ValueError(f"`warmup` must be >= 0 and `repeats` >= 1, got warmup={warmup}, repeats={repeats}.")
-    device = inputs[0].device
-    times: dict[str, list[float]] = {name: [] for name in models}
-    # no_grad, not inference_mode: quantized tensor subclasses (quanto int4) cannot run under inference mode.
+    device = torch.device(device)
+    times: dict[str, list[float]] = {name: [] for name in functions}
     with torch.no_grad():
         for round_index in range(warmup + repeats):
-            for name, model in models.items():
+            for name, function in functions.items():
                 _synchronize(device)
                 start = time.perf_counter()
-                model(*inputs)
+                function()
                 _synchronize(device)
                 if round_index >= warmup:
                     times[name].append(time.perf_counter() - start)
     return {name: statistics.median(values) for name, values in times.items()}
+
+
+def interleaved_median_times(
+    models: Mapping[str, nn.Module], inputs: tuple[torch.Tensor, ...], warmup: int = 1, repeats: int = 3
+) -> dict[str, float]:
+    """Median seconds of one forward per model on the same ``inputs``, the models timed round-robin."""
+    calls = {name: functools.partial(model, *inputs) for name, model in models.items()}
+    return interleaved_call_seconds(calls, inputs[0].device, warmup, repeats)
+
+
+def median_call_seconds(
+    function: Callable[[], Any], device: torch.device | str = "cpu", warmup: int = 1, repeats: int = 3
+) -> float:
+    """Median wall-clock seconds of ``function()`` after ``warmup`` untimed calls, device synchronised."""
+    return interleaved_call_seconds({"call": function}, device, warmup, repeats)["call"]
 
 
 def time_forward(
@@ -45,22 +64,3 @@ def time_forward(
     """Median seconds of one forward of ``model`` on a random batch (no grad, device synchronised)."""
     inputs = example_inputs(model, batch_size, sample_size)
     return interleaved_median_times({"model": model}, inputs, warmup, repeats)["model"]
-
-
-def median_call_seconds(
-    function: Callable[[], Any], device: torch.device | str = "cpu", warmup: int = 1, repeats: int = 3
-) -> float:
-    """Median wall-clock seconds of ``function()`` after ``warmup`` untimed calls, device synchronised."""
-    if warmup < 0 or repeats < 1:
-        raise ValueError(f"`warmup` must be >= 0 and `repeats` >= 1, got warmup={warmup}, repeats={repeats}.")
-    device = torch.device(device)
-    times = []
-    with torch.no_grad():
-        for round_index in range(warmup + repeats):
-            _synchronize(device)
-            start = time.perf_counter()
-            function()
-            _synchronize(device)
-            if round_index >= warmup:
-                times.append(time.perf_counter() - start)
-    return statistics.median(times)

@@ -53,16 +53,18 @@ def digits_data(image_size: int = 16, channels: int = 1) -> TrainingData:
     return TrainingData(samples, torch.tensor(digits.target, dtype=torch.long), {i: str(i) for i in range(10)})
 
 
-def _pil_to_tensor(image: Image.Image, image_size: int, channels: int) -> torch.Tensor:
+def pil_to_tensor(image: Image.Image, image_size: int, channels: int) -> torch.Tensor:
+    """A PIL image as (channels, image_size, image_size) in [-1, 1] (grey or RGB, bilinear resize)."""
     array = np.asarray(image.convert("L" if channels == 1 else "RGB"), dtype=np.float32) / 255.0
     tensor = torch.from_numpy(array)
     tensor = tensor[None] if channels == 1 else tensor.permute(2, 0, 1)
     return _resize(tensor[None], image_size)[0]
 
 
-def _load_image(path: Path, image_size: int, channels: int) -> torch.Tensor:
+def load_image(path: Path, image_size: int, channels: int) -> torch.Tensor:
+    """An image file as ``pil_to_tensor`` gives it."""
     with Image.open(path) as image:
-        return _pil_to_tensor(image, image_size, channels)
+        return pil_to_tensor(image, image_size, channels)
 
 
 def image_folder_data(root: str | Path, image_size: int, channels: int = 3, skip_corrupt: bool = False) -> TrainingData:
@@ -75,7 +77,7 @@ def image_folder_data(root: str | Path, image_size: int, channels: int = 3, skip
     for label, name in enumerate(classes):
         for path in sorted(p for p in (root / name).iterdir() if p.is_file()):
             try:
-                samples.append(_load_image(path, image_size, channels))
+                samples.append(load_image(path, image_size, channels))
             except (UnidentifiedImageError, OSError, ValueError) as error:
                 if not skip_corrupt:
                     raise ValueError(
@@ -111,7 +113,7 @@ def hub_data(name: str, image_size: int, channels: int = 3, split: str = "train"
     from datasets import load_dataset
 
     dataset = load_dataset(name, split=split)
-    images = [_pil_to_tensor(example["image"], image_size, channels) for example in dataset]
+    images = [pil_to_tensor(example["image"], image_size, channels) for example in dataset]
     names = dataset.features["label"].names if hasattr(dataset.features["label"], "names") else None
     id2label = dict(enumerate(names)) if names else {}
     return TrainingData(torch.stack(images), torch.tensor(dataset["label"]), id2label)
