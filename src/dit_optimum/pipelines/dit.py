@@ -174,7 +174,7 @@ class DiTOptimumPipeline(DiTPipeline):
         if output_type == "latent":
             samples = latents
         else:
-            latents = latents / self.vae.config.scaling_factor
+            latents = 1 / self.vae.config.scaling_factor * latents  # as the stock pipeline: same bits
             if not isinstance(self.vae, IdentityAutoencoder):  # a real VAE may run in another dtype than a
                 latents = latents.to(self.vae.dtype)  # quantized / half-precision transformer
             samples = self.vae.decode(latents).sample
