@@ -234,6 +234,7 @@ def _print_table(console, rows, title: str) -> None:
 def _run_benchmark(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
+    from accelerate import PartialState
     from rich.console import Console
 
     from .evaluation.benchmark import preset_settings, run_benchmark
@@ -292,6 +293,8 @@ def _run_benchmark(args: argparse.Namespace) -> int:
         )
 
     rows = run_benchmark(settings, on_cell=report_cell)
+    if not PartialState().is_main_process:  # under torchrun / accelerate launch, one process writes the report
+        return 0
     elapsed = time.perf_counter() - start
     notes = [f"Command: `dit-optimum {' '.join(args.argv)}`" if args.argv else "Command: `dit-optimum benchmark`"]
     if args.preset == "default" and settings.data == "digits" and not settings.speed_only:

@@ -82,6 +82,7 @@ def efficiency_metrics(pipeline, settings: SpeedSettings | None = None, referenc
         "peak_memory_bytes": sampling_memory,
         "forward_peak_memory_bytes": forward_memory,
         "dtype": str(model.dtype).replace("torch.", ""),
+        "sampler": type(pipeline.scheduler).__name__,
         "speed_settings": asdict(settings),
     }
     if reference is not None:
