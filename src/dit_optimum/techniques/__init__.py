@@ -2,6 +2,7 @@
 
 from .pruning import IMPORTANCE_CRITERIA, SCOPES, importance_scores, prune, teacher_and_student
 from .quantization import BACKENDS, DEFAULT_KEEP_FLOAT, SUPPORTED, CalibrationSettings, quantize
+from .registry import TECHNIQUES, Technique, TechniqueContext, get_technique, register_technique
 
 __all__ = [
     "BACKENDS",
@@ -9,9 +10,14 @@ __all__ = [
     "IMPORTANCE_CRITERIA",
     "SCOPES",
     "SUPPORTED",
+    "TECHNIQUES",
     "CalibrationSettings",
+    "Technique",
+    "TechniqueContext",
+    "get_technique",
     "importance_scores",
     "prune",
     "quantize",
+    "register_technique",
     "teacher_and_student",
 ]
