@@ -240,7 +240,8 @@ def test_bad_benchmark_arguments_fail_clearly(tmp_path, capsys):
 
 def test_presets_describe_the_default_and_the_paper_runs():
     default, paper = preset_settings("default"), preset_settings("paper")
-    assert default.variants == ("DiT-XS/4",) and default.data == "digits"
+    assert default == BenchmarkSettings() and default.variants == ("DiT-XS/4",) and default.data == "digits"
+    assert default.quality.num_samples == 150 and default.training.steps == 250
     assert paper.variants == ("DiT-S/2", "DiT-S/4", "DiT-XS/2", "DiT-XS/4")
     assert set(paper.techniques) == set(TECHNIQUES) and paper.quality.num_samples == 50_000
     assert json.loads(json.dumps(default.comparable())) == default.comparable()

@@ -58,7 +58,7 @@ PRESETS: tuple[str, ...] = ("default", "paper")
 class TrainingRecipe:
     """How the baseline and every trained technique of a variant are trained (identically, for fairness)."""
 
-    steps: int = 400
+    steps: int = 250
     batch_size: int = 32
     learning_rate: float = 1e-3
     ema_decay: float = 0.999
@@ -69,7 +69,8 @@ class TrainingRecipe:
 
 @dataclass
 class BenchmarkSettings:
-    """The whole matrix: variants x techniques, the data they train on, and how each cell is measured.
+    """The whole matrix: variants x techniques, the data they train on, and how each cell is measured. The
+    defaults are the embedded default run (``preset_settings("default")``).
 
     ``pretrained`` maps a variant to a trained baseline pipeline (folder or Hub id) used instead of training one.
     ``speed_only`` measures the cost columns alone on untrained models (``UntrainedContext``): no data, no training,
@@ -84,8 +85,13 @@ class BenchmarkSettings:
     channels: int = 1
     pretrained: dict[str, str] = field(default_factory=dict)
     training: TrainingRecipe = field(default_factory=TrainingRecipe)
-    quality: QualitySettings = field(default_factory=QualitySettings)
-    speed: SpeedSettings = field(default_factory=SpeedSettings)
+    # small N and few steps: the embedded default fits about 15 minutes on 2 CPU cores
+    quality: QualitySettings = field(
+        default_factory=lambda: QualitySettings(num_samples=150, reference_samples=500, num_inference_steps=20)
+    )
+    speed: SpeedSettings = field(
+        default_factory=lambda: SpeedSettings(batch_size=16, forward_batch_size=64, num_inference_steps=20)
+    )
     grid_size: int = 20
     speed_only: bool = False
 
@@ -124,11 +130,7 @@ def preset_settings(name: str, **overrides: Any) -> BenchmarkSettings:
     if name not in PRESETS:
         raise ValueError(f"Unknown `preset`={name!r}; allowed values: {', '.join(PRESETS)}.")
     if name == "default":
-        settings = BenchmarkSettings(
-            training=TrainingRecipe(steps=250),
-            quality=QualitySettings(num_samples=150, reference_samples=500, num_inference_steps=20),
-            speed=SpeedSettings(batch_size=16, forward_batch_size=64, num_inference_steps=20),
-        )
+        settings = BenchmarkSettings()
     else:
         settings = BenchmarkSettings(
             variants=PAPER_PRESETS,
