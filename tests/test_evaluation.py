@@ -223,6 +223,16 @@ def test_two_processes_split_the_samples_and_gather_them_in_order(tmp_path):
     for kind in ("pool", "spatial"):
         assert gathered[kind].shape == single.features[kind].shape
         np.testing.assert_allclose(gathered[kind], single.features[kind], atol=2e-2)
+    # one sample for two processes: the idle process still joins the gather
+    result = subprocess.run(
+        [*torchrun, str(ROOT / "tests" / "distributed_sampling.py"), str(output), "1"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    np.testing.assert_allclose(np.load(output)["pool"], single.features["pool"][:1], atol=2e-2)
 
 
 def test_metric_choice_follows_n():

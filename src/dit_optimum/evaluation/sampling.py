@@ -93,7 +93,11 @@ def sample_features(
             kept.append(images[: keep_images - start])
         for kind, value in extract_features(images, extractor, batch_size, device).items():
             local.setdefault(kind, []).append(value)
-    features = {kind: np.concatenate(values) for kind, values in local.items()}
+    # A process with no share (fewer samples than processes) still takes part in the gather, with empty features.
+    features = {
+        kind: np.concatenate(local[kind]) if kind in local else np.zeros((0, dim))
+        for kind, dim in extractor.feature_dims.items()
+    }
     if state.num_processes > 1:
         features = _gather_in_order(features, num_samples, state)
     empty = np.zeros((0, 0, 0, 0), dtype=np.uint8)
