@@ -269,3 +269,12 @@ def test_speed_only_run_measures_cost_on_untrained_latent_models(tmp_path):
     assert 0.4 * base["gflops"] < student["gflops"] < 0.6 * base["gflops"]  # half the blocks
     assert "Cost only" in write_report(rows, tmp_path).read_text()
     assert not (tmp_path / "plots" / "pareto.png").exists()
+
+
+def test_variant_context_reads_a_pretrained_baseline_config_without_loading_weights(tmp_path):
+    tiny_pixel_pipeline(num_layers=3).save_pretrained(tmp_path / "pipe")
+    settings = replace(tiny_settings(tmp_path / "bench"), pretrained={"DiT-XS/4": str(tmp_path / "pipe")})
+    context = benchmark_module.VariantContext(settings, "DiT-XS/4")
+    assert context.baseline_config()["num_layers"] == 3
+    assert context.baseline().transformer.config.num_layers == 3
+    assert not (tmp_path / "bench" / "models").exists()  # nothing trained for a pretrained baseline

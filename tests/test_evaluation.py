@@ -205,34 +205,31 @@ def test_samples_do_not_depend_on_the_batch_size():
         sample_features(pipeline, 0, extractor)
 
 
-def test_two_processes_split_the_samples_and_gather_them_in_order(tmp_path):
-    single = sample_features(tiny_pixel_pipeline(), 7, TinyFeatureExtractor(), batch_size=3, num_inference_steps=3)
+def sample_with_two_processes(output: Path, num_samples: int):
+    """Run tests/distributed_sampling.py under torchrun with 2 CPU processes; rank 0's gathered features."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "tests")}
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    output = tmp_path / "features.npz"
     result = subprocess.run(
-        [*torchrun, str(ROOT / "tests" / "distributed_sampling.py"), str(output), "7"],
+        [*torchrun, str(ROOT / "tests" / "distributed_sampling.py"), str(output), str(num_samples)],
         capture_output=True,
         text=True,
         env=env,
         timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    gathered = np.load(output)
+    return np.load(output)
+
+
+def test_two_processes_split_the_samples_and_gather_them_in_order(tmp_path):
+    single = sample_features(tiny_pixel_pipeline(), 7, TinyFeatureExtractor(), batch_size=3, num_inference_steps=3)
+    gathered = sample_with_two_processes(tmp_path / "features.npz", 7)
     assert int(gathered["world"]) == 2 and int(gathered["kept"]) == 4
     for kind in ("pool", "spatial"):
         assert gathered[kind].shape == single.features[kind].shape
         np.testing.assert_allclose(gathered[kind], single.features[kind], atol=2e-2)
     # one sample for two processes: the idle process still joins the gather
-    result = subprocess.run(
-        [*torchrun, str(ROOT / "tests" / "distributed_sampling.py"), str(output), "1"],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=600,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    np.testing.assert_allclose(np.load(output)["pool"], single.features["pool"][:1], atol=2e-2)
+    one = sample_with_two_processes(tmp_path / "one.npz", 1)
+    np.testing.assert_allclose(one["pool"], single.features["pool"][:1], atol=2e-2)
 
 
 def test_metric_choice_follows_n():

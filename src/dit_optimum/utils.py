@@ -1,4 +1,4 @@
-"""Small shared helpers: atomic folder writes and the save options dit-optimum accepts."""
+"""Small shared helpers: atomic file and folder writes, argument checks, the save options dit-optimum accepts."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 
 @contextmanager
@@ -32,6 +33,32 @@ def atomic_directory(target: str | os.PathLike) -> Iterator[Path]:
     os.replace(target, backup)
     os.replace(staging, target)
     shutil.rmtree(backup, ignore_errors=True)
+
+
+@contextmanager
+def atomic_file(target: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside ``target`` to write; on success it replaces ``target``, on error it is removed.
+
+    Readers never see a half-written file (the rename is atomic within one folder).
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    handle, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.close(handle)
+    temporary = Path(name)
+    try:
+        yield temporary
+        os.replace(temporary, target)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+
+
+def check_positive_integers(**values: Any) -> None:
+    """Raise ``ValueError`` naming the first argument that is not a positive integer (booleans are refused)."""
+    for name, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"`{name}`={value!r} must be a positive integer.")
 
 
 def pop_unsupported_save_options(kwargs: dict) -> None:

@@ -27,6 +27,7 @@ from ..models.transformer import DiTOptimumTransformer2DModel
 from ..pipelines.dit import DiTOptimumPipeline
 from ..techniques.registry import TECHNIQUES, get_technique
 from ..training.trainer import TrainConfig, final_loss, train
+from ..utils import atomic_file
 from .efficiency import SpeedSettings, efficiency_metrics
 from .features import FeatureExtractor
 from .fid import QualitySettings, default_feature_extractor, evaluate_quality, resolve_metrics
@@ -110,8 +111,8 @@ class BenchmarkSettings:
         self.speed.validate()
 
     def comparable(self) -> dict[str, Any]:
-        """The settings that must match for results of two runs to share one table."""
-        return {
+        """The settings that must match for results of two runs to share one table, as stored in JSON."""
+        settings = {
             "data": self.data,
             "image_size": self.image_size,
             "channels": self.channels,
@@ -121,6 +122,7 @@ class BenchmarkSettings:
             "speed": asdict(self.speed),
             "speed_only": self.speed_only,
         }
+        return json.loads(json.dumps(settings, default=str))
 
 
 def preset_settings(name: str, **overrides: Any) -> BenchmarkSettings:
@@ -186,7 +188,7 @@ class VariantContext:
         return DiTOptimumPipeline.from_pretrained(self.baseline_path()).to(self.device)
 
     def baseline_config(self) -> Mapping[str, Any]:
-        return self.baseline().transformer.config
+        return DiTOptimumTransformer2DModel.load_config(self.baseline_path(), subfolder="transformer")
 
     def train(
         self, name: str, model_overrides: Mapping[str, Any] | None = None, *, distill: bool = False, **options: Any
@@ -293,7 +295,7 @@ def load_results(output_dir: str | Path) -> dict[str, Any]:
 
 def _check_comparable(previous: Mapping[str, Any], settings: BenchmarkSettings) -> None:
     stored = previous.get("settings")
-    current = json.loads(json.dumps(settings.comparable(), default=str))
+    current = settings.comparable()
     if stored is not None and stored != current:
         differing = sorted(key for key in set(stored) | set(current) if stored.get(key) != current.get(key))
         raise ValueError(
@@ -313,10 +315,8 @@ def save_sample_grid(images: np.ndarray, path: Path, columns: int = 10, min_side
     picture = Image.fromarray(grid[..., 0] if channels == 1 else grid)
     scale = max(1, -(-min_side // height))
     picture = picture.resize((picture.width * scale, picture.height * scale), Image.NEAREST)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.tmp")
-    picture.save(temporary, format="PNG")
-    temporary.replace(path)
+    with atomic_file(path) as temporary:
+        picture.save(temporary, format="PNG")
 
 
 def _flat(row: Mapping[str, Any]) -> dict[str, Any]:
@@ -405,6 +405,6 @@ def _run_cell(
 
 
 def _write_results(output_dir: Path, settings: BenchmarkSettings, rows: Sequence[dict[str, Any]]) -> None:
-    payload = {"settings": json.loads(json.dumps(settings.comparable(), default=str)), "rows": list(rows)}
+    payload = {"settings": settings.comparable(), "rows": list(rows)}
     write_json_atomic(output_dir / RESULTS_FILE, payload)
     write_csv_atomic(output_dir / "results.csv", [_flat(row) for row in rows])

@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from ..utils import check_positive_integers
 from .flops import count_gflops, count_parameters
 from .inputs import example_inputs
 from .memory import peak_memory_bytes
@@ -28,10 +29,8 @@ class SpeedSettings:
     repeats: int = 3
 
     def validate(self) -> None:
-        for name in ("batch_size", "forward_batch_size", "num_inference_steps", "repeats"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"`{name}`={value!r} must be a positive integer.")
+        names = ("batch_size", "forward_batch_size", "num_inference_steps", "repeats")
+        check_positive_integers(**{name: getattr(self, name) for name in names})
         if not isinstance(self.warmup, int) or self.warmup < 0:
             raise ValueError(f"`warmup`={self.warmup!r} must be an integer >= 0.")
 

@@ -159,10 +159,10 @@ def to_uint8(images: np.ndarray | torch.Tensor) -> np.ndarray:
 def extract_features(
     images: np.ndarray, extractor: FeatureExtractor, batch_size: int = 50, device: torch.device | str = "cpu"
 ) -> dict[str, np.ndarray]:
-    """Features of uint8 images (B, H, W, C): each kind (``pool``, ``spatial``) as float64 (B, D)."""
+    """Features of uint8 images (B, H, W, C): each kind (``pool``, ``spatial``) as float32 (B, D)."""
     outputs: dict[str, list[np.ndarray]] = {}
     for start in range(0, len(images), batch_size):
         batch = clean_resize(images[start : start + batch_size], extractor.input_size).to(device)
         for kind, value in extractor(batch).items():
-            outputs.setdefault(kind, []).append(value.double().cpu().numpy())
+            outputs.setdefault(kind, []).append(value.float().cpu().numpy())
     return {kind: np.concatenate(values) for kind, values in outputs.items()}

@@ -15,6 +15,7 @@ import torch
 from accelerate import PartialState
 
 from ..models.autoencoder import IdentityAutoencoder
+from ..utils import check_positive_integers
 from .features import FeatureExtractor, InceptionFeatures
 from .metrics import frechet_distance, gaussian_statistics, kernel_inception_distance, minimum_samples_for_frechet
 from .reference import reference_features
@@ -48,10 +49,8 @@ class QualitySettings:
     use_cache: bool = True
 
     def validate(self) -> None:
-        for name in ("reference_samples", "num_samples", "batch_size", "num_inference_steps", "kid_subsets"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"`{name}`={value!r} must be a positive integer.")
+        names = ("reference_samples", "num_samples", "batch_size", "num_inference_steps", "kid_subsets")
+        check_positive_integers(**{name: getattr(self, name) for name in names})
         if self.num_samples < 2 or self.reference_samples < 2:
             raise ValueError("`num_samples` and `reference_samples` must be >= 2 (KID compares pairs of samples).")
         if not math.isfinite(self.guidance_scale) or self.guidance_scale < 1:

@@ -9,12 +9,12 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from ..utils import atomic_file
 from .features import FeatureExtractor, extract_features
 
 REFERENCE_SPLITS = ("train",)  # digits and image folders have one split
@@ -89,18 +89,6 @@ def load_reference_images(dataset: str, split: str, resolution: int, num_samples
     return _to_uint8(torch.stack([pil_to_tensor(row["image"], resolution, 3) for row in chosen]))
 
 
-def _save_npz_atomic(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp_name = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".npz", dir=path.parent)
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            np.savez(stream, **arrays)
-        os.replace(temp_name, path)
-    except BaseException:
-        Path(temp_name).unlink(missing_ok=True)
-        raise
-
-
 def reference_features(
     dataset: str,
     resolution: int,
@@ -121,5 +109,6 @@ def reference_features(
     images = load_reference_images(dataset, split, resolution, num_samples)
     features = extract_features(images, extractor, batch_size, device)
     if use_cache:
-        _save_npz_atomic(path, {kind: value.astype(np.float32) for kind, value in features.items()})
-    return {kind: value.astype(np.float32) for kind, value in features.items()}
+        with atomic_file(path) as temporary, temporary.open("wb") as stream:
+            np.savez(stream, **features)
+    return features

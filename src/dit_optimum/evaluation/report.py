@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from ..utils import atomic_file
 from .records import write_text_atomic
 
 # (header, row key, format); a missing or None value prints as "n/a".
@@ -186,9 +187,8 @@ def _pareto_plot(plt, finished: list[dict[str, Any]], labels: list[str], metric:
 
 
 def _save(figure, path: Path) -> Path:
-    temporary = path.with_name(f".{path.name}.tmp")
-    figure.savefig(temporary, dpi=120, format="png")
-    temporary.replace(path)
+    with atomic_file(path) as temporary:
+        figure.savefig(temporary, dpi=120, format="png")
     return path
 
 

@@ -15,6 +15,7 @@ import torch
 from accelerate import PartialState
 from accelerate.utils import gather
 
+from ..utils import check_positive_integers
 from .features import FeatureExtractor, extract_features, to_uint8
 
 
@@ -77,10 +78,7 @@ def sample_features(
     Run under ``torchrun``/``accelerate launch`` and every process takes a share; ``keep_images`` of the first
     samples are kept (on the process that made them) for sample grids.
     """
-    if not isinstance(num_samples, int) or num_samples < 1:
-        raise ValueError(f"`num_samples`={num_samples!r} must be a positive integer.")
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"`batch_size`={batch_size!r} must be a positive integer.")
+    check_positive_integers(num_samples=num_samples, batch_size=batch_size)
     state = state or PartialState(cpu=not torch.cuda.is_available())
     share = process_share(num_samples, state.num_processes, state.process_index)
     device = state.device
@@ -95,7 +93,7 @@ def sample_features(
             local.setdefault(kind, []).append(value)
     # A process with no share (fewer samples than processes) still takes part in the gather, with empty features.
     features = {
-        kind: np.concatenate(local[kind]) if kind in local else np.zeros((0, dim))
+        kind: np.concatenate(local[kind]) if kind in local else np.zeros((0, dim), dtype=np.float32)
         for kind, dim in extractor.feature_dims.items()
     }
     if state.num_processes > 1:
@@ -109,7 +107,7 @@ def _gather_in_order(features: dict[str, np.ndarray], num_samples: int, state: P
     longest = math.ceil(num_samples / state.num_processes)
     gathered = {}
     for kind, value in sorted(features.items()):
-        padded = torch.zeros(longest, value.shape[1], dtype=torch.float64, device=state.device)
+        padded = torch.zeros(longest, value.shape[1], dtype=torch.float32, device=state.device)
         padded[: len(value)] = torch.from_numpy(value).to(state.device)
         everything = gather(padded).reshape(state.num_processes, longest, -1).cpu().numpy()
         lengths = [len(process_share(num_samples, state.num_processes, rank)) for rank in range(state.num_processes)]
