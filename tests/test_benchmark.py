@@ -211,11 +211,11 @@ def test_bad_benchmark_arguments_fail_clearly(tmp_path, capsys):
     with pytest.raises(ValueError, match="pretrained"):
         replace(tiny_settings(tmp_path), pretrained={"DiT-S/2": "x"}).validate()
     assert cli(["benchmark", "--techniques", "baseline,nope", "--output-dir", str(tmp_path)]) == 2
-    assert "Unknown `techniques` ['nope']" in capsys.readouterr().out
+    assert "Unknown `techniques` ['nope']" in capsys.readouterr().err
     assert cli(["benchmark", "--preset", "paper", "--output-dir", str(tmp_path)]) == 2
-    assert "needs `--data`" in capsys.readouterr().out
+    assert "needs `--data`" in capsys.readouterr().err
     assert cli(["benchmark", "--pretrained", "DiT-XS/4", "--output-dir", str(tmp_path)]) == 2
-    assert "VARIANT=PIPELINE" in capsys.readouterr().out
+    assert "VARIANT=PIPELINE" in capsys.readouterr().err
     assert (
         cli(
             [
@@ -232,7 +232,7 @@ def test_bad_benchmark_arguments_fail_clearly(tmp_path, capsys):
         )
         == 2
     )
-    assert "fid needs N >= 2049" in capsys.readouterr().out
+    assert "fid needs N >= 2049" in capsys.readouterr().err
     assert not (tmp_path / "results.json").exists()
     assert cli(["benchmark", "--list"]) == 0
     assert "quanto-w8a8" in capsys.readouterr().out

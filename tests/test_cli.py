@@ -49,7 +49,7 @@ def test_architecture_writes_rows_with_ratios_to_sdpa(tmp_path, capsys):
 
 def test_architecture_rejects_unknown_names(tmp_path, capsys):
     assert main(["architecture", "--attention-types", "sdpa,flash", "--output-dir", str(tmp_path)]) == 2
-    assert "flash" in capsys.readouterr().out
+    assert "flash" in capsys.readouterr().err
     assert main(["architecture", "--presets", "DiT-M/2", "--output-dir", str(tmp_path)]) == 2
-    assert "DiT-XS/2" in capsys.readouterr().out
+    assert "DiT-XS/2" in capsys.readouterr().err
     assert not (tmp_path / "architecture.json").exists()

@@ -301,7 +301,7 @@ def test_evaluate_command_scores_a_saved_pipeline(tmp_path, monkeypatch, capsys,
     tiny_pixel_pipeline().save_pretrained(tmp_path / "pipe")
     common = ["--num-samples", "6", "--reference-samples", "10", "--steps", "2", "--batch-size", "6"]
     assert cli(["evaluate", str(tmp_path / "pipe"), *common, "--metrics", "fid"]) == 2
-    assert "fid needs N >= 2049" in capsys.readouterr().out
+    assert "fid needs N >= 2049" in capsys.readouterr().err
     output = tmp_path / "result.json"
     assert cli(["evaluate", str(tmp_path / "pipe"), *common, "--speed-batch-size", "2", "--output", str(output)]) == 0
     result = json.loads(output.read_text())

@@ -151,7 +151,7 @@ def test_cli_prune_and_quantize(tmp_path, capsys):
     code = main(
         ["quantize", str(tmp_path / "base"), str(tmp_path / "x"), "--backend", "quanto", "--activations", "int8"]
     )
-    assert code == 2 and "cannot be saved" in capsys.readouterr().out
+    assert code == 2 and "cannot be saved" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
 
 

@@ -7,6 +7,7 @@ provides pipeline components (``["dit_optimum", "DiTOptimumTransformer2DModel"]`
 from diffusers import ModelMixin
 
 from .configs import DIT_SIZES, PATCH_SIZES, dit_config, preset_names
+from .errors import DiTOptimumError, MissingPathError
 from .evaluation.flops import count_gflops, count_parameters, gflops_breakdown
 from .models import (
     ATTENTION_TYPES,
@@ -28,11 +29,13 @@ __all__ = [
     "PATCH_SIZES",
     "CalibrationSettings",
     "DiTAttention",
+    "DiTOptimumError",
     "DiTOptimumPipeline",
     "DiTOptimumTransformer2DModel",
     "FocusedLinearAttnProcessor",
     "IdentityAutoencoder",
     "MediatedAttnProcessor",
+    "MissingPathError",
     "ModelMixin",
     "SDPAAttnProcessor",
     "count_gflops",

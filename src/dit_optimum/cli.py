@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .configs import preset_names
+from .errors import DiTOptimumError
 from .models.attention import ATTENTION_TYPES
 
 
@@ -181,7 +182,7 @@ def _run_quantize(args: argparse.Namespace) -> int:
 
     key = (args.backend, args.weights, args.activations)
     if key in SUPPORTED and not SUPPORTED[key][0]:
-        raise ValueError(
+        raise DiTOptimumError(
             f"backend={args.backend!r} with activations={args.activations!r} cannot be saved as a diffusers pipeline; "
             "use --backend torchao --weights int8 --activations int8 for saved int8 activations."
         )
@@ -251,7 +252,7 @@ def _run_benchmark(args: argparse.Namespace) -> int:
     for entry in args.pretrained:
         variant, separator, path = entry.partition("=")
         if not separator or not path:
-            raise ValueError(f"`--pretrained` entry {entry!r} must be VARIANT=PIPELINE, e.g. DiT-S/2=./dit-s2.")
+            raise DiTOptimumError(f"`--pretrained` entry {entry!r} must be VARIANT=PIPELINE, e.g. DiT-S/2=./dit-s2.")
         pretrained[variant] = path
     for key, value in {
         "variants": tuple(args.variants) if args.variants else None,
@@ -274,7 +275,7 @@ def _run_benchmark(args: argparse.Namespace) -> int:
     }
     settings.speed = replace(settings.speed, **{k: v for k, v in speed.items() if v is not None})
     if args.preset == "paper" and settings.data == "digits" and not settings.speed_only:
-        raise ValueError(
+        raise DiTOptimumError(
             "`--preset paper` needs `--data` (a latents folder, an imagefolder or a datasets id) and "
             "`--reference` (real images) of the dataset to reproduce, e.g. ImageNet 256."
         )
@@ -434,8 +435,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             "prune": _run_prune,
         }
         return runners[args.command](args)
-    except (ValueError, FileNotFoundError) as error:
-        print(f"error: {error}")
+    except DiTOptimumError as error:  # known failures: one line; anything else keeps its traceback
+        print(f"error: {error}", file=sys.stderr)
         return 2
 
 

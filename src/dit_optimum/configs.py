@@ -5,6 +5,8 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from .errors import DiTOptimumError
+
 # size -> (depth, hidden size, heads); head dim is 64 for every size.
 DIT_SIZES: dict[str, tuple[int, int, int]] = {
     "XS": (6, 256, 4),
@@ -29,7 +31,7 @@ def parse_preset_name(name: str) -> tuple[str, int]:
     """Split ``"DiT-S/2"`` (also ``"DiT_S_2"`` or ``"S/2"``) into ``("S", 2)``; reject unknown names."""
     match = _NAME_PATTERN.match(name.strip()) if isinstance(name, str) else None
     if match is None or int(match.group(2)) not in PATCH_SIZES:
-        raise ValueError(f"Unknown DiT preset `name`={name!r}; allowed values: {', '.join(preset_names())}.")
+        raise DiTOptimumError(f"Unknown DiT preset `name`={name!r}; allowed values: {', '.join(preset_names())}.")
     return match.group(1).upper(), int(match.group(2))
 
 

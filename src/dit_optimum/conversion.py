@@ -35,6 +35,7 @@ from typing import Any
 import torch
 
 from .configs import DIT_SIZES, parse_preset_name
+from .errors import DiTOptimumError, MissingPathError
 from .models.transformer import DiTOptimumTransformer2DModel
 
 _ORIGINAL_RENAMES = {
@@ -60,7 +61,7 @@ def load_original_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"`checkpoint` {path} does not exist.")
+        raise MissingPathError(f"`checkpoint` {path} does not exist.")
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
@@ -71,7 +72,7 @@ def load_original_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
         if isinstance(checkpoint, Mapping) and key in checkpoint and isinstance(checkpoint[key], Mapping):
             return dict(checkpoint[key])
     if not isinstance(checkpoint, Mapping):
-        raise ValueError(f"`checkpoint` {path} does not hold a state dict (got {type(checkpoint).__name__}).")
+        raise DiTOptimumError(f"`checkpoint` {path} does not hold a state dict (got {type(checkpoint).__name__}).")
     return dict(checkpoint)
 
 
@@ -92,7 +93,7 @@ def original_config(
     required = ("x_embedder.proj.weight", "y_embedder.embedding_table.weight", "final_layer.linear.weight")
     missing = [key for key in required if key not in state_dict]
     if missing:
-        raise ValueError(f"Not an original DiT state dict: missing {missing}.")
+        raise DiTOptimumError(f"Not an original DiT state dict: missing {missing}.")
     hidden, in_channels, patch, _ = state_dict["x_embedder.proj.weight"].shape
     depth = 1 + max(int(key.split(".")[1]) for key in state_dict if key.startswith("blocks."))
     out_channels = state_dict["final_layer.linear.weight"].shape[0] // (patch * patch)
@@ -101,7 +102,7 @@ def original_config(
         size, name_patch = parse_preset_name(model_name)
         expected = (DIT_SIZES[size][0], DIT_SIZES[size][1], name_patch)
         if expected != (depth, hidden, patch):
-            raise ValueError(
+            raise DiTOptimumError(
                 f"`model_name`={model_name!r} expects depth/hidden/patch {expected}, "
                 f"the checkpoint has {(depth, hidden, patch)}."
             )
@@ -110,16 +111,18 @@ def original_config(
         heads = next((h for d, w, h in DIT_SIZES.values() if (d, w) == (depth, hidden)), max(1, hidden // 64))
     if num_heads is not None:
         if num_heads < 1 or hidden % num_heads:
-            raise ValueError(f"`num_heads`={num_heads} must divide the hidden size {hidden}.")
+            raise DiTOptimumError(f"`num_heads`={num_heads} must divide the hidden size {hidden}.")
         heads = num_heads
     if sample_size is None:
         if "pos_embed" not in state_dict:
-            raise ValueError("The checkpoint has no `pos_embed`: pass `sample_size` (the latent/pixel side).")
+            raise DiTOptimumError("The checkpoint has no `pos_embed`: pass `sample_size` (the latent/pixel side).")
         sample_size = math.isqrt(state_dict["pos_embed"].shape[1]) * patch
     if num_classes is None:
         num_classes = table_rows - 1
     elif table_rows not in (num_classes, num_classes + 1):
-        raise ValueError(f"`num_classes`={num_classes} does not fit the checkpoint's class table of {table_rows} rows.")
+        raise DiTOptimumError(
+            f"`num_classes`={num_classes} does not fit the checkpoint's class table of {table_rows} rows."
+        )
     return {
         "num_layers": depth,
         "num_attention_heads": heads,
@@ -146,7 +149,7 @@ def convert_original_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[
             converted[f"{_ORIGINAL_RENAMES[prefix]}.{suffix}"] = tensor
             continue
         if not key.startswith("blocks."):
-            raise ValueError(f"Unexpected key {key!r} in the original DiT state dict.")
+            raise DiTOptimumError(f"Unexpected key {key!r} in the original DiT state dict.")
         _, index, rest = key.split(".", 2)
         module, _, suffix = rest.rpartition(".")
         target = f"transformer_blocks.{index}"
@@ -156,7 +159,7 @@ def convert_original_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[
         elif module in _ORIGINAL_BLOCK_RENAMES:
             converted[f"{target}.{_ORIGINAL_BLOCK_RENAMES[module]}.{suffix}"] = tensor
         else:
-            raise ValueError(f"Unexpected key {key!r} in the original DiT state dict.")
+            raise DiTOptimumError(f"Unexpected key {key!r} in the original DiT state dict.")
     return converted
 
 
@@ -206,7 +209,7 @@ def convert_original_checkpoint(
         model.save_pretrained(output_dir, safe_serialization=True)
         return output_dir
     if vae is None and model.config.in_channels not in (1, 3):
-        raise ValueError(
+        raise DiTOptimumError(
             f"The model takes {model.config.in_channels}-channel latents: "
             "pass `vae` (an AutoencoderKL folder or Hub id), "
             "or `transformer_only=True`."
@@ -237,7 +240,9 @@ def convert_diffusers_pipeline(
     vae = AutoencoderKL.from_pretrained(source, subfolder="vae") if index.get("vae", [None])[0] == "diffusers" else None
     scheduler_library, scheduler_class = index["scheduler"]
     if scheduler_library != "diffusers":
-        raise ValueError(f"Expected a diffusers scheduler in {source}, found {scheduler_library}.{scheduler_class}.")
+        raise DiTOptimumError(
+            f"Expected a diffusers scheduler in {source}, found {scheduler_library}.{scheduler_class}."
+        )
     scheduler = getattr(diffusers, scheduler_class).from_pretrained(source, subfolder="scheduler")
     id2label = dict(index.get("id2label") or {}) or None
     pipeline = DiTOptimumPipeline(transformer=model.eval(), vae=vae, scheduler=scheduler, id2label=id2label)

@@ -10,6 +10,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from .errors import DiTOptimumError
+
 
 @contextmanager
 def atomic_directory(target: str | os.PathLike) -> Iterator[Path]:
@@ -58,12 +60,12 @@ def check_positive_integers(**values: Any) -> None:
     """Raise ``ValueError`` naming the first argument that is not a positive integer (booleans are refused)."""
     for name, value in values.items():
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"`{name}`={value!r} must be a positive integer.")
+            raise DiTOptimumError(f"`{name}`={value!r} must be a positive integer.")
 
 
 def pop_unsupported_save_options(kwargs: dict) -> None:
     """Remove ``safe_serialization`` / ``push_to_hub`` from save kwargs, refusing pickle files and in-save pushes."""
     if kwargs.pop("safe_serialization", True) is not True:
-        raise ValueError("`safe_serialization` must be True: dit-optimum saves safetensors only.")
+        raise DiTOptimumError("`safe_serialization` must be True: dit-optimum saves safetensors only.")
     if kwargs.pop("push_to_hub", False):
-        raise ValueError("`push_to_hub` is not supported here: save, then upload the folder.")
+        raise DiTOptimumError("`push_to_hub` is not supported here: save, then upload the folder.")

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from ..configs import PAPER_PRESETS, dit_config, parse_preset_name
+from ..errors import DiTOptimumError
 from ..models.attention import ATTENTION_TYPES
 from ..models.transformer import DiTOptimumTransformer2DModel
 from .flops import count_parameters, gflops_breakdown
@@ -32,7 +33,7 @@ def architecture_benchmark(
     """One row per (preset, sample size, attention type): params, GMACs, forward seconds and ratios to ``sdpa``."""
     unknown = [name for name in attention_types if name not in ATTENTION_TYPES]
     if unknown:
-        raise ValueError(f"Unknown `attention_types` {unknown}; allowed values: {', '.join(ATTENTION_TYPES)}.")
+        raise DiTOptimumError(f"Unknown `attention_types` {unknown}; allowed values: {', '.join(ATTENTION_TYPES)}.")
     for preset in presets:
         parse_preset_name(preset)
     types = ["sdpa", *[name for name in attention_types if name != "sdpa"]]

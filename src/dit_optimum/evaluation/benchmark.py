@@ -23,6 +23,7 @@ from diffusers import AutoencoderKL, DDIMScheduler
 from PIL import Image
 
 from ..configs import PAPER_PRESETS, dit_config, parse_preset_name
+from ..errors import DiTOptimumError
 from ..models.transformer import DiTOptimumTransformer2DModel
 from ..pipelines.dit import DiTOptimumPipeline
 from ..techniques.registry import TECHNIQUES, get_technique
@@ -101,12 +102,14 @@ class BenchmarkSettings:
             parse_preset_name(variant)
         unknown = [name for name in self.techniques if name not in TECHNIQUES]
         if unknown:
-            raise ValueError(f"Unknown `techniques` {unknown}; allowed values: {', '.join(TECHNIQUES)}.")
+            raise DiTOptimumError(f"Unknown `techniques` {unknown}; allowed values: {', '.join(TECHNIQUES)}.")
         if not self.variants or not self.techniques:
-            raise ValueError("`variants` and `techniques` must each name at least one entry.")
+            raise DiTOptimumError("`variants` and `techniques` must each name at least one entry.")
         extra = [variant for variant in self.pretrained if variant not in self.variants]
         if extra:
-            raise ValueError(f"`pretrained` names variants {extra} that are not in `variants` {list(self.variants)}.")
+            raise DiTOptimumError(
+                f"`pretrained` names variants {extra} that are not in `variants` {list(self.variants)}."
+            )
         self.quality.validate()
         self.speed.validate()
 
@@ -130,7 +133,7 @@ def preset_settings(name: str, **overrides: Any) -> BenchmarkSettings:
     256 px latents with every registered technique, 50K samples and 250 steps as in DiT, for user-supplied data
     (``extract_features.py`` latents) and GPUs."""
     if name not in PRESETS:
-        raise ValueError(f"Unknown `preset`={name!r}; allowed values: {', '.join(PRESETS)}.")
+        raise DiTOptimumError(f"Unknown `preset`={name!r}; allowed values: {', '.join(PRESETS)}.")
     if name == "default":
         settings = BenchmarkSettings()
     else:
@@ -149,7 +152,7 @@ def preset_settings(name: str, **overrides: Any) -> BenchmarkSettings:
         )
     for key, value in overrides.items():
         if not hasattr(settings, key):
-            raise ValueError(f"Unknown benchmark setting {key!r}.")
+            raise DiTOptimumError(f"Unknown benchmark setting {key!r}.")
         setattr(settings, key, value)
     return settings
 
@@ -298,7 +301,7 @@ def _check_comparable(previous: Mapping[str, Any], settings: BenchmarkSettings) 
     current = settings.comparable()
     if stored is not None and stored != current:
         differing = sorted(key for key in set(stored) | set(current) if stored.get(key) != current.get(key))
-        raise ValueError(
+        raise DiTOptimumError(
             f"`output_dir`={settings.output_dir!r} holds results measured with other settings ({', '.join(differing)}"
             "): choose another output folder, or delete its results.json to start over."
         )

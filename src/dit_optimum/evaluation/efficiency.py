@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from ..errors import DiTOptimumError
 from ..utils import check_positive_integers
 from .flops import count_gflops, count_parameters
 from .inputs import example_inputs
@@ -32,7 +33,7 @@ class SpeedSettings:
         names = ("batch_size", "forward_batch_size", "num_inference_steps", "repeats")
         check_positive_integers(**{name: getattr(self, name) for name in names})
         if not isinstance(self.warmup, int) or self.warmup < 0:
-            raise ValueError(f"`warmup`={self.warmup!r} must be an integer >= 0.")
+            raise DiTOptimumError(f"`warmup`={self.warmup!r} must be an integer >= 0.")
 
 
 def efficiency_metrics(pipeline, settings: SpeedSettings | None = None, reference=None) -> dict[str, Any]:

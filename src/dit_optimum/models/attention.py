@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import DiTOptimumError
+
 ATTENTION_TYPES: tuple[str, ...] = (
     "sdpa",
     "gqa",
@@ -43,7 +45,7 @@ def resolve_num_kv_heads(attention_type: str, num_heads: int, num_kv_heads: int 
     """Number of K/V heads for an attention type; ``None`` picks groups of two query heads for grouped types."""
     if attention_type in SINGLE_KV_TYPES:
         if num_kv_heads not in (None, 1):
-            raise ValueError(
+            raise DiTOptimumError(
                 f"`num_kv_heads` must be None or 1 for attention_type={attention_type!r}, got {num_kv_heads}."
             )
         return 1
@@ -53,13 +55,13 @@ def resolve_num_kv_heads(attention_type: str, num_heads: int, num_kv_heads: int 
             return num_heads // group
         allowed = [d for d in range(1, num_heads + 1) if num_heads % d == 0]
         if num_kv_heads not in allowed:
-            raise ValueError(
+            raise DiTOptimumError(
                 f"`num_kv_heads`={num_kv_heads} must divide num_attention_heads={num_heads} for "
                 f"attention_type={attention_type!r}; allowed values: {allowed}."
             )
         return num_kv_heads
     if num_kv_heads not in (None, num_heads):
-        raise ValueError(
+        raise DiTOptimumError(
             f"`num_kv_heads` is only used by {GROUPED_TYPES + SINGLE_KV_TYPES}; "
             f"for attention_type={attention_type!r} "
             f"it must be None or {num_heads}, got {num_kv_heads}."
@@ -81,12 +83,14 @@ def validate_attention_config(
 ) -> None:
     """Raise ``ValueError`` naming the parameter and its allowed values for any invalid combination."""
     if attention_type not in ATTENTION_TYPES:
-        raise ValueError(f"Unknown `attention_type`={attention_type!r}; allowed values: {', '.join(ATTENTION_TYPES)}.")
+        raise DiTOptimumError(
+            f"Unknown `attention_type`={attention_type!r}; allowed values: {', '.join(ATTENTION_TYPES)}."
+        )
     resolve_num_kv_heads(attention_type, num_heads, num_kv_heads)
     if attention_type == "shallow":
         divisors = [c for c in range(1, head_dim + 1) if head_dim % c == 0]
         if not isinstance(attention_compression, int) or attention_compression not in divisors[1:]:
-            raise ValueError(
+            raise DiTOptimumError(
                 f"`attention_compression`={attention_compression!r} must be an integer > 1 dividing "
                 f"attention_head_dim={head_dim}; allowed values: {divisors[1:]}."
             )
@@ -94,22 +98,22 @@ def validate_attention_config(
         side = math.isqrt(num_mediators) if isinstance(num_mediators, int) and num_mediators > 0 else 0
         if side * side != num_mediators or side > grid_size:
             allowed = [s * s for s in range(1, grid_size + 1)]
-            raise ValueError(
+            raise DiTOptimumError(
                 f"`num_mediators`={num_mediators!r} must be a square number whose side fits "
                 f"the {grid_size}x{grid_size} "
                 f"token grid (mediators are pooled over the grid); allowed values: {allowed}."
             )
     if attention_type in _FOCUSED_TYPES:
         if not focusing_factor >= 1:
-            raise ValueError(f"`focusing_factor`={focusing_factor!r} must be a number >= 1 (the paper uses 3).")
+            raise DiTOptimumError(f"`focusing_factor`={focusing_factor!r} must be a number >= 1 (the paper uses 3).")
         if focused_variant not in FOCUSED_VARIANTS:
-            raise ValueError(
+            raise DiTOptimumError(
                 f"Unknown `focused_variant`={focused_variant!r}; allowed values: {', '.join(FOCUSED_VARIANTS)}."
             )
     if dwconv_kernel_size is not None and (
         not isinstance(dwconv_kernel_size, int) or dwconv_kernel_size < 1 or dwconv_kernel_size % 2 == 0
     ):
-        raise ValueError(
+        raise DiTOptimumError(
             f"`dwconv_kernel_size`={dwconv_kernel_size!r} must be None or an odd positive integer (1, 3, 5, ...)."
         )
 
@@ -211,7 +215,7 @@ class FocusedLinearAttnProcessor:
 
     def __init__(self, variant: str = "published"):
         if variant not in FOCUSED_VARIANTS:
-            raise ValueError(f"Unknown `variant`={variant!r}; allowed values: {', '.join(FOCUSED_VARIANTS)}.")
+            raise DiTOptimumError(f"Unknown `variant`={variant!r}; allowed values: {', '.join(FOCUSED_VARIANTS)}.")
         self.variant = variant
 
     def __call__(self, attn: DiTAttention, hidden_states: torch.Tensor, grid_size: tuple[int, int]) -> torch.Tensor:

@@ -19,6 +19,7 @@ from diffusers.models.normalization import AdaLayerNormZero
 from torch import nn
 
 from ..configs import dit_config
+from ..errors import DiTOptimumError
 from ..utils import atomic_directory, pop_unsupported_save_options
 from .attention import (
     GROUPED_TYPES,
@@ -186,18 +187,20 @@ class DiTOptimumTransformer2DModel(DiTTransformer2DModel, AttentionMixin):
     def _validate_config(self) -> None:
         config = self.config
         if config.norm_type != "ada_norm_zero":
-            raise ValueError(f"`norm_type`={config.norm_type!r} is not supported; allowed values: 'ada_norm_zero'.")
+            raise DiTOptimumError(
+                f"`norm_type`={config.norm_type!r} is not supported; allowed values: 'ada_norm_zero'."
+            )
         if not isinstance(config.num_embeds_ada_norm, int) or config.num_embeds_ada_norm < 1:
-            raise ValueError(
+            raise DiTOptimumError(
                 "`num_embeds_ada_norm` (the class count) must be a positive integer, "
                 f"got {config.num_embeds_ada_norm!r}."
             )
         if config.sample_size % config.patch_size != 0:
-            raise ValueError(
+            raise DiTOptimumError(
                 f"`sample_size`={config.sample_size} must be a multiple of `patch_size`={config.patch_size}."
             )
         if not 0 <= config.class_dropout_prob < 1:
-            raise ValueError(f"`class_dropout_prob`={config.class_dropout_prob!r} must lie in [0, 1).")
+            raise DiTOptimumError(f"`class_dropout_prob`={config.class_dropout_prob!r} must lie in [0, 1).")
         for name, values, upper in (
             ("layer_heads", config.layer_heads, config.num_attention_heads),
             ("layer_mlp_dims", config.layer_mlp_dims, None),
@@ -205,11 +208,11 @@ class DiTOptimumTransformer2DModel(DiTTransformer2DModel, AttentionMixin):
             if values is None:
                 continue
             if len(values) != config.num_layers or any(not isinstance(v, int) or v < 1 for v in values):
-                raise ValueError(
+                raise DiTOptimumError(
                     f"`{name}` must list one positive integer per layer ({config.num_layers}), got {values}."
                 )
             if upper is not None and max(values) > upper:
-                raise ValueError(f"`{name}` entries must be at most num_attention_heads={upper}, got {values}.")
+                raise DiTOptimumError(f"`{name}` entries must be at most num_attention_heads={upper}, got {values}.")
         validate_attention_config(
             config.attention_type,
             config.num_attention_heads,
@@ -226,7 +229,7 @@ class DiTOptimumTransformer2DModel(DiTTransformer2DModel, AttentionMixin):
         self._validate_moe_config()
         grouped = config.layer_heads is not None and config.attention_type in GROUPED_TYPES
         if grouped and any(heads % group for heads in config.layer_heads):
-            raise ValueError(
+            raise DiTOptimumError(
                 f"`layer_heads` entries must be multiples of {group} (query heads per K/V head for "
                 f"attention_type={config.attention_type!r}), got {config.layer_heads}."
             )
@@ -235,7 +238,7 @@ class DiTOptimumTransformer2DModel(DiTTransformer2DModel, AttentionMixin):
         config = self.config
         experts = config.moe_num_experts
         if not isinstance(experts, int) or experts < 0:
-            raise ValueError(f"`moe_num_experts`={experts!r} must be 0 (dense) or a positive integer.")
+            raise DiTOptimumError(f"`moe_num_experts`={experts!r} must be 0 (dense) or a positive integer.")
         if experts == 0:
             return
         checks = [
@@ -263,9 +266,9 @@ class DiTOptimumTransformer2DModel(DiTTransformer2DModel, AttentionMixin):
         ]
         for name, valid, allowed in checks:
             if not valid:
-                raise ValueError(f"`{name}`={getattr(config, name)!r} is invalid; allowed values: {allowed}.")
+                raise DiTOptimumError(f"`{name}`={getattr(config, name)!r} is invalid; allowed values: {allowed}.")
         if config.layer_mlp_dims is not None:
-            raise ValueError("`layer_mlp_dims` (MLP pruning) cannot be combined with MoE (`moe_num_experts` > 0).")
+            raise DiTOptimumError("`layer_mlp_dims` (MLP pruning) cannot be combined with MoE (`moe_num_experts` > 0).")
 
     def is_moe_layer(self, index: int) -> bool:
         """Whether block ``index`` has the MoE feed-forward (listed in ``moe_layers``, else every ``moe_every``-th)."""
@@ -375,7 +378,7 @@ class DiTOptimumTransformer2DModel(DiTTransformer2DModel, AttentionMixin):
         """Save atomically as safetensors; refuse models whose quantized form cannot be reloaded."""
         reason = getattr(self, UNSERIALIZABLE_ATTRIBUTE, None)
         if reason:
-            raise ValueError(reason)
+            raise DiTOptimumError(reason)
         pop_unsupported_save_options(kwargs)
         with atomic_directory(save_directory) as staging:
             super().save_pretrained(staging, safe_serialization=True, **kwargs)

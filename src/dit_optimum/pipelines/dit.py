@@ -13,6 +13,7 @@ from diffusers import DDIMScheduler, DiTPipeline
 from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 from diffusers.utils.torch_utils import randn_tensor
 
+from ..errors import DiTOptimumError
 from ..models.autoencoder import IdentityAutoencoder
 from ..utils import atomic_directory, pop_unsupported_save_options
 
@@ -29,9 +30,9 @@ def _normalize_id2label(id2label: dict[Any, str] | None, num_classes: int) -> di
         try:
             index = int(key)
         except (TypeError, ValueError):
-            raise ValueError(f"`id2label` keys must be class indices, got {key!r}.") from None
+            raise DiTOptimumError(f"`id2label` keys must be class indices, got {key!r}.") from None
         if not 0 <= index < num_classes:
-            raise ValueError(
+            raise DiTOptimumError(
                 f"`id2label` key {index} is outside the model's classes; allowed values: 0..{num_classes - 1}."
             )
         normalized[str(index)] = str(value)
@@ -70,7 +71,7 @@ class DiTOptimumPipeline(DiTPipeline):
         labels = [label] if isinstance(label, str) else list(label)
         unknown = [name for name in labels if name not in self.labels]
         if unknown:
-            raise ValueError(
+            raise DiTOptimumError(
                 f"Unknown class name(s) {unknown} in `class_labels`; allowed values: {sorted(self.labels)}."
             )
         return [self.labels[name] for name in labels]
@@ -82,13 +83,13 @@ class DiTOptimumPipeline(DiTPipeline):
             class_labels = [class_labels]
         class_labels = list(class_labels)
         if not class_labels:
-            raise ValueError("`class_labels` is empty: give at least one class index or name.")
+            raise DiTOptimumError("`class_labels` is empty: give at least one class index or name.")
         num_classes = self.transformer.config.num_embeds_ada_norm
         indices = []
         for label in class_labels:
             index = self.get_label_ids(label)[0] if isinstance(label, str) else label
             if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < num_classes:
-                raise ValueError(
+                raise DiTOptimumError(
                     f"`class_labels` entry {label!r} is not a class; "
                     f"allowed values: 0..{num_classes - 1} or a name from id2label."
                 )
@@ -97,9 +98,11 @@ class DiTOptimumPipeline(DiTPipeline):
 
     def _check_sampling_arguments(self, guidance_scale: float, num_inference_steps: int, output_type: str) -> None:
         if not isinstance(guidance_scale, (int, float)) or not math.isfinite(guidance_scale) or guidance_scale < 1:
-            raise ValueError(f"`guidance_scale`={guidance_scale!r} must be a finite number >= 1 (1 disables guidance).")
+            raise DiTOptimumError(
+                f"`guidance_scale`={guidance_scale!r} must be a finite number >= 1 (1 disables guidance)."
+            )
         if guidance_scale > 1 and self.transformer.null_class_label is None:
-            raise ValueError(
+            raise DiTOptimumError(
                 "`guidance_scale` > 1 needs a null class, but the model has class_dropout_prob=0; use guidance_scale=1."
             )
         max_steps = self.scheduler.config.num_train_timesteps
@@ -108,9 +111,11 @@ class DiTOptimumPipeline(DiTPipeline):
             or not isinstance(num_inference_steps, int)
             or not 1 <= num_inference_steps <= max_steps
         ):
-            raise ValueError(f"`num_inference_steps`={num_inference_steps!r} must be an integer in 1..{max_steps}.")
+            raise DiTOptimumError(
+                f"`num_inference_steps`={num_inference_steps!r} must be an integer in 1..{max_steps}."
+            )
         if output_type not in OUTPUT_TYPES:
-            raise ValueError(f"Unknown `output_type`={output_type!r}; allowed values: {', '.join(OUTPUT_TYPES)}.")
+            raise DiTOptimumError(f"Unknown `output_type`={output_type!r}; allowed values: {', '.join(OUTPUT_TYPES)}.")
 
     @torch.no_grad()
     def __call__(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ..errors import DiTOptimumError
 from ..models.transformer import DiTOptimumTransformer2DModel, is_quantized
 from ..pipelines.dit import DiTOptimumPipeline
 
@@ -10,12 +11,12 @@ def unwrap(pipe_or_model, *, float_only: bool = True) -> DiTOptimumTransformer2D
     """The transformer of a pipeline (or the model itself); refuses other types and, by default, quantized models."""
     model = pipe_or_model.transformer if isinstance(pipe_or_model, DiTOptimumPipeline) else pipe_or_model
     if not isinstance(model, DiTOptimumTransformer2DModel):
-        raise ValueError(
+        raise DiTOptimumError(
             "`pipe_or_model` must be a DiTOptimumPipeline or DiTOptimumTransformer2DModel, "
             f"got {type(pipe_or_model).__name__}."
         )
     if float_only and is_quantized(model):
-        raise ValueError("`pipe_or_model` is already quantized: apply this technique to its float original.")
+        raise DiTOptimumError("`pipe_or_model` is already quantized: apply this technique to its float original.")
     return model
 
 

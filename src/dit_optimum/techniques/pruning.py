@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler
 
+from ..errors import DiTOptimumError
 from ..models.attention import GROUPED_TYPES, SINGLE_KV_TYPES
 from ..models.moe import MoEFeedForward
 from ..models.transformer import DiTOptimumTransformer2DModel
@@ -30,7 +31,7 @@ SCOPES: tuple[str, ...] = ("layer", "global")
 
 def _check_ratio(name: str, value: float) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
-        raise ValueError(f"`{name}`={value!r} must be a fraction in [0, 1).")
+        raise DiTOptimumError(f"`{name}`={value!r} must be a fraction in [0, 1).")
 
 
 def _group_norm(weights: Sequence[torch.Tensor], groups: int, order: int) -> torch.Tensor:
@@ -128,7 +129,7 @@ def importance_scores(
     on ``data`` (latents, with ``labels``) or, without data, on Gaussian samples. ``random``: seeded uniform.
     """
     if importance not in IMPORTANCE_CRITERIA:
-        raise ValueError(f"Unknown `importance`={importance!r}; allowed values: {', '.join(IMPORTANCE_CRITERIA)}.")
+        raise DiTOptimumError(f"Unknown `importance`={importance!r}; allowed values: {', '.join(IMPORTANCE_CRITERIA)}.")
     blocks = model.transformer_blocks
     dim = model.inner_dim
     if importance == "random":
@@ -176,7 +177,7 @@ def _select(scores: list[torch.Tensor], ratio: float, scope: str, what: str, lay
         for layer, layer_scores in zip(layer_names, scores):
             remove = round(ratio * len(layer_scores))
             if remove >= len(layer_scores):
-                raise ValueError(
+                raise DiTOptimumError(
                     f"Pruning {what}={ratio} removes every one of the {len(layer_scores)} {what} of layer {layer}; "
                     f"use a smaller `{what}` ratio (below {(len(layer_scores) - 0.5) / len(layer_scores):.3f})."
                 )
@@ -260,11 +261,11 @@ def prune(
     for name, value in (("heads", heads), ("mlp", mlp), ("depth", depth)):
         _check_ratio(name, value)
     if scope not in SCOPES:
-        raise ValueError(f"Unknown `scope`={scope!r}; allowed values: {', '.join(SCOPES)}.")
+        raise DiTOptimumError(f"Unknown `scope`={scope!r}; allowed values: {', '.join(SCOPES)}.")
     model = unwrap(pipe_or_model)
     is_moe = model.config.moe_num_experts > 0
     if is_moe and mlp > 0:
-        raise ValueError(
+        raise DiTOptimumError(
             "`mlp` pruning does not apply to MoE models (`moe_num_experts` > 0); prune `heads` or `depth`."
         )
     importance_scores_ = importance_scores(copy.deepcopy(model).eval(), importance, data, labels, seed=seed)

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..errors import DiTOptimumError
 from ..models.transformer import UNSERIALIZABLE_ATTRIBUTE, DiTOptimumTransformer2DModel
 from ..pipelines.dit import DiTOptimumPipeline
 from .common import rewrap, unwrap
@@ -75,20 +76,20 @@ def supported_options() -> list[str]:
 
 def _check_options(backend: str, weights: str, activations: str | None, device: torch.device) -> None:
     if backend not in BACKENDS:
-        raise ValueError(f"Unknown `backend`={backend!r}; allowed values: {', '.join(BACKENDS)}.")
+        raise DiTOptimumError(f"Unknown `backend`={backend!r}; allowed values: {', '.join(BACKENDS)}.")
     if weights not in WEIGHT_DTYPES:
-        raise ValueError(f"Unknown `weights`={weights!r}; allowed values: {', '.join(WEIGHT_DTYPES)}.")
+        raise DiTOptimumError(f"Unknown `weights`={weights!r}; allowed values: {', '.join(WEIGHT_DTYPES)}.")
     if activations not in ACTIVATION_DTYPES:
-        raise ValueError(f"Unknown `activations`={activations!r}; allowed values: None, 'int8', 'float8'.")
+        raise DiTOptimumError(f"Unknown `activations`={activations!r}; allowed values: None, 'int8', 'float8'.")
     key = (backend, weights, activations)
     if key not in SUPPORTED:
-        raise ValueError(
+        raise DiTOptimumError(
             f"Unsupported combination backend={backend!r}, weights={weights!r}, activations={activations!r}; "
             f"supported: {'; '.join(supported_options())}."
         )
     capability = SUPPORTED[key][1]
     if capability is not None and (device.type != "cuda" or torch.cuda.get_device_capability(device) < capability):
-        raise ValueError(
+        raise DiTOptimumError(
             f"backend={backend!r} with weights={weights!r}, activations={activations!r} needs a CUDA GPU of compute "
             f"capability {capability[0]}.{capability[1]}+; on this device use backend='quanto' with "
             f"weights={weights!r} (or weights='int8')."
@@ -120,7 +121,7 @@ def _quanto_local_names(model: nn.Module, keep_float: Sequence[str]) -> list[str
             (keep if any(name == p or name.startswith(p + ".") for p in keep_float) else quantize).add(local)
     clash = keep & quantize
     if clash:
-        raise ValueError(
+        raise DiTOptimumError(
             "`keep_float` cannot be expressed for backend='quanto' weight-only: "
             f"layer names {sorted(clash)} occur both inside and outside the kept modules; "
             "use backend='torchao' for this selection."
@@ -213,11 +214,11 @@ def quantize(
     model = unwrap(pipe_or_model)
     _check_options(backend, weights, activations, model.device)
     if dtype is not None and (backend == "torch" or not dtype.is_floating_point):
-        raise ValueError(
+        raise DiTOptimumError(
             f"`dtype`={dtype} must be a floating dtype, and backend='torch' takes its dtype from `weights`."
         )
     if calibration is not None and not (backend == "quanto" and activations is not None):
-        raise ValueError(
+        raise DiTOptimumError(
             "`calibration` only applies to backend='quanto' with activations (torchao scales are dynamic)."
         )
 

@@ -14,6 +14,7 @@ from typing import Any, Protocol
 
 import torch
 
+from ..errors import DiTOptimumError
 from ..models.attention import ATTENTION_TYPES
 from ..pipelines.dit import DiTOptimumPipeline
 from .pruning import prune
@@ -65,7 +66,7 @@ def register_technique(
 ) -> Technique:
     """Add a technique under ``name`` (names are unique); ``options`` are passed to ``apply`` as keywords."""
     if name in TECHNIQUES:
-        raise ValueError(f"A technique named {name!r} is already registered.")
+        raise DiTOptimumError(f"A technique named {name!r} is already registered.")
     technique = Technique(name, apply, description, dict(options or {}), trains)
     TECHNIQUES[name] = technique
     return technique
@@ -74,7 +75,7 @@ def register_technique(
 def get_technique(name: str) -> Technique:
     """The technique registered as ``name``; an unknown name raises, listing the allowed ones."""
     if name not in TECHNIQUES:
-        raise ValueError(f"Unknown technique {name!r}; allowed values: {', '.join(TECHNIQUES)}.")
+        raise DiTOptimumError(f"Unknown technique {name!r}; allowed values: {', '.join(TECHNIQUES)}.")
     return TECHNIQUES[name]
 
 

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from collections.abc import Sequence
 
+from ..errors import DiTOptimumError
 from .trainer import MIXED_PRECISION, TrainConfig, train
 
 MODES = ("base", "moe", "distill")
@@ -126,12 +128,12 @@ def config_from_args(args: argparse.Namespace, mode: str) -> TrainConfig:
 def main(mode: str = "base", argv: Sequence[str] | None = None) -> int:
     """Parse arguments for ``mode`` (base, moe, distill), train, and print where the pipeline was saved."""
     if mode not in MODES:
-        raise ValueError(f"Unknown `mode`={mode!r}; allowed values: {', '.join(MODES)}.")
+        raise DiTOptimumError(f"Unknown `mode`={mode!r}; allowed values: {', '.join(MODES)}.")
     args = build_parser(mode).parse_args(argv)
     try:
         pipeline_dir = train(config_from_args(args, mode))
-    except ValueError as error:
-        print(f"error: {error}")
+    except DiTOptimumError as error:
+        print(f"error: {error}", file=sys.stderr)
         return 2
     print(f"Saved pipeline to {pipeline_dir}")
     return 0
@@ -153,8 +155,8 @@ def extract_main(argv: Sequence[str] | None = None) -> int:
     try:
         data = load_training_data(args.data, args.image_size, args.channels, args.skip_corrupt)
         out = extract_latents(data, args.vae, args.output_dir, args.batch_size)
-    except ValueError as error:
-        print(f"error: {error}")
+    except DiTOptimumError as error:
+        print(f"error: {error}", file=sys.stderr)
         return 2
     print(f"Saved {len(data.labels)} latents to {out}")
     return 0

@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
+from ..errors import DiTOptimumError
+
 logger = logging.getLogger(__name__)
 LATENTS_METADATA = "dit_optimum_latents.json"
 
@@ -72,7 +74,7 @@ def image_folder_data(root: str | Path, image_size: int, channels: int = 3, skip
     root = Path(root)
     classes = sorted(p.name for p in root.iterdir() if p.is_dir())
     if not classes:
-        raise ValueError(f"`data`={str(root)!r} has no class sub-folders (expected root/<class>/<image files>).")
+        raise DiTOptimumError(f"`data`={str(root)!r} has no class sub-folders (expected root/<class>/<image files>).")
     samples, labels, skipped = [], [], 0
     for label, name in enumerate(classes):
         for path in sorted(p for p in (root / name).iterdir() if p.is_file()):
@@ -80,7 +82,7 @@ def image_folder_data(root: str | Path, image_size: int, channels: int = 3, skip
                 samples.append(load_image(path, image_size, channels))
             except (UnidentifiedImageError, OSError, ValueError) as error:
                 if not skip_corrupt:
-                    raise ValueError(
+                    raise DiTOptimumError(
                         f"Unreadable image {path}: {error}. Fix or remove it, or pass skip_corrupt."
                     ) from error
                 skipped += 1
@@ -89,7 +91,7 @@ def image_folder_data(root: str | Path, image_size: int, channels: int = 3, skip
     if skipped:
         logger.warning("Skipped %d unreadable image(s) under %s.", skipped, root)
     if not samples:
-        raise ValueError(f"`data`={str(root)!r} holds no readable images.")
+        raise DiTOptimumError(f"`data`={str(root)!r} holds no readable images.")
     return TrainingData(torch.stack(samples), torch.tensor(labels), dict(enumerate(classes)), skipped=skipped)
 
 
@@ -149,7 +151,9 @@ def extract_latents(
 
     vae = AutoencoderKL.from_pretrained(vae_path).eval()
     if data.samples.shape[1] != vae.config.in_channels:
-        raise ValueError(f"Images have {data.samples.shape[1]} channels; the VAE expects {vae.config.in_channels}.")
+        raise DiTOptimumError(
+            f"Images have {data.samples.shape[1]} channels; the VAE expects {vae.config.in_channels}."
+        )
     latents = []
     for start in range(0, len(data.samples), batch_size):
         distribution = vae.encode(data.samples[start : start + batch_size]).latent_dist

@@ -7,6 +7,8 @@ import copy
 import torch
 from torch import nn
 
+from ..errors import DiTOptimumError
+
 
 class EMA:
     """``shadow = d * shadow + (1 - d) * weights`` after every optimizer step; checkpointable.
@@ -17,7 +19,7 @@ class EMA:
 
     def __init__(self, model: nn.Module, decay: float = 0.9999, warmup: bool = True):
         if not 0 <= decay < 1:
-            raise ValueError(f"`decay`={decay!r} must lie in [0, 1).")
+            raise DiTOptimumError(f"`decay`={decay!r} must lie in [0, 1).")
         self.decay, self.warmup, self.updates = decay, warmup, 0
         self.model = copy.deepcopy(model).eval().requires_grad_(False)
 

@@ -31,6 +31,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..configs import dit_config
+from ..errors import DiTOptimumError
 from ..models.transformer import DiTOptimumTransformer2DModel
 from ..pipelines.dit import DiTOptimumPipeline
 from .data import TrainingData, load_training_data
@@ -86,21 +87,21 @@ class TrainConfig:
         }
         for name, value in positive.items():
             if not isinstance(value, int) or value < 1:
-                raise ValueError(f"`{name}`={value!r} must be a positive integer.")
+                raise DiTOptimumError(f"`{name}`={value!r} must be a positive integer.")
         if self.max_samples is not None and (not isinstance(self.max_samples, int) or self.max_samples < 1):
-            raise ValueError(f"`max_samples`={self.max_samples!r} must be None or a positive integer.")
+            raise DiTOptimumError(f"`max_samples`={self.max_samples!r} must be None or a positive integer.")
         if self.learning_rate <= 0:
-            raise ValueError(f"`learning_rate`={self.learning_rate!r} must be > 0.")
+            raise DiTOptimumError(f"`learning_rate`={self.learning_rate!r} must be > 0.")
         if self.channels not in (1, 3, 4):
-            raise ValueError(f"`channels`={self.channels!r} must be 1, 3 (pixels) or 4 (latents).")
+            raise DiTOptimumError(f"`channels`={self.channels!r} must be 1, 3 (pixels) or 4 (latents).")
         if self.mixed_precision not in MIXED_PRECISION:
-            raise ValueError(
+            raise DiTOptimumError(
                 f"Unknown `mixed_precision`={self.mixed_precision!r}; allowed values: {', '.join(MIXED_PRECISION)}."
             )
         if not 0 <= self.alpha <= 1:
-            raise ValueError(f"`alpha`={self.alpha!r} must lie in [0, 1] (1 = no distillation term).")
+            raise DiTOptimumError(f"`alpha`={self.alpha!r} must lie in [0, 1] (1 = no distillation term).")
         if self.feature_blocks and self.teacher is None:
-            raise ValueError("`feature_blocks` needs a `teacher` to distill from.")
+            raise DiTOptimumError("`feature_blocks` needs a `teacher` to distill from.")
 
 
 class CSVTracker(GeneralTracker):
@@ -231,7 +232,7 @@ def _load_teacher(config: TrainConfig, student: DiTOptimumTransformer2DModel) ->
     teacher = DiTOptimumPipeline.from_pretrained(config.teacher).transformer
     for key in ("sample_size", "in_channels", "num_embeds_ada_norm"):
         if teacher.config[key] != student.config[key]:
-            raise ValueError(
+            raise DiTOptimumError(
                 f"Teacher and student differ in `{key}` ({teacher.config[key]} vs {student.config[key]}): "
                 "distillation needs the same input space and classes."
             )
@@ -265,7 +266,7 @@ def train(config: TrainConfig) -> Path:
     if teacher is not None and config.feature_blocks:
         for index in config.feature_blocks:
             if not 0 <= index < model.config.num_layers:
-                raise ValueError(
+                raise DiTOptimumError(
                     f"`feature_blocks` entry {index} is not a block; allowed values: 0..{model.config.num_layers - 1}."
                 )
         width, teacher_width = model.inner_dim, teacher.inner_dim
@@ -298,7 +299,7 @@ def train(config: TrainConfig) -> Path:
     start_step = 0
     checkpoints = _checkpoint_dirs(output_dir)
     if checkpoints and not config.resume:
-        raise ValueError(
+        raise DiTOptimumError(
             f"`output_dir`={str(output_dir)!r} already holds checkpoints ({checkpoints[-1].name}): pass resume=True "
             "(--resume) to continue, or choose another folder."
         )
@@ -311,7 +312,9 @@ def train(config: TrainConfig) -> Path:
 
     world, rank = accelerator.num_processes, accelerator.process_index
     if config.batch_size % world:
-        raise ValueError(f"`batch_size`={config.batch_size} must be divisible by the number of processes ({world}).")
+        raise DiTOptimumError(
+            f"`batch_size`={config.batch_size} must be divisible by the number of processes ({world})."
+        )
     samples, labels = data.samples, data.labels
     progress = tqdm(
         range(start_step, config.steps),

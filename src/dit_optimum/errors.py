@@ -1,0 +1,15 @@
+"""The package's own error types: a known failure whose message names the parameter or file and what is allowed.
+
+Every check in dit-optimum raises ``DiTOptimumError`` (a ``ValueError``, so ``except ValueError`` keeps working);
+the command line prints it as one line and exits non-zero, while unexpected exceptions keep their traceback.
+"""
+
+from __future__ import annotations
+
+
+class DiTOptimumError(ValueError):
+    """Bad input or a bad file, with a message naming the parameter or file and the allowed values."""
+
+
+class MissingPathError(DiTOptimumError, FileNotFoundError):
+    """A file or folder the user named does not exist (also a ``FileNotFoundError``)."""
