@@ -103,18 +103,6 @@ def test_latent_mode_with_a_vae_round_trips(tmp_path):
     np.testing.assert_array_equal(sample(DiffusionPipeline.from_pretrained(tmp_path)), before)
 
 
-def test_saving_over_an_existing_folder_replaces_it_completely(tmp_path):
-    target = tmp_path / "pipe"
-    make_pipeline(attention_type="mqa").save_pretrained(target)
-    (target / "stale.txt").write_text("old")
-    make_pipeline(attention_type="shallow").save_pretrained(target)
-    assert not (target / "stale.txt").exists()
-    assert DiTOptimumPipeline.from_pretrained(target).transformer.config.attention_type == "shallow"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["pipe"]
-    with pytest.raises(ValueError, match="safe_serialization"):
-        make_pipeline().save_pretrained(tmp_path / "x", safe_serialization=False)
-
-
 BAD_CALLS = [
     ({"class_labels": [10]}, r"class_labels.*0\.\.9"),
     ({"class_labels": [-1]}, "class_labels"),

@@ -1,10 +1,15 @@
-"""Small shared helpers: atomic file and folder writes, argument checks, the save options dit-optimum accepts."""
+"""Small shared helpers: safe folder saves, atomic file writes, folder locks, argument checks, save options."""
 
 from __future__ import annotations
 
+import fcntl
+import json
+import math
 import os
 import shutil
+import socket
 import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -12,36 +17,108 @@ from typing import Any
 
 from .errors import DiTOptimumError
 
+LOCK_FILE = ".dit_optimum.lock"
+# Weight files a save replaces: stale ones left beside new ones could be picked up by a later load.
+_WEIGHT_PREFIXES = ("diffusion_pytorch_model",)
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".index.json")
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _apply_umask(path: Path, directory: bool = False) -> None:
+    # mkstemp / mkdtemp create 0600 / 0700: give finished files the permissions any other file here would get.
+    os.chmod(path, (0o777 if directory else 0o666) & ~_umask())
+
+
+def check_save_target(
+    target: str | os.PathLike, marker: str, overwrite: bool = False, parameter: str = "save_directory"
+):
+    """Refuse a target that is a file, or a non-empty folder without ``marker`` (not an earlier save), unless
+    ``overwrite``. Returns the target as a ``Path``."""
+    target = Path(target)
+    if target.exists() and not target.is_dir() and not overwrite:
+        raise DiTOptimumError(
+            f"`{parameter}`={str(target)!r} is a file, not a folder: choose a folder, or pass overwrite=True "
+            "(--overwrite) to replace the file."
+        )
+    foreign = target.is_dir() and not (target / marker).is_file()
+    if foreign and not overwrite and any(entry.name != LOCK_FILE for entry in target.iterdir()):
+        raise DiTOptimumError(
+            f"`{parameter}`={str(target)!r} already holds files and is not an earlier save (no {marker}): "
+            "choose an empty or new folder, or pass overwrite=True (--overwrite) to write into it "
+            "(its other files are left alone)."
+        )
+    return target
+
 
 @contextmanager
-def atomic_directory(target: str | os.PathLike) -> Iterator[Path]:
-    """Yield a staging folder beside ``target``; on success it replaces ``target`` whole, on error it is removed.
+def save_directory(
+    target: str | os.PathLike, marker: str, overwrite: bool = False, parameter: str = "save_directory"
+) -> Iterator[Path]:
+    """Yield an empty staging folder to save into; on success its files move into ``target`` one by one.
 
-    Readers never see a half-written folder: the old one stays until the new one is complete.
+    Like diffusers' ``save_pretrained``: files of the save replace their namesakes (each rename is atomic), other
+    files in ``target`` are left alone, stale weight files beside a replaced component are removed. ``target`` must
+    be new, empty, or an earlier save (it holds ``marker``), unless ``overwrite`` (``check_save_target``). On error
+    nothing in ``target`` changes.
     """
-    target = Path(target).resolve()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    target = check_save_target(target, marker, overwrite, parameter)
+    if target.exists() and not target.is_dir():
+        target.unlink()  # overwrite=True on a file: the user asked for it
+    created = not target.exists()
+    target.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".dit_optimum-staging-", dir=target))
     try:
         yield staging
+        files = sorted(p for p in staging.rglob("*") if p.is_file())
+        # The marker goes last: a reader never sees a new index beside old weights.
+        files.sort(key=lambda p: p.name == marker)
+        descriptor = os.open(target, os.O_RDONLY)
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX)  # two saves into one folder commit one after the other
+            written = {p.relative_to(staging) for p in files}
+            _remove_stale_weights(target, written)
+            for staged in files:
+                relative = staged.relative_to(staging)
+                destination = target / relative
+                for parent in reversed(relative.parents[:-1]):
+                    folder = target / parent
+                    if not folder.is_dir():
+                        folder.mkdir()
+                _apply_umask(staged)
+                os.replace(staged, destination)
+        finally:
+            fcntl.flock(descriptor, fcntl.LOCK_UN)
+            os.close(descriptor)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
+        if created and not any(target.iterdir()):
+            target.rmdir()
         raise
-    if not target.exists():
-        os.replace(staging, target)
-        return
-    backup = target.with_name(f".{target.name}.old")
-    shutil.rmtree(backup, ignore_errors=True)
-    os.replace(target, backup)
-    os.replace(staging, target)
-    shutil.rmtree(backup, ignore_errors=True)
+    shutil.rmtree(staging, ignore_errors=True)
+
+
+def _remove_stale_weights(target: Path, written: set[Path]) -> None:
+    for folder in {relative.parent for relative in written}:
+        if not (target / folder).is_dir():
+            continue
+        for existing in (target / folder).iterdir():
+            name = existing.name
+            stale = name.startswith(_WEIGHT_PREFIXES) and name.endswith(_WEIGHT_SUFFIXES)
+            if stale and existing.is_file() and (folder / name) not in written:
+                existing.unlink()
 
 
 @contextmanager
 def atomic_file(target: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``target`` to write; on success it replaces ``target``, on error it is removed.
 
-    Readers never see a half-written file (the rename is atomic within one folder).
+    Readers never see a half-written file (the rename is atomic within one folder); the file gets the usual
+    permissions (umask), not the temp file's 0600.
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -50,17 +127,94 @@ def atomic_file(target: str | os.PathLike) -> Iterator[Path]:
     temporary = Path(name)
     try:
         yield temporary
+        _apply_umask(temporary)
         os.replace(temporary, target)
     except BaseException:
         temporary.unlink(missing_ok=True)
         raise
 
 
+@contextmanager
+def folder_lock(folder: str | os.PathLike, purpose: str = "run", enabled: bool = True) -> Iterator[None]:
+    """Hold an exclusive lock on ``folder`` (file ``.dit_optimum.lock`` with the owner's PID) or refuse at once.
+
+    The operating system releases the lock when its process dies, so a lock left by a killed run is stale and the
+    next run takes it over. ``enabled=False`` (the non-main processes of a multi-process run) does nothing.
+    """
+    if not enabled:
+        yield
+        return
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / LOCK_FILE
+    descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o666 & ~_umask())
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        owner = os.read(descriptor, 4096).decode(errors="replace")
+        os.close(descriptor)
+        try:
+            details = json.loads(owner)
+            holder = f"PID {details['pid']} on {details['host']}, {details['purpose']} since {details['started']}"
+        except (ValueError, KeyError, TypeError):
+            holder = "another process"
+        raise DiTOptimumError(
+            f"`output_dir`={str(folder)!r} is in use by {holder}: two runs on one folder would corrupt it. Wait "
+            "for that run to finish (or stop it), or choose another folder."
+        ) from None
+    try:
+        owner = {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "purpose": purpose,
+            "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+        }
+        os.ftruncate(descriptor, 0)
+        os.pwrite(descriptor, json.dumps(owner).encode(), 0)
+        yield
+    finally:
+        os.ftruncate(descriptor, 0)
+        fcntl.flock(descriptor, fcntl.LOCK_UN)
+        os.close(descriptor)
+
+
 def check_positive_integers(**values: Any) -> None:
-    """Raise ``ValueError`` naming the first argument that is not a positive integer (booleans are refused)."""
+    """Raise ``DiTOptimumError`` naming the first argument that is not a positive integer (booleans are refused)."""
     for name, value in values.items():
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        if not is_integer(value) or value < 1:
             raise DiTOptimumError(f"`{name}`={value!r} must be a positive integer.")
+
+
+def is_integer(value: Any) -> bool:
+    """An integer (Python or NumPy), not a boolean."""
+    import numbers
+
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def check_number(
+    name: str,
+    value: Any,
+    minimum: float | None = None,
+    maximum: float | None = None,
+    *,
+    include_minimum: bool = True,
+    include_maximum: bool = True,
+) -> float:
+    """A finite real number within the bounds, else ``DiTOptimumError`` naming ``name`` and the allowed range."""
+    import numbers
+
+    low = "" if minimum is None else ("[" if include_minimum else "(") + f"{minimum:g}"
+    high = "" if maximum is None else f"{maximum:g}" + ("]" if include_maximum else ")")
+    allowed = f"a finite number in {low or '(-inf'}, {high or 'inf)'}"
+    valid = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+    if valid and minimum is not None:
+        valid = value >= minimum if include_minimum else value > minimum
+    if valid and maximum is not None:
+        valid = value <= maximum if include_maximum else value < maximum
+    if not valid:
+        raise DiTOptimumError(f"`{name}`={value!r} must be {allowed}.")
+    return float(value)
 
 
 def pop_unsupported_save_options(kwargs: dict) -> None:

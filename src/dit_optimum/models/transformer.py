@@ -20,7 +20,8 @@ from torch import nn
 
 from ..configs import dit_config
 from ..errors import DiTOptimumError
-from ..utils import atomic_directory, pop_unsupported_save_options
+from ..utils import pop_unsupported_save_options
+from ..utils import save_directory as save_directory_into
 from .attention import (
     GROUPED_TYPES,
     SINGLE_KV_TYPES,
@@ -374,13 +375,17 @@ class DiTOptimumTransformer2DModel(DiTTransformer2DModel, AttentionMixin):
             )
         super()._fix_state_dict_keys_on_load(state_dict)
 
-    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: Any) -> None:
-        """Save atomically as safetensors; refuse models whose quantized form cannot be reloaded."""
+    def save_pretrained(self, save_directory: str | os.PathLike, overwrite: bool = False, **kwargs: Any) -> None:
+        """Save as safetensors, each file written whole, other files in the folder left alone (as diffusers does).
+
+        Refuses models whose quantized form cannot be reloaded, and a folder holding other files but no
+        ``config.json`` (or a file at that path) unless ``overwrite=True``.
+        """
         reason = getattr(self, UNSERIALIZABLE_ATTRIBUTE, None)
         if reason:
             raise DiTOptimumError(reason)
         pop_unsupported_save_options(kwargs)
-        with atomic_directory(save_directory) as staging:
+        with save_directory_into(save_directory, "config.json", overwrite) as staging:
             super().save_pretrained(staging, safe_serialization=True, **kwargs)
 
     def _map_null_label(self, class_labels: torch.LongTensor) -> torch.LongTensor:

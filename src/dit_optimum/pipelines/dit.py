@@ -15,7 +15,8 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from ..errors import DiTOptimumError
 from ..models.autoencoder import IdentityAutoencoder
-from ..utils import atomic_directory, pop_unsupported_save_options
+from ..utils import pop_unsupported_save_options
+from ..utils import save_directory as save_directory_into
 
 OUTPUT_TYPES: tuple[str, ...] = ("pil", "np", "pt", "latent")
 # Saved folders name diffusers' own class so that plain `DiffusionPipeline.from_pretrained` resolves them.
@@ -194,10 +195,15 @@ class DiTOptimumPipeline(DiTPipeline):
             return (samples,)
         return ImagePipelineOutput(images=samples)
 
-    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: Any) -> None:
-        """Save atomically (temp folder, then rename) so plain ``DiffusionPipeline`` loads it; safetensors only."""
+    def save_pretrained(self, save_directory: str | os.PathLike, overwrite: bool = False, **kwargs: Any) -> None:
+        """Save so that plain ``DiffusionPipeline`` loads it; safetensors only.
+
+        As diffusers does, the pipeline's files go into ``save_directory`` and other files there are left alone; each
+        file is written whole (temp file, then rename). A folder that holds other files but no ``model_index.json``
+        (or a file at that path) is refused unless ``overwrite=True``.
+        """
         pop_unsupported_save_options(kwargs)
-        with atomic_directory(save_directory) as staging:
+        with save_directory_into(save_directory, "model_index.json", overwrite) as staging:
             super().save_pretrained(staging, safe_serialization=True, **kwargs)
             index_path = staging / "model_index.json"
             index = json.loads(index_path.read_text())

@@ -147,7 +147,7 @@ def extract_latents(
     from datasets import Dataset
     from diffusers import AutoencoderKL
 
-    from ..utils import atomic_directory
+    from ..utils import save_directory
 
     vae = AutoencoderKL.from_pretrained(vae_path).eval()
     if data.samples.shape[1] != vae.config.in_channels:
@@ -161,7 +161,7 @@ def extract_latents(
         latents.append(latent * vae.config.scaling_factor)
     latents = torch.cat(latents)
     dataset = Dataset.from_dict({"latents": latents.numpy(), "label": data.labels.numpy()})
-    with atomic_directory(output_dir) as staging:
+    with save_directory(output_dir, LATENTS_METADATA, parameter="output_dir") as staging:
         dataset.save_to_disk(str(staging))
         metadata = {"vae": str(vae_path), "id2label": {str(k): v for k, v in data.id2label.items()}}
         (staging / LATENTS_METADATA).write_text(json.dumps(metadata, indent=2))
