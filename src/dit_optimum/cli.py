@@ -11,6 +11,7 @@ from pathlib import Path
 from .configs import preset_names
 from .errors import DiTOptimumError
 from .models.attention import ATTENTION_TYPES
+from .utils import check_save_target
 
 
 def _csv(value: str) -> list[str]:
@@ -42,6 +43,14 @@ def _quality_settings(args: argparse.Namespace, base):
         "batch_size": args.batch_size,
     }
     return replace(base, **{key: value for key, value in changes.items() if value is not None})
+
+
+def _add_overwrite_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="write into a folder that holds other files (they are left alone) or replace a file at that path",
+    )
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -126,6 +135,7 @@ def _build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--vae", help="AutoencoderKL folder or Hub id for latent models")
     convert.add_argument("--id2label", help="JSON file mapping class index to name")
     convert.add_argument("--transformer-only", action="store_true", help="save only the transformer folder")
+    _add_overwrite_argument(convert)
     convert.add_argument(
         "--original-timestep-embedding",
         action="store_true",
@@ -134,6 +144,7 @@ def _build_parser() -> argparse.ArgumentParser:
     quant = commands.add_parser("quantize", help="Quantize (or cast to bf16/fp16) a saved pipeline and save it.")
     quant.add_argument("source", help="pipeline folder")
     quant.add_argument("output_dir", type=Path)
+    _add_overwrite_argument(quant)
     quant.add_argument("--backend", default="torchao", help="torch | torchao | quanto")
     quant.add_argument("--weights", default="int8", help="int8 | int4 | float8 | bf16 | fp16")
     quant.add_argument("--activations", default=None, help="int8 | float8 (default: weight-only)")
@@ -150,6 +161,7 @@ def _build_parser() -> argparse.ArgumentParser:
     prune = commands.add_parser("prune", help="Structurally prune heads, MLP width and blocks of a saved pipeline.")
     prune.add_argument("source", help="pipeline folder")
     prune.add_argument("output_dir", type=Path)
+    _add_overwrite_argument(prune)
     prune.add_argument("--heads", type=float, default=0.0, help="fraction of attention heads to remove")
     prune.add_argument("--mlp", type=float, default=0.0, help="fraction of MLP hidden units to remove")
     prune.add_argument("--depth", type=float, default=0.0, help="fraction of blocks to remove")
@@ -186,6 +198,7 @@ def _run_quantize(args: argparse.Namespace) -> int:
             f"backend={args.backend!r} with activations={args.activations!r} cannot be saved as a diffusers pipeline; "
             "use --backend torchao --weights int8 --activations int8 for saved int8 activations."
         )
+    check_save_target(args.output_dir, "model_index.json", args.overwrite, "output_dir")
     pipe = DiTOptimumPipeline.from_pretrained(args.source)
     calibration = None
     if args.backend == "quanto" and args.activations is not None:
@@ -202,7 +215,7 @@ def _run_quantize(args: argparse.Namespace) -> int:
         dtype=None if args.dtype is None else getattr(torch, args.dtype),
     )
     _describe_change(pipe, quantized, "quantized")
-    quantized.save_pretrained(args.output_dir)
+    quantized.save_pretrained(args.output_dir, overwrite=args.overwrite)
     print(f"Saved {args.output_dir}")
     return 0
 
@@ -211,10 +224,11 @@ def _run_prune(args: argparse.Namespace) -> int:
     from .pipelines.dit import DiTOptimumPipeline
     from .techniques.pruning import prune
 
+    check_save_target(args.output_dir, "model_index.json", args.overwrite, "output_dir")
     pipe = DiTOptimumPipeline.from_pretrained(args.source)
     pruned = prune(pipe, heads=args.heads, mlp=args.mlp, depth=args.depth, importance=args.importance, scope=args.scope)
     _describe_change(pipe, pruned, "pruned")
-    pruned.save_pretrained(args.output_dir)
+    pruned.save_pretrained(args.output_dir, overwrite=args.overwrite)
     print(f"Saved {args.output_dir}")
     return 0
 
@@ -414,9 +428,12 @@ def _run_convert(args: argparse.Namespace) -> int:
             vae=args.vae,
             id2label=args.id2label,
             transformer_only=args.transformer_only,
+            overwrite=args.overwrite,
         )
     else:
-        out = convert_diffusers_pipeline(args.source, args.output_dir, args.original_timestep_embedding)
+        out = convert_diffusers_pipeline(
+            args.source, args.output_dir, args.original_timestep_embedding, overwrite=args.overwrite
+        )
     print(f"Saved {out}")
     return 0
 

@@ -28,15 +28,18 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import pickle
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 
 from .configs import DIT_SIZES, parse_preset_name
 from .errors import DiTOptimumError, MissingPathError
 from .models.transformer import DiTOptimumTransformer2DModel
+from .utils import check_save_target, first_line, load_from_source
 
 _ORIGINAL_RENAMES = {
     "x_embedder.proj": "pos_embed.proj",
@@ -65,9 +68,25 @@ def load_original_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        return load_file(path)
+        try:
+            return load_file(path)
+        except (SafetensorError, OSError) as error:
+            raise DiTOptimumError(f"`checkpoint` {path} is not a readable safetensors file: {error}") from None
     torch.serialization.add_safe_globals([argparse.Namespace])
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        # torch's own message suggests weights_only=False, which would run whatever code the file carries.
+        raise DiTOptimumError(
+            f"`checkpoint` {path} holds more than tensors and plain containers (pickled objects or code): it is "
+            "refused because loading it could run code. Convert it where it was made to a state dict of tensors "
+            "(or safetensors) and try again."
+        ) from None
+    except (RuntimeError, EOFError, OSError, ValueError) as error:
+        raise DiTOptimumError(
+            f"`checkpoint` {path} is not a readable PyTorch checkpoint (truncated, empty or another format): "
+            f"{first_line(error)}"
+        ) from None
     for key in ("ema", "model", "state_dict"):
         if isinstance(checkpoint, Mapping) and key in checkpoint and isinstance(checkpoint[key], Mapping):
             return dict(checkpoint[key])
@@ -171,16 +190,35 @@ def model_from_original(
     num_heads: int | None = None,
 ) -> DiTOptimumTransformer2DModel:
     """Build a ``DiTOptimumTransformer2DModel`` holding the weights of an original DiT state dict (strict load)."""
-    config = original_config(state_dict, model_name, sample_size, num_classes, num_heads)
-    model = DiTOptimumTransformer2DModel(**config)
-    model.load_state_dict(convert_original_state_dict(state_dict), strict=True)
+    try:
+        config = original_config(state_dict, model_name, sample_size, num_classes, num_heads)
+        model = DiTOptimumTransformer2DModel(**config)
+        model.load_state_dict(convert_original_state_dict(state_dict), strict=True)
+    except DiTOptimumError:
+        raise
+    except (RuntimeError, ValueError, IndexError, AttributeError, TypeError) as error:
+        # Shapes or key names that no DiT has: a checkpoint of another model, or a damaged one.
+        raise DiTOptimumError(f"Not an original DiT state dict: {first_line(error)}") from None
     return model.eval()
 
 
 def _load_id2label(path: str | None) -> dict[str, str] | None:
+    """Class names from a JSON object file mapping class index to name."""
     if path is None:
         return None
-    return {str(key): str(value) for key, value in json.loads(Path(path).read_text()).items()}
+    path = Path(path)
+    if not path.is_file():
+        raise MissingPathError(f"`id2label` file {str(path)!r} does not exist.")
+    try:
+        content = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise DiTOptimumError(f"`id2label` file {str(path)!r} is not valid JSON: {error}.") from None
+    if not isinstance(content, dict) or not all(isinstance(v, (str, int, float)) for v in content.values()):
+        raise DiTOptimumError(
+            f"`id2label` file {str(path)!r} must hold a JSON object mapping class index to name, "
+            'e.g. {"0": "tench", "1": "goldfish"}.'
+        )
+    return {str(key): str(value) for key, value in content.items()}
 
 
 def convert_original_checkpoint(
@@ -193,20 +231,24 @@ def convert_original_checkpoint(
     vae: str | None = None,
     id2label: str | None = None,
     transformer_only: bool = False,
+    overwrite: bool = False,
 ) -> Path:
     """Convert an original checkpoint to a pipeline folder (or a transformer folder with ``transformer_only``).
 
     ``vae`` is an ``AutoencoderKL`` folder or Hub id for latent models; without it, a model whose input has 1 or 3
-    channels becomes a pixel-space pipeline and a 4-channel one is refused (it needs its VAE).
+    channels becomes a pixel-space pipeline and a 4-channel one is refused (it needs its VAE). ``output_dir`` must be
+    new, empty or an earlier save unless ``overwrite`` (its other files are never deleted).
     """
     from diffusers import AutoencoderKL
 
     from .pipelines.dit import DiTOptimumPipeline
 
+    marker = "config.json" if transformer_only else "model_index.json"
+    output_dir = check_save_target(output_dir, marker, overwrite, "output_dir")
+    labels = _load_id2label(id2label)
     model = model_from_original(load_original_checkpoint(checkpoint), model_name, sample_size, num_classes, num_heads)
-    output_dir = Path(output_dir)
     if transformer_only:
-        model.save_pretrained(output_dir, safe_serialization=True)
+        model.save_pretrained(output_dir, overwrite=overwrite)
         return output_dir
     if vae is None and model.config.in_channels not in (1, 3):
         raise DiTOptimumError(
@@ -214,14 +256,14 @@ def convert_original_checkpoint(
             "pass `vae` (an AutoencoderKL folder or Hub id), "
             "or `transformer_only=True`."
         )
-    autoencoder = AutoencoderKL.from_pretrained(vae) if vae is not None else None
-    pipeline = DiTOptimumPipeline(transformer=model, vae=autoencoder, id2label=_load_id2label(id2label))
-    pipeline.save_pretrained(output_dir)
+    autoencoder = load_from_source(AutoencoderKL.from_pretrained, vae, "vae") if vae is not None else None
+    pipeline = DiTOptimumPipeline(transformer=model, vae=autoencoder, id2label=labels)
+    pipeline.save_pretrained(output_dir, overwrite=overwrite)
     return output_dir
 
 
 def convert_diffusers_pipeline(
-    source: str | Path, output_dir: str | Path, original_timestep_embedding: bool = False
+    source: str | Path, output_dir: str | Path, original_timestep_embedding: bool = False, overwrite: bool = False
 ) -> Path:
     """Convert a stock diffusers DiT pipeline folder (or Hub id) to dit-optimum, keeping its VAE and scheduler.
 
@@ -233,18 +275,30 @@ def convert_diffusers_pipeline(
 
     from .pipelines.dit import DiTOptimumPipeline
 
-    index = DiffusionPipeline.load_config(source)
-    model = DiTOptimumTransformer2DModel.from_pretrained(
-        source, subfolder="transformer", original_timestep_embedding=original_timestep_embedding
+    output_dir = check_save_target(output_dir, "model_index.json", overwrite, "output_dir")
+    index = load_from_source(DiffusionPipeline.load_config, source, "source")
+    components = {name: value for name, value in index.items() if isinstance(value, list) and len(value) == 2}
+    if "transformer" not in components or "scheduler" not in components:
+        raise DiTOptimumError(f"`source`={str(source)!r} is not a DiT pipeline (no transformer/scheduler component).")
+    model = load_from_source(
+        DiTOptimumTransformer2DModel.from_pretrained,
+        source,
+        "source",
+        subfolder="transformer",
+        original_timestep_embedding=original_timestep_embedding,
     )
-    vae = AutoencoderKL.from_pretrained(source, subfolder="vae") if index.get("vae", [None])[0] == "diffusers" else None
-    scheduler_library, scheduler_class = index["scheduler"]
-    if scheduler_library != "diffusers":
+    vae = None
+    if components.get("vae", [None])[0] == "diffusers":
+        vae = load_from_source(AutoencoderKL.from_pretrained, source, "source", subfolder="vae")
+    scheduler_library, scheduler_class = components["scheduler"]
+    if scheduler_library != "diffusers" or not hasattr(diffusers, str(scheduler_class)):
         raise DiTOptimumError(
             f"Expected a diffusers scheduler in {source}, found {scheduler_library}.{scheduler_class}."
         )
-    scheduler = getattr(diffusers, scheduler_class).from_pretrained(source, subfolder="scheduler")
+    scheduler = load_from_source(
+        getattr(diffusers, scheduler_class).from_pretrained, source, "source", subfolder="scheduler"
+    )
     id2label = dict(index.get("id2label") or {}) or None
     pipeline = DiTOptimumPipeline(transformer=model.eval(), vae=vae, scheduler=scheduler, id2label=id2label)
-    pipeline.save_pretrained(output_dir)
+    pipeline.save_pretrained(output_dir, overwrite=overwrite)
     return Path(output_dir)

@@ -6,17 +6,19 @@ import fcntl
 import json
 import math
 import os
+import re
 import shutil
 import socket
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-from .errors import DiTOptimumError
+from .errors import DiTOptimumError, MissingPathError
 
+T = TypeVar("T")
 LOCK_FILE = ".dit_optimum.lock"
 # Weight files a save replaces: stale ones left beside new ones could be picked up by a later load.
 _WEIGHT_PREFIXES = ("diffusion_pytorch_model",)
@@ -223,3 +225,39 @@ def pop_unsupported_save_options(kwargs: dict) -> None:
         raise DiTOptimumError("`safe_serialization` must be True: dit-optimum saves safetensors only.")
     if kwargs.pop("push_to_hub", False):
         raise DiTOptimumError("`push_to_hub` is not supported here: save, then upload the folder.")
+
+
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+def check_source(value: str | os.PathLike, parameter: str) -> str:
+    """A local path that exists, or a Hub repo id; a path that does not exist raises ``MissingPathError``.
+
+    Without this, diffusers answers a mistyped local path with a Hub lookup ("Checkout your internet connection").
+    """
+    text = str(value)
+    if not text.strip():
+        raise DiTOptimumError(f"`{parameter}` is empty: give a local folder or a Hub repo id (org/name).")
+    if Path(text).expanduser().exists():
+        return text
+    if _REPO_ID.match(text) and ".." not in text and not text.startswith("."):
+        return text
+    raise MissingPathError(f"`{parameter}`={text!r} does not exist (and is not a Hub repo id of the form org/name).")
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of an exception's message (its type name if empty), for one-line error reports."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def load_from_source(load: Callable[..., T], source: str | os.PathLike, parameter: str, **kwargs: Any) -> T:
+    """``load(source, **kwargs)`` (a diffusers ``from_pretrained``) with a checked source, and file or Hub errors
+    turned into one ``DiTOptimumError`` naming ``parameter``."""
+    source = check_source(source, parameter)
+    try:
+        return load(source, **kwargs)
+    except DiTOptimumError:
+        raise
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise DiTOptimumError(f"Could not load `{parameter}`={source!r}: {first_line(error)}") from error

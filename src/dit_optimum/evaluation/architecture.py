@@ -15,6 +15,7 @@ from ..configs import PAPER_PRESETS, dit_config, parse_preset_name
 from ..errors import DiTOptimumError
 from ..models.attention import ATTENTION_TYPES
 from ..models.transformer import DiTOptimumTransformer2DModel
+from ..utils import check_positive_integers
 from .flops import count_parameters, gflops_breakdown
 from .inputs import example_inputs
 from .speed import interleaved_median_times
@@ -36,6 +37,11 @@ def architecture_benchmark(
         raise DiTOptimumError(f"Unknown `attention_types` {unknown}; allowed values: {', '.join(ATTENTION_TYPES)}.")
     for preset in presets:
         parse_preset_name(preset)
+    check_positive_integers(in_channels=in_channels, batch_size=batch_size, repeats=repeats)
+    for side in sample_sizes:
+        check_positive_integers(sample_sizes=side)
+    if not presets or not attention_types or not sample_sizes:
+        raise DiTOptimumError("`presets`, `attention_types` and `sample_sizes` must each name at least one entry.")
     types = ["sdpa", *[name for name in attention_types if name != "sdpa"]]
     rows = []
     for preset in presets:

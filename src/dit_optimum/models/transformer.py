@@ -6,6 +6,7 @@ import logging
 import os
 import re
 from collections import OrderedDict
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -20,7 +21,7 @@ from torch import nn
 
 from ..configs import dit_config
 from ..errors import DiTOptimumError
-from ..utils import pop_unsupported_save_options
+from ..utils import check_number, first_line, pop_unsupported_save_options
 from ..utils import save_directory as save_directory_into
 from .attention import (
     GROUPED_TYPES,
@@ -37,7 +38,98 @@ logger = logging.getLogger(__name__)
 DIFFUSERS_NULL_CLASS = 1000
 # Set (to the reason) on a model whose quantized form cannot be saved as a diffusers folder.
 UNSERIALIZABLE_ATTRIBUTE = "_dit_optimum_unserializable"
+# The feed-forward activations diffusers' FeedForward implements.
+ACTIVATION_FUNCTIONS: tuple[str, ...] = (
+    "gelu",
+    "gelu-approximate",
+    "geglu",
+    "geglu-approximate",
+    "swiglu",
+    "linear-silu",
+)
 _STOCK_BLOCK_EMBEDDING = re.compile(r"^transformer_blocks\.(\d+)\.norm1\.emb\.(.+)$")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+# Config keys by kind: every key is checked for its type and range before anything is built.
+_POSITIVE_INTEGERS = (
+    "num_attention_heads",
+    "attention_head_dim",
+    "in_channels",
+    "num_layers",
+    "sample_size",
+    "patch_size",
+    "num_embeds_ada_norm",
+    "attention_compression",
+    "num_mediators",
+    "moe_top_k",
+    "moe_every",
+)
+_OPTIONAL_POSITIVE_INTEGERS = ("out_channels", "num_kv_heads", "dwconv_kernel_size", "moe_expert_dim")
+_NON_NEGATIVE_INTEGERS = ("moe_num_experts", "moe_num_shared_experts")
+_BOOLEANS = ("attention_bias", "upcast_attention", "norm_elementwise_affine", "original_timestep_embedding")
+# name -> (minimum, maximum, minimum allowed, maximum allowed)
+_NUMBERS: dict[str, tuple[float, float | None, bool, bool]] = {
+    "dropout": (0, 1, True, False),
+    "class_dropout_prob": (0, 1, True, False),
+    "norm_eps": (0, None, False, True),
+    "mlp_ratio": (0, None, False, True),
+    "focusing_factor": (1, None, True, True),
+    "moe_capacity_factor": (0, None, False, True),
+    "moe_balance_loss_weight": (0, None, True, True),
+    "moe_router_z_loss_weight": (0, None, True, True),
+}
+
+
+def _check_config_types(config: Any) -> None:
+    for name in _POSITIVE_INTEGERS + _OPTIONAL_POSITIVE_INTEGERS + _NON_NEGATIVE_INTEGERS:
+        value = getattr(config, name)
+        if value is None and name in _OPTIONAL_POSITIVE_INTEGERS:
+            continue
+        lowest = 0 if name in _NON_NEGATIVE_INTEGERS else 1
+        if not _is_int(value) or value < lowest:
+            kind = "an integer >= 0" if lowest == 0 else "a positive integer"
+            optional = " or None" if name in _OPTIONAL_POSITIVE_INTEGERS else ""
+            raise DiTOptimumError(f"`{name}`={value!r} must be {kind}{optional}.")
+    for name in _BOOLEANS:
+        if not isinstance(getattr(config, name), bool):
+            raise DiTOptimumError(f"`{name}`={getattr(config, name)!r} must be true or false.")
+    for name, (minimum, maximum, include_minimum, include_maximum) in _NUMBERS.items():
+        check_number(
+            name,
+            getattr(config, name),
+            minimum,
+            maximum,
+            include_minimum=include_minimum,
+            include_maximum=include_maximum,
+        )
+
+
+def estimated_parameter_bytes(config: Any) -> int:
+    """Upper estimate of the float32 weights and position table a config builds (before building it)."""
+    dim = config.num_attention_heads * config.attention_head_dim
+    mlp = int(dim * config.mlp_ratio)
+    experts = max(1, config.moe_num_experts + config.moe_num_shared_experts)
+    per_block = 4 * dim * dim + 6 * dim * dim + 2 * dim * mlp * experts
+    tokens = (config.sample_size // config.patch_size) ** 2
+    classes = config.num_embeds_ada_norm + 1
+    total = config.num_layers * per_block + tokens * dim + classes * dim + 4 * dim * dim
+    return 4 * total
+
+
+def _check_fits_in_memory(config: Any) -> None:
+    import psutil
+
+    needed, available = estimated_parameter_bytes(config), psutil.virtual_memory().available
+    if needed > available:
+        raise DiTOptimumError(
+            f"This config (num_layers={config.num_layers}, width {config.num_attention_heads}x"
+            f"{config.attention_head_dim}, sample_size={config.sample_size}, patch_size={config.patch_size}) needs "
+            f"about {needed / 2**30:.1f} GiB for its weights alone; {available / 2**30:.1f} GiB are available."
+        )
 
 
 def is_quantized(model: nn.Module) -> bool:
@@ -172,6 +264,34 @@ class DiTOptimumTransformer2DModel(DiTTransformer2DModel, AttentionMixin):
         self.proj_out_2 = nn.Linear(self.inner_dim, patch_size * patch_size * self.out_channels)
 
     @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs: Any):
+        """diffusers' loader, made strict: safetensors only, and the weights must match the config exactly.
+
+        A missing, unreadable or inconsistent file raises ``DiTOptimumError`` naming the folder, instead of a
+        random-initialised or silently truncated model after a warning.
+        """
+        wants_info = kwargs.pop("output_loading_info", False)
+        if kwargs.get("use_safetensors") is None:
+            kwargs["use_safetensors"] = True
+        where = Path(str(pretrained_model_name_or_path)) / (kwargs.get("subfolder") or "")
+        try:
+            model, info = super().from_pretrained(pretrained_model_name_or_path, output_loading_info=True, **kwargs)
+        except DiTOptimumError:
+            raise
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            raise DiTOptimumError(f"Could not load the transformer from {str(where)!r}: {first_line(error)}") from error
+        problems = {kind: sorted(info.get(kind) or []) for kind in ("missing_keys", "unexpected_keys")}
+        problems["mismatched_keys"] = [key for key, *_ in info.get("mismatched_keys") or []]
+        problems = {kind: keys for kind, keys in problems.items() if keys}
+        if problems:
+            details = "; ".join(f"{kind.replace('_', ' ')}: {', '.join(keys[:4])}" for kind, keys in problems.items())
+            raise DiTOptimumError(
+                f"The weights in {str(where)!r} do not match its config.json ({details}); the folder is "
+                "inconsistent (edited config or mixed files): re-save the model."
+            )
+        return (model, info) if wants_info else model
+
+    @classmethod
     def from_preset(cls, name: str, **kwargs: Any) -> DiTOptimumTransformer2DModel:
         """Randomly initialised model from a preset name such as ``"DiT-S/2"`` (see ``configs.dit_config``)."""
         return cls(**dit_config(name, **kwargs))
@@ -186,31 +306,36 @@ class DiTOptimumTransformer2DModel(DiTTransformer2DModel, AttentionMixin):
         return self.num_classes if self.config.class_dropout_prob > 0 else None
 
     def _validate_config(self) -> None:
+        """One validation of the whole config, at construction and therefore at every load."""
         config = self.config
+        _check_config_types(config)
         if config.norm_type != "ada_norm_zero":
             raise DiTOptimumError(
                 f"`norm_type`={config.norm_type!r} is not supported; allowed values: 'ada_norm_zero'."
             )
-        if not isinstance(config.num_embeds_ada_norm, int) or config.num_embeds_ada_norm < 1:
+        if config.activation_fn not in ACTIVATION_FUNCTIONS:
             raise DiTOptimumError(
-                "`num_embeds_ada_norm` (the class count) must be a positive integer, "
-                f"got {config.num_embeds_ada_norm!r}."
+                f"Unknown `activation_fn`={config.activation_fn!r}; allowed values: {', '.join(ACTIVATION_FUNCTIONS)}."
             )
         if config.sample_size % config.patch_size != 0:
             raise DiTOptimumError(
                 f"`sample_size`={config.sample_size} must be a multiple of `patch_size`={config.patch_size}."
             )
-        if not 0 <= config.class_dropout_prob < 1:
-            raise DiTOptimumError(f"`class_dropout_prob`={config.class_dropout_prob!r} must lie in [0, 1).")
+        if int(config.num_attention_heads * config.attention_head_dim * config.mlp_ratio) < 1:
+            raise DiTOptimumError(f"`mlp_ratio`={config.mlp_ratio!r} gives an MLP of width 0; use a larger ratio.")
         for name, values, upper in (
             ("layer_heads", config.layer_heads, config.num_attention_heads),
             ("layer_mlp_dims", config.layer_mlp_dims, None),
         ):
             if values is None:
                 continue
-            if len(values) != config.num_layers or any(not isinstance(v, int) or v < 1 for v in values):
+            if (
+                not isinstance(values, (list, tuple))
+                or len(values) != config.num_layers
+                or any(not _is_int(v) or v < 1 for v in values)
+            ):
                 raise DiTOptimumError(
-                    f"`{name}` must list one positive integer per layer ({config.num_layers}), got {values}."
+                    f"`{name}` must list one positive integer per layer ({config.num_layers}), got {values!r}."
                 )
             if upper is not None and max(values) > upper:
                 raise DiTOptimumError(f"`{name}` entries must be at most num_attention_heads={upper}, got {values}.")
@@ -234,36 +359,31 @@ class DiTOptimumTransformer2DModel(DiTTransformer2DModel, AttentionMixin):
                 f"`layer_heads` entries must be multiples of {group} (query heads per K/V head for "
                 f"attention_type={config.attention_type!r}), got {config.layer_heads}."
             )
+        _check_fits_in_memory(config)
 
     def _validate_moe_config(self) -> None:
         config = self.config
         experts = config.moe_num_experts
-        if not isinstance(experts, int) or experts < 0:
+        if not _is_int(experts) or experts < 0:
             raise DiTOptimumError(f"`moe_num_experts`={experts!r} must be 0 (dense) or a positive integer.")
         if experts == 0:
             return
         checks = [
-            ("moe_top_k", isinstance(config.moe_top_k, int) and 1 <= config.moe_top_k <= experts, f"1..{experts}"),
-            (
-                "moe_num_shared_experts",
-                isinstance(config.moe_num_shared_experts, int) and config.moe_num_shared_experts >= 0,
-                "an integer >= 0",
-            ),
-            ("moe_capacity_factor", config.moe_capacity_factor > 0, "a number > 0"),
+            ("moe_top_k", 1 <= config.moe_top_k <= experts, f"1..{experts}"),
             (
                 "moe_every",
-                isinstance(config.moe_every, int) and 1 <= config.moe_every <= config.num_layers,
+                1 <= config.moe_every <= config.num_layers,
                 f"1..{config.num_layers}",
             ),
             (
                 "moe_layers",
                 config.moe_layers is None
-                or all(isinstance(i, int) and 0 <= i < config.num_layers for i in config.moe_layers),
-                f"None or block indices in 0..{config.num_layers - 1}",
+                or (
+                    isinstance(config.moe_layers, (list, tuple))
+                    and all(_is_int(i) and 0 <= i < config.num_layers for i in config.moe_layers)
+                ),
+                f"None or a list of block indices in 0..{config.num_layers - 1}",
             ),
-            ("moe_expert_dim", config.moe_expert_dim is None or config.moe_expert_dim >= 1, "None or >= 1"),
-            ("moe_balance_loss_weight", config.moe_balance_loss_weight >= 0, "a number >= 0"),
-            ("moe_router_z_loss_weight", config.moe_router_z_loss_weight >= 0, "a number >= 0"),
         ]
         for name, valid, allowed in checks:
             if not valid:

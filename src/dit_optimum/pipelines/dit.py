@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 import os
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from diffusers import DDIMScheduler, DiTPipeline
 from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
@@ -15,7 +18,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from ..errors import DiTOptimumError
 from ..models.autoencoder import IdentityAutoencoder
-from ..utils import pop_unsupported_save_options
+from ..utils import check_source, first_line, is_integer, pop_unsupported_save_options
 from ..utils import save_directory as save_directory_into
 
 OUTPUT_TYPES: tuple[str, ...] = ("pil", "np", "pt", "latent")
@@ -37,7 +40,32 @@ def _normalize_id2label(id2label: dict[Any, str] | None, num_classes: int) -> di
                 f"`id2label` key {index} is outside the model's classes; allowed values: 0..{num_classes - 1}."
             )
         normalized[str(index)] = str(value)
+    # DiTPipeline looks classes up by every comma-separated alias: an alias naming two classes would pick one.
+    seen: dict[str, str] = {}
+    for index, value in normalized.items():
+        for alias in (part.strip() for part in value.split(",")):
+            if alias in seen and seen[alias] != index:
+                raise DiTOptimumError(
+                    f"`id2label` has duplicate name {alias!r} (classes {seen[alias]} and {index}); "
+                    "names must be unique."
+                )
+            seen[alias] = index
     return dict(sorted(normalized.items(), key=lambda item: int(item[0])))
+
+
+def _check_model_index(folder: Path) -> None:
+    # A local folder's index must be a JSON object naming components (diffusers fails on others with a TypeError).
+    index = folder / "model_index.json"
+    if not folder.is_dir():
+        return
+    if not index.is_file():
+        raise DiTOptimumError(f"{str(folder)!r} is not a saved pipeline: it has no model_index.json.")
+    try:
+        content = json.loads(index.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise DiTOptimumError(f"{str(index)!r} is not valid JSON ({error}): the pipeline folder is damaged.") from None
+    if not isinstance(content, dict) or "transformer" not in content:
+        raise DiTOptimumError(f"{str(index)!r} does not describe a DiT pipeline (no `transformer` component).")
 
 
 class DiTOptimumPipeline(DiTPipeline):
@@ -63,6 +91,21 @@ class DiTOptimumPipeline(DiTPipeline):
         super().__init__(transformer=transformer, vae=vae, scheduler=scheduler, id2label=id2label)
         self.register_to_config(id2label=id2label)
 
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs: Any) -> DiTOptimumPipeline:
+        """diffusers' loader (safetensors only); a missing, unreadable or inconsistent folder raises
+        ``DiTOptimumError`` naming it and the file, never a raw traceback from deep inside."""
+        source = check_source(pretrained_model_name_or_path, "pretrained_model_name_or_path")
+        _check_model_index(Path(source))
+        if kwargs.get("use_safetensors") is None:
+            kwargs["use_safetensors"] = True
+        try:
+            return super().from_pretrained(source, **kwargs)
+        except DiTOptimumError:
+            raise
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            raise DiTOptimumError(f"Could not load the pipeline from {source!r}: {first_line(error)}") from error
+
     @property
     def is_pixel_space(self) -> bool:
         return isinstance(self.vae, IdentityAutoencoder)
@@ -78,9 +121,9 @@ class DiTOptimumPipeline(DiTPipeline):
         return [self.labels[name] for name in labels]
 
     def _class_indices(self, class_labels: int | str | Sequence[int | str] | torch.Tensor) -> list[int]:
-        if isinstance(class_labels, torch.Tensor):
+        if isinstance(class_labels, (torch.Tensor, np.ndarray)):
             class_labels = class_labels.reshape(-1).tolist()
-        elif isinstance(class_labels, (int, str)):
+        elif isinstance(class_labels, (numbers.Integral, str)):
             class_labels = [class_labels]
         class_labels = list(class_labels)
         if not class_labels:
@@ -89,12 +132,12 @@ class DiTOptimumPipeline(DiTPipeline):
         indices = []
         for label in class_labels:
             index = self.get_label_ids(label)[0] if isinstance(label, str) else label
-            if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < num_classes:
+            if not is_integer(index) or not 0 <= index < num_classes:
                 raise DiTOptimumError(
                     f"`class_labels` entry {label!r} is not a class; "
                     f"allowed values: 0..{num_classes - 1} or a name from id2label."
                 )
-            indices.append(index)
+            indices.append(int(index))
         return indices
 
     def _check_sampling_arguments(self, guidance_scale: float, num_inference_steps: int, output_type: str) -> None:

@@ -96,6 +96,37 @@ def _check_options(backend: str, weights: str, activations: str | None, device: 
         )
 
 
+FLOAT_DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
+
+
+def _float_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    # Accept the dtype's name ("bfloat16", "torch.float16") as the CLI and JSON configs give it.
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    name = str(dtype).removeprefix("torch.")
+    if name not in FLOAT_DTYPES:
+        raise DiTOptimumError(f"Unknown `dtype`={dtype!r}; allowed values: {', '.join(FLOAT_DTYPES)} (or None).")
+    return FLOAT_DTYPES[name]
+
+
+def _check_keep_float(model: nn.Module, keep_float: Sequence[str]) -> None:
+    # A prefix that matches no module would silently quantize what the user meant to keep.
+    if isinstance(keep_float, str):
+        raise DiTOptimumError(f"`keep_float`={keep_float!r} must be a list of module-name prefixes, not a string.")
+    names = [name for name, _ in model.named_modules() if name]
+    unmatched = [p for p in keep_float if not any(n == p or n.startswith(f"{p}.") for n in names)]
+    if unmatched:
+        top_level = sorted({name.split(".")[0] for name in names})
+        raise DiTOptimumError(
+            f"`keep_float` entries {unmatched} match no module of the model; module names start with: "
+            f"{', '.join(top_level)} (e.g. 'transformer_blocks.0.attn1')."
+        )
+
+
 def _reload_with_quantization_config(
     model: DiTOptimumTransformer2DModel, quantization_config, torch_dtype: torch.dtype
 ) -> DiTOptimumTransformer2DModel:
@@ -213,6 +244,8 @@ def quantize(
     is_pipeline = isinstance(pipe_or_model, DiTOptimumPipeline)
     model = unwrap(pipe_or_model)
     _check_options(backend, weights, activations, model.device)
+    dtype = _float_dtype(dtype)
+    _check_keep_float(model, keep_float)
     if dtype is not None and (backend == "torch" or not dtype.is_floating_point):
         raise DiTOptimumError(
             f"`dtype`={dtype} must be a floating dtype, and backend='torch' takes its dtype from `weights`."

@@ -12,8 +12,6 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-import torch
-
 from ..errors import DiTOptimumError
 from ..models.attention import ATTENTION_TYPES
 from ..pipelines.dit import DiTOptimumPipeline
@@ -98,8 +96,6 @@ def distill_student(context: TechniqueContext, run_name: str, depth_fraction: fl
 
 
 def quantized(context: TechniqueContext, **options: Any) -> DiTOptimumPipeline:
-    if isinstance(options.get("dtype"), str):
-        options["dtype"] = getattr(torch, options["dtype"])
     return quantize(context.baseline(), **options)
 
 
