@@ -13,9 +13,10 @@ from pathlib import Path
 
 import torch
 
+from dit_optimum.benchmark.architecture import architecture_benchmark, markdown_table
 from dit_optimum.configs import PAPER_PRESETS
-from dit_optimum.evaluation.architecture import architecture_benchmark, markdown_table
-from dit_optimum.evaluation.records import hardware_description, write_json_atomic
+from dit_optimum.evaluation.hardware import hardware_description
+from dit_optimum.utils import write_json_atomic
 
 RESULTS = Path(__file__).parent / "results"
 

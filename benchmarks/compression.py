@@ -19,12 +19,13 @@ from pathlib import Path
 import torch
 
 from dit_optimum import DiTOptimumTransformer2DModel, count_gflops, count_parameters, prune, quantize
+from dit_optimum.evaluation.hardware import hardware_description
 from dit_optimum.evaluation.inputs import example_inputs
 from dit_optimum.evaluation.memory import peak_memory_bytes
-from dit_optimum.evaluation.records import hardware_description, write_json_atomic
 from dit_optimum.evaluation.size import saved_size_bytes
 from dit_optimum.evaluation.speed import interleaved_median_times
 from dit_optimum.techniques.quantization import CalibrationSettings
+from dit_optimum.utils import write_json_atomic
 
 RESULTS = Path(__file__).parent / "results"
 QUANTIZATION_OPTIONS = {

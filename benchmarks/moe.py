@@ -19,10 +19,11 @@ from pathlib import Path
 import torch
 
 from dit_optimum import DiTOptimumTransformer2DModel, count_gflops, count_parameters
+from dit_optimum.evaluation.hardware import hardware_description
 from dit_optimum.evaluation.inputs import example_inputs
-from dit_optimum.evaluation.records import hardware_description, write_json_atomic
 from dit_optimum.evaluation.speed import interleaved_median_times
 from dit_optimum.training import TrainConfig, train
+from dit_optimum.utils import write_json_atomic
 
 RESULTS = Path(__file__).parent / "results"
 MOE = {"moe_num_experts": 8, "moe_top_k": 2, "moe_router_z_loss_weight": 0.001}

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import torch
 
-from dit_optimum.evaluation.benchmark import BenchmarkSettings, run_benchmark
+from dit_optimum.benchmark import BenchmarkSettings, run_benchmark
+from dit_optimum.benchmark.report import markdown_table, write_report
 from dit_optimum.evaluation.efficiency import SpeedSettings
-from dit_optimum.evaluation.report import markdown_table, write_report
 from dit_optimum.techniques.registry import TECHNIQUES
 
 RESULTS = Path(__file__).parent / "results"

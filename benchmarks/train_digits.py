@@ -22,8 +22,9 @@ import matplotlib.pyplot as plt
 import torch
 
 from dit_optimum import DiTOptimumPipeline
-from dit_optimum.evaluation.records import hardware_description, write_json_atomic
+from dit_optimum.evaluation.hardware import hardware_description
 from dit_optimum.training import TrainConfig, final_loss, train
+from dit_optimum.utils import write_json_atomic
 
 RESULTS = Path(__file__).parent / "results"
 

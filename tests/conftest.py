@@ -96,3 +96,20 @@ def tiny_pixel_pipeline(seed: int = 0, channels: int = 1, **overrides):
     pipeline = DiTOptimumPipeline(transformer=model, vae=None, scheduler=DDIMScheduler())
     pipeline.set_progress_bar_config(disable=True)
     return pipeline
+
+
+def tiny_vae(folder, channels: int = 1):
+    """A tiny random AutoencoderKL saved to ``folder`` (for latent extraction and training tests)."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    AutoencoderKL(
+        in_channels=channels,
+        out_channels=channels,
+        latent_channels=4,
+        block_out_channels=(8, 8),
+        norm_num_groups=4,
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+    ).save_pretrained(folder)
+    return folder

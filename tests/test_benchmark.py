@@ -14,18 +14,13 @@ from PIL import Image
 
 from conftest import TinyFeatureExtractor, tiny_pixel_pipeline
 from dit_optimum import DiTOptimumPipeline, DiTOptimumTransformer2DModel
+from dit_optimum.benchmark import BenchmarkSettings, TrainingRecipe, load_results, preset_settings, run_benchmark
+from dit_optimum.benchmark.contexts import VariantContext
+from dit_optimum.benchmark.report import baseline_deltas, markdown_table, pareto_front, write_report
+from dit_optimum.benchmark.settings import DEFAULT_TECHNIQUES
 from dit_optimum.cli import main as cli
-from dit_optimum.evaluation import benchmark as benchmark_module
-from dit_optimum.evaluation.benchmark import (
-    BenchmarkSettings,
-    TrainingRecipe,
-    load_results,
-    preset_settings,
-    run_benchmark,
-)
 from dit_optimum.evaluation.efficiency import SpeedSettings
 from dit_optimum.evaluation.fid import QualitySettings
-from dit_optimum.evaluation.report import baseline_deltas, markdown_table, pareto_front, write_report
 from dit_optimum.models.transformer import is_quantized
 from dit_optimum.techniques.quantization import SUPPORTED
 from dit_optimum.techniques.registry import TECHNIQUES, Technique, get_technique, register_technique
@@ -245,7 +240,7 @@ def test_presets_describe_the_default_and_the_paper_runs():
     assert paper.variants == ("DiT-S/2", "DiT-S/4", "DiT-XS/2", "DiT-XS/4")
     assert set(paper.techniques) == set(TECHNIQUES) and paper.quality.num_samples == 50_000
     assert json.loads(json.dumps(default.comparable())) == default.comparable()
-    assert default.techniques == benchmark_module.DEFAULT_TECHNIQUES
+    assert default.techniques == DEFAULT_TECHNIQUES
 
 
 def test_speed_only_run_measures_cost_on_untrained_latent_models(tmp_path):
@@ -274,7 +269,7 @@ def test_speed_only_run_measures_cost_on_untrained_latent_models(tmp_path):
 def test_variant_context_reads_a_pretrained_baseline_config_without_loading_weights(tmp_path):
     tiny_pixel_pipeline(num_layers=3).save_pretrained(tmp_path / "pipe")
     settings = replace(tiny_settings(tmp_path / "bench"), pretrained={"DiT-XS/4": str(tmp_path / "pipe")})
-    context = benchmark_module.VariantContext(settings, "DiT-XS/4")
+    context = VariantContext(settings, "DiT-XS/4")
     assert context.baseline_config()["num_layers"] == 3
     assert context.baseline().transformer.config.num_layers == 3
     assert not (tmp_path / "bench" / "models").exists()  # nothing trained for a pretrained baseline

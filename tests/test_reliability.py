@@ -192,3 +192,31 @@ def test_numpy_integer_class_labels_are_classes_and_duplicate_names_are_refused(
     assert pipe([np.int64(3)], num_inference_steps=2, output_type="np").images.shape[0] == 1
     with pytest.raises(DiTOptimumError, match="duplicate"):
         DiTOptimumPipeline(transformer=tiny_model(), id2label={0: "cat", 1: "cat"})
+
+
+def test_the_reliability_probe_finds_every_case_handled(tmp_path):
+    """benchmarks/reliability_probe.py: 300+ bad inputs and faults, each refused cleanly or handled correctly."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "reliability_probe.py"
+    output = tmp_path / "probe.json"
+    result = subprocess.run(
+        [sys.executable, str(script), "--output", str(output)], capture_output=True, text=True, timeout=900
+    )
+    report = json.loads(output.read_text())
+    failures = [row for row in report["rows"] if row["outcome"] != "clean"]
+    assert report["cases"] >= 260 and not failures, failures
+    assert result.returncode == 0
+
+
+def test_scalar_and_odd_class_labels_are_named(tmp_path, capsys):
+    pipe = DiTOptimumPipeline(transformer=tiny_model(), scheduler=DDIMScheduler())
+    for labels in (2.5, None, [1, None], {"a": 1}):
+        with pytest.raises(DiTOptimumError, match="`class_labels`"):
+            pipe(labels, num_inference_steps=1)
+    text = tmp_path / "notes.pt"
+    text.write_text("hello")
+    with pytest.raises(DiTOptimumError, match="not a readable PyTorch checkpoint"):
+        load_original_checkpoint(text)

@@ -15,8 +15,10 @@ import torch
 from diffusers import DiffusionPipeline
 from PIL import Image
 
+from conftest import tiny_vae
 from dit_optimum import DiTOptimumPipeline
-from dit_optimum.training import TrainConfig, load_training_data, train
+from dit_optimum.data import load_training_data
+from dit_optimum.training import TrainConfig, train
 from dit_optimum.training.cli import main as train_cli
 from dit_optimum.training.diffusion import GaussianDiffusion
 
@@ -194,20 +196,9 @@ def test_bad_training_arguments(tmp_path, overrides, message):
 
 
 def test_latent_training_via_extracted_features(tmp_path):
-    from diffusers import AutoencoderKL
-
     from dit_optimum.training.cli import extract_main
 
-    torch.manual_seed(0)
-    AutoencoderKL(
-        in_channels=1,
-        out_channels=1,
-        latent_channels=4,
-        block_out_channels=(8, 8),
-        norm_num_groups=4,
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-    ).save_pretrained(tmp_path / "vae")
+    tiny_vae(tmp_path / "vae")
     code = extract_main(
         [
             "--data",

@@ -8,41 +8,12 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from .benchmark.settings import add_benchmark_arguments
 from .configs import preset_names
 from .errors import DiTOptimumError
+from .evaluation.fid import add_quality_arguments, quality_settings_from_arguments
 from .models.attention import ATTENTION_TYPES
-from .utils import check_save_target
-
-
-def _csv(value: str) -> list[str]:
-    return [item.strip() for item in value.split(",") if item.strip()]
-
-
-def _add_quality_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--num-samples", type=int, help="generated images for FID/sFID/KID")
-    parser.add_argument("--reference", help="real images: digits | imagefolder | datasets id")
-    parser.add_argument("--reference-samples", type=int, help="real images in the reference statistics")
-    parser.add_argument("--steps", type=int, help="sampling steps (DDIM)")
-    parser.add_argument("--guidance-scale", type=float)
-    parser.add_argument("--metrics", type=_csv, help="fid,sfid,kid (default: all that N supports)")
-    parser.add_argument("--inception-weights", help="FID Inception TorchScript file (default: found offline)")
-    parser.add_argument("--batch-size", type=int, help="sampling/feature batch for the quality metrics")
-
-
-def _quality_settings(args: argparse.Namespace, base):
-    from dataclasses import replace
-
-    changes = {
-        "num_samples": args.num_samples,
-        "reference": args.reference,
-        "reference_samples": args.reference_samples,
-        "num_inference_steps": args.steps,
-        "guidance_scale": args.guidance_scale,
-        "metrics": tuple(args.metrics) if args.metrics else None,
-        "inception_weights": args.inception_weights,
-        "batch_size": args.batch_size,
-    }
-    return replace(base, **{key: value for key, value in changes.items() if value is not None})
+from .utils import check_save_target, csv_list
 
 
 def _add_overwrite_argument(parser: argparse.ArgumentParser) -> None:
@@ -63,38 +34,13 @@ def _build_parser() -> argparse.ArgumentParser:
         description="Runs (or resumes) the matrix and writes results.json/.csv, report.md and plots. With no "
         "arguments: the embedded small-scale run on the digits data (about 15 minutes on 2 CPU cores).",
     )
-    bench.add_argument(
-        "--preset", default="default", help="default | paper (DiT-S/2, S/4, XS/2, XS/4, every technique)"
-    )
-    bench.add_argument("--variants", type=_csv, help=f"comma-separated presets; allowed: {', '.join(preset_names())}")
-    bench.add_argument("--techniques", type=_csv, help="comma-separated registered techniques (see --list)")
-    bench.add_argument("--list", action="store_true", help="list the registered techniques and exit")
-    bench.add_argument("--data", help="training data: digits | imagefolder | latents folder | datasets id")
-    bench.add_argument("--image-size", type=int, help="training image side (pixels; ignored for latents)")
-    bench.add_argument("--channels", type=int, help="1 or 3 for pixel data")
-    bench.add_argument(
-        "--pretrained",
-        type=_csv,
-        default=[],
-        help="VARIANT=PIPELINE,...: trained baselines to load instead of training",
-    )
-    bench.add_argument("--train-steps", type=int)
-    bench.add_argument("--train-batch-size", type=int)
-    bench.add_argument("--learning-rate", type=float)
-    _add_quality_arguments(bench)
-    bench.add_argument("--speed-batch-size", type=int, help="batch of the sampling-throughput and memory measurement")
-    bench.add_argument(
-        "--speed-only",
-        action="store_true",
-        help="cost columns only, on untrained models (no data, training or FID); --channels 4 = latents + SD-VAE",
-    )
-    bench.add_argument("--output-dir", type=Path, default=Path("benchmark-results"))
+    add_benchmark_arguments(bench)
 
     evaluate = commands.add_parser(
         "evaluate", help="FID/sFID/KID, GFLOPs, throughput, latency, peak memory and size of one saved pipeline."
     )
     evaluate.add_argument("pipeline", help="pipeline folder or Hub id")
-    _add_quality_arguments(evaluate)
+    add_quality_arguments(evaluate)
     evaluate.add_argument("--speed-batch-size", type=int, default=8)
     evaluate.add_argument("--no-speed", action="store_true", help="quality metrics only")
     evaluate.add_argument("--output", type=Path, help="write the result as JSON here")
@@ -104,19 +50,19 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     arch.add_argument(
         "--presets",
-        type=_csv,
+        type=csv_list,
         default=["DiT-S/2", "DiT-S/4", "DiT-XS/2", "DiT-XS/4"],
         help=f"comma-separated presets; allowed: {', '.join(preset_names())}",
     )
     arch.add_argument(
         "--attention-types",
-        type=_csv,
+        type=csv_list,
         default=list(ATTENTION_TYPES),
         help=f"comma-separated; allowed: {', '.join(ATTENTION_TYPES)}",
     )
     arch.add_argument(
         "--sample-sizes",
-        type=lambda v: [int(x) for x in _csv(v)],
+        type=lambda v: [int(x) for x in csv_list(v)],
         default=[32],
         help="input sides (latent 32 = 256 tokens at patch 2)",
     )
@@ -154,7 +100,7 @@ def _build_parser() -> argparse.ArgumentParser:
         default=None,
         help="float dtype of non-quantized layers (default: bfloat16 for torchao, the model's for quanto)",
     )
-    quant.add_argument("--keep-float", type=_csv, default=None, help="module-name prefixes left in float")
+    quant.add_argument("--keep-float", type=csv_list, default=None, help="module-name prefixes left in float")
     quant.add_argument("--calibration-batches", type=int, default=4, help="(quanto with activations) sampling runs")
     quant.add_argument("--calibration-steps", type=int, default=10, help="(quanto with activations) steps per run")
 
@@ -186,6 +132,16 @@ def _describe_change(before, after, label: str) -> None:
         print(f"GFLOPs {count_gflops(before.transformer):.3f} -> {count_gflops(after.transformer):.3f}")
 
 
+def _check_output(args: argparse.Namespace) -> None:
+    # Before any work: the output folder must be safe to write, and not the source pipeline itself.
+    if not args.overwrite and Path(args.output_dir).resolve() == Path(args.source).resolve():
+        raise DiTOptimumError(
+            f"`output_dir`={str(args.output_dir)!r} is the source pipeline: the result would replace the original. "
+            "Choose another folder, or pass --overwrite to replace it."
+        )
+    check_save_target(args.output_dir, "model_index.json", args.overwrite, "output_dir")
+
+
 def _run_quantize(args: argparse.Namespace) -> int:
     import torch
 
@@ -198,7 +154,7 @@ def _run_quantize(args: argparse.Namespace) -> int:
             f"backend={args.backend!r} with activations={args.activations!r} cannot be saved as a diffusers pipeline; "
             "use --backend torchao --weights int8 --activations int8 for saved int8 activations."
         )
-    check_save_target(args.output_dir, "model_index.json", args.overwrite, "output_dir")
+    _check_output(args)
     pipe = DiTOptimumPipeline.from_pretrained(args.source)
     calibration = None
     if args.backend == "quanto" and args.activations is not None:
@@ -224,7 +180,7 @@ def _run_prune(args: argparse.Namespace) -> int:
     from .pipelines.dit import DiTOptimumPipeline
     from .techniques.pruning import prune
 
-    check_save_target(args.output_dir, "model_index.json", args.overwrite, "output_dir")
+    _check_output(args)
     pipe = DiTOptimumPipeline.from_pretrained(args.source)
     pruned = prune(pipe, heads=args.heads, mlp=args.mlp, depth=args.depth, importance=args.importance, scope=args.scope)
     _describe_change(pipe, pruned, "pruned")
@@ -236,7 +192,7 @@ def _run_prune(args: argparse.Namespace) -> int:
 def _print_table(console, rows, title: str) -> None:
     from rich.table import Table
 
-    from .evaluation.report import COLUMNS, table_rows
+    from .benchmark.report import COLUMNS, table_rows
 
     table = Table(title=title)
     for index, (header, _, _) in enumerate(COLUMNS):
@@ -247,13 +203,11 @@ def _print_table(console, rows, title: str) -> None:
 
 
 def _run_benchmark(args: argparse.Namespace) -> int:
-    from dataclasses import replace
-
     from accelerate import PartialState
     from rich.console import Console
 
-    from .evaluation.benchmark import preset_settings, run_benchmark
-    from .evaluation.report import write_report
+    from .benchmark import run_benchmark, write_report
+    from .benchmark.settings import settings_from_arguments
     from .techniques.registry import TECHNIQUES
 
     console = Console(width=160)
@@ -261,38 +215,7 @@ def _run_benchmark(args: argparse.Namespace) -> int:
         for name, technique in TECHNIQUES.items():
             console.print(f"{name:22s} {technique.description}")
         return 0
-    settings = preset_settings(args.preset, output_dir=str(args.output_dir))
-    pretrained = {}
-    for entry in args.pretrained:
-        variant, separator, path = entry.partition("=")
-        if not separator or not path:
-            raise DiTOptimumError(f"`--pretrained` entry {entry!r} must be VARIANT=PIPELINE, e.g. DiT-S/2=./dit-s2.")
-        pretrained[variant] = path
-    for key, value in {
-        "variants": tuple(args.variants) if args.variants else None,
-        "techniques": tuple(args.techniques) if args.techniques else None,
-        "data": args.data,
-        "image_size": args.image_size,
-        "channels": args.channels,
-        "pretrained": pretrained or None,
-        "speed_only": args.speed_only or None,
-    }.items():
-        if value is not None:
-            setattr(settings, key, value)
-    training = {"steps": args.train_steps, "batch_size": args.train_batch_size, "learning_rate": args.learning_rate}
-    settings.training = replace(settings.training, **{k: v for k, v in training.items() if v is not None})
-    settings.quality = _quality_settings(args, settings.quality)
-    speed = {
-        "batch_size": args.speed_batch_size,
-        "num_inference_steps": args.steps,
-        "guidance_scale": args.guidance_scale,
-    }
-    settings.speed = replace(settings.speed, **{k: v for k, v in speed.items() if v is not None})
-    if args.preset == "paper" and settings.data == "digits" and not settings.speed_only:
-        raise DiTOptimumError(
-            "`--preset paper` needs `--data` (a latents folder, an imagefolder or a datasets id) and "
-            "`--reference` (real images) of the dataset to reproduce, e.g. ImageNet 256."
-        )
+    settings = settings_from_arguments(args)
 
     start = time.perf_counter()
     cells = len(settings.variants) * len(settings.techniques)
@@ -334,10 +257,20 @@ def _run_evaluate(args: argparse.Namespace) -> int:
 
     from .evaluation.efficiency import SpeedSettings, efficiency_metrics
     from .evaluation.fid import QualitySettings, evaluate_quality
-    from .evaluation.records import hardware_description, write_json_atomic
+    from .evaluation.hardware import hardware_description
     from .pipelines.dit import DiTOptimumPipeline
+    from .utils import write_json_atomic
 
-    settings = _quality_settings(args, QualitySettings())
+    settings = quality_settings_from_arguments(args, QualitySettings())
+    speed = SpeedSettings(
+        batch_size=args.speed_batch_size,
+        num_inference_steps=settings.num_inference_steps,
+        guidance_scale=settings.guidance_scale,
+    )
+    settings.validate()
+    speed.validate()
+    if args.output is not None and args.output.is_dir():
+        raise DiTOptimumError(f"`--output`={str(args.output)!r} is a folder; give the path of a JSON file.")
     state = PartialState(cpu=not torch.cuda.is_available())  # one process per GPU under torchrun / accelerate
     pipeline = DiTOptimumPipeline.from_pretrained(args.pipeline).to(state.device)
     pipeline.set_progress_bar_config(disable=True)
@@ -345,16 +278,7 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     if not result:  # not the main process
         return 0
     if not args.no_speed:
-        result.update(
-            efficiency_metrics(
-                pipeline,
-                SpeedSettings(
-                    batch_size=args.speed_batch_size,
-                    num_inference_steps=settings.num_inference_steps,
-                    guidance_scale=settings.guidance_scale,
-                ),
-            )
-        )
+        result.update(efficiency_metrics(pipeline, speed))
     result.update(pipeline=args.pipeline, hardware=hardware_description())
     print(json.dumps(result, indent=2, default=str))
     if args.output:
@@ -366,8 +290,9 @@ def _run_architecture(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from .evaluation.architecture import architecture_benchmark, markdown_table
-    from .evaluation.records import hardware_description, write_json_atomic
+    from .benchmark.architecture import architecture_benchmark, markdown_table
+    from .evaluation.hardware import hardware_description
+    from .utils import write_json_atomic
 
     console = Console(width=140)
     start = time.perf_counter()

@@ -82,10 +82,10 @@ def load_original_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
             "refused because loading it could run code. Convert it where it was made to a state dict of tensors "
             "(or safetensors) and try again."
         ) from None
-    except (RuntimeError, EOFError, OSError, ValueError) as error:
+    except Exception as error:
         raise DiTOptimumError(
             f"`checkpoint` {path} is not a readable PyTorch checkpoint (truncated, empty or another format): "
-            f"{first_line(error)}"
+            f"{type(error).__name__}: {first_line(error)}"
         ) from None
     for key in ("ema", "model", "state_dict"):
         if isinstance(checkpoint, Mapping) and key in checkpoint and isinstance(checkpoint[key], Mapping):

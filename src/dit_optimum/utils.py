@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import csv
 import fcntl
+import io
 import json
 import math
 import os
@@ -11,7 +13,7 @@ import shutil
 import socket
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
@@ -69,11 +71,14 @@ def save_directory(
     nothing in ``target`` changes.
     """
     target = check_save_target(target, marker, overwrite, parameter)
-    if target.exists() and not target.is_dir():
-        target.unlink()  # overwrite=True on a file: the user asked for it
     created = not target.exists()
-    target.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".dit_optimum-staging-", dir=target))
+    try:
+        if target.exists() and not target.is_dir():
+            target.unlink()  # overwrite=True on a file: the user asked for it
+        target.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=".dit_optimum-staging-", dir=target))
+    except OSError as error:  # a parent that is a file, no permission, a read-only disk
+        raise DiTOptimumError(f"`{parameter}`={str(target)!r} cannot be written: {error.strerror or error}.") from None
     try:
         yield staging
         files = sorted(p for p in staging.rglob("*") if p.is_file())
@@ -147,6 +152,8 @@ def folder_lock(folder: str | os.PathLike, purpose: str = "run", enabled: bool =
         yield
         return
     folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise DiTOptimumError(f"`output_dir`={str(folder)!r} is a file, not a folder: choose a folder.")
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / LOCK_FILE
     descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o666 & ~_umask())
@@ -178,6 +185,11 @@ def folder_lock(folder: str | os.PathLike, purpose: str = "run", enabled: bool =
         os.ftruncate(descriptor, 0)
         fcntl.flock(descriptor, fcntl.LOCK_UN)
         os.close(descriptor)
+
+
+def csv_list(value: str) -> list[str]:
+    """A comma-separated command-line value as a list of stripped, non-empty entries."""
+    return [item.strip() for item in value.split(",") if item.strip()]
 
 
 def check_positive_integers(**values: Any) -> None:
@@ -261,3 +273,28 @@ def load_from_source(load: Callable[..., T], source: str | os.PathLike, paramete
         raise
     except (OSError, ValueError, KeyError, TypeError) as error:
         raise DiTOptimumError(f"Could not load `{parameter}`={source!r}: {first_line(error)}") from error
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """Write to a temp file in the same folder, then rename: readers never see half a file."""
+    with atomic_file(path) as temporary, temporary.open("w") as stream:
+        stream.write(text)
+        stream.flush()
+        os.fsync(stream.fileno())
+
+
+def write_json_atomic(path: str | Path, payload: Any) -> None:
+    """JSON (indented) written atomically."""
+    write_text_atomic(path, json.dumps(payload, indent=2, default=str) + "\n")
+
+
+def write_csv_atomic(path: str | Path, rows: Sequence[dict[str, Any]]) -> None:
+    """Flat rows as CSV, written atomically; columns are the union of the rows' keys in first-seen order."""
+    columns: list[str] = []
+    for row in rows:
+        columns.extend(key for key in row if key not in columns)
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns)
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text_atomic(path, buffer.getvalue())

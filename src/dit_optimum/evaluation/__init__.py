@@ -1,7 +1,7 @@
-"""Evaluation: quality (FID, sFID, KID), cost (GFLOPs, speed, memory, size) and the multi-method benchmark.
+"""Evaluation, measuring only: quality (FID, sFID, KID) and cost (GFLOPs, speed, memory, size) of one pipeline.
 
-Entry points: ``evaluate_quality`` + ``efficiency_metrics`` for one pipeline, ``run_benchmark`` + ``write_report``
-for the matrix. The heavier ones are imported on first use, so ``import dit_optimum`` stays light.
+Entry points: ``evaluate_quality`` and ``efficiency_metrics``; the matrix of techniques is ``dit_optimum.benchmark``.
+The heavier ones are imported on first use, so ``import dit_optimum`` stays light.
 """
 
 from importlib import import_module
@@ -15,11 +15,6 @@ _LAZY = {
     "evaluate_quality": ".fid",
     "SpeedSettings": ".efficiency",
     "efficiency_metrics": ".efficiency",
-    "BenchmarkSettings": ".benchmark",
-    "TrainingRecipe": ".benchmark",
-    "preset_settings": ".benchmark",
-    "run_benchmark": ".benchmark",
-    "write_report": ".report",
 }
 
 
@@ -30,18 +25,13 @@ def __getattr__(name: str):
 
 
 __all__ = [
-    "BenchmarkSettings",
     "QualitySettings",
     "SpeedSettings",
-    "TrainingRecipe",
     "count_gflops",
     "count_parameters",
     "efficiency_metrics",
     "evaluate_quality",
     "gflops_breakdown",
-    "preset_settings",
-    "run_benchmark",
     "saved_size_bytes",
     "time_forward",
-    "write_report",
 ]

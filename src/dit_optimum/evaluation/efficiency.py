@@ -9,11 +9,11 @@ from typing import Any
 import torch
 
 from ..errors import DiTOptimumError
-from ..utils import check_positive_integers
+from ..utils import check_number, check_positive_integers
 from .flops import count_gflops, count_parameters
 from .inputs import example_inputs
 from .memory import peak_memory_bytes
-from .sampling import generate_images
+from .sampling import MAX_SAMPLING_STEPS, generate_images
 from .size import saved_size_bytes
 from .speed import interleaved_call_seconds
 
@@ -34,6 +34,11 @@ class SpeedSettings:
         check_positive_integers(**{name: getattr(self, name) for name in names})
         if not isinstance(self.warmup, int) or self.warmup < 0:
             raise DiTOptimumError(f"`warmup`={self.warmup!r} must be an integer >= 0.")
+        check_number("guidance_scale", self.guidance_scale, 1)
+        if self.num_inference_steps > MAX_SAMPLING_STEPS:
+            raise DiTOptimumError(
+                f"`num_inference_steps`={self.num_inference_steps} must be at most {MAX_SAMPLING_STEPS}."
+            )
 
 
 def efficiency_metrics(pipeline, settings: SpeedSettings | None = None, reference=None) -> dict[str, Any]:

@@ -20,6 +20,7 @@ from typing import Protocol
 import numpy as np
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from ..errors import DiTOptimumError, MissingPathError
 
@@ -159,12 +160,21 @@ def to_uint8(images: np.ndarray | torch.Tensor) -> np.ndarray:
 
 @torch.no_grad()
 def extract_features(
-    images: np.ndarray, extractor: FeatureExtractor, batch_size: int = 50, device: torch.device | str = "cpu"
+    images: np.ndarray,
+    extractor: FeatureExtractor,
+    batch_size: int = 50,
+    device: torch.device | str = "cpu",
+    progress: str | None = None,
 ) -> dict[str, np.ndarray]:
-    """Features of uint8 images (B, H, W, C): each kind (``pool``, ``spatial``) as float32 (B, D)."""
+    """Features of uint8 images (B, H, W, C): each kind (``pool``, ``spatial``) as float32 (B, D).
+
+    ``progress`` names a progress bar (shown on a terminal only); ``None`` shows none.
+    """
     outputs: dict[str, list[np.ndarray]] = {}
-    for start in range(0, len(images), batch_size):
-        batch = clean_resize(images[start : start + batch_size], extractor.input_size).to(device)
-        for kind, value in extractor(batch).items():
-            outputs.setdefault(kind, []).append(value.float().cpu().numpy())
+    with tqdm(total=len(images), desc=progress, unit="image", disable=True if progress is None else None) as bar:
+        for start in range(0, len(images), batch_size):
+            batch = clean_resize(images[start : start + batch_size], extractor.input_size).to(device)
+            for kind, value in extractor(batch).items():
+                outputs.setdefault(kind, []).append(value.float().cpu().numpy())
+            bar.update(len(batch))
     return {kind: np.concatenate(values) for kind, values in outputs.items()}

@@ -6,21 +6,22 @@ three metrics, and compares with cached reference features. Every number carries
 
 from __future__ import annotations
 
-import math
-from dataclasses import asdict, dataclass
+import argparse
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from accelerate import PartialState
 
-from ..errors import DiTOptimumError
+from ..errors import DiTOptimumError, MissingPathError
 from ..models.autoencoder import IdentityAutoencoder
-from ..utils import check_positive_integers
+from ..utils import check_number, check_positive_integers, csv_list, is_integer
 from .features import FeatureExtractor, InceptionFeatures
 from .metrics import frechet_distance, gaussian_statistics, kernel_inception_distance, minimum_samples_for_frechet
-from .reference import reference_features
-from .sampling import sample_features
+from .reference import reference_features, reference_image_count
+from .sampling import MAX_SAMPLING_STEPS, sample_features
 
 METRICS: tuple[str, ...] = ("fid", "sfid", "kid")
 METRIC_FEATURES = {"fid": "pool", "sfid": "spatial", "kid": "pool"}
@@ -54,17 +55,76 @@ class QualitySettings:
         check_positive_integers(**{name: getattr(self, name) for name in names})
         if self.num_samples < 2 or self.reference_samples < 2:
             raise DiTOptimumError("`num_samples` and `reference_samples` must be >= 2 (KID compares pairs of samples).")
-        if not math.isfinite(self.guidance_scale) or self.guidance_scale < 1:
-            raise DiTOptimumError(f"`guidance_scale`={self.guidance_scale!r} must be a finite number >= 1.")
+        check_number("guidance_scale", self.guidance_scale, 1)
+        check_positive_integers(kid_subset_size=self.kid_subset_size)
+        if not is_integer(self.seed) or self.seed < 0:
+            raise DiTOptimumError(f"`seed`={self.seed!r} must be an integer >= 0.")
+        available = reference_image_count(self.reference)
+        if available is not None and self.reference_samples > available:
+            raise DiTOptimumError(
+                f"`reference_samples`={self.reference_samples} is more than the {available} images of "
+                f"`reference`={self.reference!r}."
+            )
+        if self.inception_weights is not None and not Path(self.inception_weights).is_file():
+            raise MissingPathError(f"`inception_weights`={str(self.inception_weights)!r} is not a file.")
+        if self.num_inference_steps > MAX_SAMPLING_STEPS:
+            raise DiTOptimumError(
+                f"`num_inference_steps`={self.num_inference_steps} must be at most {MAX_SAMPLING_STEPS} "
+                "(the training timesteps)."
+            )
         if self.metrics is not None:
             unknown = [name for name in self.metrics if name not in METRICS]
             if unknown or not self.metrics:
                 raise DiTOptimumError(f"Unknown `metrics` {list(self.metrics)}; allowed values: {', '.join(METRICS)}.")
 
 
+def add_quality_arguments(parser: argparse.ArgumentParser) -> None:
+    """Command-line options of ``QualitySettings`` (shared by ``evaluate`` and ``benchmark``)."""
+    parser.add_argument("--num-samples", type=int, help="generated images for the quality metrics")
+    parser.add_argument("--reference", help="real images: digits | imagefolder | datasets id")
+    parser.add_argument("--reference-samples", type=int, help="real images in the reference statistics")
+    parser.add_argument("--steps", type=int, help="sampling steps (DDIM)")
+    parser.add_argument("--guidance-scale", type=float)
+    parser.add_argument("--metrics", type=csv_list, help=f"{','.join(METRICS)} (default: all that N supports)")
+    parser.add_argument("--inception-weights", help="FID Inception TorchScript file (default: found offline)")
+    parser.add_argument("--batch-size", type=int, help="sampling/feature batch for the quality metrics")
+
+
+def quality_settings_from_arguments(args: argparse.Namespace, base: QualitySettings) -> QualitySettings:
+    """``base`` changed by the quality options given on the command line."""
+    if args.metrics is not None and not args.metrics:
+        raise DiTOptimumError(f"`--metrics` names no metric; allowed values: {', '.join(METRICS)}.")
+    changes = {
+        "num_samples": args.num_samples,
+        "reference": args.reference,
+        "reference_samples": args.reference_samples,
+        "num_inference_steps": args.steps,
+        "guidance_scale": args.guidance_scale,
+        "metrics": tuple(args.metrics) if args.metrics is not None else None,
+        "inception_weights": args.inception_weights,
+        "batch_size": args.batch_size,
+    }
+    return replace(base, **{key: value for key, value in changes.items() if value is not None})
+
+
+def check_feature_memory(settings: QualitySettings, feature_dims: dict[str, int]) -> None:
+    """Refuse sample counts whose features (float32, generated + reference) cannot fit in the memory available."""
+    import psutil
+
+    needed = 4 * sum(feature_dims.values()) * (settings.num_samples + settings.reference_samples)
+    available = psutil.virtual_memory().available
+    if needed > available:
+        raise DiTOptimumError(
+            f"`num_samples`={settings.num_samples} and `reference_samples`={settings.reference_samples} need about "
+            f"{needed / 2**30:.1f} GiB for their features ({sum(feature_dims.values())} floats per image); "
+            f"{available / 2**30:.1f} GiB are available. Use fewer samples."
+        )
+
+
 def resolve_metrics(settings: QualitySettings, feature_dims: dict[str, int]) -> list[str]:
-    """The metrics to compute: the requested ones (checked against N), or all that N supports."""
+    """The metrics to compute: the requested ones (checked against N, and N against memory), or all N supports."""
     settings.validate()
+    check_feature_memory(settings, feature_dims)
     fewest = min(settings.num_samples, settings.reference_samples)
     requested = list(settings.metrics) if settings.metrics is not None else list(METRICS)
     chosen = []

@@ -14,9 +14,12 @@ import numpy as np
 import torch
 from accelerate import PartialState
 from accelerate.utils import gather
+from tqdm.auto import tqdm
 
 from ..utils import check_positive_integers
 from .features import FeatureExtractor, extract_features, to_uint8
+
+MAX_SAMPLING_STEPS = 1000  # the DDPM schedule the models are trained with
 
 
 @dataclass
@@ -84,13 +87,17 @@ def sample_features(
     device = state.device
     local: dict[str, list[np.ndarray]] = {}
     kept: list[np.ndarray] = []
-    for start in range(share.start, share.stop, batch_size):
-        indices = range(start, min(start + batch_size, share.stop))
-        images = generate_images(pipeline, indices, num_inference_steps, guidance_scale, seed)
-        if start < keep_images:
-            kept.append(images[: keep_images - start])
-        for kind, value in extract_features(images, extractor, batch_size, device).items():
-            local.setdefault(kind, []).append(value)
+    # One bar on the main process (for its share; on a terminal only): the others' shares progress alike.
+    disable = None if state.is_main_process else True
+    with tqdm(total=len(share), desc="Generated-sample features", unit="image", disable=disable) as bar:
+        for start in range(share.start, share.stop, batch_size):
+            indices = range(start, min(start + batch_size, share.stop))
+            images = generate_images(pipeline, indices, num_inference_steps, guidance_scale, seed)
+            if start < keep_images:
+                kept.append(images[: keep_images - start])
+            for kind, value in extract_features(images, extractor, batch_size, device).items():
+                local.setdefault(kind, []).append(value)
+            bar.update(len(indices))
     # A process with no share (fewer samples than processes) still takes part in the gather, with empty features.
     features = {
         kind: np.concatenate(local[kind]) if kind in local else np.zeros((0, dim), dtype=np.float32)

@@ -120,6 +120,31 @@ def estimated_parameter_bytes(config: Any) -> int:
     return 4 * total
 
 
+def estimated_activation_bytes(config: Any, batch_size: int, training: bool = False) -> int:
+    """Rough upper estimate of one forward's float32 activations at ``batch_size`` (attention scores included, as
+    the math path materialises them); with ``training`` every block's activations are kept for the backward."""
+    dim = config["num_attention_heads"] * config["attention_head_dim"]
+    tokens = (config["sample_size"] // config["patch_size"]) ** 2
+    mlp = int(dim * config.get("mlp_ratio", 4.0))
+    per_block = batch_size * tokens * (8 * dim + 2 * mlp) + batch_size * config["num_attention_heads"] * tokens**2
+    blocks = 3 * config["num_layers"] if training else 2
+    return 4 * per_block * blocks
+
+
+def check_activation_memory(config: Any, batch_size: int, parameter: str, training: bool = False) -> None:
+    """Refuse a batch whose activations cannot fit in the memory available now, naming ``parameter``."""
+    import psutil
+
+    needed, available = estimated_activation_bytes(config, batch_size, training), psutil.virtual_memory().available
+    if needed > available:
+        side, patch = config["sample_size"], config["patch_size"]
+        raise DiTOptimumError(
+            f"`{parameter}`={batch_size} at {side}x{side} inputs (patch {patch}: {(side // patch) ** 2} tokens) needs "
+            f"about {needed / 2**30:.1f} GiB of activations{' for training' if training else ''}; "
+            f"{available / 2**30:.1f} GiB are available. Use a smaller batch or image size."
+        )
+
+
 def _check_fits_in_memory(config: Any) -> None:
     import psutil
 
@@ -316,6 +341,12 @@ class DiTOptimumTransformer2DModel(DiTTransformer2DModel, AttentionMixin):
         if config.activation_fn not in ACTIVATION_FUNCTIONS:
             raise DiTOptimumError(
                 f"Unknown `activation_fn`={config.activation_fn!r}; allowed values: {', '.join(ACTIVATION_FUNCTIONS)}."
+            )
+        hidden = config.num_attention_heads * config.attention_head_dim
+        if hidden % 4:  # the 2-D sin-cos position table splits the width into four sinusoid bands
+            raise DiTOptimumError(
+                f"The hidden size `num_attention_heads` x `attention_head_dim` = {config.num_attention_heads} x "
+                f"{config.attention_head_dim} = {hidden} must be a multiple of 4."
             )
         if config.sample_size % config.patch_size != 0:
             raise DiTOptimumError(

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import numbers
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -123,8 +122,8 @@ class DiTOptimumPipeline(DiTPipeline):
     def _class_indices(self, class_labels: int | str | Sequence[int | str] | torch.Tensor) -> list[int]:
         if isinstance(class_labels, (torch.Tensor, np.ndarray)):
             class_labels = class_labels.reshape(-1).tolist()
-        elif isinstance(class_labels, (numbers.Integral, str)):
-            class_labels = [class_labels]
+        elif not isinstance(class_labels, (list, tuple)):
+            class_labels = [class_labels]  # one label (checked below like any entry)
         class_labels = list(class_labels)
         if not class_labels:
             raise DiTOptimumError("`class_labels` is empty: give at least one class index or name.")

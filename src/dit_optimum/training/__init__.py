@@ -1,17 +1,19 @@
-"""Training with accelerate: base DiT, mixture of experts and knowledge distillation."""
+"""Training with accelerate: base DiT, mixture of experts and knowledge distillation.
 
-from .data import TrainingData, extract_latents, load_training_data
+Data loaders live in ``dit_optimum.data``; ``extract_latents`` prepares latents for latent-space training.
+"""
+
+from .config import TrainConfig
+from .data import extract_latents
 from .diffusion import GaussianDiffusion
 from .ema import EMA
-from .trainer import TrainConfig, final_loss, train
+from .trainer import final_loss, train
 
 __all__ = [
     "EMA",
     "GaussianDiffusion",
     "TrainConfig",
-    "TrainingData",
     "extract_latents",
     "final_loss",
-    "load_training_data",
     "train",
 ]

@@ -8,13 +8,30 @@ import sys
 from collections.abc import Sequence
 
 from ..errors import DiTOptimumError
-from .trainer import MIXED_PRECISION, TrainConfig, train
+from .config import MIXED_PRECISION, TrainConfig
+from .trainer import train
 
 MODES = ("base", "moe", "distill")
 
 
 def _ints(value: str) -> list[int]:
-    return [int(item) for item in value.split(",") if item.strip()]
+    try:
+        return [int(item) for item in value.split(",") if item.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a comma-separated list of integers, e.g. 0,3") from None
+
+
+def _model_config(text: str) -> dict:
+    """``--model-config``: a JSON object of model config keys, else one error naming the option."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise DiTOptimumError(f"`--model-config`={text!r} is not valid JSON ({error}).") from None
+    if not isinstance(value, dict):
+        raise DiTOptimumError(
+            f"`--model-config`={text!r} must be a JSON object of model config keys, e.g. '{{\"num_layers\": 2}}'."
+        )
+    return value
 
 
 def build_parser(mode: str) -> argparse.ArgumentParser:
@@ -29,7 +46,7 @@ def build_parser(mode: str) -> argparse.ArgumentParser:
     parser.add_argument("--model", default="DiT-XS/2", help="preset, e.g. DiT-S/2")
     parser.add_argument("--attention-type", default=None, help="sdpa, gqa, mqa, shallow, mediated, focused, ...")
     parser.add_argument("--num-kv-heads", type=int, default=None)
-    parser.add_argument("--model-config", type=json.loads, default={}, help="JSON of extra model config keys")
+    parser.add_argument("--model-config", default="{}", help='JSON object of model config keys, e.g. {"num_layers": 2}')
     parser.add_argument("--data", default="digits", help="digits | imagefolder dir | latents dir | datasets id")
     parser.add_argument("--image-size", type=int, default=16)
     parser.add_argument("--channels", type=int, default=1)
@@ -72,7 +89,8 @@ def build_parser(mode: str) -> argparse.ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace, mode: str) -> TrainConfig:
-    overrides = dict(args.model_config)
+    """The ``TrainConfig`` of parsed arguments (``--model-config`` and the attention / MoE flags become overrides)."""
+    overrides = _model_config(args.model_config)
     if args.attention_type is not None:
         overrides["attention_type"] = args.attention_type
     if args.num_kv_heads is not None:
@@ -141,22 +159,25 @@ def main(mode: str = "base", argv: Sequence[str] | None = None) -> int:
 
 def extract_main(argv: Sequence[str] | None = None) -> int:
     """Encode a dataset to VAE latents once (``scripts/extract_features.py``)."""
-    from .data import extract_latents, load_training_data
+    from ..data import load_training_data
+    from .data import extract_latents
 
     parser = argparse.ArgumentParser(description="Encode images to scaled VAE latents for training.")
-    parser.add_argument("--data", default="digits")
+    parser.add_argument("--data", default="digits", help="digits | imagefolder dir | datasets id")
     parser.add_argument("--vae", required=True, help="AutoencoderKL folder or Hub id")
     parser.add_argument("--output-dir", required=True)
+    parser.add_argument("--overwrite", action="store_true", help="write into a folder that holds other files")
     parser.add_argument("--image-size", type=int, default=32)
     parser.add_argument("--channels", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--skip-corrupt", action="store_true")
+    parser.add_argument("--skip-corrupt", action="store_true", help="skip unreadable images, listing them")
     args = parser.parse_args(argv)
     try:
         data = load_training_data(args.data, args.image_size, args.channels, args.skip_corrupt)
-        out = extract_latents(data, args.vae, args.output_dir, args.batch_size)
+        out = extract_latents(data, args.vae, args.output_dir, args.batch_size, overwrite=args.overwrite)
     except DiTOptimumError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    print(f"Saved {len(data.labels)} latents to {out}")
+    skipped = f" ({data.skipped} unreadable image(s) skipped)" if data.skipped else ""
+    print(f"Saved {len(data.labels)} latents to {out}{skipped}")
     return 0

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from ..errors import DiTOptimumError
+from ..utils import check_number, is_integer
 
 
 class EMA:
@@ -18,8 +19,7 @@ class EMA:
     """
 
     def __init__(self, model: nn.Module, decay: float = 0.9999, warmup: bool = True):
-        if not 0 <= decay < 1:
-            raise DiTOptimumError(f"`decay`={decay!r} must lie in [0, 1).")
+        check_number("decay", decay, 0, 1, include_maximum=False)
         self.decay, self.warmup, self.updates = decay, warmup, 0
         self.model = copy.deepcopy(model).eval().requires_grad_(False)
 
@@ -36,8 +36,15 @@ class EMA:
         self.updates += 1
 
     def state_dict(self) -> dict:
+        """The counters (plain numbers, JSON-safe) and, under ``"model"``, the averaged weights."""
         return {"decay": self.decay, "warmup": self.warmup, "updates": self.updates, "model": self.model.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
-        self.decay, self.warmup, self.updates = state["decay"], state["warmup"], state["updates"]
+        """Restore a ``state_dict``; counters of the wrong type or range are refused, naming them."""
+        check_number("decay", state["decay"], 0, 1, include_maximum=False)
+        if not isinstance(state["warmup"], bool):
+            raise DiTOptimumError(f"`warmup`={state['warmup']!r} must be True or False.")
+        if not is_integer(state["updates"]) or state["updates"] < 0:
+            raise DiTOptimumError(f"`updates`={state['updates']!r} must be an integer >= 0.")
         self.model.load_state_dict(state["model"])
+        self.decay, self.warmup, self.updates = state["decay"], state["warmup"], state["updates"]

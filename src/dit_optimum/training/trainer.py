@@ -1,10 +1,11 @@
 """The trainer: DiT (any attention, MoE) and knowledge distillation, with accelerate, resumable, multi-process.
 
-Read top to bottom: ``TrainConfig`` says what can be set (fast-DiT defaults), ``train`` builds data, model,
-optimizer, EMA and logging, then loops: sample a global batch (a permutation fixed by seed and epoch, split
-across processes), noise it, take the DiT loss (+ MoE auxiliary loss, + distillation terms), step, update the
-EMA, log, and checkpoint atomically every ``checkpoint_every`` steps. The result is saved as a pipeline that
-``DiffusionPipeline.from_pretrained`` loads.
+Read top to bottom: ``train`` checks the ``TrainConfig`` (``config.py``), locks the output folder, finds the
+checkpoint to resume (``checkpoints.py``: foreign files and changed settings refused before reading any weights),
+builds data, model, optimizer, EMA and logging, then loops: sample a global batch (a permutation fixed by seed and
+epoch, split across processes), noise it, take the DiT loss (+ MoE auxiliary loss, + distillation terms), step,
+update the EMA, log, and checkpoint atomically every ``checkpoint_every`` steps. The result is saved as a pipeline
+that ``DiffusionPipeline.from_pretrained`` loads.
 """
 
 from __future__ import annotations
@@ -14,9 +15,7 @@ import functools
 import json
 import math
 import os
-import shutil
 import time
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,86 +25,38 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 from accelerate.tracking import GeneralTracker
 from accelerate.utils import set_seed
-from diffusers import AutoencoderKL, DDIMScheduler
+from diffusers import DDIMScheduler
 from torch import nn
 from tqdm.auto import tqdm
 
 from ..configs import dit_config
+from ..data import TrainingData, load_training_data
 from ..errors import DiTOptimumError
-from ..models.transformer import DiTOptimumTransformer2DModel
+from ..models.transformer import DiTOptimumTransformer2DModel, check_activation_memory
 from ..pipelines.dit import DiTOptimumPipeline
-from .data import TrainingData, load_training_data
+from ..utils import atomic_file, folder_lock
+from .checkpoints import (
+    RunState,
+    check_same_content,
+    data_fingerprint,
+    load_checkpoint,
+    remove_staging_folders,
+    resume_point,
+    run_record,
+    save_checkpoint,
+    teacher_fingerprint,
+)
+from .config import TrainConfig
+from .data import load_vae
 from .diffusion import GaussianDiffusion
 from .ema import EMA
 
-MIXED_PRECISION = ("no", "bf16", "fp16")
-
-
-@dataclass
-class TrainConfig:
-    """Everything a run needs. Defaults follow fast-DiT: AdamW 1e-4, no weight decay, EMA 0.9999, label dropout 0.1.
-
-    ``ema_warmup`` (on by default, unlike fast-DiT) ramps the EMA decay up so that short runs sample well.
-    """
-
-    output_dir: str
-    model: str = "DiT-XS/2"
-    model_overrides: dict[str, Any] = field(default_factory=dict)
-    data: str = "digits"
-    image_size: int = 16
-    channels: int = 1
-    skip_corrupt: bool = False
-    max_samples: int | None = None
-    steps: int = 1000
-    batch_size: int = 32
-    learning_rate: float = 1e-4
-    weight_decay: float = 0.0
-    ema_decay: float = 0.9999
-    ema_warmup: bool = True
-    max_grad_norm: float | None = None
-    mixed_precision: str = "no"
-    gradient_checkpointing: bool = False
-    checkpoint_every: int = 500
-    keep_checkpoints: int = 2
-    resume: bool = False
-    log_every: int = 10
-    seed: int = 0
-    tensorboard: bool = False
-    teacher: str | None = None
-    alpha: float = 0.5
-    feature_blocks: list[int] = field(default_factory=list)
-    feature_weight: float = 1.0
-
-    def validate(self) -> None:
-        positive = {
-            "steps": self.steps,
-            "batch_size": self.batch_size,
-            "checkpoint_every": self.checkpoint_every,
-            "log_every": self.log_every,
-            "image_size": self.image_size,
-            "keep_checkpoints": self.keep_checkpoints,
-        }
-        for name, value in positive.items():
-            if not isinstance(value, int) or value < 1:
-                raise DiTOptimumError(f"`{name}`={value!r} must be a positive integer.")
-        if self.max_samples is not None and (not isinstance(self.max_samples, int) or self.max_samples < 1):
-            raise DiTOptimumError(f"`max_samples`={self.max_samples!r} must be None or a positive integer.")
-        if self.learning_rate <= 0:
-            raise DiTOptimumError(f"`learning_rate`={self.learning_rate!r} must be > 0.")
-        if self.channels not in (1, 3, 4):
-            raise DiTOptimumError(f"`channels`={self.channels!r} must be 1, 3 (pixels) or 4 (latents).")
-        if self.mixed_precision not in MIXED_PRECISION:
-            raise DiTOptimumError(
-                f"Unknown `mixed_precision`={self.mixed_precision!r}; allowed values: {', '.join(MIXED_PRECISION)}."
-            )
-        if not 0 <= self.alpha <= 1:
-            raise DiTOptimumError(f"`alpha`={self.alpha!r} must lie in [0, 1] (1 = no distillation term).")
-        if self.feature_blocks and self.teacher is None:
-            raise DiTOptimumError("`feature_blocks` needs a `teacher` to distill from.")
-
 
 class CSVTracker(GeneralTracker):
-    """accelerate tracker writing one CSV row per logged step (columns fixed by the first row)."""
+    """accelerate tracker writing one CSV row per logged step (columns fixed by the first row).
+
+    The run's settings go to ``train_log.config.json``, written by ``train`` with the history of resumes.
+    """
 
     name = "csv"
     requires_logging_directory = True
@@ -119,9 +70,6 @@ class CSVTracker(GeneralTracker):
     @property
     def tracker(self):
         return self.path
-
-    def store_init_configuration(self, values: dict) -> None:
-        self.path.with_suffix(".config.json").write_text(json.dumps(values, indent=2, default=str))
 
     def log(self, values: dict, step: int | None = None, **kwargs) -> None:
         row = {"step": step, **values}
@@ -154,31 +102,6 @@ def _truncate_log(path: Path, last_step: int) -> None:
         writer = csv.DictWriter(stream, fieldnames=list(columns))
         writer.writeheader()
         writer.writerows(row for row in rows if int(row["step"]) <= last_step)
-
-
-def _checkpoint_dirs(output_dir: Path) -> list[Path]:
-    folder = output_dir / "checkpoints"
-    if not folder.is_dir():
-        return []
-    return sorted((p for p in folder.iterdir() if p.name.startswith("step_")), key=lambda p: int(p.name[5:]))
-
-
-def _save_checkpoint(accelerator: Accelerator, output_dir: Path, step: int, keep: int) -> None:
-    """``save_state`` into a temp folder, then rename: a killed run never leaves a half-written checkpoint."""
-    final = output_dir / "checkpoints" / f"step_{step}"
-    staging = output_dir / "checkpoints" / f".step_{step}.tmp"
-    if accelerator.is_main_process:
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(staging))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        (staging / "trainer_state.json").write_text(json.dumps({"step": step}))
-        os.replace(staging, final)
-        for old in _checkpoint_dirs(output_dir)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
-    accelerator.wait_for_everyone()
 
 
 def build_model(config: TrainConfig, data: TrainingData) -> DiTOptimumTransformer2DModel:
@@ -229,7 +152,10 @@ def _teacher_block(student_index: int, student_layers: int, teacher_layers: int)
 
 
 def _load_teacher(config: TrainConfig, student: DiTOptimumTransformer2DModel) -> DiTOptimumTransformer2DModel:
-    teacher = DiTOptimumPipeline.from_pretrained(config.teacher).transformer
+    try:
+        teacher = DiTOptimumPipeline.from_pretrained(config.teacher).transformer
+    except DiTOptimumError as error:
+        raise DiTOptimumError(f"`teacher`={str(config.teacher)!r} (--teacher) cannot be loaded: {error}") from error
     for key in ("sample_size", "in_channels", "num_embeds_ada_norm"):
         if teacher.config[key] != student.config[key]:
             raise DiTOptimumError(
@@ -240,7 +166,10 @@ def _load_teacher(config: TrainConfig, student: DiTOptimumTransformer2DModel) ->
 
 
 def train(config: TrainConfig) -> Path:
-    """Train (or distill) and return the folder of the saved pipeline (``<output_dir>/pipeline``)."""
+    """Train (or distill) and return the folder of the saved pipeline (``<output_dir>/pipeline``).
+
+    Every option is checked first; the output folder is locked for the whole run, so a second run on it is refused.
+    """
     config.validate()
     output_dir = Path(config.output_dir)
     # accelerate keeps mixed precision in a process-wide singleton: reset it (not the process group) so that each
@@ -253,22 +182,37 @@ def train(config: TrainConfig) -> Path:
         log_with=[CSVTracker("train_log", output_dir)] + (["tensorboard"] if config.tensorboard else []),
         project_dir=str(output_dir),
     )
+    with folder_lock(output_dir, "training", enabled=accelerator.is_main_process):
+        return _train(config, accelerator, output_dir)
+
+
+def _train(config: TrainConfig, accelerator: Accelerator, output_dir: Path) -> Path:
+    """The run, under the folder lock: resume point, data, models, optimizer, then the training loop."""
+    world, rank = accelerator.num_processes, accelerator.process_index
+    if config.batch_size % world:
+        raise DiTOptimumError(
+            f"`batch_size`={config.batch_size} must be divisible by the number of processes ({world})."
+        )
+    checkpoint, saved = resume_point(config, output_dir)
     set_seed(config.seed)  # model initialisation; the training draws below are seeded per step
     data = load_training_data(config.data, config.image_size, config.channels, config.skip_corrupt)
     if config.max_samples is not None:
         data.samples, data.labels = data.samples[: config.max_samples], data.labels[: config.max_samples]
+    inputs = {"data": data_fingerprint(data)}
+    if saved is not None:
+        check_same_content("data", config.data, saved["inputs"].get("data"), inputs["data"], checkpoint)
     model = build_model(config, data)
+    # Refuse a batch whose activations cannot fit before allocating it (checkpointing keeps about one block's).
+    check_activation_memory(model.config, config.batch_size // world, "batch_size", not config.gradient_checkpointing)
     if config.gradient_checkpointing:
         model.enable_gradient_checkpointing()
     teacher = _load_teacher(config, model) if config.teacher else None
+    inputs["teacher"] = teacher_fingerprint(teacher)
+    if saved is not None:
+        check_same_content("teacher", config.teacher, saved["inputs"].get("teacher"), inputs["teacher"], checkpoint)
     projections = nn.ModuleDict()
     student_taps = teacher_taps = None
     if teacher is not None and config.feature_blocks:
-        for index in config.feature_blocks:
-            if not 0 <= index < model.config.num_layers:
-                raise DiTOptimumError(
-                    f"`feature_blocks` entry {index} is not a block; allowed values: 0..{model.config.num_layers - 1}."
-                )
         width, teacher_width = model.inner_dim, teacher.inner_dim
         for index in config.feature_blocks:
             projections[str(index)] = nn.Identity() if width == teacher_width else nn.Linear(width, teacher_width)
@@ -291,30 +235,32 @@ def train(config: TrainConfig) -> Path:
         model, optimizer = accelerator.prepare(model, optimizer)
     unwrapped = accelerator.unwrap_model(model)
     ema = EMA(unwrapped, config.ema_decay, config.ema_warmup)
-    accelerator.register_for_checkpointing(ema)
     if teacher is not None:
         teacher.to(accelerator.device)
     diffusion = GaussianDiffusion()
 
+    settings = config.settings()
+    run = RunState(
+        model=unwrapped,
+        projections=accelerator.unwrap_model(projections),
+        optimizer=optimizer,
+        ema=ema,
+        scaler=accelerator.scaler,
+        settings=settings,
+        record=run_record(settings, saved),
+        inputs=inputs,
+    )
     start_step = 0
-    checkpoints = _checkpoint_dirs(output_dir)
-    if checkpoints and not config.resume:
-        raise DiTOptimumError(
-            f"`output_dir`={str(output_dir)!r} already holds checkpoints ({checkpoints[-1].name}): pass resume=True "
-            "(--resume) to continue, or choose another folder."
-        )
-    if config.resume and checkpoints:
-        accelerator.load_state(str(checkpoints[-1]))
-        start_step = json.loads((checkpoints[-1] / "trainer_state.json").read_text())["step"]
+    if checkpoint is not None:
+        load_checkpoint(checkpoint, saved, run, accelerator)
+        start_step = saved["step"]
     if accelerator.is_main_process:
+        remove_staging_folders(output_dir)
         _truncate_log(output_dir / "train_log.csv", start_step)
-    accelerator.init_trackers("train_log", config={k: v for k, v in asdict(config).items() if k != "model_overrides"})
+        with atomic_file(output_dir / "train_log.config.json") as path:
+            path.write_text(json.dumps(run.record, indent=2))
+    accelerator.init_trackers("train_log", config=_hyperparameters(settings))
 
-    world, rank = accelerator.num_processes, accelerator.process_index
-    if config.batch_size % world:
-        raise DiTOptimumError(
-            f"`batch_size`={config.batch_size} must be divisible by the number of processes ({world})."
-        )
     samples, labels = data.samples, data.labels
     progress = tqdm(
         range(start_step, config.steps),
@@ -389,7 +335,7 @@ def train(config: TrainConfig) -> Path:
             progress.set_postfix(loss=f"{logs['loss']:.4f}")
             window_start, window_steps = time.perf_counter(), 0
         if done % config.checkpoint_every == 0 or done == config.steps:
-            _save_checkpoint(accelerator, output_dir, done, config.keep_checkpoints)
+            save_checkpoint(accelerator, output_dir, done, config.keep_checkpoints, run)
 
     accelerator.wait_for_everyone()
     pipeline_dir = output_dir / "pipeline"
@@ -400,8 +346,14 @@ def train(config: TrainConfig) -> Path:
     return pipeline_dir
 
 
+def _hyperparameters(settings: dict[str, Any]) -> dict[str, Any]:
+    # Trackers (TensorBoard) take scalars: lists and dicts as JSON text.
+    scalar = (bool, int, float, str)
+    return {name: value if isinstance(value, scalar) else json.dumps(value) for name, value in settings.items()}
+
+
 def _save_pipeline(model: DiTOptimumTransformer2DModel, data: TrainingData, pipeline_dir: Path) -> None:
-    vae = AutoencoderKL.from_pretrained(data.vae) if data.vae else None
+    vae = load_vae(data.vae) if data.vae else None
     pipeline = DiTOptimumPipeline(
         transformer=model.eval(), vae=vae, scheduler=DDIMScheduler(), id2label=data.id2label or None
     )

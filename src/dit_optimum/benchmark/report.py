@@ -8,8 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ..utils import atomic_file
-from .records import write_text_atomic
+from ..utils import atomic_file, write_text_atomic
 
 # (header, row key, format); a missing or None value prints as "n/a".
 COLUMNS: tuple[tuple[str, str, str], ...] = (

@@ -1,7 +1,7 @@
 """Architecture benchmark: parameters, GFLOPs and forward time of every attention type, as ratios to SDPA.
 
 Random weights, no training: how the attention types scale with tokens (``dit-optimum architecture``). The full
-matrix with trained models, FID/KID and every technique is ``evaluation.benchmark``.
+matrix with trained models, FID/KID and every technique is ``benchmark.runner``.
 """
 
 from __future__ import annotations
@@ -13,12 +13,12 @@ import torch
 
 from ..configs import PAPER_PRESETS, dit_config, parse_preset_name
 from ..errors import DiTOptimumError
+from ..evaluation.flops import count_parameters, gflops_breakdown
+from ..evaluation.inputs import example_inputs
+from ..evaluation.speed import interleaved_median_times
 from ..models.attention import ATTENTION_TYPES
-from ..models.transformer import DiTOptimumTransformer2DModel
+from ..models.transformer import DiTOptimumTransformer2DModel, check_activation_memory
 from ..utils import check_positive_integers
-from .flops import count_parameters, gflops_breakdown
-from .inputs import example_inputs
-from .speed import interleaved_median_times
 
 
 def architecture_benchmark(
@@ -42,6 +42,29 @@ def architecture_benchmark(
         check_positive_integers(sample_sizes=side)
     if not presets or not attention_types or not sample_sizes:
         raise DiTOptimumError("`presets`, `attention_types` and `sample_sizes` must each name at least one entry.")
+    for preset in presets:
+        for side in sample_sizes:
+            config = dit_config(preset, sample_size=side, in_channels=in_channels)
+            with torch.device("meta"):  # the model's own validation, without allocating weights
+                DiTOptimumTransformer2DModel(**config)
+            check_activation_memory(config, batch_size, "batch_size")
+    if not isinstance(warmup, int) or warmup < 0:
+        raise DiTOptimumError(f"`warmup`={warmup!r} must be an integer >= 0.")
+    rows = _architecture_rows(presets, attention_types, sample_sizes, in_channels, batch_size, warmup, repeats, seed)
+    return [row for row in rows if row["attention_type"] in attention_types]
+
+
+def _architecture_rows(
+    presets: Sequence[str],
+    attention_types: Sequence[str],
+    sample_sizes: Sequence[int],
+    in_channels: int,
+    batch_size: int,
+    warmup: int,
+    repeats: int,
+    seed: int,
+) -> list[dict[str, Any]]:
+    # The measurement itself, on checked arguments; sdpa always runs first as the ratios' base.
     types = ["sdpa", *[name for name in attention_types if name != "sdpa"]]
     rows = []
     for preset in presets:
@@ -76,7 +99,7 @@ def architecture_benchmark(
                 row["gflops_ratio"] = row["gflops"] / base["gflops"]
                 row["time_ratio"] = row["forward_s"] / base["forward_s"]
                 rows.append(row)
-    return [row for row in rows if row["attention_type"] in attention_types]
+    return rows
 
 
 def markdown_table(rows: Sequence[dict[str, Any]]) -> str:

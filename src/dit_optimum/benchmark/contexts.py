@@ -1,0 +1,143 @@
+"""Technique contexts: what a technique may ask for while one cell is built. ``VariantContext`` trains (or loads)
+the variant's models under the benchmark's recipe; ``UntrainedContext`` builds untrained models for cost-only runs."""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler
+
+from ..configs import dit_config
+from ..models.transformer import DiTOptimumTransformer2DModel
+from ..pipelines.dit import DiTOptimumPipeline
+from ..training.config import TrainConfig
+from ..training.trainer import final_loss, train
+from .settings import BenchmarkSettings
+
+
+def slug(text: str) -> str:
+    """``text`` as a safe file-name part."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-")
+
+
+class VariantContext:
+    """The ``TechniqueContext`` of one model variant: its baseline, and training under the benchmark's recipe.
+
+    Trained models live in ``<output_dir>/models/<variant>/<name>/pipeline``; a finished one is loaded, an
+    interrupted one resumes from its last checkpoint.
+    """
+
+    def __init__(
+        self,
+        settings: BenchmarkSettings,
+        variant: str,
+        trainer: Callable[[TrainConfig], Path] = train,
+        device: torch.device | str = "cpu",
+    ):
+        self.settings = settings
+        self.variant = variant
+        self.device = torch.device(device)
+        self.root = Path(settings.output_dir) / "models" / slug(variant)
+        self.trainer = trainer
+        self.trained: dict[str, dict[str, Any]] = {}
+
+    def baseline_path(self) -> str:
+        if self.variant in self.settings.pretrained:
+            return self.settings.pretrained[self.variant]
+        return str(self._train("baseline", {}, distill=False))
+
+    def baseline(self) -> DiTOptimumPipeline:
+        return DiTOptimumPipeline.from_pretrained(self.baseline_path()).to(self.device)
+
+    def baseline_config(self) -> Mapping[str, Any]:
+        return DiTOptimumTransformer2DModel.load_config(self.baseline_path(), subfolder="transformer")
+
+    def train(
+        self, name: str, model_overrides: Mapping[str, Any] | None = None, *, distill: bool = False, **options: Any
+    ) -> DiTOptimumPipeline:
+        pipeline = DiTOptimumPipeline.from_pretrained(self._train(name, model_overrides or {}, distill, **options))
+        return pipeline.to(self.device)
+
+    def _train(self, name: str, model_overrides: Mapping[str, Any], distill: bool, **options: Any) -> Path:
+        folder = self.root / slug(name)
+        pipeline = folder / "pipeline"
+        if not (pipeline / "model_index.json").is_file():
+            settings = self.settings
+            config = settings.training.train_config(
+                str(folder),
+                self.variant,
+                settings.data,
+                settings.image_size,
+                settings.channels,
+                model_overrides=dict(model_overrides),
+                teacher=self.baseline_path() if distill else None,
+                **options,
+            )
+            start = time.perf_counter()
+            pipeline = self.trainer(config)
+            self.trained[name] = {"train_wall_s": time.perf_counter() - start}
+        record = self.trained.setdefault(name, {})
+        record.update(train_steps=self.settings.training.steps)
+        if (folder / "train_log.csv").is_file():
+            record["train_final_loss"] = final_loss(folder)
+        return pipeline
+
+
+def sd_vae_architecture() -> AutoencoderKL:
+    """An autoencoder shaped like Stable Diffusion's VAE (what DiT decodes with), randomly initialised: its decode
+    cost is real, and nothing is downloaded."""
+    return AutoencoderKL(
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(128, 256, 512, 512),
+        layers_per_block=2,
+        latent_channels=4,
+        scaling_factor=0.18215,
+    )
+
+
+class UntrainedContext:
+    """The ``TechniqueContext`` of a cost-only run: every model is built untrained from the variant's config.
+
+    GFLOPs, size, speed and memory do not depend on the weights (MoE routing aside), so they can be measured on any
+    hardware without data or training.
+    """
+
+    def __init__(
+        self, settings: BenchmarkSettings, variant: str, num_classes: int = 1000, device: torch.device | str = "cpu"
+    ):
+        self.settings = settings
+        self.variant = variant
+        self.device = torch.device(device)
+        self.num_classes = num_classes
+        self.trained: dict[str, dict[str, Any]] = {}
+        self.vae = sd_vae_architecture() if settings.channels == 4 else None
+
+    def _pipeline(self, model_overrides: Mapping[str, Any]) -> DiTOptimumPipeline:
+        torch.manual_seed(self.settings.training.seed)
+        config = dit_config(
+            self.variant,
+            sample_size=self.settings.image_size,
+            in_channels=self.settings.channels,
+            num_classes=self.num_classes,
+            **model_overrides,
+        )
+        return DiTOptimumPipeline(
+            transformer=DiTOptimumTransformer2DModel(**config).eval(), vae=self.vae, scheduler=DDIMScheduler()
+        ).to(self.device)
+
+    def baseline(self) -> DiTOptimumPipeline:
+        return self._pipeline({})
+
+    def baseline_config(self) -> Mapping[str, Any]:
+        return self.baseline().transformer.config
+
+    def train(
+        self, name: str, model_overrides: Mapping[str, Any] | None = None, *, distill: bool = False, **options: Any
+    ) -> DiTOptimumPipeline:
+        return self._pipeline(model_overrides or {})

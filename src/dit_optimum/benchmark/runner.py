@@ -1,0 +1,170 @@
+"""The multi-method benchmark (the main job): model variants x techniques, each cell = train or load, optimize,
+evaluate (FID/sFID/KID, GFLOPs, throughput, latency, peak memory, size), resumable.
+
+Every technique comes from the registry (``techniques.registry``); the runner never special-cases one. After each
+cell the whole results file is rewritten atomically, so a killed run loses at most the cell in progress, and a
+rerun skips the finished cells. Training runs inside a cell checkpoint and resume on their own. One run at a time
+holds the output folder (a lock), so two runs never mix their files or time each other's load.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from accelerate import PartialState
+from PIL import Image
+
+from ..errors import DiTOptimumError
+from ..evaluation.efficiency import efficiency_metrics
+from ..evaluation.features import FeatureExtractor
+from ..evaluation.fid import default_feature_extractor, evaluate_quality, resolve_metrics
+from ..evaluation.hardware import hardware_description
+from ..techniques.registry import get_technique
+from ..training.config import TrainConfig
+from ..training.trainer import train
+from ..utils import atomic_file, folder_lock, write_csv_atomic, write_json_atomic
+from .contexts import UntrainedContext, VariantContext, slug
+from .settings import RESULTS_FILE, BenchmarkSettings
+
+
+def load_results(output_dir: str | Path) -> dict[str, Any]:
+    """The results file of an output folder (empty if there is none yet)."""
+    path = Path(output_dir) / RESULTS_FILE
+    if not path.is_file():
+        return {"rows": []}
+    try:
+        results = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise DiTOptimumError(
+            f"The results file {str(path)!r} is damaged ({error}); move it away to start this folder over."
+        ) from None
+    if not isinstance(results, dict) or not isinstance(results.get("rows"), list):
+        raise DiTOptimumError(f"The results file {str(path)!r} is not a dit-optimum results file (no `rows` list).")
+    return results
+
+
+def _check_comparable(previous: Mapping[str, Any], settings: BenchmarkSettings) -> None:
+    # Only finished cells bind the folder to its settings: a run whose cells all failed may be corrected and rerun.
+    if not any(row.get("status") == "ok" for row in previous["rows"]):
+        return
+    stored = previous.get("settings")
+    current = settings.comparable()
+    if stored is not None and stored != current:
+        differing = sorted(key for key in set(stored) | set(current) if stored.get(key) != current.get(key))
+        raise DiTOptimumError(
+            f"`output_dir`={settings.output_dir!r} holds results measured with other settings ({', '.join(differing)}"
+            "): choose another output folder, or delete its results.json to start over."
+        )
+
+
+def save_sample_grid(images: np.ndarray, path: Path, columns: int = 10, min_side: int = 64) -> None:
+    """uint8 images (B, H, W, C) as one PNG grid (nearest-upscaled so tiny images stay visible), written atomically."""
+    count, height, width, channels = images.shape
+    rows = -(-count // columns)
+    grid = np.zeros((rows * height, columns * width, channels), dtype=np.uint8)
+    for index, image in enumerate(images):
+        row, column = divmod(index, columns)
+        grid[row * height : (row + 1) * height, column * width : (column + 1) * width] = image
+    picture = Image.fromarray(grid[..., 0] if channels == 1 else grid)
+    scale = max(1, -(-min_side // height))
+    picture = picture.resize((picture.width * scale, picture.height * scale), Image.NEAREST)
+    with atomic_file(path) as temporary:
+        picture.save(temporary, format="PNG")
+
+
+def _flat(row: Mapping[str, Any]) -> dict[str, Any]:
+    return {key: json.dumps(value) if isinstance(value, (dict, list)) else value for key, value in row.items()}
+
+
+def run_benchmark(
+    settings: BenchmarkSettings,
+    extractor: FeatureExtractor | None = None,
+    on_cell: Callable[[dict[str, Any]], None] | None = None,
+    trainer: Callable[[TrainConfig], Path] = train,
+) -> list[dict[str, Any]]:
+    """Run every unfinished cell of the matrix and return all rows (finished earlier ones included).
+
+    ``extractor`` replaces the Inception network (tests inject a tiny one); ``on_cell`` is called with each new row.
+    """
+    settings.validate()
+    output_dir = Path(settings.output_dir)
+    state = PartialState(cpu=not torch.cuda.is_available())
+    if not settings.speed_only:
+        extractor = extractor or default_feature_extractor(settings.quality, state.device)
+        resolve_metrics(settings.quality, extractor.feature_dims)  # an impossible metric fails now, not per cell
+    with folder_lock(output_dir, "benchmark", enabled=state.is_main_process):
+        previous = load_results(output_dir)
+        _check_comparable(previous, settings)
+        records = {(row["variant"], row["technique"]): row for row in previous["rows"]}
+        hardware = hardware_description()
+        for variant in settings.variants:
+            if settings.speed_only:
+                context = UntrainedContext(settings, variant, device=state.device)
+            else:
+                context = VariantContext(settings, variant, trainer, device=state.device)
+            for name in settings.techniques:
+                if records.get((variant, name), {}).get("status") == "ok":
+                    continue
+                row = _run_cell(settings, context, name, extractor, state)
+                row.update(device=str(state.device), hardware=hardware)
+                state.wait_for_everyone()
+                if state.is_main_process:
+                    records[(variant, name)] = row
+                    _write_results(output_dir, settings, list(records.values()))
+                    if on_cell is not None:
+                        on_cell(row)
+    return list(records.values())
+
+
+def _run_cell(
+    settings: BenchmarkSettings,
+    context: VariantContext | UntrainedContext,
+    name: str,
+    extractor: FeatureExtractor | None,
+    state: PartialState,
+) -> dict[str, Any]:
+    """Build one technique's pipeline and measure it; a failure is recorded in the row (and retried next run)."""
+    technique = get_technique(name)
+    start = time.perf_counter()
+    row: dict[str, Any] = {"variant": context.variant, "technique": name, "description": technique.description}
+    try:
+        pipeline = technique.build(context).to(state.device)
+        pipeline.set_progress_bar_config(disable=True)
+        row["build_wall_s"] = time.perf_counter() - start  # training included, when the cell trains
+        images = None
+        if not settings.speed_only:
+            phase = time.perf_counter()
+            quality, images = evaluate_quality(
+                pipeline, settings.quality, extractor, keep_images=settings.grid_size, state=state
+            )
+            row.update(quality, quality_wall_s=time.perf_counter() - phase)
+        if state.is_main_process:
+            phase = time.perf_counter()
+            # the baseline is re-timed in every cell, interleaved with it: paired ratios survive a noisy machine
+            reference = context.baseline()
+            reference.set_progress_bar_config(disable=True)
+            row.update(
+                efficiency_metrics(pipeline, settings.speed, reference), speed_wall_s=time.perf_counter() - phase
+            )
+            row.update(context.trained.get(name, {}))
+            if images is not None:
+                grid = Path(settings.output_dir) / "samples" / f"{slug(context.variant)}__{slug(name)}.png"
+                save_sample_grid(images, grid)
+                row["sample_grid"] = str(grid.relative_to(settings.output_dir))
+        row["status"] = "ok"
+    except Exception as error:  # one broken cell must not end a long matrix: record it, go on, retry next run
+        row.update(status="failed", error=f"{type(error).__name__}: {error}")
+    row["cell_wall_s"] = time.perf_counter() - start
+    return row
+
+
+def _write_results(output_dir: Path, settings: BenchmarkSettings, rows: Sequence[dict[str, Any]]) -> None:
+    payload = {"settings": settings.comparable(), "rows": list(rows)}
+    write_json_atomic(output_dir / RESULTS_FILE, payload)
+    write_csv_atomic(output_dir / "results.csv", [_flat(row) for row in rows])

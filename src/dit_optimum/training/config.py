@@ -1,0 +1,175 @@
+"""What a training run can set (``TrainConfig``, fast-DiT defaults) and the checks every setting passes before
+anything is read or written."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import numbers
+import os
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from accelerate.utils import is_tensorboard_available
+
+from ..configs import dit_config, parse_preset_name
+from ..errors import DiTOptimumError
+from ..models.transformer import DiTOptimumTransformer2DModel
+from ..utils import check_number, check_positive_integers, is_integer
+
+MIXED_PRECISION = ("no", "bf16", "fp16")
+# Model config keys the trainer sets from the data, with the option that sets them.
+DERIVED_MODEL_KEYS = {
+    "sample_size": "--image-size (the side of the data)",
+    "in_channels": "--channels (the channels of the data)",
+    "out_channels": "the data's channels (twice: DiT learns the variance)",
+    "num_embeds_ada_norm": "the data's classes",
+}
+MODEL_KEYS = tuple(inspect.signature(DiTOptimumTransformer2DModel.__init__).parameters)[1:]
+MAX_SEED = 2**32 - 1  # numpy's seeding limit (accelerate's set_seed seeds numpy too)
+
+
+def _json_default(value: Any) -> Any:
+    # Paths and NumPy numbers, as JSON; anything else is not a setting.
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, numbers.Real):
+        return float(value)
+    raise TypeError(f"{type(value).__name__} is not a JSON value")
+
+
+@dataclass
+class TrainConfig:
+    """Everything a run needs. Defaults follow fast-DiT: AdamW 1e-4, no weight decay, EMA 0.9999, label dropout 0.1.
+
+    ``ema_warmup`` (on by default, unlike fast-DiT) ramps the EMA decay up so that short runs sample well.
+    """
+
+    output_dir: str
+    model: str = "DiT-XS/2"
+    model_overrides: dict[str, Any] = field(default_factory=dict)
+    data: str = "digits"
+    image_size: int = 16
+    channels: int = 1
+    skip_corrupt: bool = False
+    max_samples: int | None = None
+    steps: int = 1000
+    batch_size: int = 32
+    learning_rate: float = 1e-4
+    weight_decay: float = 0.0
+    ema_decay: float = 0.9999
+    ema_warmup: bool = True
+    max_grad_norm: float | None = None
+    mixed_precision: str = "no"
+    gradient_checkpointing: bool = False
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 2
+    resume: bool = False
+    log_every: int = 10
+    seed: int = 0
+    tensorboard: bool = False
+    teacher: str | None = None
+    alpha: float = 0.5
+    feature_blocks: list[int] = field(default_factory=list)
+    feature_weight: float = 1.0
+
+    def validate(self) -> None:
+        """Refuse any setting that cannot work, naming it and what is allowed; ``train`` calls this before anything
+        else (model config values are checked when the model is built)."""
+        self._validate_names()
+        self._validate_integers()
+        self._validate_numbers()
+        self._validate_model()
+        self._validate_distillation()
+
+    def _validate_names(self) -> None:
+        names = ("output_dir", "data") if self.teacher is None else ("output_dir", "data", "teacher")
+        for name in names:
+            value = getattr(self, name)
+            if not (isinstance(value, (str, os.PathLike)) and str(value)):
+                raise DiTOptimumError(f"`{name}`={value!r} must be a non-empty path or name.")
+        if os.path.exists(self.output_dir) and not os.path.isdir(self.output_dir):
+            raise DiTOptimumError(f"`output_dir`={str(self.output_dir)!r} is a file: choose a folder.")
+        for name in ("skip_corrupt", "ema_warmup", "gradient_checkpointing", "resume", "tensorboard"):
+            if not isinstance(getattr(self, name), bool):
+                raise DiTOptimumError(f"`{name}`={getattr(self, name)!r} must be True or False.")
+        if self.mixed_precision not in MIXED_PRECISION:
+            raise DiTOptimumError(
+                f"Unknown `mixed_precision`={self.mixed_precision!r}; allowed values: {', '.join(MIXED_PRECISION)}."
+            )
+        if self.tensorboard and not is_tensorboard_available():
+            raise DiTOptimumError("`tensorboard`=True needs the `tensorboard` package: pip install tensorboard.")
+
+    def _validate_integers(self) -> None:
+        check_positive_integers(
+            steps=self.steps,
+            batch_size=self.batch_size,
+            checkpoint_every=self.checkpoint_every,
+            log_every=self.log_every,
+            image_size=self.image_size,
+            keep_checkpoints=self.keep_checkpoints,
+        )
+        if self.max_samples is not None:
+            check_positive_integers(max_samples=self.max_samples)
+        if not is_integer(self.channels) or self.channels not in (1, 3, 4):
+            raise DiTOptimumError(f"`channels`={self.channels!r} must be 1, 3 (pixels) or 4 (latents).")
+        if not is_integer(self.seed) or not 0 <= self.seed <= MAX_SEED:
+            raise DiTOptimumError(f"`seed`={self.seed!r} must be an integer in 0..{MAX_SEED}.")
+
+    def _validate_numbers(self) -> None:
+        check_number("learning_rate", self.learning_rate, 0, include_minimum=False)
+        check_number("weight_decay", self.weight_decay, 0)
+        check_number("ema_decay", self.ema_decay, 0, 1, include_maximum=False)
+        if self.max_grad_norm is not None:  # None: no clipping; 0 or less would not clip, or train uphill
+            check_number("max_grad_norm", self.max_grad_norm, 0, include_minimum=False)
+        check_number("alpha", self.alpha, 0, 1)
+        check_number("feature_weight", self.feature_weight, 0)
+
+    def _validate_model(self) -> None:
+        parse_preset_name(self.model)
+        overrides = self.model_overrides
+        if not isinstance(overrides, dict):
+            raise DiTOptimumError(
+                f"`model_overrides`={overrides!r} (--model-config) must be a dict of model config keys."
+            )
+        for key in overrides:
+            if key in DERIVED_MODEL_KEYS:
+                raise DiTOptimumError(
+                    f"`model_overrides` (--model-config) key {key!r} is set by the trainer from "
+                    f"{DERIVED_MODEL_KEYS[key]}: remove it."
+                )
+            if key not in MODEL_KEYS:
+                allowed = ", ".join(k for k in MODEL_KEYS if k not in DERIVED_MODEL_KEYS)
+                raise DiTOptimumError(
+                    f"`model_overrides` (--model-config) key {key!r} is not a model config key; allowed keys: "
+                    f"{allowed}."
+                )
+        try:
+            json.dumps(overrides, default=_json_default)
+        except (TypeError, ValueError) as error:
+            raise DiTOptimumError(
+                f"`model_overrides`={overrides!r} (--model-config) must hold JSON values (numbers, strings, lists, "
+                f"null): {error}."
+            ) from None
+
+    def _validate_distillation(self) -> None:
+        blocks = self.feature_blocks
+        if not isinstance(blocks, list) or not all(is_integer(block) and block >= 0 for block in blocks):
+            raise DiTOptimumError(f"`feature_blocks`={blocks!r} must be a list of block indices (integers >= 0).")
+        if len(set(blocks)) != len(blocks):
+            raise DiTOptimumError(f"`feature_blocks`={blocks!r} names a block twice.")
+        if blocks and self.teacher is None:
+            raise DiTOptimumError("`feature_blocks` needs a `teacher` to distill from.")
+        layers = dit_config(self.model, **self.model_overrides)["num_layers"]
+        if is_integer(layers) and any(block >= layers for block in blocks):  # other layer counts: the model refuses
+            raise DiTOptimumError(
+                f"`feature_blocks`={blocks!r} names a block the student does not have; allowed values: 0..{layers - 1}."
+            )
+
+    def settings(self) -> dict[str, Any]:
+        """The config as JSON values (the preset name canonical): what checkpoints store and a resume compares."""
+        values = asdict(self)
+        values["model"] = "DiT-{}/{}".format(*parse_preset_name(self.model))
+        return json.loads(json.dumps(values, default=_json_default))
