@@ -15,7 +15,7 @@ if __name__ == "__main__":
     result = sample_features(
         tiny_pixel_pipeline(),
         num_samples,
-        TinyFeatureExtractor(),
+        {"tiny": TinyFeatureExtractor()},
         batch_size=3,
         num_inference_steps=3,
         keep_images=4,

@@ -20,7 +20,7 @@ from dit_optimum.benchmark.report import baseline_deltas, markdown_table, pareto
 from dit_optimum.benchmark.settings import DEFAULT_TECHNIQUES
 from dit_optimum.cli import main as cli
 from dit_optimum.evaluation.efficiency import SpeedSettings
-from dit_optimum.evaluation.fid import QualitySettings
+from dit_optimum.evaluation.quality import QualitySettings
 from dit_optimum.models.transformer import is_quantized
 from dit_optimum.techniques.quantization import SUPPORTED
 from dit_optimum.techniques.registry import TECHNIQUES, Technique, get_technique, register_technique
@@ -97,7 +97,14 @@ def tiny_settings(output_dir: Path, techniques=("baseline", "prune-depth-50")) -
         techniques=techniques,
         image_size=8,
         training=TrainingRecipe(steps=3, batch_size=8, checkpoint_every=2),
-        quality=QualitySettings(num_samples=11, reference_samples=20, batch_size=7, num_inference_steps=2),
+        quality=QualitySettings(
+            num_samples=11,
+            reference_samples=20,
+            batch_size=7,
+            num_inference_steps=2,
+            metrics=("fid", "kid"),
+            bootstrap=10,
+        ),
         speed=SpeedSettings(batch_size=2, forward_batch_size=2, num_inference_steps=2, warmup=0, repeats=1),
         grid_size=10,
     )
@@ -138,8 +145,10 @@ def test_tiny_matrix_writes_table_report_plots_and_resumes(tmp_path, monkeypatch
     base, pruned = rows
     for row in rows:
         assert row["status"] == "ok" and row["num_samples"] == 11 and row["reference_samples"] == 20
-        # the tiny extractor's pool features are 8-d (Frechet needs N >= 9), its spatial ones 12-d (N >= 13)
-        assert row["fid"] > 0 and row["sfid"] is None and row["kid"] is not None
+        # the tiny extractor's pool features are 8-d (Frechet needs N >= 9)
+        assert row["fid"] > 0 and "sfid" not in row and row["kid"] is not None
+        assert row["fid_interval"][0] <= row["fid_interval"][1] and row["fid_real"] is not None
+        assert (out / "features" / f"DiT-XS-4__{row['technique']}.npz").is_file()
         assert row["gflops"] > 0 and row["size_bytes"] > 0 and row["sampling_images_per_s"] > 0
         assert row["hardware"]["torch"] == torch.__version__ and row["sampler"] == "DDIMScheduler"
         assert Image.open(out / row["sample_grid"]).size == (10 * 64, 64)
@@ -155,13 +164,22 @@ def test_tiny_matrix_writes_table_report_plots_and_resumes(tmp_path, monkeypatch
     for plot in ("pareto.png", "gflops.png", "memory.png"):
         assert Image.open(out / "plots" / plot).size[0] > 100
     deltas = {entry["technique"]: entry for entry in baseline_deltas(rows)}
-    assert deltas["prune-depth-50"]["GFLOPs"] == pytest.approx(
+    assert deltas["prune-depth-50"]["gflops"]["percent"] == pytest.approx(
         100 * (pruned["gflops"] - base["gflops"]) / base["gflops"]
     )
-    assert deltas["baseline"]["KID"] == 0 and deltas["baseline"]["size"] == 0
+    assert deltas["baseline"]["kid"]["percent"] == 0 and deltas["baseline"]["size_bytes"]["percent"] == 0
     # speed deltas are the paired ratios measured in the cell, not absolute numbers from different moments
-    assert deltas["prune-depth-50"]["fwd img/s"] == pytest.approx(100 * (pruned["forward_speedup"] - 1))
+    assert deltas["prune-depth-50"]["forward_images_per_s"]["percent"] == pytest.approx(
+        100 * (pruned["forward_speedup"] - 1)
+    )
     assert pruned["sampling_speedup"] > 0 and pruned["latency_ratio"] > 0
+    # the pruned cell is compared with the baseline on the same samples: a difference with its interval
+    assert set(pruned["vs_baseline"]) == {"fid", "kid"} and pruned["quality_verdict"] in (
+        "costs quality",
+        "no significant change",
+        "better quality",
+    )
+    assert base["vs_baseline"]["fid"]["difference"] == 0 and not base["vs_baseline"]["fid"]["significant"]
 
     # a third run has nothing left to do
     again = run_benchmark(settings, TinyFeatureExtractor(), on_cell=seen.append, trainer=trainer)
@@ -236,7 +254,8 @@ def test_bad_benchmark_arguments_fail_clearly(tmp_path, capsys):
 def test_presets_describe_the_default_and_the_paper_runs():
     default, paper = preset_settings("default"), preset_settings("paper")
     assert default == BenchmarkSettings() and default.variants == ("DiT-XS/4",) and default.data == "digits"
-    assert default.quality.num_samples == 150 and default.training.steps == 250
+    assert default.quality.metrics == ("class_accuracy", "fd_domain") and default.training.mixed_precision == "bf16"
+    assert paper.quality.metrics == ("fid", "sfid", "kid") and paper.training.learning_rate == 1e-4
     assert paper.variants == ("DiT-S/2", "DiT-S/4", "DiT-XS/2", "DiT-XS/4")
     assert set(paper.techniques) == set(TECHNIQUES) and paper.quality.num_samples == 50_000
     assert json.loads(json.dumps(default.comparable())) == default.comparable()
@@ -273,3 +292,29 @@ def test_variant_context_reads_a_pretrained_baseline_config_without_loading_weig
     assert context.baseline_config()["num_layers"] == 3
     assert context.baseline().transformer.config.num_layers == 3
     assert not (tmp_path / "bench" / "models").exists()  # nothing trained for a pretrained baseline
+
+
+def test_a_default_style_run_scores_domain_metrics_with_floors_and_verdicts(tmp_path, monkeypatch):
+    from dit_optimum.evaluation.domain import ClassifierRecipe, domain_classifier
+    from dit_optimum.evaluation.reference import real_split
+
+    monkeypatch.setenv("DIT_OPTIMUM_CACHE", str(tmp_path / "cache"))
+    settings = tiny_settings(tmp_path / "bench", ("baseline", "prune-depth-50"))
+    settings.quality = replace(
+        settings.quality, num_samples=66, reference_samples=66, metrics=("class_accuracy", "fd_domain"), bootstrap=20
+    )
+    real = real_split("digits", "train", 66, 66)
+    stand_in = domain_classifier(real, 8, ClassifierRecipe(epochs=2))  # a quickly trained stand-in
+    rows = run_benchmark(settings, classifier=stand_in)
+    pruned = rows[1]
+    for row in rows:
+        assert 0 <= row["class_accuracy"] <= 1 and row["fd_domain"] > 0
+        low, high = row["class_accuracy_interval"]
+        assert low <= row["class_accuracy"] <= high
+        assert row["fd_domain_real"] < row["fd_domain"]  # an untrained 3-step model is far from real digits
+        assert row["classifier_accuracy"] == stand_in.held_out_accuracy and row["floor_samples"] == 66
+    assert set(pruned["vs_baseline"]) == {"class_accuracy", "fd_domain"}
+    assert pruned["quality_verdict"] in ("costs quality", "no significant change", "better quality")
+    text = write_report(rows, tmp_path / "bench").read_text()
+    assert "Floor (real vs real: 66 held-out real images" in text and "quality vs baseline" in text
+    assert "class acc (%)" in text and "FD_domain" in text

@@ -27,7 +27,8 @@ BAD_ARGUMENTS = [
     (["--channels", "2"], r"`channels`=2 is not allowed; allowed values: \(1, 3\)"),
     (["--image-size", "15"], "`sample_size`=15 must be a multiple of `patch_size`=4"),
     (["--image-size", "0"], "image_size"),
-    (["--num-samples", "10000000"], r"`num_samples`=10000000 .* GiB"),
+    (["--metrics", "kid", "--num-samples", "10000000"], r"`num_samples`=10000000 .* GiB"),
+    (["--num-samples", "100000000"], r"`num_samples`=100000000 .* GiB"),
     (["--speed-batch-size", "100000000"], r"speed_batch_size.* GiB of activations"),
     (["--batch-size", "100000000"], r"`batch_size`=.* GiB of activations"),
     (["--image-size", "4096"], "GiB"),
@@ -56,14 +57,14 @@ def test_a_run_whose_cells_all_failed_does_not_lock_out_the_corrected_rerun(tmp_
         raise RuntimeError("no disk")
 
     settings = tiny_settings(tmp_path / "bench", techniques=("baseline",))
-    rows = run_benchmark(settings, extractor=TinyFeatureExtractor(), trainer=failing_trainer)
+    rows = run_benchmark(settings, inception=TinyFeatureExtractor(), trainer=failing_trainer)
     assert rows[0]["status"] == "failed" and "no disk" in rows[0]["error"]
     corrected = replace(settings, training=TrainingRecipe(steps=2, batch_size=8, checkpoint_every=2))
-    rows = run_benchmark(corrected, extractor=TinyFeatureExtractor())
+    rows = run_benchmark(corrected, inception=TinyFeatureExtractor())
     assert rows[0]["status"] == "ok"
     changed = replace(settings, training=TrainingRecipe(steps=4, batch_size=8, checkpoint_every=2))
     with pytest.raises(DiTOptimumError, match="holds results measured with other settings"):
-        run_benchmark(changed, extractor=TinyFeatureExtractor())
+        run_benchmark(changed, inception=TinyFeatureExtractor())
 
 
 def test_a_damaged_results_file_is_named(tmp_path):

@@ -25,12 +25,10 @@ from dit_optimum.evaluation.efficiency import SpeedSettings, efficiency_metrics
 from dit_optimum.evaluation.features import (
     InceptionFeatures,
     clean_resize,
-    extract_features,
     fid_helper_weights_path,
     find_inception_weights,
     to_uint8,
 )
-from dit_optimum.evaluation.fid import QualitySettings, evaluate_quality, resolve_metrics
 from dit_optimum.evaluation.flops import count_gflops
 from dit_optimum.evaluation.metrics import (
     GaussianStatistics,
@@ -38,7 +36,8 @@ from dit_optimum.evaluation.metrics import (
     gaussian_statistics,
     kernel_inception_distance,
 )
-from dit_optimum.evaluation.reference import reference_cache_path, reference_features
+from dit_optimum.evaluation.quality import QualitySettings, evaluate_quality, feature_dimensions, resolve_metrics
+from dit_optimum.evaluation.reference import real_cache_path, real_features, real_split
 from dit_optimum.evaluation.sampling import process_share, sample_features
 from dit_optimum.evaluation.size import saved_size_bytes
 from dit_optimum.evaluation.speed import interleaved_call_seconds
@@ -166,13 +165,22 @@ def test_clean_resize_and_uint8_conversion():
     assert to_uint8(torch.full((1, 3, 2, 2), 0.25)).shape == (1, 2, 2, 3)
 
 
+def reference_features(dataset: str, resolution: int, count: int, extractor) -> dict[str, np.ndarray]:
+    """Features of the reference set of ``count`` images of ``dataset`` (no floor set)."""
+    return real_features(real_split(dataset, "train", count, 0), "reference", resolution, extractor)
+
+
+def reference_cache_path(dataset: str, resolution: int, count: int, extractor) -> Path:
+    return real_cache_path(real_split(dataset, "train", count, 0), "reference", resolution, extractor)
+
+
 def test_reference_features_are_cached_by_dataset_resolution_n_and_weights(tmp_path, monkeypatch):
     monkeypatch.setenv("DIT_OPTIMUM_CACHE", str(tmp_path / "cache"))
     extractor = TinyFeatureExtractor()
     first = reference_features("digits", 8, 30, extractor)
-    path = reference_cache_path("digits", "train", 8, 30, extractor)
+    path = reference_cache_path("digits", 8, 30, extractor)
     assert path.is_file() and path.is_relative_to(tmp_path / "cache")
-    assert all(part in path.name for part in ("digits", "train", "8px", "n30", extractor.name))
+    assert all(part in path.name for part in ("digits", "train", "8px", "reference30-", extractor.name))
     assert first["pool"].shape == (30, 8) and first["spatial"].shape == (30, 12)
 
     def fail(*args, **kwargs):
@@ -183,12 +191,12 @@ def test_reference_features_are_cached_by_dataset_resolution_n_and_weights(tmp_p
     np.testing.assert_array_equal(again["pool"], first["pool"])
     other = TinyFeatureExtractor()
     other.weights_hash = "f" * 64
-    assert reference_cache_path("digits", "train", 8, 30, other) != path
-    assert reference_cache_path("digits", "train", 8, 31, extractor) != path
+    assert reference_cache_path("digits", 8, 30, other) != path
+    assert reference_cache_path("digits", 8, 31, extractor) != path
     with pytest.raises(ValueError, match="reference_samples`=5000 is more than the 1797"):
-        reference_module.load_reference_images("digits", "train", 8, 5000)
+        real_split("digits", "train", 5000, 0)
     with pytest.raises(ValueError, match="reference_split"):
-        reference_module.load_reference_images("digits", "test", 8, 10)
+        real_split("digits", "test", 10, 0)
 
 
 def write_random_images(folder: Path, count: int, seed: int, mtime_ns: int) -> None:
@@ -205,14 +213,14 @@ def test_a_reference_folder_is_cached_by_its_content_not_its_path(tmp_path, monk
     extractor, folder = TinyFeatureExtractor(), tmp_path / "real"
     write_random_images(folder, 12, seed=0, mtime_ns=1_700_000_000_000_000_000)
     first = reference_features(str(folder), 8, 10, extractor)
-    path = reference_cache_path(str(folder), "train", 8, 10, extractor)
+    path = reference_cache_path(str(folder), 8, 10, extractor)
     assert path.is_file() and path.name.startswith("real-")
     (folder / "notes.txt").write_text("not an image")  # files that are not listed images do not change the key
-    assert reference_cache_path(str(folder), "train", 8, 10, extractor) == path
+    assert reference_cache_path(str(folder), 8, 10, extractor) == path
     shutil.copytree(folder, tmp_path / "copy" / "real")  # same files, sizes and times elsewhere: same entry
-    assert reference_cache_path(str(tmp_path / "copy" / "real"), "train", 8, 10, extractor) == path
+    assert reference_cache_path(str(tmp_path / "copy" / "real"), 8, 10, extractor) == path
     write_random_images(folder, 12, seed=1, mtime_ns=1_700_000_001_000_000_000)  # every image replaced
-    replaced_path = reference_cache_path(str(folder), "train", 8, 10, extractor)
+    replaced_path = reference_cache_path(str(folder), 8, 10, extractor)
     replaced = reference_features(str(folder), 8, 10, extractor)
     assert replaced_path != path and replaced_path.is_file()
     assert not np.allclose(replaced["pool"], first["pool"])
@@ -226,7 +234,7 @@ def test_an_unreadable_reference_cache_is_recomputed_with_a_warning(tmp_path, mo
     monkeypatch.setenv("DIT_OPTIMUM_CACHE", str(tmp_path / "cache"))
     extractor = TinyFeatureExtractor()
     first = reference_features("digits", 8, 30, extractor)
-    path = reference_cache_path("digits", "train", 8, 30, extractor)
+    path = reference_cache_path("digits", 8, 30, extractor)
     if damage == "truncated":
         path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     elif damage == "empty":
@@ -267,14 +275,14 @@ def test_long_phases_show_a_progress_bar_on_the_main_process(tmp_path, monkeypat
     monkeypatch.setattr(RecordingBar, "bars", [])
     monkeypatch.setattr(sampling_module, "tqdm", RecordingBar)
     monkeypatch.setattr(features_module, "tqdm", RecordingBar)
-    sample_features(tiny_pixel_pipeline(), 5, TinyFeatureExtractor(), batch_size=2, num_inference_steps=2)
+    sample_features(tiny_pixel_pipeline(), 5, {"tiny": TinyFeatureExtractor()}, batch_size=2, num_inference_steps=2)
     reference_features("digits", 8, 12, TinyFeatureExtractor())
     shown = [
         (bar.kwargs["desc"], bar.kwargs["total"], bar.count)
         for bar in RecordingBar.bars
         if bar.kwargs["disable"] is None
     ]
-    assert shown == [("Generated-sample features", 5, 5), ("Reference features", 12, 12)]
+    assert shown == [("Generated-sample features", 5, 5), ("Real features (reference)", 12, 12)]
 
 
 def test_process_shares_cover_every_sample_once():
@@ -285,13 +293,13 @@ def test_process_shares_cover_every_sample_once():
 
 
 def test_samples_do_not_depend_on_the_batch_size():
-    pipeline, extractor = tiny_pixel_pipeline(), TinyFeatureExtractor()
-    small = sample_features(pipeline, 7, extractor, batch_size=2, num_inference_steps=3, keep_images=3)
-    large = sample_features(pipeline, 7, extractor, batch_size=7, num_inference_steps=3)
-    assert small.features["pool"].shape == (7, 8) and small.images.shape == (3, 8, 8, 1)
-    np.testing.assert_allclose(small.features["pool"], large.features["pool"], atol=2e-2)
+    pipeline, extractors = tiny_pixel_pipeline(), {"tiny": TinyFeatureExtractor()}
+    small = sample_features(pipeline, 7, extractors, batch_size=2, num_inference_steps=3, keep_images=3)
+    large = sample_features(pipeline, 7, extractors, batch_size=7, num_inference_steps=3)
+    assert small.features["tiny.pool"].shape == (7, 8) and small.images.shape == (3, 8, 8, 1)
+    np.testing.assert_allclose(small.features["tiny.pool"], large.features["tiny.pool"], atol=2e-2)
     with pytest.raises(ValueError, match="num_samples"):
-        sample_features(pipeline, 0, extractor)
+        sample_features(pipeline, 0, extractors)
 
 
 def sample_with_two_processes(output: Path, num_samples: int):
@@ -310,47 +318,77 @@ def sample_with_two_processes(output: Path, num_samples: int):
 
 
 def test_two_processes_split_the_samples_and_gather_them_in_order(tmp_path):
-    single = sample_features(tiny_pixel_pipeline(), 7, TinyFeatureExtractor(), batch_size=3, num_inference_steps=3)
+    extractors = {"tiny": TinyFeatureExtractor()}
+    single = sample_features(tiny_pixel_pipeline(), 7, extractors, batch_size=3, num_inference_steps=3)
     gathered = sample_with_two_processes(tmp_path / "features.npz", 7)
     assert int(gathered["world"]) == 2 and int(gathered["kept"]) == 4
-    for kind in ("pool", "spatial"):
+    for kind in ("tiny.pool", "tiny.spatial"):
         assert gathered[kind].shape == single.features[kind].shape
         np.testing.assert_allclose(gathered[kind], single.features[kind], atol=2e-2)
     # one sample for two processes: the idle process still joins the gather
     one = sample_with_two_processes(tmp_path / "one.npz", 1)
-    np.testing.assert_allclose(one["pool"], single.features["pool"][:1], atol=2e-2)
+    np.testing.assert_allclose(one["tiny.pool"], single.features["tiny.pool"][:1], atol=2e-2)
 
 
-def test_metric_choice_follows_n():
-    dims = TinyFeatureExtractor.feature_dims
-    assert resolve_metrics(QualitySettings(num_samples=8, reference_samples=100), dims) == ["kid"]
-    assert resolve_metrics(QualitySettings(num_samples=13, reference_samples=13), dims) == ["fid", "sfid", "kid"]
-    assert resolve_metrics(QualitySettings(num_samples=10, reference_samples=10), dims) == ["fid", "kid"]
+def keys(metrics) -> list[str]:
+    return [metric.key for metric in metrics]
+
+
+def test_metric_choice_follows_n_and_the_reference():
+    dims = feature_dimensions(TinyFeatureExtractor())  # 8-d pool, 12-d spatial, 64-d domain features
+    assert keys(resolve_metrics(QualitySettings(num_samples=8, reference_samples=100), dims)) == [
+        "class_accuracy",
+        "kid",
+    ]
+    assert keys(resolve_metrics(QualitySettings(num_samples=13, reference_samples=13), dims)) == [
+        "class_accuracy",
+        "fid",
+        "sfid",
+        "kid",
+    ]
+    every = keys(resolve_metrics(QualitySettings(num_samples=65, reference_samples=65), dims))
+    assert every == ["class_accuracy", "fd_domain", "fid", "sfid", "kid"]
     with pytest.raises(ValueError, match=r"asks for sfid.*num_samples`=10.*N >= 13"):
         resolve_metrics(QualitySettings(num_samples=10, reference_samples=50, metrics=("sfid",)), dims)
-    with pytest.raises(ValueError, match=r"Unknown `metrics`.*allowed values: fid, sfid, kid"):
+    with pytest.raises(ValueError, match=r"asks for fd_domain.*N >= 65"):
+        resolve_metrics(QualitySettings(num_samples=64, reference_samples=64, metrics=("fd_domain",)), dims)
+    with pytest.raises(ValueError, match=r"Unknown `metrics`.*allowed values: class_accuracy, fd_domain, fid"):
         resolve_metrics(QualitySettings(metrics=("is",)), dims)
     with pytest.raises(ValueError, match="num_samples"):
         QualitySettings(num_samples=0).validate()
+    # the default run's N against the real Inception network: FID needs N >= 2049 and is left out
+    assert keys(resolve_metrics(QualitySettings(num_samples=400, reference_samples=500))) == [
+        "class_accuracy",
+        "fd_domain",
+        "kid",
+    ]
 
 
-def test_evaluate_quality_reports_every_metric_with_its_n(tmp_path, monkeypatch):
+def test_evaluate_quality_reports_values_intervals_and_real_floors(tmp_path, monkeypatch):
     monkeypatch.setenv("DIT_OPTIMUM_CACHE", str(tmp_path))
     pipeline = tiny_pixel_pipeline()
-    settings = QualitySettings(reference_samples=40, num_samples=20, batch_size=8, num_inference_steps=3)
-    result, images = evaluate_quality(pipeline, settings, TinyFeatureExtractor(), keep_images=5)
-    assert images.shape == (5, 8, 8, 1) and images.dtype == np.uint8
+    settings = QualitySettings(
+        reference_samples=40,
+        num_samples=20,
+        batch_size=8,
+        num_inference_steps=3,
+        metrics=("fid", "sfid", "kid"),
+        bootstrap=20,
+    )
+    evaluation = evaluate_quality(pipeline, settings, TinyFeatureExtractor(), keep_images=5)
+    result = evaluation.metrics
+    assert evaluation.images.shape == (5, 8, 8, 1) and evaluation.images.dtype == np.uint8
     for name in ("fid", "sfid", "kid"):
-        assert np.isfinite(result[name]) and result[name] > 0, name
-    assert result["num_samples"] == 20 and result["reference_samples"] == 40 and result["kid_subset_size"] == 20
-    assert result["sampler"] == "DDIMScheduler" and result["processes"] == 1
+        low, high = result[f"{name}_interval"]
+        assert np.isfinite(result[name]) and low <= high, name
+        assert np.isfinite(result[f"{name}_real"]) and len(result[f"{name}_real_interval"]) == 2, name
+    assert result["num_samples"] == 20 and result["reference_samples"] == 40 and result["floor_samples"] == 20
+    assert result["sampler"] == "DDIMScheduler" and result["processes"] == 1 and result["confidence"] == 0.95
     assert result["quality_settings"]["num_inference_steps"] == 3
+    assert evaluation.features["inception.pool"].shape == (20, 8)
+    assert evaluation.labels.tolist() == [index % 10 for index in range(20)]
     # real digits against real digits: far closer than the untrained model's samples
-    real = reference_module.load_reference_images("digits", "train", 8, 40, seed=1)
-    reference = reference_features("digits", 8, 40, TinyFeatureExtractor())
-    real_features = extract_features(real, TinyFeatureExtractor())
-    real_fid = frechet_distance(gaussian_statistics(real_features["pool"]), gaussian_statistics(reference["pool"]))
-    assert real_fid < result["fid"] / 3
+    assert result["fid_real"] < result["fid"] / 3
 
 
 def test_efficiency_metrics_measure_the_pipeline():
@@ -394,26 +432,31 @@ def test_evaluate_command_scores_a_saved_pipeline(tmp_path, monkeypatch, capsys,
     output = tmp_path / "result.json"
     assert cli(["evaluate", str(tmp_path / "pipe"), *common, "--speed-batch-size", "2", "--output", str(output)]) == 0
     result = json.loads(output.read_text())
-    assert result["fid"] is None and result["sfid"] is None and result["kid"] > 0
+    assert "fid" not in result and "sfid" not in result and np.isfinite(result["kid"])
+    assert result["class_accuracy"] >= 0 and len(result["class_accuracy_interval"]) == 2
     assert result["num_samples"] == 6 and result["reference_samples"] == 10
-    assert result["feature_extractor"].startswith("inception_v3_fid:") and result["gflops"] > 0
+    assert result["feature_extractors"]["inception"].startswith("inception_v3_fid:") and result["gflops"] > 0
     assert result["pipeline"] == str(tmp_path / "pipe") and "hardware" in result
 
 
-def test_reference_images_from_a_folder_read_only_the_chosen_files(tmp_path):
+def test_real_images_from_a_folder_read_only_the_chosen_files_with_their_classes(tmp_path):
     rng = np.random.default_rng(0)
     for index in range(6):
         folder = tmp_path / "images" / f"class{index % 2}"
         folder.mkdir(parents=True, exist_ok=True)
         Image.fromarray(rng.integers(0, 256, size=(12, 10, 3), dtype=np.uint8)).save(folder / f"{index}.png")
-    (tmp_path / "images" / "notes.txt").write_text("not an image")
+    (tmp_path / "images" / "class0" / "notes.txt").write_text("not an image")
     hidden = tmp_path / "images" / ".ipynb_checkpoints" / "0-checkpoint.png"
     hidden.parent.mkdir()
     Image.new("RGB", (4, 4)).save(hidden)
+    real = real_split(str(tmp_path / "images"), "train", 4, 1)
+    assert (len(real.reference), len(real.floor), len(real.fit)) == (4, 1, 1) and real.available == 6
+    assert set(real.reference) | set(real.floor) | set(real.fit) == set(range(6))
     with pytest.warns(UserWarning, match=r"Ignored 1 file\(s\).*notes\.txt"):
-        images = reference_module.load_reference_images(str(tmp_path / "images"), "train", 8, 4)
-    assert images.shape == (4, 8, 8, 3) and images.dtype == np.uint8
-    again = reference_module.load_reference_images(str(tmp_path / "images"), "train", 8, 4)
-    np.testing.assert_array_equal(images, again)  # same seed, same draw
+        images = reference_module.real_images(real, "reference", 8)
+    assert images.images.shape == (4, 8, 8, 3) and images.images.dtype == np.uint8
+    assert images.classes == {0: "class0", 1: "class1"} and set(images.labels) <= {0, 1}
+    again = reference_module.real_images(real_split(str(tmp_path / "images"), "train", 4, 1), "reference", 8)
+    np.testing.assert_array_equal(images.images, again.images)  # same seed, same draw
     with pytest.raises(ValueError, match="`reference_samples`=7 is more than the 6 images"):
-        reference_module.load_reference_images(str(tmp_path / "images"), "train", 8, 7)
+        real_split(str(tmp_path / "images"), "train", 7, 1)

@@ -8,7 +8,7 @@ from diffusers import DDIMScheduler, DiffusionPipeline
 
 from conftest import model_inputs, tiny_model
 from dit_optimum import DiTOptimumPipeline, DiTOptimumTransformer2DModel
-from dit_optimum.evaluation.quality import compare_pipelines, output_difference
+from dit_optimum.evaluation.fidelity import compare_pipelines, output_difference
 from dit_optimum.evaluation.size import saved_size_bytes
 from dit_optimum.techniques import CalibrationSettings, quantize
 

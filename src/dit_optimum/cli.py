@@ -11,7 +11,7 @@ from pathlib import Path
 from .benchmark.settings import add_benchmark_arguments
 from .configs import preset_names
 from .errors import DiTOptimumError
-from .evaluation.fid import add_quality_arguments, quality_settings_from_arguments
+from .evaluation.quality import add_quality_arguments, quality_settings_from_arguments
 from .models.attention import ATTENTION_TYPES
 from .utils import check_save_target, csv_list
 
@@ -117,8 +117,8 @@ def _build_parser() -> argparse.ArgumentParser:
 
 
 def _describe_change(before, after, label: str) -> None:
+    from .evaluation.fidelity import compare_pipelines
     from .evaluation.flops import count_gflops, count_parameters
-    from .evaluation.quality import compare_pipelines
 
     for pipe in (before, after):
         pipe.set_progress_bar_config(disable=True)
@@ -192,10 +192,10 @@ def _run_prune(args: argparse.Namespace) -> int:
 def _print_table(console, rows, title: str) -> None:
     from rich.table import Table
 
-    from .benchmark.report import COLUMNS, table_rows
+    from .benchmark.report import table_columns, table_rows
 
     table = Table(title=title)
-    for index, (header, _, _) in enumerate(COLUMNS):
+    for index, header in enumerate(table_columns(rows)):
         table.add_column(header, justify="left" if index < 2 else "right")
     for cells in table_rows(rows):
         table.add_row(*cells)
@@ -256,8 +256,8 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     from accelerate import PartialState
 
     from .evaluation.efficiency import SpeedSettings, efficiency_metrics
-    from .evaluation.fid import QualitySettings, evaluate_quality
     from .evaluation.hardware import hardware_description
+    from .evaluation.quality import QualitySettings, evaluate_quality
     from .pipelines.dit import DiTOptimumPipeline
     from .utils import write_json_atomic
 
@@ -274,7 +274,7 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     state = PartialState(cpu=not torch.cuda.is_available())  # one process per GPU under torchrun / accelerate
     pipeline = DiTOptimumPipeline.from_pretrained(args.pipeline).to(state.device)
     pipeline.set_progress_bar_config(disable=True)
-    result, _ = evaluate_quality(pipeline, settings, state=state)
+    result = evaluate_quality(pipeline, settings, state=state).metrics
     if not result:  # not the main process
         return 0
     if not args.no_speed:

@@ -1,128 +1,127 @@
-"""The benchmark's outputs: one table (terminal and Markdown), deltas against each variant's baseline, and plots
-(quality vs throughput with its Pareto front, GFLOPs, peak memory) plus the per-technique sample grids."""
+"""The benchmark's outputs: one table (terminal and Markdown) with intervals, the real-vs-real floors, changes
+against each variant's baseline marked where they lie outside the noise, a quality verdict per technique, plots
+(quality vs throughput with its Pareto front, GFLOPs, peak memory) and the per-technique sample grids. Every column
+comes from the metric declarations (``evaluation.declarations``)."""
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from ..evaluation.declarations import Metric, all_metrics
 from ..utils import atomic_file, write_text_atomic
-
-# (header, row key, format); a missing or None value prints as "n/a".
-COLUMNS: tuple[tuple[str, str, str], ...] = (
-    ("variant", "variant", "{}"),
-    ("technique", "technique", "{}"),
-    ("FID", "fid", "{:.2f}"),
-    ("sFID", "sfid", "{:.2f}"),
-    ("KIDx1e3", "kid", "{:.2f}"),
-    ("GFLOPs", "gflops", "{:.3f}"),
-    ("params (M)", "params_m", "{:.2f}"),
-    ("size (MB)", "size_mb", "{:.2f}"),
-    ("fwd img/s", "forward_images_per_s", "{:.1f}"),
-    ("sample img/s", "sampling_images_per_s", "{:.2f}"),
-    ("latency (s)", "latency_s", "{:.3f}"),
-    ("sampling mem (MB)", "peak_memory_mb", "{:.1f}"),
-    ("fwd mem (MB)", "forward_peak_memory_mb", "{:.1f}"),
-)
-# Deltas against the baseline, in percent; for the quality metrics lower is better, for throughput higher.
-# Speed deltas come from the paired ratios (the baseline re-timed in the same rounds as the cell) when present.
-PAIRED_RATIOS = {
-    "forward_images_per_s": "forward_speedup",
-    "sampling_images_per_s": "sampling_speedup",
-    "latency_s": "latency_ratio",
-}
-DELTAS: tuple[tuple[str, str], ...] = (
-    ("FID", "fid"),
-    ("KID", "kid"),
-    ("GFLOPs", "gflops"),
-    ("size", "size_bytes"),
-    ("fwd img/s", "forward_images_per_s"),
-    ("sample img/s", "sampling_images_per_s"),
-    ("latency", "latency_s"),
-    ("sampling mem", "peak_memory_bytes"),
-    ("fwd mem", "forward_peak_memory_bytes"),
-)
-
-
-def _derived(row: dict[str, Any]) -> dict[str, Any]:
-    row = dict(row)
-    if row.get("size_bytes") is not None:
-        row["size_mb"] = row["size_bytes"] / 1e6
-    for key in ("peak_memory_bytes", "forward_peak_memory_bytes"):
-        if row.get(key) is not None:
-            row[key.replace("_bytes", "_mb")] = row[key] / 1e6
-    if row.get("kid") is not None:
-        row["kid"] = row["kid"] * 1e3
-    return row
-
-
-def _cell(row: dict[str, Any], key: str, pattern: str) -> str:
-    value = row.get(key)
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "n/a"
-    return pattern.format(value)
-
-
-def table_rows(rows: Sequence[dict[str, Any]]) -> list[list[str]]:
-    """Formatted cells of the finished rows, in ``COLUMNS`` order."""
-    return [[_cell(_derived(row), key, pattern) for _, key, pattern in COLUMNS] for row in rows if _ok(row)]
+from .significance import speed_change_is_significant
 
 
 def _ok(row: dict[str, Any]) -> bool:
     return row.get("status") == "ok"
 
 
+def shown_metrics(rows: Sequence[dict[str, Any]]) -> list[Metric]:
+    """The declared metrics at least one finished row has a value for, in declaration order."""
+    finished = [row for row in rows if _ok(row)]
+    return [metric for metric in all_metrics() if any(row.get(metric.key) is not None for row in finished)]
+
+
+def table_columns(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """Headers of the results table: variant, technique, then every shown metric."""
+    return ["variant", "technique", *(metric.header for metric in shown_metrics(rows))]
+
+
+def _with_interval(metric: Metric, row: dict[str, Any], key: str) -> str:
+    text = metric.shown(row.get(key))
+    interval = row.get(f"{key}_interval")
+    if interval and text != "n/a":
+        text += f" [{metric.shown(interval[0])}, {metric.shown(interval[1])}]"
+    return text
+
+
+def table_rows(rows: Sequence[dict[str, Any]]) -> list[list[str]]:
+    """Formatted cells of the finished rows (quality values with their 95% interval), in ``table_columns`` order."""
+    metrics = shown_metrics(rows)
+    return [
+        [row["variant"], row["technique"], *(_with_interval(metric, row, metric.key) for metric in metrics)]
+        for row in rows
+        if _ok(row)
+    ]
+
+
 def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
     """The results table in Markdown."""
-    lines = ["| " + " | ".join(header for header, _, _ in COLUMNS) + " |"]
-    lines.append("|" + "|".join("---" if i < 2 else "---:" for i in range(len(COLUMNS))) + "|")
+    columns = table_columns(rows)
+    lines = ["| " + " | ".join(columns) + " |"]
+    lines.append("|" + "|".join("---" if i < 2 else "---:" for i in range(len(columns))) + "|")
     lines.extend("| " + " | ".join(cells) + " |" for cells in table_rows(rows))
     return "\n".join(lines) + "\n"
 
 
 def baseline_deltas(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per finished row: percent change of each ``DELTAS`` metric against its variant's baseline row (the baseline's
-    own row shows the timing noise of its paired re-measurement)."""
+    """Per finished row with a baseline: for every shown metric with a direction, the percent change against the
+    variant's baseline and whether it lies outside the noise (quality: the paired bootstrap interval of the
+    difference excludes 0; speed: every round's paired ratio is on one side of 1; None where not measured), plus
+    the row's quality verdict. Speed changes are the paired ratios timed in the cell (the baseline's own row
+    shows the noise of that re-measurement)."""
     baselines = {row["variant"]: row for row in rows if _ok(row) and row["technique"] == "baseline"}
+    metrics = [metric for metric in shown_metrics(rows) if metric.better is not None]
     deltas = []
     for row in rows:
         base = baselines.get(row["variant"])
         if not _ok(row) or base is None:
             continue
         entry: dict[str, Any] = {"variant": row["variant"], "technique": row["technique"]}
-        for label, key in DELTAS:
-            value, reference = row.get(key), base.get(key)
-            if row.get(PAIRED_RATIOS.get(key, "")) is not None:
-                entry[label] = 100 * (row[PAIRED_RATIOS[key]] - 1)
-            else:
-                entry[label] = None if value is None or not reference else 100 * (value - reference) / abs(reference)
+        entry["verdict"] = row.get("quality_verdict", "n/a" if row["technique"] != "baseline" else "")
+        for metric in metrics:
+            entry[metric.key] = _change(metric, row, base)
         deltas.append(entry)
     return deltas
 
 
+def _change(metric: Metric, row: dict[str, Any], base: dict[str, Any]) -> dict[str, Any]:
+    if metric.paired_ratio and row.get(metric.paired_ratio) is not None:
+        return {
+            "percent": 100 * (row[metric.paired_ratio] - 1),
+            "significant": speed_change_is_significant(row, metric.paired_ratio),
+        }
+    value, reference = row.get(metric.key), base.get(metric.key)
+    if value is None or not reference:
+        return {"percent": None, "significant": None}
+    comparison = row.get("vs_baseline", {}).get(metric.key)
+    return {
+        "percent": 100 * (value - reference) / abs(reference),
+        "significant": None if comparison is None else comparison["significant"],
+    }
+
+
 def markdown_deltas(rows: Sequence[dict[str, Any]]) -> str:
-    """The deltas table in Markdown (``+12.3%``; n/a where a metric or the baseline is missing)."""
-    header = "| variant | technique | " + " | ".join(label for label, _ in DELTAS) + " |"
-    lines = [header, "|---|---|" + "---:|" * len(DELTAS)]
+    """The change table in Markdown: ``+12.3%``, in bold where the change lies outside the noise."""
+    metrics = [metric for metric in shown_metrics(rows) if metric.better is not None]
+    header = "| variant | technique | quality vs baseline | " + " | ".join(m.header for m in metrics) + " |"
+    lines = [header, "|---|---|---|" + "---:|" * len(metrics)]
     for entry in baseline_deltas(rows):
-        cells = ["n/a" if entry[label] is None else f"{entry[label]:+.1f}%" for label, _ in DELTAS]
-        lines.append(f"| {entry['variant']} | {entry['technique']} | " + " | ".join(cells) + " |")
+        cells = []
+        for metric in metrics:
+            change = entry[metric.key]
+            text = "n/a" if change["percent"] is None else f"{change['percent']:+.1f}%"
+            cells.append(f"**{text}**" if change["significant"] else text)
+        lines.append(f"| {entry['variant']} | {entry['technique']} | {entry['verdict']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
-def quality_key(rows: Sequence[dict[str, Any]]) -> str | None:
-    """The quality metric every finished row has: FID when all have it, else KID, else None (cost-only runs)."""
+def quality_metric(rows: Sequence[dict[str, Any]]) -> Metric | None:
+    """The first quality metric every finished row has (the Pareto plot's axis), or None (cost-only runs)."""
     finished = [row for row in rows if _ok(row)]
-    for key in ("fid", "kid"):
-        if finished and all(row.get(key) is not None for row in finished):
-            return key
+    for metric in all_metrics("quality"):
+        if finished and all(row.get(metric.key) is not None for row in finished):
+            return metric
     return None
 
 
-def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
-    """Indices of the points no other point beats in both throughput (x, higher) and quality (y, lower)."""
+def pareto_front(points: Sequence[tuple[float, float]], higher_is_better: bool = False) -> list[int]:
+    """Indices of the points no other point beats in both throughput (x, higher) and quality (y, lower unless
+    ``higher_is_better``)."""
+    if higher_is_better:
+        points = [(x, -y) for x, y in points]
     front = []
     for i, (x, y) in enumerate(points):
         dominated = any((ox >= x and oy <= y) and (ox > x or oy < y) for j, (ox, oy) in enumerate(points) if j != i)
@@ -138,47 +137,47 @@ def write_plots(rows: Sequence[dict[str, Any]], folder: Path) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    finished = [_derived(row) for row in rows if _ok(row)]
+    finished = [row for row in rows if _ok(row)]
     if not finished:
         return []
     folder.mkdir(parents=True, exist_ok=True)
-    metric = quality_key(rows)
+    metric = quality_metric(rows)
     labels = [
         f"{row['variant']} {row['technique']}" if len({r["variant"] for r in finished}) > 1 else row["technique"]
         for row in finished
     ]
     written = []
-
     if metric is not None:
         written.append(_pareto_plot(plt, finished, labels, metric, folder / "pareto.png"))
-
-    for key, title, filename in (
-        ("gflops", "GFLOPs per image per forward", "gflops.png"),
-        ("forward_peak_memory_mb", "peak memory of one transformer forward (MB)", "memory.png"),
-    ):
+    for key, filename in (("gflops", "gflops.png"), ("forward_peak_memory_bytes", "memory.png")):
+        declared = next(m for m in all_metrics("cost") if m.key == key)
         figure, axis = plt.subplots(figsize=(8, 0.3 * len(finished) + 1.5))
-        axis.barh(labels, [row.get(key) or 0 for row in finished], color="tab:green")
+        axis.barh(labels, [(row.get(key) or 0) * declared.scale for row in finished], color="tab:green")
         axis.invert_yaxis()
-        axis.set(title=title)
+        axis.set(title=f"{declared.header}: {declared.description}")
         figure.tight_layout()
         written.append(_save(figure, folder / filename))
     plt.close("all")
     return written
 
 
-def _pareto_plot(plt, finished: list[dict[str, Any]], labels: list[str], metric: str, path: Path) -> Path:
-    points = [(row["sampling_images_per_s"], row[metric]) for row in finished]
+def _pareto_plot(plt, finished: list[dict[str, Any]], labels: list[str], metric: Metric, path: Path) -> Path:
+    points = [(row["sampling_images_per_s"], row[metric.key] * metric.scale) for row in finished]
     figure, axis = plt.subplots(figsize=(8, 5.5))
-    axis.scatter([p[0] for p in points], [p[1] for p in points], color="tab:blue")
+    for (x, y), row in zip(points, finished):
+        interval = row.get(f"{metric.key}_interval")
+        if interval:  # the 95% interval as an error bar
+            low, high = (value * metric.scale for value in interval)
+            axis.errorbar(x, y, yerr=[[max(0.0, y - low)], [max(0.0, high - y)]], color="tab:gray", capsize=2)
+    axis.scatter([p[0] for p in points], [p[1] for p in points], color="tab:blue", zorder=3)
     for label, (x, y) in zip(labels, points):
         axis.annotate(label, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
-    front = pareto_front(points)
+    front = pareto_front(points, higher_is_better=metric.better == "higher")
     axis.plot([points[i][0] for i in front], [points[i][1] for i in front], color="tab:red", label="Pareto front")
-    unit = "x1e3" if metric == "kid" else ""
     axis.set(
         xlabel="sampling throughput (images/s)",
-        ylabel=f"{metric.upper()}{unit} (lower is better)",
-        title=f"{metric.upper()} vs throughput",
+        ylabel=f"{metric.header} ({metric.better} is better)",
+        title=f"{metric.header} vs throughput (95% intervals)",
     )
     axis.legend()
     figure.tight_layout()
@@ -197,7 +196,7 @@ def write_report(
     title: str = "dit-optimum benchmark",
     notes: Sequence[str] = (),
 ) -> Path:
-    """``report.md`` (table, deltas, failures, plots, sample grids) and the plots, in ``output_dir``."""
+    """``report.md`` (table, floors, changes with significance, failures, plots, sample grids) and the plots."""
     output_dir = Path(output_dir)
     plots = write_plots(rows, output_dir / "plots")
     finished = [row for row in rows if _ok(row)]
@@ -206,11 +205,16 @@ def write_report(
     parts.extend(f"{note}\n" for note in notes)
     if finished:
         parts.append(_measurement_line(finished[0]))
-    parts.append("## Results\n\n" + markdown_table(rows))
+    parts.append("## Results\n\nQuality numbers carry their 95% bootstrap interval.\n\n" + markdown_table(rows))
+    floors = _floor_lines(finished)
+    if floors:
+        parts.append(floors)
     parts.append(
-        "## Change against each variant's baseline\n\nSpeed columns are paired: in every cell the baseline is "
-        "timed again, round-robin with the technique, and the change is their ratio (the baseline's own row "
-        "measures the noise).\n\n" + markdown_deltas(rows)
+        "## Change against each variant's baseline\n\n**Bold**: outside the noise. Quality: the 95% paired "
+        "bootstrap interval of the difference excludes 0 (the same samples, seeds and classes in both cells); "
+        "speed: in every cell the baseline is timed again, round-robin with the technique, the change is the "
+        "median ratio, and it is bold when every round's ratio lies on the same side of 1 (the baseline's own row "
+        "measures the noise). The verdict reads every quality metric.\n\n" + markdown_deltas(rows)
     )
     if failed:
         parts.append(
@@ -234,16 +238,40 @@ def write_report(
     return path
 
 
+def _floor_lines(finished: list[dict[str, Any]]) -> str:
+    # The real-vs-real values at the same N (the same for every cell): the best a generator can show.
+    if not finished:
+        return ""
+    row = finished[0]
+    cells = [
+        f"{metric.header} {_with_interval(metric, row, f'{metric.key}_real')}"
+        for metric in all_metrics("quality")
+        if row.get(f"{metric.key}_real") is not None
+    ]
+    if not cells:
+        return ""
+    text = (
+        f"Floor (real vs real: {row.get('floor_samples')} held-out real images scored exactly like the generated "
+        f"ones, against the same {row.get('reference_samples')} reference images): " + "; ".join(cells) + "."
+    )
+    if row.get("classifier_accuracy") is not None:
+        text += (
+            f" The domain classifier's accuracy on {row.get('classifier_held_out_samples')} held-out real images: "
+            f"{100 * row['classifier_accuracy']:.1f}%."
+        )
+    return text + "\n"
+
+
 def _measurement_line(row: dict[str, Any]) -> str:
     speed = row.get("speed_settings", {})
     line = f"Measured on {row.get('device')} ({row.get('hardware')}), each cell in the dtype its technique gives. "
     if row.get("num_samples") is not None:
         quality = row.get("quality_settings", {})
         line += (
-            f"Quality: N={row['num_samples']} generated vs N={row.get('reference_samples')} reference images "
-            f"({quality.get('reference')}), {row.get('sampler')} {quality.get('num_inference_steps')} steps, "
-            f"guidance {quality.get('guidance_scale')}; KID (x1e3) over subsets of {row.get('kid_subset_size')}; "
-            "FID/sFID need N above the feature dimension (2048 / 2023) and are n/a below. "
+            f"Quality: N={row['num_samples']} generated (class i mod classes, seed + i) vs "
+            f"N={row.get('reference_samples')} real reference images ({quality.get('reference')}), "
+            f"{row.get('sampler')} {quality.get('num_inference_steps')} steps, guidance "
+            f"{quality.get('guidance_scale')}; intervals from {quality.get('bootstrap')} bootstrap resamples. "
         )
     else:
         line += "Cost only: untrained models (weights do not change these columns), no quality metrics. "

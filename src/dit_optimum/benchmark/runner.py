@@ -21,16 +21,19 @@ from accelerate import PartialState
 from PIL import Image
 
 from ..errors import DiTOptimumError
+from ..evaluation.domain import TrainedClassifier
 from ..evaluation.efficiency import efficiency_metrics
 from ..evaluation.features import FeatureExtractor
-from ..evaluation.fid import default_feature_extractor, evaluate_quality, resolve_metrics
+from ..evaluation.fid import inception_extractor
 from ..evaluation.hardware import hardware_description
+from ..evaluation.quality import evaluate_quality, feature_dimensions, resolve_metrics
 from ..techniques.registry import get_technique
 from ..training.config import TrainConfig
 from ..training.trainer import train
 from ..utils import atomic_file, folder_lock, write_csv_atomic, write_json_atomic
 from .contexts import UntrainedContext, VariantContext, slug
 from .settings import RESULTS_FILE, BenchmarkSettings
+from .significance import compare_with_baselines, features_path, save_features
 
 
 def load_results(output_dir: str | Path) -> dict[str, Any]:
@@ -84,20 +87,25 @@ def _flat(row: Mapping[str, Any]) -> dict[str, Any]:
 
 def run_benchmark(
     settings: BenchmarkSettings,
-    extractor: FeatureExtractor | None = None,
+    inception: FeatureExtractor | None = None,
     on_cell: Callable[[dict[str, Any]], None] | None = None,
     trainer: Callable[[TrainConfig], Path] = train,
+    classifier: TrainedClassifier | None = None,
 ) -> list[dict[str, Any]]:
-    """Run every unfinished cell of the matrix and return all rows (finished earlier ones included).
+    """Run every unfinished cell of the matrix and return all rows (finished earlier ones included), each finished
+    row compared with its variant's baseline (``vs_baseline``, ``quality_verdict``).
 
-    ``extractor`` replaces the Inception network (tests inject a tiny one); ``on_cell`` is called with each new row.
+    ``inception`` / ``classifier`` replace the Inception network / the domain classifier (tests inject small ones);
+    ``on_cell`` is called with each new row.
     """
     settings.validate()
     output_dir = Path(settings.output_dir)
     state = PartialState(cpu=not torch.cuda.is_available())
     if not settings.speed_only:
-        extractor = extractor or default_feature_extractor(settings.quality, state.device)
-        resolve_metrics(settings.quality, extractor.feature_dims)  # an impossible metric fails now, not per cell
+        # an impossible metric fails now, not in every cell
+        metrics = resolve_metrics(settings.quality, feature_dimensions(inception))
+        if inception is None and any(metric.family == "inception" for metric in metrics):
+            inception = inception_extractor(settings.quality.inception_weights, state.device)
     with folder_lock(output_dir, "benchmark", enabled=state.is_main_process):
         previous = load_results(output_dir)
         _check_comparable(previous, settings)
@@ -111,7 +119,7 @@ def run_benchmark(
             for name in settings.techniques:
                 if records.get((variant, name), {}).get("status") == "ok":
                     continue
-                row = _run_cell(settings, context, name, extractor, state)
+                row = _run_cell(settings, context, name, (inception, classifier), state)
                 row.update(device=str(state.device), hardware=hardware)
                 state.wait_for_everyone()
                 if state.is_main_process:
@@ -119,14 +127,18 @@ def run_benchmark(
                     _write_results(output_dir, settings, list(records.values()))
                     if on_cell is not None:
                         on_cell(row)
-    return list(records.values())
+        rows = list(records.values())
+        if state.is_main_process and not settings.speed_only:
+            compare_with_baselines(rows, output_dir, settings.quality.bootstrap)
+            _write_results(output_dir, settings, rows)
+    return rows
 
 
 def _run_cell(
     settings: BenchmarkSettings,
     context: VariantContext | UntrainedContext,
     name: str,
-    extractor: FeatureExtractor | None,
+    scorers: tuple[FeatureExtractor | None, TrainedClassifier | None],
     state: PartialState,
 ) -> dict[str, Any]:
     """Build one technique's pipeline and measure it; a failure is recorded in the row (and retried next run)."""
@@ -137,13 +149,14 @@ def _run_cell(
         pipeline = technique.build(context).to(state.device)
         pipeline.set_progress_bar_config(disable=True)
         row["build_wall_s"] = time.perf_counter() - start  # training included, when the cell trains
-        images = None
+        quality = None
         if not settings.speed_only:
             phase = time.perf_counter()
-            quality, images = evaluate_quality(
-                pipeline, settings.quality, extractor, keep_images=settings.grid_size, state=state
+            inception, classifier = scorers
+            quality = evaluate_quality(
+                pipeline, settings.quality, inception, classifier, keep_images=settings.grid_size, state=state
             )
-            row.update(quality, quality_wall_s=time.perf_counter() - phase)
+            row.update(quality.metrics, quality_wall_s=time.perf_counter() - phase)
         if state.is_main_process:
             phase = time.perf_counter()
             # the baseline is re-timed in every cell, interleaved with it: paired ratios survive a noisy machine
@@ -153,9 +166,10 @@ def _run_cell(
                 efficiency_metrics(pipeline, settings.speed, reference), speed_wall_s=time.perf_counter() - phase
             )
             row.update(context.trained.get(name, {}))
-            if images is not None:
+            if quality is not None:
+                save_features(features_path(settings.output_dir, context.variant, name), quality)
                 grid = Path(settings.output_dir) / "samples" / f"{slug(context.variant)}__{slug(name)}.png"
-                save_sample_grid(images, grid)
+                save_sample_grid(quality.images, grid)
                 row["sample_grid"] = str(grid.relative_to(settings.output_dir))
         row["status"] = "ok"
     except Exception as error:  # one broken cell must not end a long matrix: record it, go on, retry next run

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import statistics
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -10,12 +11,13 @@ import torch
 
 from ..errors import DiTOptimumError
 from ..utils import check_number, check_positive_integers
+from .declarations import Metric, declare_metric
 from .flops import count_gflops, count_parameters
 from .inputs import example_inputs
 from .memory import peak_memory_bytes
 from .sampling import MAX_SAMPLING_STEPS, generate_images
 from .size import saved_size_bytes
-from .speed import interleaved_call_seconds
+from .speed import interleaved_call_times
 
 
 @dataclass
@@ -68,12 +70,16 @@ def efficiency_metrics(pipeline, settings: SpeedSettings | None = None, referenc
         steps, guidance = settings.num_inference_steps, settings.guidance_scale
         return lambda: generate_images(pipe, range(count), steps, guidance, seed=0)
 
-    def timed(calls: dict[str, Callable[[], Any]]) -> dict[str, float]:
-        return interleaved_call_seconds(calls, device, settings.warmup, settings.repeats)
+    def timed(calls: dict[str, Callable[[], Any]]) -> dict[str, list[float]]:
+        return interleaved_call_times(calls, device, settings.warmup, settings.repeats)
 
-    forward_s = timed({name: forward_call(pipe) for name, pipe in pipelines.items()})
-    sampling_s = timed({name: sample_call(pipe, settings.batch_size) for name, pipe in pipelines.items()})
-    latency_s = timed({name: sample_call(pipe, 1) for name, pipe in pipelines.items()})
+    forward_times = timed({name: forward_call(pipe) for name, pipe in pipelines.items()})
+    sampling_times = timed({name: sample_call(pipe, settings.batch_size) for name, pipe in pipelines.items()})
+    latency_times = timed({name: sample_call(pipe, 1) for name, pipe in pipelines.items()})
+    forward_s, sampling_s, latency_s = (
+        {name: statistics.median(values) for name, values in times.items()}
+        for times in (forward_times, sampling_times, latency_times)
+    )
     with torch.no_grad():
         forward_memory = peak_memory_bytes(forward_call(pipeline), device)
         sampling_memory = peak_memory_bytes(sample_call(pipeline, settings.batch_size), device)
@@ -91,9 +97,65 @@ def efficiency_metrics(pipeline, settings: SpeedSettings | None = None, referenc
         "speed_settings": asdict(settings),
     }
     if reference is not None:
-        result.update(
-            forward_speedup=forward_s["reference"] / forward_s["candidate"],
-            sampling_speedup=sampling_s["reference"] / sampling_s["candidate"],
-            latency_ratio=latency_s["candidate"] / latency_s["reference"],
-        )
+        for key, times, faster in (
+            ("forward_speedup", forward_times, True),
+            ("sampling_speedup", sampling_times, True),
+            ("latency_ratio", latency_times, False),
+        ):
+            # per round: the two calls timed back to back; the median ratio and the range over rounds
+            ratios = [
+                (ref / cand if faster else cand / ref) for ref, cand in zip(times["reference"], times["candidate"])
+            ]
+            result[key] = statistics.median(ratios)
+            result[f"{key}_range"] = [min(ratios), max(ratios)]
     return result
+
+
+# Cost columns; speed ones are compared through their paired ratio to the baseline (timed in the same rounds).
+for _metric in (
+    Metric("gflops", "GFLOPs", "cost", format="{:.3f}", description="multiply-accumulates per image per forward"),
+    Metric("params_m", "params (M)", "cost", better=None, description="parameters in millions"),
+    Metric("size_bytes", "size (MB)", "cost", scale=1e-6, description="bytes of the saved transformer"),
+    Metric(
+        "forward_images_per_s",
+        "fwd img/s",
+        "cost",
+        better="higher",
+        format="{:.1f}",
+        paired_ratio="forward_speedup",
+        description="images per second of one transformer forward",
+    ),
+    Metric(
+        "sampling_images_per_s",
+        "sample img/s",
+        "cost",
+        better="higher",
+        paired_ratio="sampling_speedup",
+        description="images per second of full sampling (all steps and decode)",
+    ),
+    Metric(
+        "latency_s",
+        "latency (s)",
+        "cost",
+        format="{:.3f}",
+        paired_ratio="latency_ratio",
+        description="seconds to sample one image",
+    ),
+    Metric(
+        "peak_memory_bytes",
+        "sampling mem (MB)",
+        "cost",
+        format="{:.1f}",
+        scale=1e-6,
+        description="peak memory above the loaded model during one sampling call",
+    ),
+    Metric(
+        "forward_peak_memory_bytes",
+        "fwd mem (MB)",
+        "cost",
+        format="{:.1f}",
+        scale=1e-6,
+        description="peak memory above the loaded model during one forward",
+    ),
+):
+    declare_metric(_metric)

@@ -1,9 +1,12 @@
-"""Reference (real-data) features, computed once and cached in a user cache folder.
+"""Real images for the quality metrics: one seeded split of the real data into disjoint sets, and their features,
+computed once and cached in a user cache folder.
 
-The cache key names the dataset, split, resolution, N, the extractor and a hash of its weights, so a change to any
-of them computes new statistics instead of silently reusing stale ones; a local folder is keyed by its content (the
-listed image files' relative paths, sizes and modification times), not its path. An unreadable cache entry is
-recomputed with a warning. Never written inside site-packages.
+``reference``: the set generated samples are compared with; ``floor``: real images scored exactly like generated
+ones (the real-vs-real value at the same N, the best a generator can show); ``fit``: the rest, on which the domain
+classifier is trained. The cache key names the dataset (a local folder by its content: the listed image files'
+relative paths, sizes and modification times), split, resolution, role, the chosen images, the extractor and a hash
+of its weights, so a change to any of them computes new features instead of silently reusing stale ones. An
+unreadable cache entry is recomputed with a warning. Never written inside site-packages.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import re
 import warnings
 import zipfile
 import zlib
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -48,21 +52,15 @@ def folder_fingerprint(folder: str | Path) -> str:
     return digest.hexdigest()
 
 
-def _dataset_key(dataset: str) -> str:
+def dataset_key(dataset: str) -> str:
+    """``dataset`` as a cache-file name part: a local folder by its name and a fingerprint of its images."""
     path = Path(dataset).expanduser()
     if path.is_dir():  # a local folder: its name plus a fingerprint of its images
         dataset = f"{path.name}-{folder_fingerprint(path)[:16]}"
     return re.sub(r"[^A-Za-z0-9._-]+", "-", dataset).strip("-")
 
 
-def reference_cache_path(
-    dataset: str, split: str, resolution: int, num_samples: int, extractor: FeatureExtractor
-) -> Path:
-    """File holding the features of ``num_samples`` real images of ``dataset`` at ``resolution`` for ``extractor``."""
-    name = (
-        f"{_dataset_key(dataset)}_{split}_{resolution}px_n{num_samples}_{extractor.name}_{extractor.weights_hash[:16]}"
-    )
-    return cache_dir() / "reference" / f"{name}.npz"
+ROLES = ("reference", "floor", "fit")
 
 
 def _to_uint8(images: torch.Tensor) -> np.ndarray:
@@ -71,12 +69,22 @@ def _to_uint8(images: torch.Tensor) -> np.ndarray:
     return (images * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
 
 
-def _choose(available: int, num_samples: int, seed: int, dataset: str) -> list[int]:
-    if num_samples > available:
-        raise DiTOptimumError(
-            f"`reference_samples`={num_samples} is more than the {available} images of `reference`={dataset!r}."
-        )
-    return torch.randperm(available, generator=torch.Generator().manual_seed(seed))[:num_samples].tolist()
+@dataclass(frozen=True)
+class RealSplit:
+    """Disjoint sets of a real dataset's images (indices into its image list), drawn once from a seeded permutation:
+    ``reference`` first, then ``floor``, and the rest is ``fit``."""
+
+    dataset: str
+    split: str
+    available: int
+    reference: tuple[int, ...]
+    floor: tuple[int, ...]
+    fit: tuple[int, ...]
+
+    def indices(self, role: str) -> tuple[int, ...]:
+        if role not in ROLES:
+            raise DiTOptimumError(f"Unknown `role`={role!r}; allowed values: {', '.join(ROLES)}.")
+        return getattr(self, role)
 
 
 def _refuse_latents(dataset: str) -> None:
@@ -86,12 +94,21 @@ def _refuse_latents(dataset: str) -> None:
     )
 
 
-def reference_image_count(dataset: str) -> int | None:
-    """How many real images ``dataset`` offers, found cheaply (no image is decoded); ``None`` for a ``datasets``
-    id, whose size is known only once it is loaded."""
+def _checked_kind(dataset: str, split: str) -> str:
     kind = source_kind(dataset, parameter="reference")
     if kind == "latents":
         _refuse_latents(dataset)
+    if kind in ("digits", "folder") and split not in REFERENCE_SPLITS:
+        raise DiTOptimumError(
+            f"Unknown `reference_split`={split!r} for {dataset!r}; allowed values: {', '.join(REFERENCE_SPLITS)}."
+        )
+    return kind
+
+
+def reference_image_count(dataset: str, split: str = "train") -> int | None:
+    """How many real images ``dataset`` offers, found cheaply (no image is decoded); ``None`` for a ``datasets``
+    id, whose size is known only once it is loaded."""
+    kind = _checked_kind(dataset, split)
     if kind == "digits":
         return len(digits_data(8, channels=1).samples)
     if kind == "folder":
@@ -99,37 +116,96 @@ def reference_image_count(dataset: str) -> int | None:
     return None
 
 
-def load_reference_images(dataset: str, split: str, resolution: int, num_samples: int, seed: int = 0) -> np.ndarray:
-    """``num_samples`` real images (uint8, (N, H, W, 3)) at the generator's ``resolution``, drawn without
-    replacement in an order fixed by ``seed``: ``digits``, an image folder (``list_image_files``: recursive, hidden
-    entries left out; only the chosen files are read) or a ``datasets`` id (``split`` of it)."""
-    kind = source_kind(dataset, parameter="reference")
-    if kind in ("digits", "folder") and split not in REFERENCE_SPLITS:
+def real_split(dataset: str, split: str, reference_samples: int, floor_samples: int, seed: int = 0) -> RealSplit:
+    """The reference, floor and fit sets of ``dataset``: ``reference_samples`` images compared with the generated
+    ones, up to ``floor_samples`` more scored like generated ones (fewer if the data runs short), the rest to fit on."""
+    available = reference_image_count(dataset, split)
+    if available is None:
+        available = len(load_hub_dataset(dataset, split, parameter="reference"))
+    if reference_samples > available:
         raise DiTOptimumError(
-            f"Unknown `reference_split`={split!r} for {dataset!r}; allowed values: {', '.join(REFERENCE_SPLITS)}."
+            f"`reference_samples`={reference_samples} is more than the {available} images of `reference`={dataset!r}."
         )
+    order = torch.randperm(available, generator=torch.Generator().manual_seed(seed)).tolist()
+    floor_end = reference_samples + min(floor_samples, available - reference_samples)
+    return RealSplit(
+        dataset,
+        split,
+        available,
+        tuple(order[:reference_samples]),
+        tuple(order[reference_samples:floor_end]),
+        tuple(order[floor_end:]),
+    )
+
+
+@dataclass
+class RealImages:
+    """uint8 images (N, H, W, 3) and their class labels (``None`` for a folder without class folders)."""
+
+    images: np.ndarray
+    labels: np.ndarray | None
+    classes: dict[int, str]
+
+
+def real_images(real: RealSplit, role: str, resolution: int) -> RealImages:
+    """The images of one set of ``real`` at the generator's ``resolution``; only those images are read."""
+    kind = _checked_kind(real.dataset, real.split)
+    chosen = list(real.indices(role))
     if kind == "digits":
-        samples = digits_data(resolution, channels=3).samples
-        return _to_uint8(samples[_choose(len(samples), num_samples, seed, dataset)])
-    if kind == "latents":
-        _refuse_latents(dataset)
+        data = digits_data(resolution, channels=3)
+        return RealImages(_to_uint8(data.samples[chosen]), data.labels[chosen].numpy(), data.id2label)
     if kind == "folder":
-        folder = Path(dataset).expanduser()
+        folder = Path(real.dataset).expanduser()
         listing = list_image_files(folder)
         if listing.ignored:
             warn_files(
                 f"Ignored {len(listing.ignored)} file(s) under {folder} that are not images", listing.ignored, folder
             )
-        chosen = [listing.images[i] for i in _choose(len(listing.images), num_samples, seed, dataset)]
-        return _to_uint8(torch.stack([load_image(file, resolution, 3) for file in chosen]))
-    rows = load_hub_dataset(dataset, split, parameter="reference")
-    chosen = rows.select(_choose(len(rows), num_samples, seed, dataset))
-    return _to_uint8(torch.stack([pil_to_tensor(row["image"], resolution, 3) for row in chosen]))
+        files = [listing.images[i] for i in chosen]
+        images = _stacked([load_image(file, resolution, 3) for file in files], resolution)
+        return RealImages(images, *_folder_labels(folder, listing.images, files))
+    rows = load_hub_dataset(real.dataset, real.split, parameter="reference").select(chosen)
+    images = _stacked([pil_to_tensor(row["image"], resolution, 3) for row in rows], resolution)
+    if "label" not in rows.column_names:
+        return RealImages(images, None, {})
+    names = getattr(rows.features["label"], "names", None) or []
+    return RealImages(images, np.asarray(rows["label"]), dict(enumerate(names)))
 
 
-def _read_cache(path: Path, num_samples: int, extractor: FeatureExtractor) -> dict[str, np.ndarray] | None:
+def _stacked(images: list[torch.Tensor], resolution: int) -> np.ndarray:
+    # (C, H, W) tensors in [-1, 1] -> uint8 (N, H, W, C); an empty set keeps its shape
+    if not images:
+        return np.zeros((0, resolution, resolution, 3), dtype=np.uint8)
+    return _to_uint8(torch.stack(images))
+
+
+def _folder_labels(folder: Path, every: list[Path], chosen: list[Path]) -> tuple[np.ndarray | None, dict[int, str]]:
+    # Classes as the image-folder loader numbers them (class folders in sorted order); None for a flat folder.
+    if any(len(path.relative_to(folder).parts) == 1 for path in every):
+        return None, {}
+    classes = sorted({path.relative_to(folder).parts[0] for path in every})
+    label_of = {name: label for label, name in enumerate(classes)}
+    return np.asarray([label_of[path.relative_to(folder).parts[0]] for path in chosen]), dict(enumerate(classes))
+
+
+def digest_indices(indices: tuple[int, ...]) -> str:
+    """A short hash of chosen image indices (which images a cached set holds)."""
+    return hashlib.sha256(np.asarray(indices, dtype=np.int64).tobytes()).hexdigest()[:12]
+
+
+def real_cache_path(real: RealSplit, role: str, resolution: int, extractor: FeatureExtractor) -> Path:
+    """File holding ``extractor``'s features of one set of ``real`` at ``resolution``."""
+    chosen = real.indices(role)
+    name = (
+        f"{dataset_key(real.dataset)}_{real.split}_{resolution}px_{role}{len(chosen)}-{digest_indices(chosen)}_"
+        f"{extractor.name}_{extractor.weights_hash[:16]}"
+    )
+    return cache_dir() / "reference" / f"{name}.npz"
+
+
+def _read_cache(path: Path, count: int, extractor: FeatureExtractor) -> dict[str, np.ndarray] | None:
     """The features cached at ``path``, or ``None`` with a warning naming it when it cannot be read or holds other
-    arrays than ``extractor`` gives for ``num_samples`` images."""
+    arrays than ``extractor`` gives for ``count`` images."""
     try:
         with np.load(path) as stored:
             features = {kind: stored[kind] for kind in stored.files}
@@ -137,7 +213,7 @@ def _read_cache(path: Path, num_samples: int, extractor: FeatureExtractor) -> di
         reason = f"{type(error).__name__}: {error}"
     else:
         shapes = {kind: value.shape for kind, value in features.items()}
-        expected = {kind: (num_samples, dim) for kind, dim in extractor.feature_dims.items()}
+        expected = {kind: (count, dim) for kind, dim in extractor.feature_dims.items()}
         if shapes == expected:
             return features
         reason = f"arrays {shapes}, expected {expected}"
@@ -145,26 +221,26 @@ def _read_cache(path: Path, num_samples: int, extractor: FeatureExtractor) -> di
     return None
 
 
-def reference_features(
-    dataset: str,
+def real_features(
+    real: RealSplit,
+    role: str,
     resolution: int,
-    num_samples: int,
     extractor: FeatureExtractor,
-    split: str = "train",
     batch_size: int = 50,
     device: torch.device | str = "cpu",
     use_cache: bool = True,
 ) -> dict[str, np.ndarray]:
-    """Features (``pool``, ``spatial``) of the reference images, from the cache or computed and cached (an
-    unreadable entry is recomputed and rewritten atomically)."""
-    if not isinstance(num_samples, int) or num_samples < 2:
-        raise DiTOptimumError(f"`reference_samples`={num_samples!r} must be an integer >= 2.")
-    path = reference_cache_path(dataset, split, resolution, num_samples, extractor)
-    cached = _read_cache(path, num_samples, extractor) if use_cache and path.is_file() else None
+    """``extractor``'s features of one set of ``real``, from the cache or computed and cached (an unreadable entry
+    is recomputed and rewritten atomically)."""
+    count = len(real.indices(role))
+    path = real_cache_path(real, role, resolution, extractor)
+    cached = _read_cache(path, count, extractor) if use_cache and path.is_file() else None
     if cached is not None:
         return cached
-    images = load_reference_images(dataset, split, resolution, num_samples)
-    features = extract_features(images, extractor, batch_size, device, progress="Reference features")
+    images = real_images(real, role, resolution).images
+    features = extract_features(images, extractor, batch_size, device, progress=f"Real features ({role})")
+    if not features:  # an empty set
+        features = {kind: np.zeros((0, dim), dtype=np.float32) for kind, dim in extractor.feature_dims.items()}
     if use_cache:
         with atomic_file(path) as temporary, temporary.open("wb") as stream:
             np.savez(stream, **features)

@@ -1,4 +1,4 @@
-"""Generate samples for FID/KID and turn them into features, split across processes with accelerate.
+"""Generate samples for the quality metrics and turn them into features, split across processes with accelerate.
 
 Sample ``i`` always gets class ``i % num_classes`` and its own generator seeded by ``seed + i``, so the samples do
 not depend on how many processes share the work or on the batch size. Each process extracts the features of its
@@ -8,6 +8,7 @@ contiguous share; only features (not images) are gathered, in sample order.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -67,7 +68,7 @@ def process_share(num_samples: int, world: int, rank: int) -> range:
 def sample_features(
     pipeline,
     num_samples: int,
-    extractor: FeatureExtractor,
+    extractors: Mapping[str, FeatureExtractor],
     *,
     batch_size: int = 50,
     num_inference_steps: int = 50,
@@ -76,7 +77,8 @@ def sample_features(
     keep_images: int = 0,
     state: PartialState | None = None,
 ) -> SampleFeatures:
-    """Generate ``num_samples`` images with ``pipeline`` and return their features gathered from every process.
+    """Generate ``num_samples`` images with ``pipeline`` and return every extractor's features (keyed
+    ``<extractor name>.<kind>``) gathered from every process.
 
     Run under ``torchrun``/``accelerate launch`` and every process takes a share; ``keep_images`` of the first
     samples are kept (on the process that made them) for sample grids.
@@ -95,13 +97,17 @@ def sample_features(
             images = generate_images(pipeline, indices, num_inference_steps, guidance_scale, seed)
             if start < keep_images:
                 kept.append(images[: keep_images - start])
-            for kind, value in extract_features(images, extractor, batch_size, device).items():
-                local.setdefault(kind, []).append(value)
+            for name, extractor in extractors.items():
+                for kind, value in extract_features(images, extractor, batch_size, device).items():
+                    local.setdefault(f"{name}.{kind}", []).append(value)
             bar.update(len(indices))
     # A process with no share (fewer samples than processes) still takes part in the gather, with empty features.
+    dims = {
+        f"{name}.{kind}": dim for name, extractor in extractors.items() for kind, dim in extractor.feature_dims.items()
+    }
     features = {
         kind: np.concatenate(local[kind]) if kind in local else np.zeros((0, dim), dtype=np.float32)
-        for kind, dim in extractor.feature_dims.items()
+        for kind, dim in dims.items()
     }
     if state.num_processes > 1:
         features = _gather_in_order(features, num_samples, state)

@@ -28,6 +28,15 @@ def interleaved_call_seconds(
     Round-robin timing lets machine noise hit every alternative alike, so their ratios stay meaningful on a
     noisy machine. ``no_grad``, not ``inference_mode``: quantized tensor subclasses (quanto int4) cannot run there.
     """
+    times = interleaved_call_times(functions, device, warmup, repeats)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def interleaved_call_times(
+    functions: Mapping[str, Callable[[], Any]], device: torch.device | str = "cpu", warmup: int = 1, repeats: int = 3
+) -> dict[str, list[float]]:
+    """Seconds of each ``function()`` in every timed round of ``interleaved_call_seconds`` (round order kept, so the
+    times of one round pair up)."""
     if warmup < 0 or repeats < 1:
         raise DiTOptimumError(f"`warmup` must be >= 0 and `repeats` >= 1, got warmup={warmup}, repeats={repeats}.")
     device = torch.device(device)
@@ -41,7 +50,7 @@ def interleaved_call_seconds(
                 _synchronize(device)
                 if round_index >= warmup:
                     times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(values) for name, values in times.items()}
+    return times
 
 
 def interleaved_median_times(

@@ -57,12 +57,14 @@ def build_parser(mode: str) -> argparse.ArgumentParser:
     parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--batch-size", type=int, default=32, help="global batch, split across processes")
     parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--warmup-steps", type=int, default=0, help="linear learning-rate warm-up from 0")
     parser.add_argument("--weight-decay", type=float, default=0.0)
     parser.add_argument("--ema-decay", type=float, default=0.9999)
     parser.add_argument("--no-ema-warmup", action="store_true", help="constant EMA decay from step 0 (as fast-DiT)")
     parser.add_argument("--max-grad-norm", type=float, default=None)
     parser.add_argument("--mixed-precision", choices=MIXED_PRECISION, default="no")
     parser.add_argument("--gradient-checkpointing", action="store_true")
+    parser.add_argument("--compile", action="store_true", help="run the model's forward through torch.compile")
     parser.add_argument("--checkpoint-every", type=int, default=500)
     parser.add_argument("--keep-checkpoints", type=int, default=2)
     parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --output-dir")
@@ -127,12 +129,14 @@ def config_from_args(args: argparse.Namespace, mode: str) -> TrainConfig:
         steps=args.steps,
         batch_size=args.batch_size,
         learning_rate=args.lr,
+        warmup_steps=args.warmup_steps,
         weight_decay=args.weight_decay,
         ema_decay=args.ema_decay,
         ema_warmup=not args.no_ema_warmup,
         max_grad_norm=args.max_grad_norm,
         mixed_precision=args.mixed_precision,
         gradient_checkpointing=args.gradient_checkpointing,
+        compile=args.compile,
         checkpoint_every=args.checkpoint_every,
         keep_checkpoints=args.keep_checkpoints,
         resume=args.resume,

@@ -22,17 +22,24 @@ class EMA:
         check_number("decay", decay, 0, 1, include_maximum=False)
         self.decay, self.warmup, self.updates = decay, warmup, 0
         self.model = copy.deepcopy(model).eval().requires_grad_(False)
+        self._tracked: nn.Module | None = None
 
     def current_decay(self) -> float:
         return min(self.decay, (1 + self.updates) / (10 + self.updates)) if self.warmup else self.decay
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
-        decay = self.current_decay()
-        for shadow, weight in zip(self.model.parameters(), model.parameters()):
-            shadow.lerp_(weight.detach().to(shadow.dtype), 1 - decay)
-        for shadow, buffer in zip(self.model.buffers(), model.buffers()):
-            shadow.copy_(buffer)
+        """One averaging step: a single foreach lerp over all weights and one foreach copy of the buffers."""
+        if self._tracked is not model:  # the tensor lists are gathered once per tracked model, not every step
+            self._tracked = model
+            self._shadows = [*self.model.parameters()], [*self.model.buffers()]
+            self._sources = [*model.parameters()], [*model.buffers()]  # read under no_grad, in place
+        (shadows, shadow_buffers), (weights, buffers) = self._shadows, self._sources
+        if any(shadow.dtype != weight.dtype for shadow, weight in zip(shadows, weights)):
+            weights = [weight.to(shadow.dtype) for shadow, weight in zip(shadows, weights)]
+        torch._foreach_lerp_(shadows, weights, 1 - self.current_decay())
+        if shadow_buffers:
+            torch._foreach_copy_(shadow_buffers, buffers)
         self.updates += 1
 
     def state_dict(self) -> dict:

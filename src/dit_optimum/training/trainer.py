@@ -10,6 +10,7 @@ that ``DiffusionPipeline.from_pretrained`` loads.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import functools
 import json
@@ -27,6 +28,7 @@ from accelerate.tracking import GeneralTracker
 from accelerate.utils import set_seed
 from diffusers import DDIMScheduler
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm.auto import tqdm
 
 from ..configs import dit_config
@@ -151,6 +153,32 @@ def _teacher_block(student_index: int, student_layers: int, teacher_layers: int)
     return round((student_index + 1) * teacher_layers / student_layers) - 1
 
 
+def _teacher_loss(teacher, output: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Output distillation: MSE between the student's and the frozen teacher's predictions (shared channels)."""
+    with torch.no_grad():
+        teacher_output = teacher(x_t, t, y).sample.float()
+    shared = min(output.shape[1], teacher_output.shape[1])
+    return F.mse_loss(output.float()[:, :shared], teacher_output[:, :shared])
+
+
+def _feature_loss(student_taps, teacher_taps, teacher_map: dict[int, int], projections: nn.ModuleDict) -> torch.Tensor:
+    """Feature distillation: mean MSE between projected student block outputs and their teacher blocks."""
+    losses = [
+        F.mse_loss(projections[str(i)](student_taps.outputs[i]).float(), teacher_taps.outputs[j].float())
+        for i, j in teacher_map.items()
+    ]
+    return sum(losses) / len(losses)
+
+
+def _attention_kernels(config: TrainConfig, device: torch.device):
+    """The attention kernels of the training step: on CPU with bf16 autocast the math kernel, whose backward is
+    several times faster than the fused one at the short sequences of small images (benchmarks/train_speed.py);
+    elsewhere PyTorch's own choice."""
+    if device.type == "cpu" and config.mixed_precision == "bf16":
+        return sdpa_kernel([SDPBackend.MATH])
+    return contextlib.nullcontext()
+
+
 def _load_teacher(config: TrainConfig, student: DiTOptimumTransformer2DModel) -> DiTOptimumTransformer2DModel:
     try:
         teacher = DiTOptimumPipeline.from_pretrained(config.teacher).transformer
@@ -212,6 +240,7 @@ def _train(config: TrainConfig, accelerator: Accelerator, output_dir: Path) -> P
         check_same_content("teacher", config.teacher, saved["inputs"].get("teacher"), inputs["teacher"], checkpoint)
     projections = nn.ModuleDict()
     student_taps = teacher_taps = None
+    teacher_map: dict[int, int] = {}  # student block -> teacher block of the feature loss
     if teacher is not None and config.feature_blocks:
         width, teacher_width = model.inner_dim, teacher.inner_dim
         for index in config.feature_blocks:
@@ -228,13 +257,18 @@ def _train(config: TrainConfig, accelerator: Accelerator, output_dir: Path) -> P
     class_dropout = model.config.class_dropout_prob
     model.conditioning_embedding.class_embedder.dropout_prob = 0.0
     trainable = list(model.parameters()) + list(projections.parameters())
-    optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, weight_decay=config.weight_decay)
+    # fused: one kernel per step for every parameter instead of a Python loop over them (measured faster on CPU)
+    optimizer = torch.optim.AdamW(
+        trainable, lr=config.learning_rate_at(0), weight_decay=config.weight_decay, fused=True
+    )
     if len(projections):
         model, projections, optimizer = accelerator.prepare(model, projections, optimizer)
     else:
         model, optimizer = accelerator.prepare(model, optimizer)
     unwrapped = accelerator.unwrap_model(model)
     ema = EMA(unwrapped, config.ema_decay, config.ema_warmup)
+    if config.compile:
+        unwrapped.compile()  # after the EMA copy: the averaged model stays a plain module
     if teacher is not None:
         teacher.to(accelerator.device)
     diffusion = GaussianDiffusion()
@@ -270,72 +304,72 @@ def _train(config: TrainConfig, accelerator: Accelerator, output_dir: Path) -> P
         desc="train",
     )
     window_start, window_steps = time.perf_counter(), 0
+    has_moe = unwrapped.config.moe_num_experts > 0
     model.train()
-    for step in progress:
-        # Every process draws the same global batch, timesteps, noise and label drops (seeded by seed and step) and
-        # takes its slice: any process count sees the same samples, and a resumed run repeats the same draws.
-        indices = _global_batch_indices(len(samples), step, config.batch_size, config.seed)
-        generator = torch.Generator().manual_seed(config.seed * 7_919 + step * 131)
-        t = torch.randint(0, diffusion.num_timesteps, (len(indices),), generator=generator)
-        noise = torch.randn((len(indices), *samples.shape[1:]), generator=generator)
-        dropped = torch.rand(len(indices), generator=generator) < class_dropout
-        y = labels[indices]
-        if null_class is not None:
-            y = torch.where(dropped, torch.full_like(y, null_class), y)
-        local = slice(rank, None, world)
-        x0, y, t, noise = (v[local].to(accelerator.device) for v in (samples[indices], y, t, noise))
-        x_t = diffusion.q_sample(x0, t, noise)
+    with _attention_kernels(config, accelerator.device):
+        for step in progress:
+            # Every process draws the same global batch, timesteps, noise and label drops (seeded by seed and step)
+            # and takes its slice: any process count sees the same samples, a resumed run repeats the same draws.
+            indices = _global_batch_indices(len(samples), step, config.batch_size, config.seed)
+            generator = torch.Generator().manual_seed(config.seed * 7_919 + step * 131)
+            t = torch.randint(0, diffusion.num_timesteps, (len(indices),), generator=generator)
+            noise = torch.randn((len(indices), *samples.shape[1:]), generator=generator)
+            dropped = torch.rand(len(indices), generator=generator) < class_dropout
+            y = labels[indices]
+            if null_class is not None:
+                y = torch.where(dropped, torch.full_like(y, null_class), y)
+            local = slice(rank, None, world)
+            x0, y, t, noise = (v[local].to(accelerator.device) for v in (samples[indices], y, t, noise))
+            x_t = diffusion.q_sample(x0, t, noise)
 
-        with accelerator.autocast():
-            output = model(x_t, t, y).sample
-            terms = diffusion.losses(output.float(), x0, x_t, t, noise)
-            diffusion_loss = terms["loss"].mean()
-            loss = diffusion_loss + unwrapped.moe_aux_loss()
-            logs = {"mse": terms["mse"].mean().detach(), "vb": terms["vb"].mean().detach()}  # read at log steps
-            if teacher is not None:
-                with torch.no_grad():
-                    teacher_output = teacher(x_t, t, y).sample.float()
-                shared = min(output.shape[1], teacher_output.shape[1])
-                distill = F.mse_loss(output.float()[:, :shared], teacher_output[:, :shared])
-                loss = config.alpha * loss + (1 - config.alpha) * distill
-                logs["distill"] = distill.detach()
-                if student_taps is not None:
-                    feature = sum(
-                        F.mse_loss(
-                            projections[str(i)](student_taps.outputs[i]).float(),
-                            teacher_taps.outputs[teacher_map[i]].float(),
-                        )
-                        for i in config.feature_blocks
-                    ) / len(config.feature_blocks)
-                    loss = loss + config.feature_weight * feature
-                    logs["feature"] = feature.detach()
+            with accelerator.autocast():
+                output = model(x_t, t, y).sample
+                terms = diffusion.losses(output.float(), x0, x_t, t, noise)
+                loss = terms["loss"].mean()
+                if has_moe:
+                    loss = loss + unwrapped.moe_aux_loss()
+                extra: dict[str, torch.Tensor] = {}
+                if teacher is not None:
+                    distill = _teacher_loss(teacher, output, x_t, t, y)
+                    loss = config.alpha * loss + (1 - config.alpha) * distill
+                    extra["distill"] = distill.detach()
+                    if student_taps is not None:
+                        feature = _feature_loss(student_taps, teacher_taps, teacher_map, projections)
+                        loss = loss + config.feature_weight * feature
+                        extra["feature"] = feature.detach()
 
-        optimizer.zero_grad(set_to_none=True)
-        accelerator.backward(loss)
-        grad_norm = accelerator.clip_grad_norm_(trainable, config.max_grad_norm or float("inf"))
-        optimizer.step()
-        ema.update(unwrapped)
-        window_steps += 1
+            for group in optimizer.param_groups:
+                group["lr"] = config.learning_rate_at(step)
+            optimizer.zero_grad(set_to_none=True)
+            accelerator.backward(loss)
+            done = step + 1
+            logging = done % config.log_every == 0 or done == config.steps
+            if config.max_grad_norm is not None or logging:  # the norm is a host sync: only when clipped or logged
+                grad_norm = accelerator.clip_grad_norm_(trainable, config.max_grad_norm or float("inf"))
+            optimizer.step()
+            ema.update(unwrapped)
+            window_steps += 1
 
-        done = step + 1
-        if done % config.log_every == 0 or done == config.steps:
-            elapsed = time.perf_counter() - window_start
-            logs = {name: value.item() for name, value in logs.items()}
-            logs.update(
-                loss=accelerator.reduce(loss.detach(), reduction="mean").item(),
-                grad_norm=float(grad_norm),
-                lr=optimizer.param_groups[0]["lr"],
-                steps_per_s=window_steps / elapsed,
-            )
-            for block, stats in unwrapped.routing_statistics().items():
-                logs[f"{block}/max_over_mean_load"] = stats["max_over_mean_load"]
-                logs[f"{block}/dropped_fraction"] = stats["dropped_fraction"]
-                logs[f"{block}/load_entropy"] = stats["load_entropy"]
-            accelerator.log(logs, step=done)
-            progress.set_postfix(loss=f"{logs['loss']:.4f}")
-            window_start, window_steps = time.perf_counter(), 0
-        if done % config.checkpoint_every == 0 or done == config.steps:
-            save_checkpoint(accelerator, output_dir, done, config.keep_checkpoints, run)
+            if logging:
+                elapsed = time.perf_counter() - window_start
+                logs = {name: value.item() for name, value in extra.items()}
+                logs.update(
+                    mse=terms["mse"].mean().item(),
+                    vb=terms["vb"].mean().item(),
+                    loss=accelerator.reduce(loss.detach(), reduction="mean").item(),
+                    grad_norm=float(grad_norm),
+                    lr=optimizer.param_groups[0]["lr"],
+                    steps_per_s=window_steps / elapsed,
+                )
+                for block, stats in unwrapped.routing_statistics().items():
+                    logs[f"{block}/max_over_mean_load"] = stats["max_over_mean_load"]
+                    logs[f"{block}/dropped_fraction"] = stats["dropped_fraction"]
+                    logs[f"{block}/load_entropy"] = stats["load_entropy"]
+                accelerator.log(logs, step=done)
+                progress.set_postfix(loss=f"{logs['loss']:.4f}")
+                window_start, window_steps = time.perf_counter(), 0
+            if done % config.checkpoint_every == 0 or done == config.steps:
+                save_checkpoint(accelerator, output_dir, done, config.keep_checkpoints, run)
 
     accelerator.wait_for_everyone()
     pipeline_dir = output_dir / "pipeline"

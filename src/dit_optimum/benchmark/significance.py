@@ -1,0 +1,101 @@
+"""Which differences against the baseline lie outside the noise.
+
+Quality: every cell stores its per-sample features (``features/<variant>__<technique>.npz``); a technique is
+compared with its variant's baseline by a paired bootstrap of the difference of each quality metric (sample ``i``
+has the same class and seed in both cells). Speed: the baseline is re-timed in every cell, round-robin with the
+technique, and a change counts when the paired ratios of all rounds lie on the same side of 1.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..evaluation.declarations import all_metrics
+from ..evaluation.intervals import paired_comparison
+from ..evaluation.quality import QualityEvaluation
+from ..utils import atomic_file
+from .contexts import slug
+
+FEATURES_FOLDER = "features"
+VERDICTS = ("costs quality", "no significant change", "better quality")
+
+
+def features_path(output_dir: str | Path, variant: str, technique: str) -> Path:
+    """Where the per-sample features of one cell are kept."""
+    return Path(output_dir) / FEATURES_FOLDER / f"{slug(variant)}__{slug(technique)}.npz"
+
+
+def save_features(path: Path, evaluation: QualityEvaluation) -> None:
+    """The per-sample features, labels and reference features of one cell (what a paired comparison needs)."""
+    arrays = {f"generated/{key}": value for key, value in evaluation.features.items()}
+    arrays.update({f"reference/{key}": value for key, value in evaluation.reference.items()})
+    with atomic_file(path) as temporary, temporary.open("wb") as stream:
+        np.savez(stream, labels=evaluation.labels, **arrays)
+
+
+def _load(path: Path) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], np.ndarray] | None:
+    if not path.is_file():
+        return None
+    with np.load(path) as stored:
+        generated = {k.split("/", 1)[1]: stored[k] for k in stored.files if k.startswith("generated/")}
+        reference = {k.split("/", 1)[1]: stored[k] for k in stored.files if k.startswith("reference/")}
+        return generated, reference, stored["labels"]
+
+
+def compare_with_baselines(rows: Sequence[dict[str, Any]], output_dir: str | Path, resamples: int) -> None:
+    """Add ``vs_baseline`` (per quality metric: difference, 95% interval, significant) and ``quality_verdict`` to
+    every finished row whose cell and baseline stored features, in place."""
+    baselines = {row["variant"]: row for row in rows if row.get("status") == "ok" and row["technique"] == "baseline"}
+    metrics = all_metrics("quality")
+    for row in rows:
+        base = baselines.get(row["variant"])
+        if row.get("status") != "ok" or base is None:
+            continue
+        candidate = _load(features_path(output_dir, row["variant"], row["technique"]))
+        reference_cell = _load(features_path(output_dir, row["variant"], "baseline"))
+        if candidate is None or reference_cell is None or len(candidate[2]) != len(reference_cell[2]):
+            continue
+        comparisons = {}
+        for metric in metrics:
+            if row.get(metric.key) is None or base.get(metric.key) is None:
+                continue
+            if not all(kind in candidate[0] for kind in metric.features):
+                continue
+            count = min(resamples, metric.max_resamples or resamples)
+            result = paired_comparison(
+                metric.statistic, candidate[0], reference_cell[0], reference_cell[1], candidate[2], count
+            )
+            comparisons[metric.key] = {
+                "difference": result.difference,
+                "interval": [result.low, result.high],
+                "significant": result.significant,
+            }
+        row["vs_baseline"] = comparisons
+        row["quality_verdict"] = quality_verdict(comparisons)
+
+
+def quality_verdict(comparisons: dict[str, dict[str, Any]]) -> str:
+    """``costs quality`` if any metric is significantly worse, ``better quality`` if some are significantly better
+    and none worse, else ``no significant change``."""
+    directions = {metric.key: metric.better for metric in all_metrics("quality")}
+    worse = better = False
+    for key, comparison in comparisons.items():
+        if not comparison["significant"]:
+            continue
+        improved = (comparison["difference"] > 0) == (directions[key] == "higher")
+        better, worse = better or improved, worse or not improved
+    if worse:
+        return VERDICTS[0]
+    return VERDICTS[2] if better else VERDICTS[1]
+
+
+def speed_change_is_significant(row: dict[str, Any], ratio_key: str) -> bool | None:
+    """Whether every round's paired ratio lies on the same side of 1 (None without per-round ratios)."""
+    span = row.get(f"{ratio_key}_range")
+    if not span:
+        return None
+    return span[0] > 1 or span[1] < 1
