@@ -1068,9 +1068,9 @@ def evaluate_cases(fx: Fixtures) -> list[Case]:
     base = ["--no-speed", "--num-samples", "4", "--reference-samples", "4", "--metrics", "kid", "--steps", "2"]
 
     def evaluate(ws, *extra):
-        import dit_optimum.evaluation.fid as fid
+        import dit_optimum.evaluation.quality as quality
 
-        with stand_in(fid, "sample_features"):
+        with stand_in(quality, "sample_features"):
             return cli("evaluate", fx.pixel, *base, *extra)
 
     bad = [
@@ -1179,7 +1179,13 @@ def pipeline_call_cases() -> list[Case]:
 
 def cache_cases(fx: Fixtures) -> list[Case]:
     from conftest import TinyFeatureExtractor
-    from dit_optimum.evaluation.reference import reference_cache_path, reference_features
+    from dit_optimum.evaluation.reference import real_cache_path, real_features, real_split
+
+    def reference_features(root: str, resolution: int, count: int, extractor) -> dict:
+        return real_features(real_split(root, "train", count, 0), "reference", resolution, extractor)
+
+    def reference_cache_path(root: str, resolution: int, count: int, extractor) -> Path:
+        return real_cache_path(real_split(root, "train", count, 0), "reference", resolution, extractor)
 
     def with_cache(ws):
         os.environ["DIT_OPTIMUM_CACHE"] = str(ws / "cache")
@@ -1195,7 +1201,7 @@ def cache_cases(fx: Fixtures) -> list[Case]:
     def damaged_cache(ws, how):
         root = with_cache(ws)
         first = reference_features(str(root), 8, 4, TinyFeatureExtractor())["pool"]
-        path = reference_cache_path(str(root), "train", 8, 4, TinyFeatureExtractor())
+        path = reference_cache_path(str(root), 8, 4, TinyFeatureExtractor())
         path.write_bytes(path.read_bytes()[: len(path.read_bytes()) // 2] if how == "truncated" else b"")
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")

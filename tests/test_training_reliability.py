@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import pickle
@@ -240,6 +241,24 @@ def test_resume_with_fewer_steps_than_the_checkpoint_is_refused(run_copy):
         train(tiny_run(run_copy, steps=2, resume=True))
 
 
+def test_learning_rate_warms_up_linearly_then_stays_or_follows_a_cosine_to_zero(tmp_path):
+    constant = tiny_run(tmp_path / "a", steps=10, learning_rate=1.0, warmup_steps=2)
+    assert [constant.learning_rate_at(step) for step in (0, 1, 2, 9, 50)] == [0.5, 1.0, 1.0, 1.0, 1.0]
+    cosine = tiny_run(tmp_path / "b", steps=10, learning_rate=1.0, warmup_steps=2, lr_schedule="cosine")
+    rates = [cosine.learning_rate_at(step) for step in range(12)]
+    assert rates[:3] == [0.5, 1.0, 1.0] and rates[6] == pytest.approx(0.5) and rates[10:] == [0.0, 0.0]
+    assert all(later <= earlier for earlier, later in itertools.pairwise(rates[1:]))
+
+
+def test_a_cosine_run_resumes_only_to_its_own_end(tmp_path):
+    """Changing `steps` moves the end of a cosine schedule, so every later rate would change: refused."""
+    train(tiny_run(tmp_path / "run", steps=2, lr_schedule="cosine", checkpoint_every=1))
+    with pytest.raises(DiTOptimumError, match=r"steps: 2 -> 3"):
+        train(tiny_run(tmp_path / "run", steps=3, resume=True, lr_schedule="cosine"))
+    with pytest.raises(DiTOptimumError, match=r"lr_schedule: \"cosine\" -> \"constant\""):
+        train(tiny_run(tmp_path / "run", steps=2, resume=True))
+
+
 def test_resume_compares_data_by_content_not_by_path(tmp_path):
     folder = tmp_path / "images"
     rng = np.random.default_rng(0)
@@ -302,6 +321,9 @@ def test_resume_compares_the_teacher_by_content_not_by_path(tmp_path):
         ({"model_overrides": {"num_embeds_ada_norm": 3}}, "num_embeds_ada_norm"),
         ({"model_overrides": {"num_layers": object()}}, "model_overrides"),
         ({"mixed_precision": "fp8"}, r"mixed_precision.*no, bf16, fp16"),
+        ({"lr_schedule": "linear"}, r"lr_schedule.*constant, cosine"),
+        ({"warmup_steps": -1}, "warmup_steps"),
+        ({"warmup_steps": 2.5}, "warmup_steps"),
         ({"teacher": "t", "feature_blocks": ["a"]}, "feature_blocks"),
         ({"teacher": "t", "feature_blocks": [True]}, "feature_blocks"),
         ({"teacher": "t", "feature_blocks": [-1]}, "feature_blocks"),

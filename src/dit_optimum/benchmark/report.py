@@ -11,7 +11,7 @@ from typing import Any
 
 from ..evaluation.declarations import Metric, all_metrics
 from ..utils import atomic_file, write_text_atomic
-from .significance import speed_change_is_significant
+from .significance import VERDICTS, speed_change_is_significant
 
 
 def _ok(row: dict[str, Any]) -> bool:
@@ -70,7 +70,7 @@ def baseline_deltas(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         if not _ok(row) or base is None:
             continue
         entry: dict[str, Any] = {"variant": row["variant"], "technique": row["technique"]}
-        entry["verdict"] = row.get("quality_verdict", "n/a" if row["technique"] != "baseline" else "")
+        entry["verdict"] = "(the baseline)" if row is base else row.get("quality_verdict", "n/a")
         for metric in metrics:
             entry[metric.key] = _change(metric, row, base)
         deltas.append(entry)
@@ -205,6 +205,9 @@ def write_report(
     parts.extend(f"{note}\n" for note in notes)
     if finished:
         parts.append(_measurement_line(finished[0]))
+    summary = _verdict_summary(rows)
+    if summary:
+        parts.append(summary)
     parts.append("## Results\n\nQuality numbers carry their 95% bootstrap interval.\n\n" + markdown_table(rows))
     floors = _floor_lines(finished)
     if floors:
@@ -236,6 +239,21 @@ def write_report(
     path = output_dir / "report.md"
     write_text_atomic(path, "\n".join(parts))
     return path
+
+
+def _verdict_summary(rows: Sequence[dict[str, Any]]) -> str:
+    # At a glance: which techniques cost quality against their baseline and which do not (paired, 95%).
+    groups: dict[str, list[str]] = {}
+    entries = baseline_deltas(rows)
+    several = len({entry["variant"] for entry in entries}) > 1
+    for entry in entries:
+        if entry["verdict"] in VERDICTS:
+            name = f"{entry['variant']} {entry['technique']}" if several else entry["technique"]
+            groups.setdefault(entry["verdict"], []).append(name)
+    if not groups:
+        return ""
+    lines = [f"- **{verdict}**: {', '.join(groups[verdict])}" for verdict in VERDICTS if verdict in groups]
+    return "## Quality against the baseline, at a glance\n\n" + "\n".join(lines) + "\n"
 
 
 def _floor_lines(finished: list[dict[str, Any]]) -> str:

@@ -110,9 +110,11 @@ class MoEFeedForward(nn.Module):
         # Dropped assignments read any valid row and get weight 0.
         weights = gate.reshape(-1)[order].to(tokens.dtype) * kept.to(tokens.dtype)
         gathered = expert_out.index_select(0, slot.clamp(max=dummy - 1)) * weights[:, None]
-        output = torch.zeros_like(tokens).index_add(0, source_token, gathered)
+        # under autocast the experts' matmuls may return another dtype than the tokens: sum in theirs, then cast
+        output = gathered.new_zeros(tokens.shape).index_add(0, source_token, gathered)
         if self.shared is not None:
             output = output + self.shared(tokens)
+        output = output.to(tokens.dtype)
 
         balance = switch_balance_loss(probs, expert_index, experts)
         self.aux_loss = self.balance_loss_weight * balance + self.router_z_loss_weight * router_z_loss(logits)

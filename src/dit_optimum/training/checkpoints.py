@@ -253,10 +253,12 @@ def _check_same_settings(config: TrainConfig, state: dict[str, Any], folder: Pat
             f"pass steps >= {step}, or train into a new output folder."
         )
     changes = _changed_settings(state["config"], config.settings())
+    # a cosine schedule ends at `steps`: changing them changes every later learning rate
+    resumable = [name for name in RESUMABLE_CHANGES if not (name == "steps" and config.lr_schedule != "constant")]
     refused = [
         f"{name}: {json.dumps(old)} -> {json.dumps(new)}"
         for name, (old, new) in changes.items()
-        if name not in RESUMABLE_CHANGES
+        if name not in resumable
     ]
     if refused:
         raise DiTOptimumError(

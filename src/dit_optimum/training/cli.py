@@ -58,6 +58,7 @@ def build_parser(mode: str) -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=32, help="global batch, split across processes")
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--warmup-steps", type=int, default=0, help="linear learning-rate warm-up from 0")
+    parser.add_argument("--lr-schedule", default="constant", help="constant | cosine (decays to 0 at --steps)")
     parser.add_argument("--weight-decay", type=float, default=0.0)
     parser.add_argument("--ema-decay", type=float, default=0.9999)
     parser.add_argument("--no-ema-warmup", action="store_true", help="constant EMA decay from step 0 (as fast-DiT)")
@@ -130,6 +131,7 @@ def config_from_args(args: argparse.Namespace, mode: str) -> TrainConfig:
         batch_size=args.batch_size,
         learning_rate=args.lr,
         warmup_steps=args.warmup_steps,
+        lr_schedule=args.lr_schedule,
         weight_decay=args.weight_decay,
         ema_decay=args.ema_decay,
         ema_warmup=not args.no_ema_warmup,

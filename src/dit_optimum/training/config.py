@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import math
 import numbers
 import os
 from dataclasses import asdict, dataclass, field
@@ -18,6 +19,7 @@ from ..models.transformer import DiTOptimumTransformer2DModel
 from ..utils import check_number, check_positive_integers, is_integer
 
 MIXED_PRECISION = ("no", "bf16", "fp16")
+LR_SCHEDULES = ("constant", "cosine")
 # Model config keys the trainer sets from the data, with the option that sets them.
 DERIVED_MODEL_KEYS = {
     "sample_size": "--image-size (the side of the data)",
@@ -45,7 +47,8 @@ class TrainConfig:
     """Everything a run needs. Defaults follow fast-DiT: AdamW 1e-4, no weight decay, EMA 0.9999, label dropout 0.1.
 
     ``ema_warmup`` (on by default, unlike fast-DiT) ramps the EMA decay up so that short runs sample well;
-    ``warmup_steps`` ramps the learning rate linearly from 0 (the small-data recipe uses it); ``compile`` runs the
+    ``warmup_steps`` ramps the learning rate linearly from 0; ``lr_schedule="cosine"`` then decays it to 0 at
+    ``steps`` (the small-data recipe uses it; a resume may then not change ``steps``); ``compile`` runs the
     model's forward through ``torch.compile``. ``mixed_precision="bf16"`` trains with bf16 autocast (on CPU with
     the math attention kernel, faster than the fused one at the short sequences of small images).
     """
@@ -62,6 +65,7 @@ class TrainConfig:
     batch_size: int = 32
     learning_rate: float = 1e-4
     warmup_steps: int = 0
+    lr_schedule: str = "constant"
     weight_decay: float = 0.0
     ema_decay: float = 0.9999
     ema_warmup: bool = True
@@ -120,6 +124,10 @@ class TrainConfig:
             check_positive_integers(max_samples=self.max_samples)
         if not is_integer(self.warmup_steps) or self.warmup_steps < 0:
             raise DiTOptimumError(f"`warmup_steps`={self.warmup_steps!r} must be an integer >= 0 (0: no warm-up).")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise DiTOptimumError(
+                f"Unknown `lr_schedule`={self.lr_schedule!r}; allowed values: {', '.join(LR_SCHEDULES)}."
+            )
         if not is_integer(self.channels) or self.channels not in (1, 3, 4):
             raise DiTOptimumError(f"`channels`={self.channels!r} must be 1, 3 (pixels) or 4 (latents).")
         if not is_integer(self.seed) or not 0 <= self.seed <= MAX_SEED:
@@ -176,10 +184,14 @@ class TrainConfig:
             )
 
     def learning_rate_at(self, step: int) -> float:
-        """The learning rate of ``step`` (0-based): linear warm-up over ``warmup_steps``, then constant. A function of
-        the step alone, so a resumed run continues the same schedule without any scheduler state."""
+        """The learning rate of ``step`` (0-based): linear warm-up over ``warmup_steps``, then constant or a cosine
+        decay to 0 at ``steps``. A function of the step alone: a resumed run continues the same schedule without any
+        scheduler state."""
         if step < self.warmup_steps:
             return self.learning_rate * (step + 1) / self.warmup_steps
+        if self.lr_schedule == "cosine":
+            progress = (step - self.warmup_steps) / max(1, self.steps - self.warmup_steps)
+            return self.learning_rate * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
         return self.learning_rate
 
     def settings(self) -> dict[str, Any]:
