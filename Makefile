@@ -9,7 +9,10 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -c constraints.txt -e ".[dev,fid]"
+	$(BIN)/pip install --quiet -c constraints.txt -e ".[dev,fid,demo]"
+	# the tests' local Hub server (olah), in its own environment: its web stack must not move the project's pins
+	$(PYTHON) -m venv $(VENV)-olah
+	$(VENV)-olah/bin/pip install --quiet olah==0.5.4
 	touch $(STAMP)
 
 setup: $(STAMP)
@@ -29,4 +32,4 @@ format: $(STAMP)
 	$(BIN)/ruff format src tests scripts benchmarks demo
 
 clean:
-	rm -rf $(VENV) build src/*.egg-info .pytest_cache
+	rm -rf $(VENV) $(VENV)-olah build src/*.egg-info .pytest_cache

@@ -1097,6 +1097,65 @@ def evaluate_cases(fx: Fixtures) -> list[Case]:
     return cases
 
 
+def hub_cases(fx: Fixtures) -> list[Case]:
+    """release / push / export-space with bad folders, ids, results files and no token."""
+    import dit_optimum.hub.upload as push_module
+
+    def results(ws: Path, payload: Any) -> Path:
+        folder = ws / "results"
+        folder.mkdir(exist_ok=True)
+        path = folder / "results.json"
+        path.write_text(payload if isinstance(payload, str) else json.dumps(payload))
+        return path
+
+    one_row = {"settings": {}, "rows": [{"variant": "DiT-XS/4", "technique": "baseline", "status": "ok"}]}
+
+    def without_token(ws: Path) -> int:
+        original = push_module.get_token
+        push_module.get_token = lambda: None
+        try:
+            return cli("push", fx.pipeline, "org/x", "--results", results(ws, one_row), "--technique", "baseline")
+        finally:
+            push_module.get_token = original
+
+    cases = [
+        ("release: no such folder", lambda ws: cli("release", ws / "missing", "org", "--dry-run", ws / "out")),
+        ("release: folder without results.json", lambda ws: cli("release", ws, "org", "--dry-run", ws / "out")),
+        ("release: bad org", lambda ws: cli("release", results(ws, one_row).parent, "bad org", "--dry-run", ws / "o")),
+        ("release: org ending in '-'", lambda ws: cli("release", results(ws, one_row).parent, "org-", "--dry-run", ws)),
+        ("release: damaged results.json", lambda ws: cli("release", results(ws, "{x").parent, "org", "--dry-run", ws)),
+        (
+            "release: speed-only results",
+            lambda ws: cli(
+                "release", results(ws, {"settings": {"speed_only": True}, "rows": []}).parent, "org", "--dry-run", ws
+            ),
+        ),
+        (
+            "release: unknown technique",
+            lambda ws: cli("release", results(ws, one_row).parent, "org", "--dry-run", ws / "o", "--techniques", "x"),
+        ),
+        ("push: not a pipeline", lambda ws: cli("push", ws, "org/x", "--dry-run", ws / "out")),
+        ("push: pipeline without results", lambda ws: cli("push", fx.pipeline, "org/x", "--dry-run", ws / "out")),
+        ("push: repo id without namespace", lambda ws: cli("push", fx.pipeline, "x", "--dry-run", ws / "out")),
+        ("push: repo id with two slashes", lambda ws: cli("push", fx.pipeline, "a/b/c", "--dry-run", ws / "out")),
+        (
+            "push: results file is text",
+            lambda ws: cli("push", fx.pipeline, "org/x", "--results", results(ws, "hello"), "--dry-run", ws / "o"),
+        ),
+        (
+            "push: results without that technique",
+            lambda ws: cli(
+                "push", fx.pipeline, "org/x", "--results", results(ws, one_row), "--technique", "int8", "--dry-run", ws
+            ),
+        ),
+        ("push: no token", without_token),
+        ("push: dry run into a foreign folder", lambda ws: cli("push", fx.pipeline, "org/x", "--dry-run", ws)),
+        ("export-space: no such folder", lambda ws: cli("export-space", ws / "missing", ws / "space")),
+        ("export-space: folder without releases", lambda ws: cli("export-space", ws, ws / "space")),
+    ]
+    return [Case("hub", name, run) for name, run in cases]
+
+
 def architecture_cases() -> list[Case]:
     bad = [
         ["--sample-sizes", "0"],
@@ -1328,6 +1387,7 @@ def all_cases(fx: Fixtures) -> list[Case]:
         *compression_cases(fx),
         *benchmark_cases(fx),
         *evaluate_cases(fx),
+        *hub_cases(fx),
         *architecture_cases(),
         *pipeline_call_cases(),
         *cache_cases(fx),

@@ -1,9 +1,11 @@
-"""Shared helpers: tiny DiT configs that run in milliseconds on CPU."""
+"""Shared helpers: tiny DiT configs that run in milliseconds on CPU, and a tiny released benchmark run."""
 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
+import pytest
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -112,4 +114,39 @@ def tiny_vae(folder, channels: int = 1):
         down_block_types=("DownEncoderBlock2D",) * 2,
         up_block_types=("UpDecoderBlock2D",) * 2,
     ).save_pretrained(folder)
+    return folder
+
+
+# --- a tiny finished benchmark run and its releases (tests of the Hub, the cards and the demo) ------------------
+
+RELEASED_TECHNIQUES = ("baseline", "attention-mediated", "moe", "distill", "int8", "prune-heads-50")
+
+
+@pytest.fixture(scope="session")
+def results_dir(tmp_path_factory) -> Path:
+    """A finished tiny benchmark run (trained models kept) with class accuracy and KID measured."""
+    from dataclasses import replace
+
+    from dit_optimum.benchmark import run_benchmark
+    from dit_optimum.evaluation.domain import ClassifierRecipe, domain_classifier
+    from dit_optimum.evaluation.reference import real_split
+    from test_benchmark import tiny_settings
+
+    folder = tmp_path_factory.mktemp("bench")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("DIT_OPTIMUM_CACHE", str(folder / "cache"))
+        settings = tiny_settings(folder / "results", RELEASED_TECHNIQUES)
+        settings.quality = replace(settings.quality, metrics=("class_accuracy", "kid"))
+        classifier = domain_classifier(real_split("digits", "train", 40, 20), 8, ClassifierRecipe(epochs=1))
+        rows = run_benchmark(settings, inception=TinyFeatureExtractor(), classifier=classifier)
+    assert [row["status"] for row in rows] == ["ok"] * len(RELEASED_TECHNIQUES), [row.get("error") for row in rows]
+    return folder / "results"
+
+
+@pytest.fixture(scope="session")
+def released(results_dir, tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("release") / "out"
+    from dit_optimum.hub import release
+
+    release(results_dir, "org", folder)
     return folder

@@ -1,7 +1,8 @@
 """dit-optimum: Diffusion Transformers made cheaper to run, as diffusers components.
 
 ``ModelMixin`` is re-exported because diffusers' pipeline loader requires it at the top level of any library that
-provides pipeline components (``["dit_optimum", "DiTOptimumTransformer2DModel"]`` in model_index.json).
+provides pipeline components (``["dit_optimum", "DiTOptimumTransformer2DModel"]`` in model_index.json). Importing
+the package also registers it with diffusers (``registration.py``), so that Hub repositories of it download.
 """
 
 from diffusers import ModelMixin
@@ -19,7 +20,10 @@ from .models import (
     SDPAAttnProcessor,
 )
 from .pipelines import DiTOptimumPipeline
+from .registration import register_with_diffusers
 from .techniques import CalibrationSettings, prune, quantize
+
+register_with_diffusers()  # `import dit_optimum` is what lets diffusers download our repositories from the Hub
 
 __version__ = "0.1.0"
 

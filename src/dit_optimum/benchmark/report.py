@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from ..evaluation.declarations import Metric, all_metrics
+from ..evaluation.hardware import hardware_text
 from ..utils import atomic_file, write_text_atomic
 from .significance import VERDICTS, speed_change_is_significant
 
@@ -204,12 +205,12 @@ def write_report(
     parts = [f"# {title}\n"]
     parts.extend(f"{note}\n" for note in notes)
     if finished:
-        parts.append(_measurement_line(finished[0]))
+        parts.append(measurement_line(finished[0]))
     summary = _verdict_summary(rows)
     if summary:
         parts.append(summary)
     parts.append("## Results\n\nQuality numbers carry their 95% bootstrap interval.\n\n" + markdown_table(rows))
-    floors = _floor_lines(finished)
+    floors = floor_lines(finished)
     if floors:
         parts.append(floors)
     parts.append(
@@ -256,8 +257,8 @@ def _verdict_summary(rows: Sequence[dict[str, Any]]) -> str:
     return "## Quality against the baseline, at a glance\n\n" + "\n".join(lines) + "\n"
 
 
-def _floor_lines(finished: list[dict[str, Any]]) -> str:
-    # The real-vs-real values at the same N (the same for every cell): the best a generator can show.
+def floor_lines(finished: list[dict[str, Any]]) -> str:
+    """The real-vs-real values at the same N (the same for every cell): the best a generator can show."""
     if not finished:
         return ""
     row = finished[0]
@@ -280,9 +281,11 @@ def _floor_lines(finished: list[dict[str, Any]]) -> str:
     return text + "\n"
 
 
-def _measurement_line(row: dict[str, Any]) -> str:
+def measurement_line(row: dict[str, Any]) -> str:
+    """How a row was measured: hardware, N, reference, sampler, steps, guidance, batches, repeats."""
     speed = row.get("speed_settings", {})
-    line = f"Measured on {row.get('device')} ({row.get('hardware')}), each cell in the dtype its technique gives. "
+    hardware = hardware_text(row.get("hardware"))
+    line = f"Measured on {row.get('device')} ({hardware}), each cell in the dtype its technique gives. "
     if row.get("num_samples") is not None:
         quality = row.get("quality_settings", {})
         line += (

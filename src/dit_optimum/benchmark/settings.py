@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
@@ -185,6 +186,29 @@ class BenchmarkSettings:
             "speed_only": self.speed_only,
         }
         return json.loads(json.dumps(settings, default=str))
+
+
+def settings_from_results(stored: Mapping[str, Any], output_dir: str) -> BenchmarkSettings:
+    """The settings a results file recorded (``comparable()``), to rebuild its cells from ``output_dir``'s models."""
+    try:
+        quality = dict(stored["quality"])
+        if quality.get("metrics") is not None:
+            quality["metrics"] = tuple(quality["metrics"])
+        return BenchmarkSettings(
+            output_dir=output_dir,
+            data=stored["data"],
+            image_size=stored["image_size"],
+            channels=stored["channels"],
+            pretrained=dict(stored.get("pretrained") or {}),
+            training=TrainingRecipe(**stored["training"]),
+            quality=QualitySettings(**quality),
+            speed=SpeedSettings(**stored["speed"]),
+            speed_only=bool(stored.get("speed_only", False)),
+        )
+    except (KeyError, TypeError) as error:
+        raise DiTOptimumError(
+            f"The results file in {output_dir!r} records settings this version cannot read ({error})."
+        ) from None
 
 
 def preset_settings(name: str, **overrides: Any) -> BenchmarkSettings:

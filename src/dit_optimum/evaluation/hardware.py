@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import platform
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,16 @@ def hardware_description() -> dict[str, Any]:
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     return info
+
+
+def hardware_text(info: Mapping[str, Any] | None) -> str:
+    """``hardware_description()`` in one line: ``AMD EPYC, 2 cores (2 threads), torch 2.14.1``."""
+    if not info:
+        return "unknown hardware"
+    text = f"{info.get('cpu')}, {info.get('cpu_count')} cores ({info.get('threads')} threads)"
+    if info.get("gpu"):
+        text = f"{info['gpu']} with {text}"
+    return f"{text}, torch {info.get('torch')}"
 
 
 def _cpu_model() -> str | None:

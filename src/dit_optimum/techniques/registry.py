@@ -81,6 +81,7 @@ def get_technique(name: str) -> Technique:
 
 
 def baseline(context: TechniqueContext) -> DiTOptimumPipeline:
+    """The reference every other technique is compared with: the variant trained with the benchmark's recipe."""
     return context.baseline()
 
 
@@ -96,10 +97,12 @@ def distill_student(context: TechniqueContext, run_name: str, depth_fraction: fl
 
 
 def quantized(context: TechniqueContext, **options: Any) -> DiTOptimumPipeline:
+    """The trained baseline with its linear layers quantized (or cast) after training, no retraining."""
     return quantize(context.baseline(), **options)
 
 
 def pruned(context: TechniqueContext, **options: Any) -> DiTOptimumPipeline:
+    """The trained baseline with whole heads, MLP units or blocks removed (really smaller), no fine-tuning."""
     return prune(context.baseline(), **options)
 
 

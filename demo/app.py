@@ -1,0 +1,1 @@
+../src/dit_optimum/hub/templates/space_app.py

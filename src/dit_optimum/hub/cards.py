@@ -1,0 +1,216 @@
+"""Model cards from benchmark results: ``huggingface_hub``'s ``ModelCard`` whose ``model-index`` carries every
+measured number (quality with N, interval, floor and reference; cost with hardware, dtype and batch), rendered
+from ``templates/model_card.md``, and parsed back by ``card_numbers``."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+from ..benchmark.report import floor_lines, markdown_deltas, markdown_table, measurement_line
+from ..errors import DiTOptimumError
+from ..evaluation.declarations import Metric, all_metrics
+from ..evaluation.hardware import hardware_text
+from ..techniques.registry import TECHNIQUES
+
+CARD_TEMPLATE = Path(__file__).with_name("templates") / "model_card.md"
+# The results file a release carries next to its pipeline: the benchmark's format, its own rows only.
+RESULTS_FILE = "dit_optimum_results.json"
+SAMPLE_GRID = "samples.png"
+LICENSE = "apache-2.0"
+# The Hub has no class-conditional pipeline tag: the nearest one, with a `class-conditional` tag beside it.
+PIPELINE_TAG = "unconditional-image-generation"
+TASK_NAME = "Class-conditional image generation"
+DATA_NAMES = {"digits": "scikit-learn digits (8x8, upscaled)"}
+
+
+def repo_name(variant: str, technique: str) -> str:
+    """The repository name of one benchmark cell: ``DiT-XS/4`` + ``int8`` -> ``dit-xs4-int8``."""
+    base = variant.lower().replace("/", "")
+    name = f"{base}-{technique.lower()}"
+    return "".join(char if char.isalnum() or char in "-._" else "-" for char in name)
+
+
+def _shown(metric: Metric, value: float) -> float:
+    # in the table's unit, to 8 significant digits (what the card shows and parses back)
+    return float(f"{float(value) * metric.scale:.8g}")
+
+
+def eval_results(row: Mapping[str, Any], data: str) -> list[EvalResult]:
+    """One ``EvalResult`` per measured metric of ``row``: quality ones with N, interval, floor and sampler; cost
+    ones with the hardware, dtype and (for speed) batch and steps. Values in the units the tables show."""
+    quality = row.get("quality_settings", {})
+    speed = row.get("speed_settings", {})
+    reference = quality.get("reference", data)
+    common = {
+        "task_type": PIPELINE_TAG,
+        "task_name": TASK_NAME,
+        "dataset_type": str(reference),
+        "dataset_name": DATA_NAMES.get(str(reference), str(reference)),
+        "dataset_split": quality.get("reference_split"),
+    }
+    results = []
+    for metric in all_metrics():
+        value = row.get(metric.key)
+        if value is None:
+            continue
+        if metric.kind == "quality":
+            interval = row.get(f"{metric.key}_interval")
+            args = {
+                "num_samples": row.get("num_samples"),
+                "reference_samples": row.get("reference_samples"),
+                "interval_95": None if interval is None else [_shown(metric, bound) for bound in interval],
+                "real_vs_real_floor": None
+                if row.get(f"{metric.key}_real") is None
+                else _shown(metric, row[f"{metric.key}_real"]),
+                "sampler": row.get("sampler"),
+                "num_inference_steps": quality.get("num_inference_steps"),
+                "guidance_scale": quality.get("guidance_scale"),
+            }
+        else:
+            hardware = hardware_text(row.get("hardware"))
+            args = {"hardware": hardware, "device": row.get("device"), "dtype": row.get("dtype")}
+            if metric.paired_ratio or metric.key == "latency_s":
+                args.update(
+                    batch_size=1
+                    if metric.key == "latency_s"
+                    else speed.get("forward_batch_size" if metric.key.startswith("forward") else "batch_size"),
+                    num_inference_steps=speed.get("num_inference_steps"),
+                    guidance_scale=speed.get("guidance_scale"),
+                )
+        results.append(
+            EvalResult(
+                **common,
+                metric_type=metric.key,
+                metric_name=metric.header,
+                metric_value=_shown(metric, value),
+                metric_args={key: value for key, value in args.items() if value is not None},
+            )
+        )
+    return results
+
+
+def card_numbers(card: ModelCard) -> dict[str, float]:
+    """The numbers of a card's ``model-index`` by metric key (what ``eval_results`` wrote, parsed back)."""
+    return {result.metric_type: result.metric_value for result in card.data.eval_results or []}
+
+
+def loading_code(repo_id: str, row: Mapping[str, Any]) -> str:
+    """The lines a user types to load and sample this release (run as written by the tests)."""
+    dtype = row.get("dtype", "float32")
+    loader = f'DiffusionPipeline.from_pretrained("{repo_id}")'
+    if dtype != "float32":
+        loader = f'DiffusionPipeline.from_pretrained("{repo_id}", torch_dtype=torch.{dtype})'
+    steps = row.get("quality_settings", {}).get("num_inference_steps", 10)
+    guidance = row.get("quality_settings", {}).get("guidance_scale", 2.0)
+    return "\n".join(
+        [
+            "import torch",
+            "import dit_optimum  # noqa: F401  (registers the dit-optimum components with diffusers)",
+            "from diffusers import DiffusionPipeline",
+            "",
+            f"pipe = {loader}",
+            "generator = torch.Generator().manual_seed(0)",
+            f"images = pipe(class_labels=[0, 1, 2, 3], num_inference_steps={steps}, guidance_scale={guidance}, "
+            "generator=generator).images",
+            'images[0].save("sample.png")',
+        ]
+    )
+
+
+def reproduce_command(settings: Mapping[str, Any], technique: str) -> str:
+    """The benchmark command that measures this technique and its baseline again with the recorded settings."""
+    from ..benchmark.settings import preset_settings
+
+    techniques = "baseline" if technique == "baseline" else f"baseline,{technique}"
+    for preset in ("default", "paper"):
+        if preset_settings(preset).comparable() == dict(settings):
+            option = "" if preset == "default" else " --preset paper"
+            return f"dit-optimum benchmark{option} --techniques {techniques} --output-dir results"
+    return (
+        f"dit-optimum benchmark --techniques {techniques} --output-dir results  "
+        f"# with the options recorded under `settings` in {RESULTS_FILE}"
+    )
+
+
+def _limits(row: Mapping[str, Any], settings: Mapping[str, Any]) -> str:
+    data = settings.get("data")
+    training = settings.get("training", {})
+    lines = [
+        f"- Data: {DATA_NAMES.get(str(data), data)} at {settings.get('image_size')}x{settings.get('image_size')}; "
+        f"the model is a {row['variant']} trained {training.get('steps')} steps. It generates this data's classes "
+        "only.",
+    ]
+    if row.get("num_samples") is not None:
+        lines.append(
+            f"- Quality: N={row['num_samples']} generated vs {row.get('reference_samples')} real images; the "
+            "intervals are 95% bootstrap intervals at that N and the floor is the real-vs-real value at the same N. "
+            "The domain metrics rank techniques on this data; they are not ImageNet FIDs."
+        )
+    lines.append(
+        f"- Speed and memory: measured on {row.get('device')} ({hardware_text(row.get('hardware'))}) in "
+        f"{row.get('dtype')}; "
+        "other hardware gives other numbers, and the ratios against the baseline travel better than the absolute "
+        "values."
+    )
+    return "\n".join(lines)
+
+
+def model_card(
+    results: Mapping[str, Any],
+    technique_row: Mapping[str, Any],
+    repo_id: str,
+    base_model: str | None = None,
+    sample_grid: str | None = SAMPLE_GRID,
+) -> ModelCard:
+    """The card of one released cell: ``results`` is a benchmark results file (``settings`` and ``rows``; the
+    row's baseline among them), ``base_model`` the baseline's repository for a derived model."""
+    settings = results.get("settings") or {}
+    row = dict(technique_row)
+    if row.get("status") != "ok":
+        raise DiTOptimumError(f"The cell {row.get('variant')} / {row.get('technique')} did not finish: no card.")
+    baseline = next(
+        (r for r in results["rows"] if r["variant"] == row["variant"] and r["technique"] == "baseline"), None
+    )
+    rows = [row] if baseline is None or row["technique"] == "baseline" else [baseline, row]
+    technique = TECHNIQUES.get(row["technique"])
+    explanation = (technique.apply.__doc__ or "").strip().split("\n")[0] if technique else ""
+    tags = ["dit", "class-conditional", "dit-optimum", row["technique"], str(row.get("dtype", "float32"))]
+    data = ModelCardData(
+        library_name="diffusers",
+        pipeline_tag=PIPELINE_TAG,
+        license=LICENSE,
+        tags=tags,
+        base_model=base_model,
+        model_name=repo_id.split("/")[-1],
+        eval_results=eval_results(row, str(settings.get("data", ""))) or None,
+    )
+    summary = (
+        f"A class-conditional Diffusion Transformer ({row['variant']}) for diffusers, released from a "
+        f"dit-optimum benchmark run: the `{row['technique']}` cell, "
+        "with every number it was measured at."
+    )
+    verdict = "the baseline" if row["technique"] == "baseline" else row.get("quality_verdict", "not measured")
+    return ModelCard.from_template(
+        data,
+        template_path=str(CARD_TEMPLATE),
+        repo_id=repo_id,
+        summary=summary,
+        technique=row["technique"],
+        description=row.get("description", ""),
+        explanation=explanation,
+        loading_code=loading_code(repo_id, row),
+        measurement=measurement_line(row).strip(),
+        results_table=markdown_table(rows),
+        floor=floor_lines(rows),
+        change_table=markdown_deltas(rows),
+        verdict=verdict,
+        base_model=base_model,
+        sample_grid=sample_grid,
+        reproduce=reproduce_command(settings, row["technique"]),
+        results_file=RESULTS_FILE,
+        limits=_limits(row, settings),
+    )

