@@ -102,6 +102,22 @@ def test_release_refuses_what_it_cannot_ship(results_dir, tmp_path):
         release(copy, "org", tmp_path / "e", techniques=["int8"])
 
 
+def test_cards_name_hub_datasets_only(tmp_path):
+    from dit_optimum.hub.cards import hub_datasets
+
+    assert hub_datasets("digits") is None and hub_datasets(str(tmp_path)) is None
+    assert hub_datasets("uoft-cs/cifar10") == ["uoft-cs/cifar10"]
+
+
+def test_the_readme_shows_the_loading_lines_a_card_prints():
+    from dit_optimum.hub.cards import loading_code
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    settings = {"num_inference_steps": 10, "guidance_scale": 2.0}
+    code = loading_code("my-org/dit-xs4-int8", {"dtype": "bfloat16", "quality_settings": settings})
+    assert f"```python\n{code}\n```" in readme
+
+
 class RecordingApi:
     """An HfApi double: records the calls and keeps a copy of each uploaded folder."""
 

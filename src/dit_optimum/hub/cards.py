@@ -4,6 +4,7 @@ from ``templates/model_card.md``, and parsed back by ``card_numbers``."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,14 @@ def repo_name(variant: str, technique: str) -> str:
     base = variant.lower().replace("/", "")
     name = f"{base}-{technique.lower()}"
     return "".join(char if char.isalnum() or char in "-._" else "-" for char in name)
+
+
+def hub_datasets(data: str) -> list[str] | None:
+    """``[data]`` when the training data was a Hub dataset id (``namespace/name``, not a local folder), else None:
+    the card's ``datasets`` lists only what the Hub can link to."""
+    if re.fullmatch(r"[\w.-]+/[\w.-]+", data) and not Path(data).expanduser().exists():
+        return [data]
+    return None
 
 
 def _shown(metric: Metric, value: float) -> float:
@@ -186,6 +195,7 @@ def model_card(
         tags=tags,
         base_model=base_model,
         model_name=repo_id.split("/")[-1],
+        datasets=hub_datasets(str(settings.get("data", ""))),
         eval_results=eval_results(row, str(settings.get("data", ""))) or None,
     )
     summary = (
