@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import DiTTransformer2DModel, ModelMixin
 from diffusers.configuration_utils import register_to_config
+from diffusers.loaders import PeftAdapterMixin
 from diffusers.models.attention import AttentionMixin, FeedForward
 from diffusers.models.embeddings import CombinedTimestepLabelEmbeddings, PatchEmbed
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
@@ -196,7 +197,7 @@ class DiTBlock(nn.Module):
         return gate_mlp.unsqueeze(1) * self.ff(norm_hidden) + hidden_states
 
 
-class DiTOptimumTransformer2DModel(DiTTransformer2DModel, AttentionMixin):
+class DiTOptimumTransformer2DModel(DiTTransformer2DModel, AttentionMixin, PeftAdapterMixin):
     """A ``DiTTransformer2DModel`` whose config also picks the attention type and computes conditioning once.
 
     Loads stock diffusers DiT folders unchanged (the per-block copies of the timestep/class embedder collapse into
@@ -525,6 +526,54 @@ class DiTOptimumTransformer2DModel(DiTTransformer2DModel, AttentionMixin):
                 ", ".join(sorted(differing)),
             )
         super()._fix_state_dict_keys_on_load(state_dict)
+
+    def load_lora_adapter(self, pretrained_model_name_or_path_or_dict: Any, prefix: str = "transformer", **kwargs):
+        """diffusers' ``load_lora_adapter``, from safetensors only (a ``.bin`` ``weight_name`` is refused unread)."""
+        from .lora import check_lora_file_name
+
+        check_lora_file_name(kwargs.get("weight_name"))
+        return super().load_lora_adapter(pretrained_model_name_or_path_or_dict, prefix=prefix, **kwargs)
+
+    def save_lora_adapter(
+        self,
+        save_directory: str | os.PathLike,
+        adapter_name: str = "default",
+        upcast_before_saving: bool = False,
+        safe_serialization: bool = True,
+        weight_name: str | None = None,
+    ) -> None:
+        """diffusers' ``save_lora_adapter`` (same file name and metadata), safetensors only and written atomically,
+        with keys under ``transformer.`` as pipeline-level LoRA files have them: the file loads with
+        ``pipe.load_lora_weights(folder)`` and with ``transformer.load_lora_adapter(folder, weight_name=...)``
+        (whose default ``prefix`` is ``"transformer"``). It also works on a quantized base, which diffusers' version
+        refuses because it casts the whole model first."""
+        import json
+
+        from diffusers.loaders.lora_base import LORA_ADAPTER_METADATA_KEY, LORA_WEIGHT_NAME_SAFE
+        from peft.utils import get_peft_model_state_dict
+        from safetensors.torch import save_file
+
+        from ..utils import atomic_file
+
+        if not safe_serialization:
+            raise DiTOptimumError("`safe_serialization`=False is not supported: LoRA weights are saved as safetensors.")
+        if adapter_name not in getattr(self, "peft_config", {}):
+            adapters = ", ".join(getattr(self, "peft_config", {})) or "none"
+            raise DiTOptimumError(f"No LoRA adapter named `adapter_name`={adapter_name!r}; adapters: {adapters}.")
+        config = self.peft_config[adapter_name].to_dict()
+        # keys under `transformer.`, as diffusers' pipeline-level files store them (the loaders strip the prefix)
+        config = {f"transformer.{k}": sorted(v) if isinstance(v, set) else v for k, v in config.items()}
+        adapter = get_peft_model_state_dict(self, adapter_name=adapter_name)
+        state = {f"transformer.{key}": value for key, value in adapter.items()}
+        if upcast_before_saving:
+            state = {key: value.float() for key, value in state.items()}
+        folder = Path(save_directory)
+        if folder.exists() and not folder.is_dir():
+            raise DiTOptimumError(f"`save_directory`={str(folder)!r} is a file; give a folder.")
+        folder.mkdir(parents=True, exist_ok=True)
+        metadata = {"format": "pt", LORA_ADAPTER_METADATA_KEY: json.dumps(config, indent=2, sort_keys=True)}
+        with atomic_file(folder / (weight_name or LORA_WEIGHT_NAME_SAFE)) as temporary:
+            save_file({key: value.contiguous() for key, value in state.items()}, str(temporary), metadata=metadata)
 
     def save_pretrained(self, save_directory: str | os.PathLike, overwrite: bool = False, **kwargs: Any) -> None:
         """Save as safetensors, each file written whole, other files in the folder left alone (as diffusers does).

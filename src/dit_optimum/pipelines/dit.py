@@ -19,6 +19,7 @@ from ..errors import DiTOptimumError
 from ..models.autoencoder import IdentityAutoencoder
 from ..utils import check_source, first_line, is_integer, pop_unsupported_save_options
 from ..utils import save_directory as save_directory_into
+from .lora import DiTLoraLoaderMixin
 
 OUTPUT_TYPES: tuple[str, ...] = ("pil", "np", "pt", "latent")
 # Saved folders name diffusers' own class so that plain `DiffusionPipeline.from_pretrained` resolves them.
@@ -67,7 +68,7 @@ def _check_model_index(folder: Path) -> None:
         raise DiTOptimumError(f"{str(index)!r} does not describe a DiT pipeline (no `transformer` component).")
 
 
-class DiTOptimumPipeline(DiTPipeline):
+class DiTOptimumPipeline(DiTPipeline, DiTLoraLoaderMixin):
     """``DiTPipeline`` that works for any class count (null class from the model config) and in pixel space.
 
     ``vae=None`` means pixel space: an ``IdentityAutoencoder`` is stored so that the saved folder loads with plain
