@@ -72,7 +72,7 @@ class RunState:
     scaler: Any  # accelerate's gradient scaler (fp16), or None
     settings: dict[str, Any]
     record: dict[str, Any]  # train_log.config.json: the settings the run started with, then each resume
-    inputs: dict[str, Any]  # the content of data and teacher: data_fingerprint, teacher_fingerprint
+    inputs: dict[str, Any]  # the content of data and teacher: data_fingerprint, model_fingerprint
 
 
 def _checkpoint_dirs(output_dir: Path) -> list[Path]:
@@ -300,12 +300,12 @@ def data_fingerprint(data: TrainingData) -> dict[str, Any]:
     }
 
 
-def teacher_fingerprint(teacher: DiTOptimumTransformer2DModel | None) -> dict[str, Any] | None:
-    """A digest of the teacher's config and weights (None without a teacher)."""
-    if teacher is None:
+def model_fingerprint(model: DiTOptimumTransformer2DModel | None) -> dict[str, Any] | None:
+    """A digest of a model's config and weights (the teacher, the pretrained base; None without one)."""
+    if model is None:
         return None
-    state = teacher.state_dict()
-    config = {key: value for key, value in teacher.config.items() if not key.startswith("_")}  # _name_or_path: where
+    state = model.state_dict()
+    config = {key: value for key, value in model.config.items() if not key.startswith("_")}  # _name_or_path: where
     text = json.dumps({"config": config, "keys": sorted(state)}, sort_keys=True, default=str)
     return {"sha256": _digest((state[name] for name in sorted(state)), text)}
 

@@ -1,4 +1,4 @@
-"""Command line shared by scripts/train.py, train_moe.py, distill.py and extract_features.py."""
+"""Command line shared by scripts/train.py, train_moe.py, distill.py, train_lora.py and extract_features.py."""
 
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ import sys
 from collections.abc import Sequence
 
 from ..errors import DiTOptimumError
-from .config import MIXED_PRECISION, TrainConfig
+from .config import FINETUNE_MODES, MIXED_PRECISION, TrainConfig
 from .trainer import train
 
-MODES = ("base", "moe", "distill")
+MODES = ("base", "moe", "distill", "lora")
 
 
 def _ints(value: str) -> list[int]:
@@ -19,6 +19,10 @@ def _ints(value: str) -> list[int]:
         return [int(item) for item in value.split(",") if item.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"{value!r} is not a comma-separated list of integers, e.g. 0,3") from None
+
+
+def _names(value: str) -> list[str]:
+    return [item.strip() for item in value.split(",") if item.strip()]
 
 
 def _model_config(text: str) -> dict:
@@ -40,6 +44,7 @@ def build_parser(mode: str) -> argparse.ArgumentParser:
             "base": "Train a DiT.",
             "moe": "Train a mixture-of-experts DiT.",
             "distill": "Distill a teacher DiT pipeline into a student.",
+            "lora": "Fine-tune a pretrained DiT pipeline on new data and classes (LoRA, biases only, or full).",
         }[mode]
     )
     parser.add_argument("--output-dir", required=True)
@@ -81,6 +86,14 @@ def build_parser(mode: str) -> argparse.ArgumentParser:
         parser.add_argument("--moe-expert-dim", type=int, default=None)
         parser.add_argument("--moe-balance-loss-weight", type=float, default=0.01)
         parser.add_argument("--moe-router-z-loss-weight", type=float, default=0.001)
+    if mode == "lora":
+        parser.add_argument("--pretrained", required=True, help="the pipeline to adapt (folder or Hub id)")
+        parser.add_argument("--finetune", choices=FINETUNE_MODES, default="lora", help="what trains")
+        parser.add_argument("--lora-rank", type=int, default=8)
+        parser.add_argument("--lora-alpha", type=float, default=None, help="LoRA scale alpha / rank (default: rank)")
+        parser.add_argument(
+            "--lora-targets", type=_names, default=["attention"], help="comma-separated: attention, mlp, adaln"
+        )
     if mode == "distill":
         parser.add_argument("--teacher", required=True, help="teacher pipeline folder")
         parser.add_argument(
@@ -118,6 +131,15 @@ def config_from_args(args: argparse.Namespace, mode: str) -> TrainConfig:
             "feature_blocks": args.feature_blocks,
             "feature_weight": args.feature_weight,
         }
+    finetune = {}
+    if mode == "lora":
+        finetune = {
+            "pretrained": args.pretrained,
+            "finetune": args.finetune,
+            "lora_rank": args.lora_rank,
+            "lora_alpha": args.lora_alpha,
+            "lora_targets": args.lora_targets,
+        }
     return TrainConfig(
         output_dir=args.output_dir,
         model=args.model,
@@ -146,11 +168,12 @@ def config_from_args(args: argparse.Namespace, mode: str) -> TrainConfig:
         seed=args.seed,
         tensorboard=args.tensorboard,
         **distill,
+        **finetune,
     )
 
 
 def main(mode: str = "base", argv: Sequence[str] | None = None) -> int:
-    """Parse arguments for ``mode`` (base, moe, distill), train, and print where the pipeline was saved."""
+    """Parse arguments for ``mode`` (base, moe, distill, lora), train, and print where the pipeline was saved."""
     if mode not in MODES:
         raise DiTOptimumError(f"Unknown `mode`={mode!r}; allowed values: {', '.join(MODES)}.")
     args = build_parser(mode).parse_args(argv)

@@ -20,6 +20,8 @@ from ..utils import check_number, check_positive_integers, is_integer
 
 MIXED_PRECISION = ("no", "bf16", "fp16")
 LR_SCHEDULES = ("constant", "cosine")
+# What a fine-tune of a `pretrained` pipeline trains: every weight, LoRA adapters, or biases (and affine norms) only.
+FINETUNE_MODES = ("full", "lora", "bias_norm")
 # Model config keys the trainer sets from the data, with the option that sets them.
 DERIVED_MODEL_KEYS = {
     "sample_size": "--image-size (the side of the data)",
@@ -83,6 +85,11 @@ class TrainConfig:
     alpha: float = 0.5
     feature_blocks: list[int] = field(default_factory=list)
     feature_weight: float = 1.0
+    pretrained: str | None = None
+    finetune: str = "full"
+    lora_rank: int = 8
+    lora_alpha: float | None = None
+    lora_targets: list[str] = field(default_factory=lambda: ["attention"])
 
     def validate(self) -> None:
         """Refuse any setting that cannot work, naming it and what is allowed; ``train`` calls this before anything
@@ -92,6 +99,7 @@ class TrainConfig:
         self._validate_numbers()
         self._validate_model()
         self._validate_distillation()
+        self._validate_finetune()
 
     def _validate_names(self) -> None:
         names = ("output_dir", "data") if self.teacher is None else ("output_dir", "data", "teacher")
@@ -182,6 +190,29 @@ class TrainConfig:
             raise DiTOptimumError(
                 f"`feature_blocks`={blocks!r} names a block the student does not have; allowed values: 0..{layers - 1}."
             )
+
+    def _validate_finetune(self) -> None:
+        from ..models.lora import LORA_TARGETS
+
+        if self.finetune not in FINETUNE_MODES:
+            raise DiTOptimumError(f"Unknown `finetune`={self.finetune!r}; allowed values: {', '.join(FINETUNE_MODES)}.")
+        if self.pretrained is None:
+            if self.finetune != "full":
+                raise DiTOptimumError(f"`finetune`={self.finetune!r} needs a `pretrained` pipeline to adapt.")
+            return
+        if not (isinstance(self.pretrained, (str, os.PathLike)) and str(self.pretrained)):
+            raise DiTOptimumError(f"`pretrained`={self.pretrained!r} must be a pipeline folder or Hub id.")
+        if self.model_overrides:
+            raise DiTOptimumError(
+                "`model_overrides` (--model-config) cannot change a `pretrained` model: its config is the pipeline's."
+            )
+        if not is_integer(self.lora_rank) or self.lora_rank < 1:
+            raise DiTOptimumError(f"`lora_rank`={self.lora_rank!r} must be an integer >= 1.")
+        if self.lora_alpha is not None:
+            check_number("lora_alpha", self.lora_alpha, 0, include_minimum=False)
+        targets = self.lora_targets
+        if not isinstance(targets, list) or not targets or any(t not in LORA_TARGETS for t in targets):
+            raise DiTOptimumError(f"`lora_targets`={targets!r} must be a non-empty list of: {', '.join(LORA_TARGETS)}.")
 
     def learning_rate_at(self, step: int) -> float:
         """The learning rate of ``step`` (0-based): linear warm-up over ``warmup_steps``, then constant or a cosine

@@ -42,16 +42,17 @@ from .checkpoints import (
     check_same_content,
     data_fingerprint,
     load_checkpoint,
+    model_fingerprint,
     remove_staging_folders,
     resume_point,
     run_record,
     save_checkpoint,
-    teacher_fingerprint,
 )
 from .config import TrainConfig
 from .data import load_vae
 from .diffusion import GaussianDiffusion
 from .ema import EMA
+from .finetune import finish_lora, load_pretrained, prepare_finetune
 
 
 class CSVTracker(GeneralTracker):
@@ -229,13 +230,22 @@ def _train(config: TrainConfig, accelerator: Accelerator, output_dir: Path) -> P
     inputs = {"data": data_fingerprint(data)}
     if saved is not None:
         check_same_content("data", config.data, saved["inputs"].get("data"), inputs["data"], checkpoint)
-    model = build_model(config, data)
+    if config.pretrained is None:
+        model, resized = build_model(config, data), False
+    else:  # fine-tuning: the base, its class table resized to the data's classes when they differ
+        model, resized = load_pretrained(config, data)
+    inputs["pretrained"] = model_fingerprint(model) if config.pretrained else None
+    if saved is not None:
+        check_same_content(
+            "pretrained", config.pretrained, saved["inputs"].get("pretrained"), inputs["pretrained"], checkpoint
+        )
+    prepare_finetune(model, config, resized)  # what trains: all, LoRA adapters, or biases (+ a resized table)
     # Refuse a batch whose activations cannot fit before allocating it (checkpointing keeps about one block's).
     check_activation_memory(model.config, config.batch_size // world, "batch_size", not config.gradient_checkpointing)
     if config.gradient_checkpointing:
         model.enable_gradient_checkpointing()
     teacher = _load_teacher(config, model) if config.teacher else None
-    inputs["teacher"] = teacher_fingerprint(teacher)
+    inputs["teacher"] = model_fingerprint(teacher)
     if saved is not None:
         check_same_content("teacher", config.teacher, saved["inputs"].get("teacher"), inputs["teacher"], checkpoint)
     projections = nn.ModuleDict()
@@ -256,7 +266,7 @@ def _train(config: TrainConfig, accelerator: Accelerator, output_dir: Path) -> P
     null_class = model.null_class_label
     class_dropout = model.config.class_dropout_prob
     model.conditioning_embedding.class_embedder.dropout_prob = 0.0
-    trainable = list(model.parameters()) + list(projections.parameters())
+    trainable = [p for p in model.parameters() if p.requires_grad] + list(projections.parameters())
     # fused: one kernel per step for every parameter instead of a Python loop over them (measured faster on CPU)
     optimizer = torch.optim.AdamW(
         trainable, lr=config.learning_rate_at(0), weight_decay=config.weight_decay, fused=True
@@ -374,8 +384,11 @@ def _train(config: TrainConfig, accelerator: Accelerator, output_dir: Path) -> P
     accelerator.wait_for_everyone()
     pipeline_dir = output_dir / "pipeline"
     if accelerator.is_main_process:
-        ema.model.conditioning_embedding.class_embedder.dropout_prob = class_dropout
-        _save_pipeline(ema.model, data, pipeline_dir)
+        final = ema.model
+        final.conditioning_embedding.class_embedder.dropout_prob = class_dropout
+        if config.finetune == "lora":  # the adapter on its own in <output_dir>/lora, merged into the pipeline
+            final = finish_lora(final, output_dir)
+        _save_pipeline(final, data, pipeline_dir)
     accelerator.end_training()
     return pipeline_dir
 
