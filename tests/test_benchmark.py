@@ -43,6 +43,10 @@ class UntrainedContext:
     def baseline_config(self):
         return self.base.transformer.config
 
+    def finetune(self, name, pipeline, *, distill=True):
+        self.requests.append((name, "finetune", distill, {}))
+        return pipeline
+
     def train(self, name, model_overrides=None, *, distill=False, **options):
         self.requests.append((name, dict(model_overrides or {}), distill, options))
         # drop diffusers' private keys: `_use_default_values` would reset overridden defaults
@@ -79,6 +83,8 @@ def test_every_registered_technique_builds_a_working_pipeline(name):
         assert model.dtype == torch.bfloat16
     elif name.startswith("prune-"):
         assert sum(p.numel() for p in model.parameters()) < sum(p.numel() for p in base.parameters())
+        if name.endswith("-recover"):  # fine-tuned from the pruned model with distillation from the baseline
+            assert context.requests == [(name, "finetune", True, {})]
     images = pipeline([0, 3], num_inference_steps=2, guidance_scale=1.5, output_type="np").images
     assert images.shape == (2, 8, 8, 1) and np.isfinite(images).all()
 
@@ -96,7 +102,7 @@ def tiny_settings(output_dir: Path, techniques=("baseline", "prune-depth-50")) -
         variants=("DiT-XS/4",),
         techniques=techniques,
         image_size=8,
-        training=TrainingRecipe(steps=3, batch_size=8, checkpoint_every=2),
+        training=TrainingRecipe(steps=3, batch_size=8, checkpoint_every=2, recovery_steps=2),
         quality=QualitySettings(
             num_samples=11,
             reference_samples=20,
@@ -249,6 +255,22 @@ def test_bad_benchmark_arguments_fail_clearly(tmp_path, capsys):
     assert not (tmp_path / "results.json").exists()
     assert cli(["benchmark", "--list"]) == 0
     assert "quanto-w8a8" in capsys.readouterr().out
+
+
+def test_recovery_fine_tunes_the_pruned_baseline_with_distillation(tmp_path):
+    settings = tiny_settings(tmp_path / "bench", ("baseline", "prune-depth-50", "prune-depth-50-recover"))
+    rows = {row["technique"]: row for row in run_benchmark(settings, inception=TinyFeatureExtractor())}
+    assert all(row["status"] == "ok" for row in rows.values()), [row.get("error") for row in rows.values()]
+    recovered = rows["prune-depth-50-recover"]
+    assert recovered["train_steps"] == 2 and recovered["params_m"] == rows["prune-depth-50"]["params_m"]
+    models = tmp_path / "bench" / "models" / "DiT-XS-4"
+    start = DiTOptimumPipeline.from_pretrained(models / "prune-depth-50-recover-start").transformer
+    tuned = DiTOptimumPipeline.from_pretrained(models / "prune-depth-50-recover" / "pipeline").transformer
+    assert start.config.num_layers == tuned.config.num_layers == 3  # half of the tiny preset's 6 blocks
+    assert not torch.equal(start.proj_out_2.weight, tuned.proj_out_2.weight)
+    record = json.loads((models / "prune-depth-50-recover" / "train_log.config.json").read_text())["config"]
+    assert record["pretrained"] == str(models / "prune-depth-50-recover-start") and record["teacher"]
+    assert record["steps"] == 2
 
 
 def test_presets_describe_the_default_and_the_paper_runs():

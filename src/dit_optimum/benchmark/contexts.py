@@ -63,6 +63,14 @@ class VariantContext:
         pipeline = DiTOptimumPipeline.from_pretrained(self._train(name, model_overrides or {}, distill, **options))
         return pipeline.to(self.device)
 
+    def finetune(self, name: str, pipeline: DiTOptimumPipeline, *, distill: bool = True) -> DiTOptimumPipeline:
+        start = self.root / f"{slug(name)}-start"
+        if not (start / "model_index.json").is_file():  # the model to fine-tune, saved once (deterministic)
+            pipeline.save_pretrained(start, overwrite=True)
+        steps = self.settings.training.recovery_steps
+        trained = self._train(name, {}, distill, pretrained=str(start), steps=steps)
+        return DiTOptimumPipeline.from_pretrained(trained).to(self.device)
+
     def _train(self, name: str, model_overrides: Mapping[str, Any], distill: bool, **options: Any) -> Path:
         folder = self.root / slug(name)
         pipeline = folder / "pipeline"
@@ -82,7 +90,7 @@ class VariantContext:
             pipeline = self.trainer(config)
             self.trained[name] = {"train_wall_s": time.perf_counter() - start}
         record = self.trained.setdefault(name, {})
-        record.update(train_steps=self.settings.training.steps)
+        record.update(train_steps=options.get("steps", self.settings.training.steps))
         if (folder / "train_log.csv").is_file():
             record["train_final_loss"] = final_loss(folder)
         return pipeline
@@ -141,3 +149,6 @@ class UntrainedContext:
         self, name: str, model_overrides: Mapping[str, Any] | None = None, *, distill: bool = False, **options: Any
     ) -> DiTOptimumPipeline:
         return self._pipeline(model_overrides or {})
+
+    def finetune(self, name: str, pipeline: DiTOptimumPipeline, *, distill: bool = True) -> DiTOptimumPipeline:
+        return pipeline  # cost columns do not depend on the weights

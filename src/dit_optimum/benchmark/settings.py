@@ -29,7 +29,7 @@ from ..utils import check_positive_integers, check_source, csv_list
 RESULTS_FILE = "results.json"
 DEFAULT_VARIANTS: tuple[str, ...] = ("DiT-XS/4",)
 # Every technique family of the study; the attention types are its simplified ones (shallow, mediated, focused
-# multi-query linear). The others (gqa, mqa, focused, focused_gqa, quanto-int4, ...) run with --techniques.
+# multi-query linear); pruning also with recovery. Others (gqa, mqa, focused, quanto-int4, ...): --techniques.
 DEFAULT_TECHNIQUES: tuple[str, ...] = (
     "baseline",
     "attention-shallow",
@@ -44,6 +44,8 @@ DEFAULT_TECHNIQUES: tuple[str, ...] = (
     "prune-heads-50",
     "prune-mlp-50",
     "prune-depth-50",
+    "prune-heads-50-recover",
+    "prune-depth-50-recover",
 )
 PRESETS: tuple[str, ...] = ("default", "paper")
 # Class count assumed when checking memory before the data is loaded (only the embedding table depends on it).
@@ -67,28 +69,33 @@ class TrainingRecipe:
     checkpoint_every: int = 400
     mixed_precision: str = "bf16"
     seed: int = 0
+    # fine-tuning steps of the recovery techniques (a pruned baseline distilled from the unpruned one)
+    recovery_steps: int = 400
 
     def train_config(self, output_dir: str, variant: str, data: str, image_size: int, channels: int, **extra: Any):
-        """The trainer's config for one run of this recipe (resumable, logging about ten times)."""
-        return TrainConfig(
-            output_dir=output_dir,
-            model=variant,
-            data=data,
-            image_size=image_size,
-            channels=channels,
-            steps=self.steps,
-            batch_size=self.batch_size,
-            learning_rate=self.learning_rate,
-            warmup_steps=self.warmup_steps,
-            lr_schedule=self.lr_schedule,
-            ema_decay=self.ema_decay,
-            checkpoint_every=self.checkpoint_every,
-            mixed_precision=self.mixed_precision,
-            seed=self.seed,
-            resume=True,
-            log_every=max(1, min(50, self.steps // 10)) if isinstance(self.steps, int) else 1,
+        """The trainer's config for one run of this recipe (resumable, logging about ten times); ``extra`` adds or
+        replaces trainer settings (a fine-tune's ``pretrained`` and ``steps``)."""
+        options = {
+            "output_dir": output_dir,
+            "model": variant,
+            "data": data,
+            "image_size": image_size,
+            "channels": channels,
+            "steps": self.steps,
+            "batch_size": self.batch_size,
+            "learning_rate": self.learning_rate,
+            "warmup_steps": self.warmup_steps,
+            "lr_schedule": self.lr_schedule,
+            "ema_decay": self.ema_decay,
+            "checkpoint_every": self.checkpoint_every,
+            "mixed_precision": self.mixed_precision,
+            "seed": self.seed,
+            "resume": True,
             **extra,
-        )
+        }
+        steps = options["steps"]
+        options["log_every"] = max(1, min(50, steps // 10)) if isinstance(steps, int) else 1
+        return TrainConfig(**options)
 
 
 @dataclass
@@ -144,7 +151,9 @@ class BenchmarkSettings:
             )
         for path in self.pretrained.values():
             check_source(path, "pretrained")
-        check_positive_integers(image_size=self.image_size, grid_size=self.grid_size)
+        check_positive_integers(
+            image_size=self.image_size, grid_size=self.grid_size, recovery_steps=self.training.recovery_steps
+        )
         allowed_channels = (1, 3, 4) if self.speed_only else (1, 3)
         if self.channels not in allowed_channels:
             raise DiTOptimumError(
@@ -269,6 +278,7 @@ def add_benchmark_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--train-steps", type=int)
     parser.add_argument("--train-batch-size", type=int)
     parser.add_argument("--learning-rate", type=float)
+    parser.add_argument("--recovery-steps", type=int, help="fine-tuning steps of the prune-*-recover techniques")
     add_quality_arguments(parser)
     parser.add_argument("--speed-batch-size", type=int, help="batch of the sampling-throughput and memory measurement")
     parser.add_argument(
@@ -305,7 +315,12 @@ def settings_from_arguments(args: argparse.Namespace) -> BenchmarkSettings:
         "speed_only": args.speed_only or None,
     }
     settings = replace(settings, **{key: value for key, value in matrix.items() if value is not None})
-    training = {"steps": args.train_steps, "batch_size": args.train_batch_size, "learning_rate": args.learning_rate}
+    training = {
+        "steps": args.train_steps,
+        "batch_size": args.train_batch_size,
+        "learning_rate": args.learning_rate,
+        "recovery_steps": args.recovery_steps,
+    }
     settings.training = replace(settings.training, **{k: v for k, v in training.items() if v is not None})
     settings.quality = quality_settings_from_arguments(args, settings.quality)
     speed = {

@@ -36,6 +36,10 @@ class TechniqueContext(Protocol):
         ``distill=True`` distills from the baseline; ``options`` are further trainer settings.
         """
 
+    def finetune(self, name: str, pipeline: DiTOptimumPipeline, *, distill: bool = True) -> DiTOptimumPipeline:
+        """Fine-tune ``pipeline`` (e.g. a pruned baseline) on the variant's data for the recipe's recovery steps,
+        distilling from the baseline when ``distill``; trained once, then loaded."""
+
 
 @dataclass(frozen=True)
 class Technique:
@@ -101,6 +105,12 @@ def quantized(context: TechniqueContext, **options: Any) -> DiTOptimumPipeline:
     return quantize(context.baseline(), **options)
 
 
+def pruned_and_recovered(context: TechniqueContext, run_name: str, **options: Any) -> DiTOptimumPipeline:
+    """The pruned baseline fine-tuned briefly (all weights, the recipe's recovery steps) with distillation from the
+    unpruned baseline: how much of what pruning lost comes back."""
+    return context.finetune(run_name, prune(context.baseline(), **options), distill=True)
+
+
 def pruned(context: TechniqueContext, **options: Any) -> DiTOptimumPipeline:
     """The trained baseline with whole heads, MLP units or blocks removed (really smaller), no fine-tuning."""
     return prune(context.baseline(), **options)
@@ -164,4 +174,11 @@ for _part in ("heads", "mlp", "depth"):
         pruned,
         f"structured pruning of 50% of the {_part} (L1 importance, per layer, no fine-tuning)",
         {_part: 0.5},
+    )
+    register_technique(
+        f"prune-{_part}-50-recover",
+        pruned_and_recovered,
+        f"50% of the {_part} pruned, then fine-tuned (recovery steps) with distillation from the unpruned baseline",
+        {"run_name": f"prune-{_part}-50-recover", _part: 0.5},
+        trains=True,
     )
