@@ -495,6 +495,42 @@ def training_option_cases(fx: Fixtures) -> list[Case]:
             holder.wait()
 
     cases.append(Case("train resume", "a second training on a busy folder", concurrent))
+
+    # fine-tuning a pretrained pipeline (scripts/train_lora.py)
+    base = ["--image-size", "8", "--batch-size", "8", "--max-samples", "16", "--steps", "1"]
+    pipeline = fx.run / "pipeline"
+    for extra in (
+        ["--pretrained", "./no/pipeline"],
+        ["--pretrained", str(pipeline), "--lora-rank", "0"],
+        ["--pretrained", str(pipeline), "--lora-rank", "-2"],
+        ["--pretrained", str(pipeline), "--lora-alpha", "nan"],
+        ["--pretrained", str(pipeline), "--lora-alpha", "0"],
+        ["--pretrained", str(pipeline), "--lora-targets", "qkv"],
+        ["--pretrained", str(pipeline), "--lora-targets", ","],
+        ["--pretrained", str(pipeline), "--finetune", "dora"],
+        ["--pretrained", str(pipeline), "--model-config", '{"num_layers": 1}'],
+        ["--pretrained", str(pipeline), "--image-size", "16"],
+        ["--pretrained", str(fx.checkpoint)],
+    ):
+        argv = [*base, *extra] if "--image-size" not in extra else [*base[2:], *extra]
+        cases.append(
+            Case(
+                "fine-tune",
+                " ".join(a if len(a) < 30 else "PIPE" for a in extra),
+                lambda ws, a=argv: train("--output-dir", ws / "run", *a, mode="lora"),
+            )
+        )
+    cases.append(
+        Case(
+            "fine-tune",
+            "LoRA fine-tune of a trained pipeline works",
+            lambda ws: train("--output-dir", ws / "run", *base, "--pretrained", str(pipeline), mode="lora"),
+            expect="ok",
+            check=lambda ws, _: (
+                None if (ws / "run" / "lora" / "pytorch_lora_weights.safetensors").is_file() else "no adapter saved"
+            ),
+        )
+    )
     return cases
 
 
