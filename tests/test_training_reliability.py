@@ -396,3 +396,33 @@ def test_a_batch_that_cannot_fit_in_memory_is_refused_before_training(tmp_path):
     with pytest.raises(DiTOptimumError, match=r"`batch_size`=10000000000 .*GiB"):
         train(tiny_run(tmp_path, batch_size=10_000_000_000))
     assert not (tmp_path / "train_log.csv").exists()
+
+
+# --- one home per training option ------------------------------------------------------------------------------
+
+
+def test_script_options_come_from_train_config_fields():
+    import dataclasses
+
+    from dit_optimum.benchmark.settings import TrainingRecipe
+    from dit_optimum.training import TrainConfig
+    from dit_optimum.training.cli import MODES, build_parser, config_from_args
+
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    offered = set()
+    for mode in MODES:
+        required = {"distill": ["--teacher", "t"], "lora": ["--pretrained", "p"]}.get(mode, [])
+        args = build_parser(mode).parse_args(["--output-dir", "out", *required])
+        config = config_from_args(args, mode)
+        offered |= {f.name for f in dataclasses.fields(TrainConfig) if hasattr(args, f.name)}
+        expected = TrainConfig(
+            output_dir="out", **dict(zip(["teacher" if mode == "distill" else "pretrained"], required[1:]))
+        )
+        for name in names - {"model_overrides", "finetune"}:
+            assert getattr(config, name) == getattr(expected, name), (mode, name)
+    assert offered == names  # every field is an option of some script
+    assert build_parser("base").parse_args(["--output-dir", "o", "--lr", "0.5"]).learning_rate == 0.5
+    assert build_parser("base").parse_args(["--output-dir", "o", "--no-ema-warmup"]).ema_warmup is False
+    assert build_parser("lora").parse_args(["--output-dir", "o", "--pretrained", "p"]).finetune == "lora"
+    recipe = {f.name for f in dataclasses.fields(TrainingRecipe)} - {"recovery_steps"}
+    assert recipe <= names  # the benchmark's recipe sets TrainConfig fields by name

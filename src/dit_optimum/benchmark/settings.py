@@ -54,7 +54,8 @@ _ESTIMATE_CLASSES = 1000
 
 @dataclass
 class TrainingRecipe:
-    """How the baseline and every trained technique of a variant are trained (identically, for fairness).
+    """How the baseline and every trained technique of a variant are trained (identically, for fairness). Each field
+    but ``recovery_steps`` is the ``TrainConfig`` field of the same name.
 
     The defaults are the small-data recipe chosen by the sweep in BENCHMARKS.md (``benchmarks/digits_recipe.py``):
     DiT-XS/4 on the digits reaches real digits within the CPU budget. ``--preset paper`` uses fast-DiT's.
@@ -75,21 +76,14 @@ class TrainingRecipe:
     def train_config(self, output_dir: str, variant: str, data: str, image_size: int, channels: int, **extra: Any):
         """The trainer's config for one run of this recipe (resumable, logging about ten times); ``extra`` adds or
         replaces trainer settings (a fine-tune's ``pretrained`` and ``steps``)."""
+        recipe = {name: value for name, value in asdict(self).items() if name != "recovery_steps"}
         options = {
             "output_dir": output_dir,
             "model": variant,
             "data": data,
             "image_size": image_size,
             "channels": channels,
-            "steps": self.steps,
-            "batch_size": self.batch_size,
-            "learning_rate": self.learning_rate,
-            "warmup_steps": self.warmup_steps,
-            "lr_schedule": self.lr_schedule,
-            "ema_decay": self.ema_decay,
-            "checkpoint_every": self.checkpoint_every,
-            "mixed_precision": self.mixed_precision,
-            "seed": self.seed,
+            **recipe,  # the recipe's fields are TrainConfig's, by name
             "resume": True,
             **extra,
         }

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
+import typing
 from collections.abc import Sequence
 
 from ..errors import DiTOptimumError
-from .config import FINETUNE_MODES, MIXED_PRECISION, TrainConfig
+from .config import TrainConfig
 from .trainer import train
 
 MODES = ("base", "moe", "distill", "lora")
@@ -38,138 +40,81 @@ def _model_config(text: str) -> dict:
     return value
 
 
+# Options of the model config (not of training): they become `model_overrides` keys, beside --model-config.
+MODEL_OPTIONS = {
+    "base": {
+        "attention_type": (str, None, "sdpa, gqa, mqa, shallow, mediated, focused, ..."),
+        "num_kv_heads": (int, None, ""),
+    },
+    "moe": {
+        "moe_num_experts": (int, 8, ""),
+        "moe_top_k": (int, 2, ""),
+        "moe_num_shared_experts": (int, 0, ""),
+        "moe_capacity_factor": (float, 1.25, ""),
+        "moe_every": (int, 1, ""),
+        "moe_expert_dim": (int, None, ""),
+        "moe_balance_loss_weight": (float, 0.01, ""),
+        "moe_router_z_loss_weight": (float, 0.001, ""),
+    },
+}
+DESCRIPTIONS = {
+    "base": "Train a DiT.",
+    "moe": "Train a mixture-of-experts DiT.",
+    "distill": "Distill a teacher DiT pipeline into a student.",
+    "lora": "Fine-tune a pretrained DiT pipeline on new data and classes (LoRA, biases only, or full).",
+}
+_PARSERS = {int: int, float: float, str: str, list[int]: _ints, list[str]: _names}
+
+
+def _config_options(mode: str) -> list[dataclasses.Field]:
+    """The ``TrainConfig`` fields the ``mode`` script offers (every field declares its option)."""
+    return [f for f in dataclasses.fields(TrainConfig) if f.metadata["modes"] is None or mode in f.metadata["modes"]]
+
+
 def build_parser(mode: str) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        description={
-            "base": "Train a DiT.",
-            "moe": "Train a mixture-of-experts DiT.",
-            "distill": "Distill a teacher DiT pipeline into a student.",
-            "lora": "Fine-tune a pretrained DiT pipeline on new data and classes (LoRA, biases only, or full).",
-        }[mode]
-    )
-    parser.add_argument("--output-dir", required=True)
-    parser.add_argument("--model", default="DiT-XS/2", help="preset, e.g. DiT-S/2")
-    parser.add_argument("--attention-type", default=None, help="sdpa, gqa, mqa, shallow, mediated, focused, ...")
-    parser.add_argument("--num-kv-heads", type=int, default=None)
-    parser.add_argument("--model-config", default="{}", help='JSON object of model config keys, e.g. {"num_layers": 2}')
-    parser.add_argument("--data", default="digits", help="digits | imagefolder dir | latents dir | datasets id")
-    parser.add_argument("--image-size", type=int, default=16)
-    parser.add_argument("--channels", type=int, default=1)
-    parser.add_argument(
-        "--skip-corrupt", action="store_true", help="skip unreadable images (counted) instead of failing"
-    )
-    parser.add_argument("--max-samples", type=int, default=None, help="train on the first N samples only")
-    parser.add_argument("--steps", type=int, default=1000)
-    parser.add_argument("--batch-size", type=int, default=32, help="global batch, split across processes")
-    parser.add_argument("--lr", type=float, default=1e-4)
-    parser.add_argument("--warmup-steps", type=int, default=0, help="linear learning-rate warm-up from 0")
-    parser.add_argument("--lr-schedule", default="constant", help="constant | cosine (decays to 0 at --steps)")
-    parser.add_argument("--weight-decay", type=float, default=0.0)
-    parser.add_argument("--ema-decay", type=float, default=0.9999)
-    parser.add_argument("--no-ema-warmup", action="store_true", help="constant EMA decay from step 0 (as fast-DiT)")
-    parser.add_argument("--max-grad-norm", type=float, default=None)
-    parser.add_argument("--mixed-precision", choices=MIXED_PRECISION, default="no")
-    parser.add_argument("--gradient-checkpointing", action="store_true")
-    parser.add_argument("--compile", action="store_true", help="run the model's forward through torch.compile")
-    parser.add_argument("--checkpoint-every", type=int, default=500)
-    parser.add_argument("--keep-checkpoints", type=int, default=2)
-    parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --output-dir")
-    parser.add_argument("--log-every", type=int, default=10)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--tensorboard", action="store_true")
+    """The script's options, generated from ``TrainConfig``'s fields (one home per training option) plus the model
+    options of ``mode`` (attention type, K/V heads, MoE shape)."""
+    parser = argparse.ArgumentParser(description=DESCRIPTIONS[mode])
+    hints = typing.get_type_hints(TrainConfig)
+    for f in _config_options(mode):
+        meta = f.metadata
+        flag = meta["flag"] or "--" + f.name.replace("_", "-")
+        default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+        default = meta["cli_default"] if meta["cli_default"] is not None else default
+        kind = hints[f.name]
+        if f.name == "model_overrides":
+            parser.add_argument(flag, dest=f.name, default="{}", help=meta["help"])  # parsed with the config
+        elif kind is bool:  # a flag; `--no-...` turns a default-on setting off
+            action = "store_false" if flag.startswith("--no-") else "store_true"
+            parser.add_argument(flag, dest=f.name, action=action, help=meta["help"])
+        else:
+            optional = [arg for arg in typing.get_args(kind) if arg is not type(None)]
+            base = optional[0] if type(None) in typing.get_args(kind) else kind
+            parser.add_argument(
+                flag,
+                dest=f.name,
+                type=_PARSERS[base],
+                default=default,
+                required=meta["required"],
+                help=meta["help"] + ("" if default in (None, [], {}) else f" (default: {default})"),
+            )
+    for name, (kind, default, help_text) in MODEL_OPTIONS.get("moe" if mode == "moe" else "base", {}).items():
+        parser.add_argument("--" + name.replace("_", "-"), type=kind, default=default, help=help_text or None)
     if mode == "moe":
-        parser.add_argument("--moe-num-experts", type=int, default=8)
-        parser.add_argument("--moe-top-k", type=int, default=2)
-        parser.add_argument("--moe-num-shared-experts", type=int, default=0)
-        parser.add_argument("--moe-capacity-factor", type=float, default=1.25)
-        parser.add_argument("--moe-every", type=int, default=1)
-        parser.add_argument("--moe-expert-dim", type=int, default=None)
-        parser.add_argument("--moe-balance-loss-weight", type=float, default=0.01)
-        parser.add_argument("--moe-router-z-loss-weight", type=float, default=0.001)
-    if mode == "lora":
-        parser.add_argument("--pretrained", required=True, help="the pipeline to adapt (folder or Hub id)")
-        parser.add_argument("--finetune", choices=FINETUNE_MODES, default="lora", help="what trains")
-        parser.add_argument("--lora-rank", type=int, default=8)
-        parser.add_argument("--lora-alpha", type=float, default=None, help="LoRA scale alpha / rank (default: rank)")
-        parser.add_argument(
-            "--lora-targets", type=_names, default=["attention"], help="comma-separated: attention, mlp, adaln"
-        )
-    if mode == "distill":
-        parser.add_argument("--teacher", required=True, help="teacher pipeline folder")
-        parser.add_argument(
-            "--alpha", type=float, default=0.5, help="weight of the diffusion loss (1 - alpha: teacher)"
-        )
-        parser.add_argument("--feature-blocks", type=_ints, default=[], help="student blocks for the feature loss")
-        parser.add_argument("--feature-weight", type=float, default=1.0)
+        for name, (kind, default, help_text) in MODEL_OPTIONS["base"].items():
+            parser.add_argument("--" + name.replace("_", "-"), type=kind, default=default, help=help_text or None)
     return parser
 
 
 def config_from_args(args: argparse.Namespace, mode: str) -> TrainConfig:
-    """The ``TrainConfig`` of parsed arguments (``--model-config`` and the attention / MoE flags become overrides)."""
-    overrides = _model_config(args.model_config)
-    if args.attention_type is not None:
-        overrides["attention_type"] = args.attention_type
-    if args.num_kv_heads is not None:
-        overrides["num_kv_heads"] = args.num_kv_heads
-    if mode == "moe":
-        for key in (
-            "num_experts",
-            "top_k",
-            "num_shared_experts",
-            "capacity_factor",
-            "every",
-            "expert_dim",
-            "balance_loss_weight",
-            "router_z_loss_weight",
-        ):
-            overrides[f"moe_{key}"] = getattr(args, f"moe_{key}")
-    distill = {}
-    if mode == "distill":
-        distill = {
-            "teacher": args.teacher,
-            "alpha": args.alpha,
-            "feature_blocks": args.feature_blocks,
-            "feature_weight": args.feature_weight,
-        }
-    finetune = {}
-    if mode == "lora":
-        finetune = {
-            "pretrained": args.pretrained,
-            "finetune": args.finetune,
-            "lora_rank": args.lora_rank,
-            "lora_alpha": args.lora_alpha,
-            "lora_targets": args.lora_targets,
-        }
-    return TrainConfig(
-        output_dir=args.output_dir,
-        model=args.model,
-        model_overrides=overrides,
-        data=args.data,
-        image_size=args.image_size,
-        channels=args.channels,
-        skip_corrupt=args.skip_corrupt,
-        max_samples=args.max_samples,
-        steps=args.steps,
-        batch_size=args.batch_size,
-        learning_rate=args.lr,
-        warmup_steps=args.warmup_steps,
-        lr_schedule=args.lr_schedule,
-        weight_decay=args.weight_decay,
-        ema_decay=args.ema_decay,
-        ema_warmup=not args.no_ema_warmup,
-        max_grad_norm=args.max_grad_norm,
-        mixed_precision=args.mixed_precision,
-        gradient_checkpointing=args.gradient_checkpointing,
-        compile=args.compile,
-        checkpoint_every=args.checkpoint_every,
-        keep_checkpoints=args.keep_checkpoints,
-        resume=args.resume,
-        log_every=args.log_every,
-        seed=args.seed,
-        tensorboard=args.tensorboard,
-        **distill,
-        **finetune,
-    )
+    """The ``TrainConfig`` of parsed arguments: its own fields by name, the model options as overrides."""
+    values = {f.name: getattr(args, f.name) for f in _config_options(mode)}
+    overrides = _model_config(values.pop("model_overrides"))
+    for name in [*MODEL_OPTIONS["base"], *(MODEL_OPTIONS["moe"] if mode == "moe" else ())]:
+        value = getattr(args, name)
+        if value is not None or name in MODEL_OPTIONS["moe"]:
+            overrides[name] = value
+    return TrainConfig(**values, model_overrides=overrides)
 
 
 def main(mode: str = "base", argv: Sequence[str] | None = None) -> int:

@@ -33,6 +33,24 @@ MODEL_KEYS = tuple(inspect.signature(DiTOptimumTransformer2DModel.__init__).para
 MAX_SEED = 2**32 - 1  # numpy's seeding limit (accelerate's set_seed seeds numpy too)
 
 
+def option(
+    default: Any,
+    help: str,
+    *,
+    flag: str | None = None,
+    modes: tuple[str, ...] | None = None,
+    required: bool = False,
+    cli_default: Any = None,
+) -> Any:
+    """A ``TrainConfig`` field and its command-line option, declared once: ``default`` (a callable: a factory),
+    ``help``, the ``flag`` (default ``--field-name``; ``--no-...`` inverts a boolean), the script ``modes`` that offer
+    it (None: all), whether those scripts require it, and a script default other than the field's."""
+    metadata = {"help": help, "flag": flag, "modes": modes, "required": required, "cli_default": cli_default}
+    if callable(default):
+        return field(default_factory=default, metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
 def _json_default(value: Any) -> Any:
     # Paths and NumPy numbers, as JSON; anything else is not a setting.
     if isinstance(value, os.PathLike):
@@ -55,41 +73,43 @@ class TrainConfig:
     the math attention kernel, faster than the fused one at the short sequences of small images).
     """
 
-    output_dir: str
-    model: str = "DiT-XS/2"
-    model_overrides: dict[str, Any] = field(default_factory=dict)
-    data: str = "digits"
-    image_size: int = 16
-    channels: int = 1
-    skip_corrupt: bool = False
-    max_samples: int | None = None
-    steps: int = 1000
-    batch_size: int = 32
-    learning_rate: float = 1e-4
-    warmup_steps: int = 0
-    lr_schedule: str = "constant"
-    weight_decay: float = 0.0
-    ema_decay: float = 0.9999
-    ema_warmup: bool = True
-    max_grad_norm: float | None = None
-    mixed_precision: str = "no"
-    gradient_checkpointing: bool = False
-    compile: bool = False
-    checkpoint_every: int = 500
-    keep_checkpoints: int = 2
-    resume: bool = False
-    log_every: int = 10
-    seed: int = 0
-    tensorboard: bool = False
-    teacher: str | None = None
-    alpha: float = 0.5
-    feature_blocks: list[int] = field(default_factory=list)
-    feature_weight: float = 1.0
-    pretrained: str | None = None
-    finetune: str = "full"
-    lora_rank: int = 8
-    lora_alpha: float | None = None
-    lora_targets: list[str] = field(default_factory=lambda: ["attention"])
+    output_dir: str = option(None, "where checkpoints, logs and the pipeline go", required=True)
+    model: str = option("DiT-XS/2", "preset, e.g. DiT-S/2 (a fine-tune takes its base's)")
+    model_overrides: dict[str, Any] = option(
+        dict, 'JSON object of model config keys, e.g. {"num_layers": 2}', flag="--model-config"
+    )
+    data: str = option("digits", "digits | imagefolder dir | latents dir | datasets id")
+    image_size: int = option(16, "training image side (pixels; ignored for latents)")
+    channels: int = option(1, "1 or 3 for pixel data, 4 for latents")
+    skip_corrupt: bool = option(False, "skip unreadable images (counted) instead of failing")
+    max_samples: int | None = option(None, "train on the first N samples only")
+    steps: int = option(1000, "optimizer steps")
+    batch_size: int = option(32, "global batch, split across processes")
+    learning_rate: float = option(1e-4, "AdamW learning rate", flag="--lr")
+    warmup_steps: int = option(0, "linear learning-rate warm-up from 0")
+    lr_schedule: str = option("constant", "constant | cosine (decays to 0 at --steps)")
+    weight_decay: float = option(0.0, "AdamW weight decay")
+    ema_decay: float = option(0.9999, "decay of the EMA the pipeline is saved from")
+    ema_warmup: bool = option(True, "constant EMA decay from step 0 (as fast-DiT)", flag="--no-ema-warmup")
+    max_grad_norm: float | None = option(None, "clip the gradient norm (none: no clipping)")
+    mixed_precision: str = option("no", "no | bf16 | fp16 autocast")
+    gradient_checkpointing: bool = option(False, "recompute block activations in the backward pass")
+    compile: bool = option(False, "run the model's forward through torch.compile")
+    checkpoint_every: int = option(500, "steps between checkpoints")
+    keep_checkpoints: int = option(2, "checkpoints kept")
+    resume: bool = option(False, "continue from the last checkpoint in --output-dir")
+    log_every: int = option(10, "steps between log rows")
+    seed: int = option(0, "seed of initialisation, data order, noise and label drops")
+    tensorboard: bool = option(False, "also log to TensorBoard")
+    teacher: str | None = option(None, "teacher pipeline folder", modes=("distill",), required=True)
+    alpha: float = option(0.5, "weight of the diffusion loss (1 - alpha: teacher)", modes=("distill",))
+    feature_blocks: list[int] = option(list, "student blocks for the feature loss, e.g. 0,3", modes=("distill",))
+    feature_weight: float = option(1.0, "weight of the feature loss", modes=("distill",))
+    pretrained: str | None = option(None, "the pipeline to adapt (folder or Hub id)", modes=("lora",), required=True)
+    finetune: str = option("full", "what trains: full | lora | bias_norm", modes=("lora",), cli_default="lora")
+    lora_rank: int = option(8, "LoRA rank", modes=("lora",))
+    lora_alpha: float | None = option(None, "LoRA scale alpha / rank (default: rank)", modes=("lora",))
+    lora_targets: list[str] = option(lambda: ["attention"], "comma-separated: attention, mlp, adaln", modes=("lora",))
 
     def validate(self) -> None:
         """Refuse any setting that cannot work, naming it and what is allowed; ``train`` calls this before anything

@@ -2,7 +2,8 @@
 
 Read top to bottom: ``train`` checks the ``TrainConfig`` (``config.py``), locks the output folder, finds the
 checkpoint to resume (``checkpoints.py``: foreign files and changed settings refused before reading any weights),
-builds data, model, optimizer, EMA and logging, then loops: sample a global batch (a permutation fixed by seed and
+builds data, the model (fresh, or a pretrained one prepared by ``finetune.py``: LoRA, biases, full), the teacher
+(``distillation.py``), optimizer, EMA and logging, then loops: sample a global batch (a permutation fixed by seed and
 epoch, split across processes), noise it, take the DiT loss (+ MoE auxiliary loss, + distillation terms), step,
 update the EMA, log, and checkpoint atomically every ``checkpoint_every`` steps. The result is saved as a pipeline
 that ``DiffusionPipeline.from_pretrained`` loads.
@@ -21,7 +22,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 from accelerate.tracking import GeneralTracker
@@ -51,6 +51,7 @@ from .checkpoints import (
 from .config import TrainConfig
 from .data import load_vae
 from .diffusion import GaussianDiffusion
+from .distillation import Distillation
 from .ema import EMA
 from .finetune import finish_lora, load_pretrained, prepare_finetune
 
@@ -135,42 +136,6 @@ def _global_batch_indices(num_samples: int, step: int, batch_size: int, seed: in
     return indices
 
 
-class _FeatureTaps:
-    """Forward hooks that keep the outputs of chosen transformer blocks."""
-
-    def __init__(self, model: DiTOptimumTransformer2DModel, blocks: list[int]):
-        self.outputs: dict[int, torch.Tensor] = {}
-        self.handles = [model.transformer_blocks[index].register_forward_hook(self._hook(index)) for index in blocks]
-
-    def _hook(self, index: int):
-        def keep(_module, _inputs, output):
-            self.outputs[index] = output
-
-        return keep
-
-
-def _teacher_block(student_index: int, student_layers: int, teacher_layers: int) -> int:
-    # Proportional depth mapping: the last student block pairs with the last teacher block.
-    return round((student_index + 1) * teacher_layers / student_layers) - 1
-
-
-def _teacher_loss(teacher, output: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Output distillation: MSE between the student's and the frozen teacher's predictions (shared channels)."""
-    with torch.no_grad():
-        teacher_output = teacher(x_t, t, y).sample.float()
-    shared = min(output.shape[1], teacher_output.shape[1])
-    return F.mse_loss(output.float()[:, :shared], teacher_output[:, :shared])
-
-
-def _feature_loss(student_taps, teacher_taps, teacher_map: dict[int, int], projections: nn.ModuleDict) -> torch.Tensor:
-    """Feature distillation: mean MSE between projected student block outputs and their teacher blocks."""
-    losses = [
-        F.mse_loss(projections[str(i)](student_taps.outputs[i]).float(), teacher_taps.outputs[j].float())
-        for i, j in teacher_map.items()
-    ]
-    return sum(losses) / len(losses)
-
-
 def _attention_kernels(config: TrainConfig, device: torch.device):
     """The attention kernels of the training step: on CPU with bf16 autocast the math kernel, whose backward is
     several times faster than the fused one at the short sequences of small images (benchmarks/train_speed.py);
@@ -178,20 +143,6 @@ def _attention_kernels(config: TrainConfig, device: torch.device):
     if device.type == "cpu" and config.mixed_precision == "bf16":
         return sdpa_kernel([SDPBackend.MATH])
     return contextlib.nullcontext()
-
-
-def _load_teacher(config: TrainConfig, student: DiTOptimumTransformer2DModel) -> DiTOptimumTransformer2DModel:
-    try:
-        teacher = DiTOptimumPipeline.from_pretrained(config.teacher).transformer
-    except DiTOptimumError as error:
-        raise DiTOptimumError(f"`teacher`={str(config.teacher)!r} (--teacher) cannot be loaded: {error}") from error
-    for key in ("sample_size", "in_channels", "num_embeds_ada_norm"):
-        if teacher.config[key] != student.config[key]:
-            raise DiTOptimumError(
-                f"Teacher and student differ in `{key}` ({teacher.config[key]} vs {student.config[key]}): "
-                "distillation needs the same input space and classes."
-            )
-    return teacher.eval().requires_grad_(False)
 
 
 def train(config: TrainConfig) -> Path:
@@ -244,22 +195,11 @@ def _train(config: TrainConfig, accelerator: Accelerator, output_dir: Path) -> P
     check_activation_memory(model.config, config.batch_size // world, "batch_size", not config.gradient_checkpointing)
     if config.gradient_checkpointing:
         model.enable_gradient_checkpointing()
-    teacher = _load_teacher(config, model) if config.teacher else None
-    inputs["teacher"] = model_fingerprint(teacher)
+    distillation = Distillation(config, model) if config.teacher else None
+    inputs["teacher"] = model_fingerprint(distillation.teacher if distillation else None)
     if saved is not None:
         check_same_content("teacher", config.teacher, saved["inputs"].get("teacher"), inputs["teacher"], checkpoint)
-    projections = nn.ModuleDict()
-    student_taps = teacher_taps = None
-    teacher_map: dict[int, int] = {}  # student block -> teacher block of the feature loss
-    if teacher is not None and config.feature_blocks:
-        width, teacher_width = model.inner_dim, teacher.inner_dim
-        for index in config.feature_blocks:
-            projections[str(index)] = nn.Identity() if width == teacher_width else nn.Linear(width, teacher_width)
-        student_taps = _FeatureTaps(model, config.feature_blocks)
-        teacher_map = {
-            i: _teacher_block(i, model.config.num_layers, teacher.config.num_layers) for i in config.feature_blocks
-        }
-        teacher_taps = _FeatureTaps(teacher, sorted(set(teacher_map.values())))
+    projections = distillation.projections if distillation else nn.ModuleDict()
 
     # The trainer draws label dropout itself (seeded), so teacher and student see the same labels and a resumed
     # run repeats the same draws; the model's own random dropout is switched off.
@@ -279,8 +219,8 @@ def _train(config: TrainConfig, accelerator: Accelerator, output_dir: Path) -> P
     ema = EMA(unwrapped, config.ema_decay, config.ema_warmup)
     if config.compile:
         unwrapped.compile()  # after the EMA copy: the averaged model stays a plain module
-    if teacher is not None:
-        teacher.to(accelerator.device)
+    if distillation is not None:
+        distillation.to(accelerator.device)
     diffusion = GaussianDiffusion()
 
     settings = config.settings()
@@ -339,14 +279,8 @@ def _train(config: TrainConfig, accelerator: Accelerator, output_dir: Path) -> P
                 if has_moe:
                     loss = loss + unwrapped.moe_aux_loss()
                 extra: dict[str, torch.Tensor] = {}
-                if teacher is not None:
-                    distill = _teacher_loss(teacher, output, x_t, t, y)
-                    loss = config.alpha * loss + (1 - config.alpha) * distill
-                    extra["distill"] = distill.detach()
-                    if student_taps is not None:
-                        feature = _feature_loss(student_taps, teacher_taps, teacher_map, projections)
-                        loss = loss + config.feature_weight * feature
-                        extra["feature"] = feature.detach()
+                if distillation is not None:
+                    loss, extra = distillation.loss(loss, output, x_t, t, y, projections)
 
             for group in optimizer.param_groups:
                 group["lr"] = config.learning_rate_at(step)
