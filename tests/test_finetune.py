@@ -113,9 +113,16 @@ def test_bad_finetune_options_are_refused_before_work(tmp_path, options, message
     assert not (tmp_path / "run").exists()
 
 
-def test_a_base_of_another_input_size_is_named(base, tmp_path):
+def test_a_base_of_another_input_size_or_a_quantized_base_is_named(base, tmp_path):
+    from dit_optimum import quantize
+
     with pytest.raises(DiTOptimumError, match=r"`pretrained`=.*sample_size=8 but the data gives 16"):
         finetune(tmp_path / "run", base, finetune="lora", image_size=16)
+    quantize(DiTOptimumPipeline.from_pretrained(base), backend="torchao", weights="int8").save_pretrained(
+        tmp_path / "int8"
+    )
+    with pytest.raises(DiTOptimumError, match=r"`pretrained`=.*int8' is quantized: the trainer fine-tunes float"):
+        finetune(tmp_path / "run", tmp_path / "int8", finetune="lora")
 
 
 def test_the_lora_script_options(base, tmp_path, capsys):

@@ -236,6 +236,18 @@ def test_resume_with_more_steps_and_other_logging_continues_and_records_it(finis
     assert record["resumes"][1]["changed"] == {"steps": [5, 6]}
 
 
+def test_a_checkpoint_from_before_a_setting_existed_resumes_with_its_default(run_copy):
+    state_file = run_copy / "checkpoints" / "step_3" / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    for name in ("pretrained", "finetune", "lora_rank", "lora_alpha", "lora_targets"):
+        del state["config"][name]  # as written before fine-tuning existed
+    state_file.write_text(json.dumps(state))
+    train(tiny_run(run_copy, steps=4, resume=True))
+    assert [int(v) for v in losses(run_copy, "step")] == [1, 2, 3, 4]
+    with pytest.raises(DiTOptimumError, match=r"finetune: \"full\" -> \"lora\""):
+        train(tiny_run(run_copy, steps=5, resume=True, pretrained="p", finetune="lora", model_overrides={}))
+
+
 def test_resume_with_fewer_steps_than_the_checkpoint_is_refused(run_copy):
     with pytest.raises(DiTOptimumError, match=r"`steps`=2 .*step 3"):
         train(tiny_run(run_copy, steps=2, resume=True))

@@ -8,6 +8,7 @@ that would change what is trained.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -268,9 +269,23 @@ def _check_same_settings(config: TrainConfig, state: dict[str, Any], folder: Pat
         )
 
 
+def _setting_defaults() -> dict[str, Any]:
+    # What a setting a checkpoint does not record (it predates the setting) was: the field's default.
+    defaults = {}
+    for option in dataclasses.fields(TrainConfig):
+        if option.default is not dataclasses.MISSING:
+            defaults[option.name] = option.default
+        elif option.default_factory is not dataclasses.MISSING:
+            defaults[option.name] = option.default_factory()
+    return json.loads(json.dumps(defaults))
+
+
 def _changed_settings(old: dict[str, Any], new: dict[str, Any]) -> dict[str, list[Any]]:
-    # `resume` is how a run continues, not a change of it.
-    return {name: [old.get(name), value] for name, value in new.items() if name != "resume" and old.get(name) != value}
+    # `resume` is how a run continues, not a change of it; settings newer than the checkpoint count as defaults.
+    defaults = _setting_defaults()
+    recorded = {name: old.get(name, defaults.get(name)) for name in new}
+    changed = {name: value for name, value in new.items() if name != "resume" and recorded[name] != value}
+    return {name: [recorded[name], value] for name, value in changed.items()}
 
 
 def run_record(settings: dict[str, Any], state: dict[str, Any] | None) -> dict[str, Any]:

@@ -14,7 +14,7 @@ from torch import nn
 from ..data import TrainingData
 from ..errors import DiTOptimumError
 from ..models.lora import lora_config
-from ..models.transformer import DiTOptimumTransformer2DModel
+from ..models.transformer import DiTOptimumTransformer2DModel, is_quantized
 from ..pipelines.dit import DiTOptimumPipeline
 from .config import TrainConfig
 
@@ -30,6 +30,11 @@ def load_pretrained(config: TrainConfig, data: TrainingData) -> tuple[DiTOptimum
     except DiTOptimumError as error:
         raise DiTOptimumError(f"`pretrained`={str(config.pretrained)!r} cannot be loaded: {error}") from error
     model = pipeline.transformer
+    if is_quantized(model):
+        raise DiTOptimumError(
+            f"`pretrained`={str(config.pretrained)!r} is quantized: the trainer fine-tunes float pipelines (quantize "
+            "the result afterwards). A LoRA on a quantized transformer trains through `add_adapter` in your own loop."
+        )
     base_names = {int(index): str(name) for index, name in (pipeline.config.get("id2label") or {}).items()}
     side, channels = data.samples.shape[-1], data.samples.shape[1]
     for key, value in (("sample_size", side), ("in_channels", channels)):
