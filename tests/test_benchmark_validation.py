@@ -107,3 +107,17 @@ def test_a_second_run_on_one_folder_is_refused_and_a_dead_owner_leaves_no_lock(t
             assert time.time() < deadline
             time.sleep(0.1)
     assert not (out / "results.json").exists()
+
+
+def test_a_results_folder_from_before_a_setting_existed_stays_usable(tmp_path):
+    from dit_optimum.benchmark.runner import _check_comparable
+    from dit_optimum.benchmark.settings import BenchmarkSettings
+
+    settings = BenchmarkSettings(output_dir=str(tmp_path))
+    stored = settings.comparable()
+    del stored["training"]["recovery_steps"]  # written before recovery existed
+    previous = {"settings": stored, "rows": [{"status": "ok"}]}
+    _check_comparable(previous, settings)  # the missing setting had its default: comparable
+    settings.training.recovery_steps = 50
+    with pytest.raises(DiTOptimumError, match="other settings \\(training\\)"):
+        _check_comparable(previous, settings)

@@ -58,12 +58,21 @@ def _check_comparable(previous: Mapping[str, Any], settings: BenchmarkSettings) 
         return
     stored = previous.get("settings")
     current = settings.comparable()
+    if stored is not None:  # a setting newer than the results file was, for its rows, at its default
+        stored = _with_defaults(stored, BenchmarkSettings().comparable())
     if stored is not None and stored != current:
         differing = sorted(key for key in set(stored) | set(current) if stored.get(key) != current.get(key))
         raise DiTOptimumError(
             f"`output_dir`={settings.output_dir!r} holds results measured with other settings ({', '.join(differing)}"
             "): choose another output folder, or delete its results.json to start over."
         )
+
+
+def _with_defaults(stored: Any, defaults: Any) -> Any:
+    if not isinstance(stored, dict) or not isinstance(defaults, dict):
+        return stored
+    filled = {key: _with_defaults(value, defaults.get(key)) for key, value in stored.items()}
+    return {**{key: value for key, value in defaults.items() if key not in stored}, **filled}
 
 
 def save_sample_grid(images: np.ndarray, path: Path, columns: int = 10, min_side: int = 64) -> None:
