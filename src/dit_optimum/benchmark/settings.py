@@ -46,6 +46,8 @@ DEFAULT_TECHNIQUES: tuple[str, ...] = (
     "prune-depth-50",
     "prune-heads-50-recover",
     "prune-depth-50-recover",
+    "cache-first-block-0.3",
+    "cache-first-block-0.5",
 )
 PRESETS: tuple[str, ...] = ("default", "paper")
 # Class count assumed when checking memory before the data is loaded (only the embedding table depends on it).

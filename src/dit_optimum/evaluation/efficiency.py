@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from ..errors import DiTOptimumError
+from ..models.transformer import outside_sampling
 from ..utils import check_number, check_positive_integers
 from .declarations import Metric, declare_metric
 from .flops import count_gflops, count_parameters
@@ -63,8 +64,14 @@ def efficiency_metrics(pipeline, settings: SpeedSettings | None = None, referenc
     pipelines = {"candidate": pipeline} if reference is None else {"candidate": pipeline, "reference": reference}
 
     def forward_call(pipe) -> Callable[[], Any]:
-        inputs = example_inputs(pipe.transformer, settings.forward_batch_size)
-        return lambda: pipe.transformer(*inputs)
+        model = pipe.transformer
+        inputs = example_inputs(model, settings.forward_batch_size)
+
+        def whole_forward():  # a step cache has nothing to reuse in one forward: every block computes
+            with outside_sampling(model):
+                return model(*inputs)
+
+        return whole_forward
 
     def sample_call(pipe, count: int) -> Callable[[], Any]:
         steps, guidance = settings.num_inference_steps, settings.guidance_scale

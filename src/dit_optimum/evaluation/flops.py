@@ -7,7 +7,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from ..models.transformer import is_quantized
+from ..models.transformer import is_quantized, outside_sampling
 from .inputs import example_inputs
 
 _PROJECTIONS = ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0")
@@ -37,7 +37,7 @@ def gflops_breakdown(model: nn.Module, sample_size: int | None = None, batch_siz
         model = _float_twin(model)
     sample, timestep, labels = example_inputs(model, batch_size, sample_size)
     counter = FlopCounterMode(display=False)
-    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), counter:
+    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), counter, outside_sampling(model):
         model(sample, timestep=timestep, class_labels=labels)
     per_module = {name: sum(counts.values()) for name, counts in counter.get_flop_counts().items()}
     attention = projections = 0

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
 from collections import OrderedDict
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +17,7 @@ from diffusers import DiTTransformer2DModel, ModelMixin
 from diffusers.configuration_utils import register_to_config
 from diffusers.loaders import PeftAdapterMixin
 from diffusers.models.attention import AttentionMixin, FeedForward
+from diffusers.models.cache_utils import CacheMixin
 from diffusers.models.embeddings import CombinedTimestepLabelEmbeddings, PatchEmbed
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from diffusers.models.normalization import AdaLayerNormZero
@@ -158,6 +161,20 @@ def _check_fits_in_memory(config: Any) -> None:
         )
 
 
+@contextlib.contextmanager
+def outside_sampling(model: nn.Module) -> Iterator[None]:
+    """Around a forward made outside a pipeline's denoising loop (timing, FLOP counting): with a step cache enabled,
+    one cache context whose state is dropped afterwards, so the forward computes every block; else nothing."""
+    if not getattr(model, "is_cache_enabled", False):
+        yield
+        return
+    try:
+        with model.cache_context("outside_sampling"):
+            yield
+    finally:
+        model._reset_stateful_cache()
+
+
 def is_quantized(model: nn.Module) -> bool:
     """Whether ``model`` carries quantized weights (a diffusers quantization config, or quanto's unsaveable form)."""
     config = getattr(model, "config", None)
@@ -197,7 +214,7 @@ class DiTBlock(nn.Module):
         return gate_mlp.unsqueeze(1) * self.ff(norm_hidden) + hidden_states
 
 
-class DiTOptimumTransformer2DModel(DiTTransformer2DModel, AttentionMixin, PeftAdapterMixin):
+class DiTOptimumTransformer2DModel(DiTTransformer2DModel, AttentionMixin, PeftAdapterMixin, CacheMixin):
     """A ``DiTTransformer2DModel`` whose config also picks the attention type and computes conditioning once.
 
     Loads stock diffusers DiT folders unchanged (the per-block copies of the timestep/class embedder collapse into

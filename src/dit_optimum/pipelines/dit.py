@@ -107,6 +107,11 @@ class DiTOptimumPipeline(DiTPipeline, DiTLoraLoaderMixin):
             raise DiTOptimumError(f"Could not load the pipeline from {source!r}: {first_line(error)}") from error
 
     @property
+    def current_timestep(self) -> torch.Tensor | None:
+        """The timestep being denoised (None outside sampling), as diffusers' pipelines expose it."""
+        return getattr(self, "_current_timestep", None)
+
+    @property
     def is_pixel_space(self) -> bool:
         return isinstance(self.vae, IdentityAutoencoder)
 
@@ -197,14 +202,18 @@ class DiTOptimumPipeline(DiTPipeline, DiTLoraLoaderMixin):
             class_tensor = torch.cat([class_tensor, class_null], 0)
 
         self.scheduler.set_timesteps(num_inference_steps)
-        for t in self.progress_bar(self.scheduler.timesteps):
+        steps = len(self.scheduler.timesteps)
+        for index, t in enumerate(self.progress_bar(self.scheduler.timesteps)):
+            self._current_timestep = t
             if use_guidance:
                 half = model_input[: len(model_input) // 2]
                 model_input = torch.cat([half, half], dim=0)
             model_input = self.scheduler.scale_model_input(model_input, t)
             timesteps = t[None].to(device) if torch.is_tensor(t) else torch.tensor([t], device=device)
             timesteps = timesteps.expand(model_input.shape[0])
-            noise_pred = self.transformer(model_input, timestep=timesteps, class_labels=class_tensor).sample
+            # one call per step (guidance batched): diffusers' cache hooks key their state by this context
+            with self.transformer.cache_context("cond_uncond", step_index=index, num_inference_steps=steps, timestep=t):
+                noise_pred = self.transformer(model_input, timestep=timesteps, class_labels=class_tensor).sample
 
             if use_guidance:
                 eps, rest = noise_pred[:, :latent_channels], noise_pred[:, latent_channels:]
@@ -219,6 +228,7 @@ class DiTOptimumPipeline(DiTPipeline, DiTLoraLoaderMixin):
                 model_output = noise_pred
             model_input = self.scheduler.step(model_output, t, model_input).prev_sample
 
+        self._current_timestep = None
         latents = model_input.chunk(2, dim=0)[0] if use_guidance else model_input
         if output_type == "latent":
             samples = latents

@@ -116,6 +116,16 @@ def pruned(context: TechniqueContext, **options: Any) -> DiTOptimumPipeline:
     return prune(context.baseline(), **options)
 
 
+def step_cached(context: TechniqueContext, threshold: float) -> DiTOptimumPipeline:
+    """The trained baseline sampling with diffusers' FirstBlockCache: when the first block's output changes little
+    from the previous step (relative mean change below ``threshold``), the other blocks reuse their last residual."""
+    from diffusers import FirstBlockCacheConfig
+
+    pipeline = context.baseline()
+    pipeline.transformer.enable_cache(FirstBlockCacheConfig(threshold=threshold))
+    return pipeline
+
+
 register_technique("baseline", baseline, "trained baseline (SDPA attention, dense MLP, fp32)")
 for _attention in ATTENTION_TYPES[1:]:
     register_technique(
@@ -168,6 +178,14 @@ register_technique(
     "optimum-quanto int8 weights + static int8 activations (calibrated on sampling runs)",
     {"backend": "quanto", "weights": "int8", "activations": "int8"},
 )
+for _threshold in (0.3, 0.5):
+    register_technique(
+        f"cache-first-block-{_threshold}",
+        step_cached,
+        f"diffusers FirstBlockCache, threshold {_threshold}: later blocks reuse their residual when the first block's "
+        "output barely moved",
+        {"threshold": _threshold},
+    )
 for _part in ("heads", "mlp", "depth"):
     register_technique(
         f"prune-{_part}-50",
