@@ -119,7 +119,15 @@ def tiny_vae(folder, channels: int = 1):
 
 # --- a tiny finished benchmark run and its releases (tests of the Hub, the cards and the demo) ------------------
 
-RELEASED_TECHNIQUES = ("baseline", "attention-mediated", "moe", "distill", "int8", "prune-heads-50")
+RELEASED_TECHNIQUES = (
+    "baseline",
+    "attention-mediated",
+    "moe",
+    "distill",
+    "int8",
+    "prune-heads-50",
+    "cache-first-block-0.5",
+)
 
 
 @pytest.fixture(scope="session")

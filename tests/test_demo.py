@@ -105,3 +105,12 @@ def test_the_repository_demo_folder_is_a_space(tmp_path):
     lines = (ROOT / "demo" / "requirements.txt").read_text().split("\n")
     pinned = [line for line in lines if line and not line.startswith("#")]
     assert pinned[:-1] == space_requirements() and pinned[-1].startswith(".")
+
+
+def test_a_step_cache_release_samples_with_its_cache_in_the_demo(released):
+    loaded = DemoModels([str(released / "dit-xs4-cache-first-block-0.5")]).get(
+        str(released / "dit-xs4-cache-first-block-0.5")
+    )
+    assert loaded.error is None and loaded.pipeline.transformer.is_cache_enabled
+    plain = DemoModels([str(released / "dit-xs4-baseline")]).get(str(released / "dit-xs4-baseline"))
+    assert not plain.pipeline.transformer.is_cache_enabled

@@ -210,7 +210,7 @@ def card_code(readme: Path) -> str:
 
 def test_released_repos_load_by_repo_id_from_a_local_hub_with_the_cards_code(released, tmp_path):
     """olah serves the release folders on 127.0.0.1; each card's code block runs as printed in a fresh process."""
-    kinds = ["int8", "prune-heads-50", "moe", "distill", "attention-mediated"]
+    kinds = ["int8", "prune-heads-50", "moe", "distill", "attention-mediated", "cache-first-block-0.5"]
     repos = {f"org/{repo_name('DiT-XS/4', kind)}": released / repo_name("DiT-XS/4", kind) for kind in kinds}
     with local_hub(tmp_path / "hub", repos) as url:
         env = {**os.environ, "HF_ENDPOINT": url, "HF_HUB_OFFLINE": "0", "HF_HOME": str(tmp_path / "hf_home")}

@@ -15,7 +15,7 @@ from ..benchmark.report import floor_lines, markdown_deltas, markdown_table, mea
 from ..errors import DiTOptimumError
 from ..evaluation.declarations import Metric, all_metrics
 from ..evaluation.hardware import hardware_text
-from ..techniques.registry import TECHNIQUES
+from ..techniques.registry import TECHNIQUES, sampling_cache
 
 CARD_TEMPLATE = Path(__file__).with_name("templates") / "model_card.md"
 # The results file a release carries next to its pipeline: the benchmark's format, its own rows only.
@@ -115,13 +115,27 @@ def loading_code(repo_id: str, row: Mapping[str, Any]) -> str:
         loader = f'DiffusionPipeline.from_pretrained("{repo_id}", torch_dtype=torch.{dtype})'
     steps = row.get("quality_settings", {}).get("num_inference_steps", 10)
     guidance = row.get("quality_settings", {}).get("guidance_scale", 2.0)
+    threshold = sampling_cache(str(row.get("technique")))
+    cache = (
+        []
+        if threshold is None
+        else [
+            "# this release samples with a step cache, which is set at run time:",
+            f"pipe.transformer.enable_cache(FirstBlockCacheConfig(threshold={threshold}))",
+        ]
+    )
+    imports = "from diffusers import DiffusionPipeline" + (", FirstBlockCacheConfig" if cache else "")
+    if cache:  # the stock DiTPipeline sets no cache context: load this package's pipeline class
+        loader = loader.replace("DiffusionPipeline.from_pretrained", "DiTOptimumPipeline.from_pretrained")
+        imports = "from diffusers import FirstBlockCacheConfig\nfrom dit_optimum import DiTOptimumPipeline"
     return "\n".join(
         [
             "import torch",
             "import dit_optimum  # noqa: F401  (registers the dit-optimum components with diffusers)",
-            "from diffusers import DiffusionPipeline",
+            imports,
             "",
             f"pipe = {loader}",
+            *cache,
             "generator = torch.Generator().manual_seed(0)",
             f"images = pipe(class_labels=[0, 1, 2, 3], num_inference_steps={steps}, guidance_scale={guidance}, "
             "generator=generator).images",

@@ -16,6 +16,7 @@ from PIL import Image
 
 from ..errors import DiTOptimumError
 from ..pipelines.dit import DiTOptimumPipeline
+from ..techniques.registry import sampling_cache
 from .cards import RESULTS_FILE, card_numbers
 
 # Card numbers the page shows beside each image: (metric key, column header).
@@ -56,13 +57,18 @@ def _release_file(source: str, name: str) -> Path | None:
 def load_pipeline(source: str) -> LoadedPipeline:
     """Load ``source`` in the dtype it was released in, with its card's numbers; failures become a message."""
     try:
-        dtype = torch.float32
+        dtype, threshold = torch.float32, None
         results = _release_file(source, RESULTS_FILE)
         if results is not None:
             identity = json.loads(results.read_text())
             row = next(r for r in identity["rows"] if r["technique"] == identity["release"]["technique"])
             dtype = getattr(torch, row.get("dtype", "float32"))
+            threshold = sampling_cache(row["technique"])
         pipeline = DiTOptimumPipeline.from_pretrained(source, torch_dtype=dtype)
+        if threshold is not None:  # a step-cache release: the cache is set at run time, as its card says
+            from diffusers import FirstBlockCacheConfig
+
+            pipeline.transformer.enable_cache(FirstBlockCacheConfig(threshold=threshold))
         pipeline.set_progress_bar_config(disable=True)
         numbers = {}
         card = _release_file(source, "README.md")

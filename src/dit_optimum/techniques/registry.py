@@ -116,6 +116,13 @@ def pruned(context: TechniqueContext, **options: Any) -> DiTOptimumPipeline:
     return prune(context.baseline(), **options)
 
 
+def sampling_cache(name: str) -> float | None:
+    """The FirstBlockCache threshold a technique samples with (None: no step cache). A cache is set at run time, not
+    saved with the weights: whoever loads such a release enables it again (its card says how)."""
+    technique = TECHNIQUES.get(name)
+    return technique.options["threshold"] if technique is not None and technique.apply is step_cached else None
+
+
 def step_cached(context: TechniqueContext, threshold: float) -> DiTOptimumPipeline:
     """The trained baseline sampling with diffusers' FirstBlockCache: when the first block's output changes little
     from the previous step (relative mean change below ``threshold``), the other blocks reuse their last residual."""
