@@ -174,6 +174,13 @@ def test_set_attn_processor_swaps_the_maths_and_keeps_weights():
     assert not torch.allclose(before, after)
     with pytest.raises(ValueError, match="number of attention layers"):
         model.set_attn_processor({"transformer_blocks.0.attn1.processor": SDPAAttnProcessor()})
+    wrong = {"transformer_blocks.0.attn1.processor": SDPAAttnProcessor(), "blocks.1.processor": SDPAAttnProcessor()}
+    with pytest.raises(ValueError, match=r"Unknown attention processor keys \['blocks.1.processor'\]"):
+        model.set_attn_processor(wrong)
+    assert all(isinstance(p, SDPAAttnProcessor) for p in model.attn_processors.values())  # nothing half-set
+    named = {name: SDPAAttnProcessor() for name in model.attn_processors}
+    model.set_attn_processor(named)
+    assert [id(p) for p in model.attn_processors.values()] == [id(p) for p in named.values()]
 
 
 BAD_CONFIGS = [

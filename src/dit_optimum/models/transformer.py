@@ -544,6 +544,21 @@ class DiTOptimumTransformer2DModel(DiTTransformer2DModel, AttentionMixin, PeftAd
             )
         super()._fix_state_dict_keys_on_load(state_dict)
 
+    def set_attn_processor(self, processor: Any) -> None:
+        """diffusers' ``set_attn_processor`` (one processor for all, or a dict with one per attention layer); a dict
+        whose keys are not the layers' names is refused naming them, instead of a KeyError half-way through, and the
+        caller's dict is not emptied."""
+        if isinstance(processor, dict):
+            expected = set(self.attn_processors)
+            if len(processor) == len(expected) and set(processor) != expected:
+                unknown = sorted(set(processor) - expected)
+                raise DiTOptimumError(
+                    f"Unknown attention processor keys {unknown[:4]}; keys are the names in `attn_processors`, "
+                    f"e.g. {sorted(expected)[0]!r}."
+                )
+            processor = dict(processor)  # diffusers pops the entries: leave the caller's dict as it was
+        super().set_attn_processor(processor)
+
     def load_lora_adapter(self, pretrained_model_name_or_path_or_dict: Any, prefix: str = "transformer", **kwargs):
         """diffusers' ``load_lora_adapter``, from safetensors only (a ``.bin`` ``weight_name`` is refused unread)."""
         from .lora import check_lora_file_name
