@@ -117,6 +117,18 @@ def tiny_vae(folder, channels: int = 1):
     return folder
 
 
+# Every kind of model the tests run a feature on: each attention type (mediated with a square mediator count that
+# fits the tiny grid) and MoE; `kind_id` names them in test ids.
+MODEL_KINDS = [
+    {"attention_type": "mediated", "num_mediators": 4} if kind == "mediated" else {"attention_type": kind}
+    for kind in __import__("dit_optimum").ATTENTION_TYPES
+] + [{"moe_num_experts": 4, "moe_top_k": 2}]
+
+
+def kind_id(overrides: dict) -> str:
+    return overrides.get("attention_type", "moe")
+
+
 # --- a tiny finished benchmark run and its releases (tests of the Hub, the cards and the demo) ------------------
 
 RELEASED_TECHNIQUES = (

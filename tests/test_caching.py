@@ -7,17 +7,10 @@ import pytest
 import torch
 from diffusers import FirstBlockCacheConfig
 
-from conftest import tiny_pixel_pipeline
-from dit_optimum.models.attention import ATTENTION_TYPES
-
-KINDS = [{"attention_type": kind} for kind in ATTENTION_TYPES] + [{"moe_num_experts": 4, "moe_top_k": 2}]
+from conftest import MODEL_KINDS, kind_id, tiny_pixel_pipeline
 
 
-def kind_overrides(overrides: dict) -> dict:
-    return {**overrides, "num_mediators": 4} if overrides.get("attention_type") == "mediated" else overrides
-
-
-def _np(pipe, steps):
+def sample_images(pipe, steps):
     generator = torch.manual_seed(0)
     return pipe([1, 2, 3], num_inference_steps=steps, guidance_scale=2.0, generator=generator, output_type="np").images
 
@@ -28,20 +21,20 @@ def attention_calls(pipe, block: int = -1) -> list:
     return calls
 
 
-@pytest.mark.parametrize("overrides", KINDS, ids=lambda o: o.get("attention_type", "moe"))
+@pytest.mark.parametrize("overrides", MODEL_KINDS, ids=kind_id)
 def test_first_block_cache_on_every_kind(overrides):
-    reference = _np(tiny_pixel_pipeline(**kind_overrides(overrides)), 6)
-    never = tiny_pixel_pipeline(**kind_overrides(overrides))
+    reference = sample_images(tiny_pixel_pipeline(**overrides), 6)
+    never = tiny_pixel_pipeline(**overrides)
     never.transformer.enable_cache(FirstBlockCacheConfig(threshold=0.0))  # never reuses
-    assert (_np(never, 6) == reference).all()
-    cached = tiny_pixel_pipeline(**kind_overrides(overrides))
+    assert (sample_images(never, 6) == reference).all()
+    cached = tiny_pixel_pipeline(**overrides)
     cached.transformer.enable_cache(FirstBlockCacheConfig(threshold=10.0))  # reuses whenever it can
     tail, head = attention_calls(cached, -1), attention_calls(cached, 0)
-    images = _np(cached, 6)
+    images = sample_images(cached, 6)
     assert len(head) == 6 and len(tail) == 1  # the first step computes everything, the others reuse
     assert images.shape == reference.shape and not (images == reference).all()
     cached.transformer.disable_cache()
-    assert (_np(cached, 6) == reference).all()
+    assert (sample_images(cached, 6) == reference).all()
 
 
 def test_the_pipeline_sets_a_context_per_step_and_resets_between_calls():
@@ -54,13 +47,13 @@ def test_the_pipeline_sets_a_context_per_step_and_resets_between_calls():
         return original(name, **kwargs)
 
     pipe.transformer.cache_context = recording
-    _np(pipe, 3)
+    sample_images(pipe, 3)
     assert [entry[:3] for entry in seen] == [("cond_uncond", i, 3) for i in range(3)]
     assert [int(entry[3]) for entry in seen] == [int(t) for t in pipe.scheduler.timesteps]
     assert pipe.current_timestep is None
     cached = tiny_pixel_pipeline()
     cached.transformer.enable_cache(FirstBlockCacheConfig(threshold=10.0))
-    first, second = _np(cached, 4), _np(cached, 4)
+    first, second = sample_images(cached, 4), sample_images(cached, 4)
     assert (first == second).all()  # the state of one call does not leak into the next
 
 

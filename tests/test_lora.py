@@ -11,18 +11,12 @@ import torch
 from diffusers import DiffusionPipeline
 from peft import get_peft_model_state_dict
 
-from conftest import model_inputs, tiny_model, tiny_pixel_pipeline
+from conftest import MODEL_KINDS, kind_id, model_inputs, tiny_model, tiny_pixel_pipeline
 from dit_optimum import DiTOptimumPipeline, quantize
 from dit_optimum.errors import DiTOptimumError
-from dit_optimum.models.attention import ATTENTION_TYPES
 from dit_optimum.models.lora import LORA_TARGETS, lora_config, lora_target_modules
 
 ALL_TARGETS = list(LORA_TARGETS)
-KINDS = [{"attention_type": kind} for kind in ATTENTION_TYPES] + [{"moe_num_experts": 4, "moe_top_k": 2}]
-
-
-def kind_overrides(overrides: dict) -> dict:
-    return {**overrides, "num_mediators": 4} if overrides.get("attention_type") == "mediated" else overrides
 
 
 def train_adapter(model, steps: int = 3, dtype=torch.float32) -> None:
@@ -45,9 +39,9 @@ def outputs(model, dtype=torch.float32) -> torch.Tensor:
         return model(sample.to(dtype), timestep, labels).sample
 
 
-@pytest.mark.parametrize("overrides", KINDS, ids=lambda o: o.get("attention_type", "moe"))
+@pytest.mark.parametrize("overrides", MODEL_KINDS, ids=kind_id)
 def test_every_kind_adapts_from_the_identity_and_reloads_equal(overrides, tmp_path):
-    model = tiny_model(**kind_overrides(overrides)).eval()
+    model = tiny_model(**overrides).eval()
     reference = outputs(model)
     targets = ["attention", "adaln"] if "moe_num_experts" in overrides else ALL_TARGETS
     model.add_adapter(lora_config(model, targets, rank=4))
@@ -58,7 +52,7 @@ def test_every_kind_adapts_from_the_identity_and_reloads_equal(overrides, tmp_pa
     adapted = outputs(model)
     assert not torch.allclose(adapted, reference)
     model.save_lora_adapter(tmp_path)
-    fresh = tiny_model(**kind_overrides(overrides)).eval()
+    fresh = tiny_model(**overrides).eval()
     fresh.load_lora_adapter(tmp_path, weight_name="pytorch_lora_weights.safetensors", adapter_name="default")
     assert torch.equal(outputs(fresh), adapted)
     fresh.fuse_lora()

@@ -29,8 +29,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import tempfile
 
+    from ..hub.cards import RESULTS_FILE
     from ..hub.releases import release
-    from ..hub.upload import push, require_token
+    from ..hub.upload import require_token, upload_folder
 
     if args.dry_run is not None:
         released = release(args.results_dir, args.org, args.dry_run, args.techniques, args.overwrite)
@@ -41,5 +42,6 @@ def run(args: argparse.Namespace) -> int:
     require_token()  # before any work
     with tempfile.TemporaryDirectory(prefix="dit-optimum-release-") as folder:
         for item in release(args.results_dir, args.org, folder, args.techniques):
-            print(f"Pushed {item.repo_id}: {push(item.folder, item.repo_id, private=args.private)}")
+            url = upload_folder(item.folder, item.repo_id, RESULTS_FILE, private=args.private)  # ready as released
+            print(f"Pushed {item.repo_id}: {url}")
     return 0

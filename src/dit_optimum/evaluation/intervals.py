@@ -8,6 +8,7 @@ of the difference then excludes the shared noise, and a difference is significan
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -33,6 +34,18 @@ class Comparison:
 
 def _resample(features: dict[str, np.ndarray], indices: np.ndarray) -> dict[str, np.ndarray]:
     return {kind: value[indices] for kind, value in features.items()}
+
+
+def _resamples(
+    count: int, reference: dict[str, np.ndarray], resamples: int, seed: int
+) -> Iterator[tuple[np.ndarray, dict[str, np.ndarray]]]:
+    """``resamples`` bootstrap draws: indices into the ``count`` generated samples, and the reference resampled
+    too (when it has samples), from one seeded generator."""
+    generator = np.random.default_rng(seed)
+    references = _count(reference)
+    for _ in range(resamples):
+        picked = generator.integers(0, count, count)
+        yield picked, _resample(reference, generator.integers(0, references, references)) if references else reference
 
 
 def _count(features: dict[str, np.ndarray]) -> int:
@@ -66,13 +79,10 @@ def bootstrap_interval(
     """Bootstrap interval of ``statistic(generated, reference, labels)`` (re-centred percentiles, see above)."""
     if resamples < 2:
         raise DiTOptimumError(f"`bootstrap`={resamples!r} resamples: an interval needs at least 2.")
-    generator = np.random.default_rng(seed)
-    count, references = len(labels), _count(reference)
-    values = []
-    for _ in range(resamples):
-        picked = generator.integers(0, count, count)
-        chosen = _resample(reference, generator.integers(0, references, references)) if references else reference
-        values.append(statistic(_resample(generated, picked), chosen, labels[picked]))
+    values = [
+        statistic(_resample(generated, picked), chosen, labels[picked])
+        for picked, chosen in _resamples(len(labels), reference, resamples, seed)
+    ]
     return _percentiles(values, statistic(generated, reference, labels), confidence)
 
 
@@ -90,15 +100,10 @@ def paired_comparison(
     if _count(candidate) != _count(baseline) or _count(candidate) != len(labels):
         raise DiTOptimumError("A paired comparison needs the same samples (count and order) in both cells.")
     difference = statistic(candidate, reference, labels) - statistic(baseline, reference, labels)
-    generator = np.random.default_rng(seed)
-    count, references = len(labels), _count(reference)
-    values = []
-    for _ in range(resamples):
-        picked = generator.integers(0, count, count)
-        chosen = _resample(reference, generator.integers(0, references, references)) if references else reference
-        values.append(
-            statistic(_resample(candidate, picked), chosen, labels[picked])
-            - statistic(_resample(baseline, picked), chosen, labels[picked])
-        )
+    values = [
+        statistic(_resample(candidate, picked), chosen, labels[picked])
+        - statistic(_resample(baseline, picked), chosen, labels[picked])
+        for picked, chosen in _resamples(len(labels), reference, resamples, seed)
+    ]
     low, high = _percentiles(values, difference, confidence)
     return Comparison(float(difference), low, high)

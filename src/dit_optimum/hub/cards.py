@@ -102,6 +102,32 @@ def eval_results(row: Mapping[str, Any], data: str) -> list[EvalResult]:
     return results
 
 
+def pick_row(
+    results: Mapping[str, Any], source: str | Path, technique: str | None = None, variant: str | None = None
+) -> dict[str, Any]:
+    """The finished row of ``results`` for ``technique`` (and ``variant``), by default the one a release's results
+    file names; anything but exactly one match is refused naming ``source`` and the finished cells."""
+    identity = results.get("release") or {}
+    technique = technique or identity.get("technique")
+    variant = variant or identity.get("variant")
+    if technique is None:
+        raise DiTOptimumError(f"{str(source)!r} holds several cells: pass `technique` (and `variant`) to pick one.")
+    rows = [
+        row
+        for row in results["rows"]
+        if row.get("status") == "ok" and row["technique"] == technique and variant in (None, row["variant"])
+    ]
+    if len(rows) != 1:
+        finished = [row for row in results["rows"] if row.get("status") == "ok"]
+        choices = sorted({f"{row['variant']} / {row['technique']}" for row in finished})
+        raise DiTOptimumError(
+            f"`technique`={technique!r}"
+            + (f" with `variant`={variant!r}" if variant else "")
+            + f" names {len(rows)} finished cells in {str(source)!r}; allowed: {', '.join(choices) or 'none'}."
+        )
+    return rows[0]
+
+
 def card_numbers(card: ModelCard) -> dict[str, float]:
     """The numbers of a card's ``model-index`` by metric key (what ``eval_results`` wrote, parsed back)."""
     return {result.metric_type: result.metric_value for result in card.data.eval_results or []}

@@ -17,7 +17,7 @@ from PIL import Image
 from ..errors import DiTOptimumError
 from ..pipelines.dit import DiTOptimumPipeline
 from ..techniques.registry import sampling_cache
-from .cards import RESULTS_FILE, card_numbers
+from .cards import RESULTS_FILE, card_numbers, pick_row
 
 # Card numbers the page shows beside each image: (metric key, column header).
 CARD_COLUMNS = (
@@ -60,8 +60,7 @@ def load_pipeline(source: str) -> LoadedPipeline:
         dtype, threshold = torch.float32, None
         results = _release_file(source, RESULTS_FILE)
         if results is not None:
-            identity = json.loads(results.read_text())
-            row = next(r for r in identity["rows"] if r["technique"] == identity["release"]["technique"])
+            row = pick_row(json.loads(results.read_text()), results)
             dtype = getattr(torch, row.get("dtype", "float32"))
             threshold = sampling_cache(row["technique"])
         pipeline = DiTOptimumPipeline.from_pretrained(source, torch_dtype=dtype)

@@ -17,7 +17,7 @@ from huggingface_hub.utils import HFValidationError, validate_repo_id
 
 from ..errors import DiTOptimumError
 from ..utils import save_directory
-from .cards import RESULTS_FILE, SAMPLE_GRID, repo_name
+from .cards import RESULTS_FILE, SAMPLE_GRID, pick_row, repo_name
 from .releases import check_namespace, write_card_files
 
 
@@ -43,28 +43,6 @@ def _read_results(path: Path) -> dict[str, Any]:
     return results
 
 
-def _pick_row(results: dict[str, Any], technique: str | None, variant: str | None, source: Path) -> dict[str, Any]:
-    identity = results.get("release") or {}
-    technique = technique or identity.get("technique")
-    variant = variant or identity.get("variant")
-    if technique is None:
-        raise DiTOptimumError(f"{str(source)!r} holds several cells: pass `technique` (and `variant`) to pick one.")
-    rows = [
-        row
-        for row in results["rows"]
-        if row.get("status") == "ok" and row["technique"] == technique and variant in (None, row["variant"])
-    ]
-    if len(rows) != 1:
-        finished = [row for row in results["rows"] if row.get("status") == "ok"]
-        choices = sorted({f"{row['variant']} / {row['technique']}" for row in finished})
-        raise DiTOptimumError(
-            f"`technique`={technique!r}"
-            + (f" with `variant`={variant!r}" if variant else "")
-            + f" names {len(rows)} finished cells in {str(source)!r}; allowed: {', '.join(choices) or 'none'}."
-        )
-    return rows[0]
-
-
 def stage(
     pipeline_dir: str | Path,
     repo_id: str,
@@ -87,7 +65,7 @@ def stage(
             "card carries measured numbers."
         )
     results_data = _read_results(source)
-    row = _pick_row(results_data, technique, variant, source)
+    row = pick_row(results_data, source, technique, variant)
     if base_model is None and row["technique"] != "baseline":
         base_model = f"{repo_id.split('/')[0]}/{repo_name(row['variant'], 'baseline')}"
     shutil.copytree(
@@ -131,23 +109,32 @@ def push(
 
     A missing token is refused before anything is staged or uploaded.
     """
-    from .. import __version__
-
     check_repo_id(repo_id)
     if dry_run is not None:
         with save_directory(dry_run, "model_index.json", overwrite, "dry_run") as staging:
             stage(pipeline_dir, repo_id, staging, results, technique, variant, base_model)
         return str(dry_run)
-    token = require_token()  # checked even with a given `api`: a push without credentials is refused the same way
-    api = api or HfApi(token=token)
+    require_token()  # before anything is staged
     with tempfile.TemporaryDirectory(prefix="dit-optimum-push-") as folder:
         staged = stage(pipeline_dir, repo_id, Path(folder), results, technique, variant, base_model)
         source = Path(results).name if results is not None else RESULTS_FILE
-        api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
-        commit = api.upload_folder(
-            folder_path=str(staged),
-            repo_id=repo_id,
-            repo_type="model",
-            commit_message=f"dit-optimum {__version__}: {repo_id} with the results of {source}",
-        )
+        return upload_folder(staged, repo_id, source, private=private, api=api)
+
+
+def upload_folder(
+    folder: str | Path, repo_id: str, source: str, *, private: bool = False, api: HfApi | None = None
+) -> str:
+    """Create ``repo_id`` if missing (``private`` when new) and upload ``folder`` (a staged or released pipeline
+    with its card) as one commit naming the package version and the results file ``source``; the commit URL."""
+    from .. import __version__
+
+    token = require_token()  # checked even with a given `api`: an upload without credentials is refused the same way
+    api = api or HfApi(token=token)
+    api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+    commit = api.upload_folder(
+        folder_path=str(folder),
+        repo_id=repo_id,
+        repo_type="model",
+        commit_message=f"dit-optimum {__version__}: {repo_id} with the results of {source}",
+    )
     return str(getattr(commit, "commit_url", commit))

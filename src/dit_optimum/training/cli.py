@@ -8,6 +8,7 @@ import json
 import sys
 import typing
 from collections.abc import Sequence
+from typing import Any
 
 from ..errors import DiTOptimumError
 from .config import TrainConfig
@@ -66,6 +67,11 @@ DESCRIPTIONS = {
 _PARSERS = {int: int, float: float, str: str, list[int]: _ints, list[str]: _names}
 
 
+def _model_options(mode: str) -> dict[str, tuple[type, Any, str]]:
+    """The model options the ``mode`` script offers: attention type and K/V heads, plus the MoE shape for ``moe``."""
+    return {**MODEL_OPTIONS["base"], **(MODEL_OPTIONS["moe"] if mode == "moe" else {})}
+
+
 def _config_options(mode: str) -> list[dataclasses.Field]:
     """The ``TrainConfig`` fields the ``mode`` script offers (every field declares its option)."""
     return [f for f in dataclasses.fields(TrainConfig) if f.metadata["modes"] is None or mode in f.metadata["modes"]]
@@ -98,11 +104,8 @@ def build_parser(mode: str) -> argparse.ArgumentParser:
                 required=meta["required"],
                 help=meta["help"] + ("" if default in (None, [], {}) else f" (default: {default})"),
             )
-    for name, (kind, default, help_text) in MODEL_OPTIONS.get("moe" if mode == "moe" else "base", {}).items():
+    for name, (kind, default, help_text) in _model_options(mode).items():
         parser.add_argument("--" + name.replace("_", "-"), type=kind, default=default, help=help_text or None)
-    if mode == "moe":
-        for name, (kind, default, help_text) in MODEL_OPTIONS["base"].items():
-            parser.add_argument("--" + name.replace("_", "-"), type=kind, default=default, help=help_text or None)
     return parser
 
 
@@ -110,9 +113,9 @@ def config_from_args(args: argparse.Namespace, mode: str) -> TrainConfig:
     """The ``TrainConfig`` of parsed arguments: its own fields by name, the model options as overrides."""
     values = {f.name: getattr(args, f.name) for f in _config_options(mode)}
     overrides = _model_config(values.pop("model_overrides"))
-    for name in [*MODEL_OPTIONS["base"], *(MODEL_OPTIONS["moe"] if mode == "moe" else ())]:
+    for name in _model_options(mode):
         value = getattr(args, name)
-        if value is not None or name in MODEL_OPTIONS["moe"]:
+        if value is not None or name in MODEL_OPTIONS["moe"]:  # the MoE shape is always explicit
             overrides[name] = value
     return TrainConfig(**values, model_overrides=overrides)
 
