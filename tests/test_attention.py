@@ -10,14 +10,14 @@ import torch.nn.functional as F
 
 from conftest import model_inputs, tiny_config, tiny_model
 from dit_optimum import ATTENTION_TYPES, DiTAttention, DiTOptimumTransformer2DModel
-from dit_optimum.models.attention import SDPAAttnProcessor
+from dit_optimum.models.attention import AttentionConfig, SDPAAttnProcessor
 
 GRID = (4, 4)
 
 
 def make_attention(attention_type: str, seed: int = 0, **kwargs) -> DiTAttention:
     torch.manual_seed(seed)
-    attn = DiTAttention(32, 4, 8, attention_type=attention_type, **kwargs)
+    attn = DiTAttention(32, 4, 8, AttentionConfig(attention_type, **kwargs))
     with torch.no_grad():
         for parameter in attn.parameters():
             parameter.normal_(0, 0.3)
@@ -204,3 +204,94 @@ BAD_CONFIGS = [
 def test_bad_configs_raise_at_construction(overrides, message):
     with pytest.raises(ValueError, match=message):
         DiTOptimumTransformer2DModel(**tiny_config(**overrides))
+
+
+@pytest.mark.parametrize("attention_type", ATTENTION_TYPES)
+def test_fused_qkv_projections_give_the_unfused_output(attention_type, tmp_path):
+    model = tiny_model(attention_type=attention_type)
+    sample, timestep, labels = model_inputs(model)
+    with torch.no_grad():
+        unfused = model(sample, timestep, labels).sample
+        model.fuse_qkv_projections()
+        attn = model.transformer_blocks[0].attn1
+        assert attn.fused_projections
+        assert attn.to_qkv.out_features == attn.to_q.out_features + 2 * attn.to_k.out_features
+        fused = model(sample, timestep, labels).sample
+    torch.testing.assert_close(fused, unfused, rtol=1e-4, atol=1e-5)  # one GEMM sums in another order
+    with pytest.raises(ValueError, match=r"fused QKV projections.*unfuse_qkv_projections"):
+        model.save_pretrained(tmp_path / "fused")
+    assert not (tmp_path / "fused").exists()
+    model.unfuse_qkv_projections()
+    assert not hasattr(attn, "to_qkv") and not attn.fused_projections
+    model.save_pretrained(tmp_path / "unfused")  # the plain layout saves again
+
+
+def test_pruning_refuses_a_fused_model():
+    from dit_optimum import prune
+
+    model = tiny_model()
+    model.fuse_qkv_projections()
+    with pytest.raises(ValueError, match="Pruning a model with fused QKV projections"):
+        prune(model, heads=0.5)
+
+
+@pytest.fixture
+def restore_active_backend():
+    """diffusers' `set_attention_backend` also sets the process-wide active backend, which `reset_attention_backend`
+    leaves as it is: put it back so that other tests run on the default."""
+    from diffusers.models.attention_dispatch import _AttentionBackendRegistry
+
+    active = _AttentionBackendRegistry._active_backend
+    yield
+    _AttentionBackendRegistry.set_active_backend(active)
+
+
+@pytest.mark.parametrize("attention_type", ["sdpa", "gqa", "mqa", "shallow", "mediated", "focused_gqa"])
+def test_attention_backend_round_trip(attention_type, restore_active_backend):
+    model = tiny_model(attention_type=attention_type)
+    sample, timestep, labels = model_inputs(model)
+    with torch.no_grad():
+        native = model(sample, timestep, labels).sample
+        model.set_attention_backend("_native_math")
+        assert {p._attention_backend.value for p in model.attn_processors.values()} == {"_native_math"}
+        math_backend = model(sample, timestep, labels).sample
+        model.reset_attention_backend()
+        assert {p._attention_backend for p in model.attn_processors.values()} == {None}
+        again = model(sample, timestep, labels).sample
+    torch.testing.assert_close(math_backend, native, rtol=1e-4, atol=1e-5)
+    assert torch.equal(again, math_backend)  # as in diffusers: the process-wide backend stays the last one set
+    with pytest.raises(ValueError, match="must be one of the following"):
+        model.set_attention_backend("no-such-backend")
+
+
+def test_backend_is_used_by_dispatching_processors(monkeypatch, restore_active_backend):
+    from diffusers.models import attention_dispatch
+
+    calls = []
+    original = attention_dispatch.dispatch_attention_fn
+
+    def recording(*args, backend=None, **kwargs):
+        calls.append(backend.value if backend is not None else None)
+        return original(*args, backend=backend, **kwargs)
+
+    monkeypatch.setattr("dit_optimum.models.attention.dispatch_attention_fn", recording)
+    model = tiny_model(attention_type="mediated")
+    model.set_attention_backend("_native_math")
+    sample, timestep, labels = model_inputs(model)
+    with torch.no_grad():
+        model(sample, timestep, labels)
+    assert calls == ["_native_math"] * 2 * len(model.transformer_blocks)  # two softmax attentions per block
+
+
+def test_attention_table_declares_every_type_once():
+    from dit_optimum.models.attention import ATTENTION_SPECS, KV_LAYOUTS
+
+    assert tuple(ATTENTION_SPECS) == ATTENTION_TYPES
+    for name, spec in ATTENTION_SPECS.items():
+        attn = make_attention(name)
+        assert type(attn.processor) is spec.processor
+        expected_kv = {"full": attn.heads, "single": 1, "grouped": attn.heads // 2}[spec.kv_layout]
+        assert spec.kv_layout in KV_LAYOUTS and attn.kv_heads == expected_kv
+        assert (getattr(attn, "dwconv", None) is not None) == (spec.dwconv_kernel is not None)
+    with pytest.raises(ValueError, match=r"`num_mediators`=5 must be a square"):
+        AttentionConfig("mediated", num_mediators=5).validate(num_heads=4, head_dim=8, grid_size=4)

@@ -19,9 +19,10 @@ from .models import (
     MediatedAttnProcessor,
     SDPAAttnProcessor,
 )
+from .models.block_cache import BlockCacheSchedule
 from .pipelines import DiTOptimumPipeline
 from .registration import register_with_diffusers
-from .techniques import CalibrationSettings, prune, quantize
+from .techniques import CACHE_METHODS, CalibrationSettings, enable_step_cache, prune, quantize
 
 register_with_diffusers()  # `import dit_optimum` is what lets diffusers download our repositories from the Hub
 
@@ -29,8 +30,10 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ATTENTION_TYPES",
+    "CACHE_METHODS",
     "DIT_SIZES",
     "PATCH_SIZES",
+    "BlockCacheSchedule",
     "CalibrationSettings",
     "DiTAttention",
     "DiTOptimumError",
@@ -45,6 +48,7 @@ __all__ = [
     "count_gflops",
     "count_parameters",
     "dit_config",
+    "enable_step_cache",
     "gflops_breakdown",
     "preset_names",
     "prune",

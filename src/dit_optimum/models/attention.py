@@ -1,6 +1,6 @@
-"""Self-attention for DiT blocks: one module holding the weights, and small processors holding the maths.
+"""Self-attention for DiT blocks: one diffusers attention module holding the weights, small processors the maths.
 
-Attention types (DESIGN.md section 3):
+Attention types (DESIGN.md section 3), one row each in ``ATTENTION_SPECS``:
 
 - ``sdpa``: multi-head softmax attention (same maths as diffusers ``AttnProcessor2_0``).
 - ``gqa`` / ``mqa``: ``num_kv_heads`` K/V heads shared by groups of query heads (``mqa``: one K/V head).
@@ -9,113 +9,27 @@ Attention types (DESIGN.md section 3):
 - ``focused``, ``focused_gqa``, ``focused_mqa``: focused linear attention (FLatten, Han et al. 2023),
   with full, grouped or a single K/V head.
 
-The module (``DiTAttention``) owns projections and any extra weights (depthwise convolution); the processor
-(``SDPAAttnProcessor``, ``MediatedAttnProcessor``, ``FocusedLinearAttnProcessor``) is a plain callable, swappable
-with ``set_processor`` as in diffusers.
+``DiTAttention`` is a diffusers ``AttentionModuleMixin``: ``set_processor``, ``fuse_projections`` and
+``set_attention_backend`` work as on diffusers' own attention modules. Processors whose kernel is softmax attention
+call diffusers' ``dispatch_attention_fn``, so the backend chosen with ``set_attention_backend`` runs them.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from diffusers.models.attention import AttentionModuleMixin
+from diffusers.models.attention_dispatch import _AttentionBackendRegistry, dispatch_attention_fn
 from torch import nn
 
 from ..errors import DiTOptimumError
 
-ATTENTION_TYPES: tuple[str, ...] = (
-    "sdpa",
-    "gqa",
-    "mqa",
-    "shallow",
-    "mediated",
-    "focused",
-    "focused_gqa",
-    "focused_mqa",
-)
 FOCUSED_VARIANTS: tuple[str, ...] = ("published", "paper")
-GROUPED_TYPES = ("gqa", "focused_gqa")
-SINGLE_KV_TYPES = ("mqa", "focused_mqa")
-_FOCUSED_TYPES = ("focused", "focused_gqa", "focused_mqa")
-_DEFAULT_DWCONV_KERNEL = {"mediated": 3, "focused": 5, "focused_gqa": 5, "focused_mqa": 5}
-
-
-def resolve_num_kv_heads(attention_type: str, num_heads: int, num_kv_heads: int | None) -> int:
-    """Number of K/V heads for an attention type; ``None`` picks groups of two query heads for grouped types."""
-    if attention_type in SINGLE_KV_TYPES:
-        if num_kv_heads not in (None, 1):
-            raise DiTOptimumError(
-                f"`num_kv_heads` must be None or 1 for attention_type={attention_type!r}, got {num_kv_heads}."
-            )
-        return 1
-    if attention_type in GROUPED_TYPES:
-        if num_kv_heads is None:
-            group = next(g for g in range(2, num_heads + 1) if num_heads % g == 0) if num_heads > 1 else 1
-            return num_heads // group
-        allowed = [d for d in range(1, num_heads + 1) if num_heads % d == 0]
-        if num_kv_heads not in allowed:
-            raise DiTOptimumError(
-                f"`num_kv_heads`={num_kv_heads} must divide num_attention_heads={num_heads} for "
-                f"attention_type={attention_type!r}; allowed values: {allowed}."
-            )
-        return num_kv_heads
-    if num_kv_heads not in (None, num_heads):
-        raise DiTOptimumError(
-            f"`num_kv_heads` is only used by {GROUPED_TYPES + SINGLE_KV_TYPES}; "
-            f"for attention_type={attention_type!r} "
-            f"it must be None or {num_heads}, got {num_kv_heads}."
-        )
-    return num_heads
-
-
-def validate_attention_config(
-    attention_type: str,
-    num_heads: int,
-    head_dim: int,
-    grid_size: int,
-    num_kv_heads: int | None,
-    attention_compression: int,
-    num_mediators: int,
-    focusing_factor: float,
-    dwconv_kernel_size: int | None,
-    focused_variant: str,
-) -> None:
-    """Raise ``ValueError`` naming the parameter and its allowed values for any invalid combination."""
-    if attention_type not in ATTENTION_TYPES:
-        raise DiTOptimumError(
-            f"Unknown `attention_type`={attention_type!r}; allowed values: {', '.join(ATTENTION_TYPES)}."
-        )
-    resolve_num_kv_heads(attention_type, num_heads, num_kv_heads)
-    if attention_type == "shallow":
-        divisors = [c for c in range(1, head_dim + 1) if head_dim % c == 0]
-        if not isinstance(attention_compression, int) or attention_compression not in divisors[1:]:
-            raise DiTOptimumError(
-                f"`attention_compression`={attention_compression!r} must be an integer > 1 dividing "
-                f"attention_head_dim={head_dim}; allowed values: {divisors[1:]}."
-            )
-    if attention_type == "mediated":
-        side = math.isqrt(num_mediators) if isinstance(num_mediators, int) and num_mediators > 0 else 0
-        if side * side != num_mediators or side > grid_size:
-            allowed = [s * s for s in range(1, grid_size + 1)]
-            raise DiTOptimumError(
-                f"`num_mediators`={num_mediators!r} must be a square number whose side fits "
-                f"the {grid_size}x{grid_size} "
-                f"token grid (mediators are pooled over the grid); allowed values: {allowed}."
-            )
-    if attention_type in _FOCUSED_TYPES:
-        if not focusing_factor >= 1:
-            raise DiTOptimumError(f"`focusing_factor`={focusing_factor!r} must be a number >= 1 (the paper uses 3).")
-        if focused_variant not in FOCUSED_VARIANTS:
-            raise DiTOptimumError(
-                f"Unknown `focused_variant`={focused_variant!r}; allowed values: {', '.join(FOCUSED_VARIANTS)}."
-            )
-    if dwconv_kernel_size is not None and (
-        not isinstance(dwconv_kernel_size, int) or dwconv_kernel_size < 1 or dwconv_kernel_size % 2 == 0
-    ):
-        raise DiTOptimumError(
-            f"`dwconv_kernel_size`={dwconv_kernel_size!r} must be None or an odd positive integer (1, 3, 5, ...)."
-        )
+KV_LAYOUTS: tuple[str, ...] = ("full", "grouped", "single")
 
 
 class DepthwiseConv2d(nn.Module):
@@ -145,54 +59,90 @@ def _merge_heads(tokens: torch.Tensor) -> torch.Tensor:
     return tokens.transpose(1, 2).reshape(batch, length, heads * dim)
 
 
-def _repeat_kv(tokens: torch.Tensor, groups: int) -> torch.Tensor:
-    # (B, kv_heads, N, d) -> (B, kv_heads * groups, N, d); query head h uses K/V head h // groups.
-    return tokens if groups == 1 else tokens.repeat_interleave(groups, dim=1)
+def _repeat_kv(tokens: torch.Tensor, groups: int, dim: int = 1) -> torch.Tensor:
+    # heads along `dim`: kv_heads -> kv_heads * groups; query head h uses K/V head h // groups.
+    return tokens if groups == 1 else tokens.repeat_interleave(groups, dim=dim)
 
 
-class SDPAAttnProcessor:
-    """Softmax attention through ``F.scaled_dot_product_attention``; covers sdpa, gqa, mqa and shallow.
+def project_qkv(attn: DiTAttention, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(B, N, inner), (B, N, kv), (B, N, kv): one GEMM when the projections are fused, else three."""
+    if attn.fused_projections:
+        kv_dim = attn.to_k.out_features
+        return attn.to_qkv(hidden_states).split([attn.to_q.out_features, kv_dim, kv_dim], dim=-1)
+    return attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
+
+
+def dispatched_attention(processor, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """Softmax attention of (B, N, H, d) tensors through diffusers' ``dispatch_attention_fn`` (the processor's
+    backend, else the active one); K/V with fewer heads are repeated for backends without grouped-query support."""
+    groups = query.shape[2] // key.shape[2]
+    backend = processor._attention_backend or _AttentionBackendRegistry.get_active_backend()[0]
+    grouped = groups > 1 and "enable_gqa" in _AttentionBackendRegistry._supported_arg_names.get(backend, ())
+    if groups > 1 and not grouped:
+        key, value = _repeat_kv(key, groups, dim=2), _repeat_kv(value, groups, dim=2)
+    return dispatch_attention_fn(
+        query,
+        key,
+        value,
+        enable_gqa=grouped,
+        backend=processor._attention_backend,
+        parallel_config=processor._parallel_config,
+    )
+
+
+class DispatchingProcessor:
+    """Base of processors: the backend and parallel config diffusers' ``set_attention_backend`` sets."""
+
+    _attention_backend = None
+    _parallel_config = None
+
+    @classmethod
+    def from_attention_config(cls, config: AttentionConfig) -> DispatchingProcessor:
+        """The processor for a validated attention config (its options come from there)."""
+        return cls()
+
+
+class SDPAAttnProcessor(DispatchingProcessor):
+    """Softmax attention through ``dispatch_attention_fn``; covers sdpa, gqa, mqa and shallow.
 
     GQA/MQA and shallow attention differ from the baseline only in projection shapes, which the module owns.
     """
 
     def __call__(self, attn: DiTAttention, hidden_states: torch.Tensor, grid_size: tuple[int, int]) -> torch.Tensor:
-        query = _split_heads(attn.to_q(hidden_states), attn.heads)
-        key = _split_heads(attn.to_k(hidden_states), attn.kv_heads)
-        value = _split_heads(attn.to_v(hidden_states), attn.kv_heads)
-        if attn.kv_heads != attn.heads:
-            out = F.scaled_dot_product_attention(query, key, value, enable_gqa=True)
-        else:
-            out = F.scaled_dot_product_attention(query, key, value)
-        out = _merge_heads(out).to(query.dtype)
+        query, key, value = project_qkv(attn, hidden_states)
+        batch, length, _ = hidden_states.shape
+        query = query.view(batch, length, attn.heads, -1)  # (B, N, H, d): diffusers' dispatch layout
+        key = key.view(batch, length, attn.kv_heads, -1)
+        value = value.view(batch, length, attn.kv_heads, -1)
+        out = dispatched_attention(self, query, key, value).flatten(2).to(query.dtype)
         return attn.to_out[1](attn.to_out[0](out))
 
 
-class MediatedAttnProcessor:
+class MediatedAttnProcessor(DispatchingProcessor):
     """Attention through ``m`` mediator tokens T pooled from Q over the grid, plus a depthwise conv on V.
 
-    ``V_m = softmax(T K^T s) V``; ``O = softmax(Q T^T s) V_m + DWConv(V)``: O(N m d) instead of O(N^2 d).
+    ``V_m = softmax(T K^T s) V``; ``O = softmax(Q T^T s) V_m + DWConv(V)``: O(N m d) instead of O(N^2 d). Both
+    softmax attentions go through ``dispatch_attention_fn``.
     """
 
     def __call__(self, attn: DiTAttention, hidden_states: torch.Tensor, grid_size: tuple[int, int]) -> torch.Tensor:
-        batch = hidden_states.shape[0]
+        batch, length, _ = hidden_states.shape
         height, width = grid_size
         side = math.isqrt(attn.num_mediators)
-        query = _split_heads(attn.to_q(hidden_states), attn.heads)  # (B, H, N, d)
-        value_tokens = attn.to_v(hidden_states)
-        key = _repeat_kv(_split_heads(attn.to_k(hidden_states), attn.kv_heads), attn.heads // attn.kv_heads)
-        value = _repeat_kv(_split_heads(value_tokens, attn.kv_heads), attn.heads // attn.kv_heads)
+        groups = attn.heads // attn.kv_heads
+        query_tokens, key_tokens, value_tokens = project_qkv(attn, hidden_states)
+        query = query_tokens.view(batch, length, attn.heads, -1)  # (B, N, H, d)
+        key = _repeat_kv(key_tokens.view(batch, length, attn.kv_heads, -1), groups, dim=2)
+        value = _repeat_kv(value_tokens.view(batch, length, attn.kv_heads, -1), groups, dim=2)
         head_dim = query.shape[-1]
-        # Mediators: average-pool Q over the 2-D grid to side x side tokens -> (B, H, m, d).
-        grid_query = query.reshape(batch * attn.heads, height, width, head_dim).permute(0, 3, 1, 2)
-        mediators = F.adaptive_avg_pool2d(grid_query, (side, side)).flatten(2).transpose(1, 2)
-        mediators = mediators.reshape(batch, attn.heads, side * side, head_dim)
-        mediated_values = F.scaled_dot_product_attention(mediators, key, value)  # (B, H, m, d)
-        out = F.scaled_dot_product_attention(query, mediators, mediated_values)  # (B, H, N, d)
-        local = attn.dwconv(value_tokens, grid_size)  # (B, N, kv_heads * d)
-        out = _merge_heads(out) + _merge_heads(
-            _repeat_kv(_split_heads(local, attn.kv_heads), attn.heads // attn.kv_heads)
-        )
+        # Mediators: average-pool Q over the 2-D grid to side x side tokens -> (B, m, H, d).
+        grid_query = query.permute(0, 2, 3, 1).reshape(batch * attn.heads, head_dim, height, width)
+        mediators = F.adaptive_avg_pool2d(grid_query, (side, side)).reshape(batch, attn.heads, head_dim, side * side)
+        mediators = mediators.permute(0, 3, 1, 2)
+        mediated_values = dispatched_attention(self, mediators, key, value)  # (B, m, H, d)
+        out = dispatched_attention(self, query, mediators, mediated_values)  # (B, N, H, d)
+        local = _repeat_kv(attn.dwconv(value_tokens, grid_size).view(batch, length, attn.kv_heads, -1), groups, 2)
+        out = (out + local).flatten(2)
         return attn.to_out[1](attn.to_out[0](out.to(query.dtype)))
 
 
@@ -203,12 +153,13 @@ def focus(features: torch.Tensor, power: float, dims: tuple[int, ...] = (-1,)) -
     return powered * (norm / powered.norm(dim=dims, keepdim=True))
 
 
-class FocusedLinearAttnProcessor:
+class FocusedLinearAttnProcessor(DispatchingProcessor):
     """Focused linear attention: ``phi = ReLU`` then focusing, ``Q (K^T V)`` order, plus a depthwise conv on V.
 
     ``variant="published"`` (default) is FLatten's form: per-token focusing norms and the normaliser
     ``1 / (Q mean(K)^T)``. ``variant="paper"`` reproduces the benchmark study's code: focusing norms over each
-    sample's whole map (Frobenius) and no normaliser.
+    sample's whole map (Frobenius) and no normaliser. Linear attention has no softmax kernel to dispatch: the
+    attention backend does not change it.
     """
 
     eps = 1e-6
@@ -218,14 +169,18 @@ class FocusedLinearAttnProcessor:
             raise DiTOptimumError(f"Unknown `variant`={variant!r}; allowed values: {', '.join(FOCUSED_VARIANTS)}.")
         self.variant = variant
 
+    @classmethod
+    def from_attention_config(cls, config: AttentionConfig) -> FocusedLinearAttnProcessor:
+        return cls(config.focused_variant)
+
     def __call__(self, attn: DiTAttention, hidden_states: torch.Tensor, grid_size: tuple[int, int]) -> torch.Tensor:
         batch, length, _ = hidden_states.shape
         groups = attn.heads // attn.kv_heads
-        value_tokens = attn.to_v(hidden_states)
+        query_tokens, key_tokens, value_tokens = project_qkv(attn, hidden_states)
         # Focus over all channels of a token (FLatten), or over the whole (N, C) map in the paper's variant.
         dims = (-1,) if self.variant == "published" else (1, 2)
-        query = focus(F.relu(attn.to_q(hidden_states)) + self.eps, attn.focusing_factor, dims)
-        key = focus(F.relu(attn.to_k(hidden_states)) + self.eps, attn.focusing_factor, dims)
+        query = focus(F.relu(query_tokens) + self.eps, attn.focusing_factor, dims)
+        key = focus(F.relu(key_tokens) + self.eps, attn.focusing_factor, dims)
         query = _split_heads(query, attn.heads)  # (B, H, N, d)
         key = _split_heads(key, attn.kv_heads)  # (B, Hkv, N, d)
         value = _split_heads(value_tokens, attn.kv_heads)
@@ -243,56 +198,169 @@ class FocusedLinearAttnProcessor:
         return attn.to_out[1](attn.to_out[0](out.to(hidden_states.dtype)))
 
 
-def default_processor(attention_type: str, focused_variant: str = "published"):
-    """The processor that implements ``attention_type``."""
-    if attention_type == "mediated":
-        return MediatedAttnProcessor()
-    if attention_type in _FOCUSED_TYPES:
-        return FocusedLinearAttnProcessor(focused_variant)
-    return SDPAAttnProcessor()
+@dataclass(frozen=True)
+class AttentionSpec:
+    """One attention type: its processor, K/V layout (``KV_LAYOUTS``), default depthwise-conv kernel (None: no
+    conv) and whether q/k/v are projected to a compressed width."""
+
+    processor: type[DispatchingProcessor]
+    kv_layout: str = "full"
+    dwconv_kernel: int | None = None
+    compressed: bool = False
 
 
-class DiTAttention(nn.Module):
-    """Self-attention weights of one DiT block; keys match diffusers (``to_q``, ``to_k``, ``to_v``, ``to_out.0``)."""
+ATTENTION_SPECS: dict[str, AttentionSpec] = {
+    "sdpa": AttentionSpec(SDPAAttnProcessor),
+    "gqa": AttentionSpec(SDPAAttnProcessor, "grouped"),
+    "mqa": AttentionSpec(SDPAAttnProcessor, "single"),
+    "shallow": AttentionSpec(SDPAAttnProcessor, compressed=True),
+    "mediated": AttentionSpec(MediatedAttnProcessor, dwconv_kernel=3),
+    "focused": AttentionSpec(FocusedLinearAttnProcessor, dwconv_kernel=5),
+    "focused_gqa": AttentionSpec(FocusedLinearAttnProcessor, "grouped", dwconv_kernel=5),
+    "focused_mqa": AttentionSpec(FocusedLinearAttnProcessor, "single", dwconv_kernel=5),
+}
+ATTENTION_TYPES: tuple[str, ...] = tuple(ATTENTION_SPECS)
+GROUPED_TYPES = tuple(name for name, spec in ATTENTION_SPECS.items() if spec.kv_layout == "grouped")
+SINGLE_KV_TYPES = tuple(name for name, spec in ATTENTION_SPECS.items() if spec.kv_layout == "single")
+_FOCUSED_TYPES = tuple(name for name, spec in ATTENTION_SPECS.items() if spec.processor is FocusedLinearAttnProcessor)
+
+
+def resolve_num_kv_heads(attention_type: str, num_heads: int, num_kv_heads: int | None) -> int:
+    """Number of K/V heads for an attention type; ``None`` picks groups of two query heads for grouped types."""
+    layout = ATTENTION_SPECS[attention_type].kv_layout
+    if layout == "single":
+        if num_kv_heads not in (None, 1):
+            raise DiTOptimumError(
+                f"`num_kv_heads` must be None or 1 for attention_type={attention_type!r}, got {num_kv_heads}."
+            )
+        return 1
+    if layout == "grouped":
+        if num_kv_heads is None:
+            group = next(g for g in range(2, num_heads + 1) if num_heads % g == 0) if num_heads > 1 else 1
+            return num_heads // group
+        allowed = [d for d in range(1, num_heads + 1) if num_heads % d == 0]
+        if num_kv_heads not in allowed:
+            raise DiTOptimumError(
+                f"`num_kv_heads`={num_kv_heads} must divide num_attention_heads={num_heads} for "
+                f"attention_type={attention_type!r}; allowed values: {allowed}."
+            )
+        return num_kv_heads
+    if num_kv_heads not in (None, num_heads):
+        raise DiTOptimumError(
+            f"`num_kv_heads` is only used by {GROUPED_TYPES + SINGLE_KV_TYPES}; "
+            f"for attention_type={attention_type!r} "
+            f"it must be None or {num_heads}, got {num_kv_heads}."
+        )
+    return num_heads
+
+
+@dataclass(frozen=True)
+class AttentionConfig:
+    """The attention options of a model (its flat config keys of the same names), validated in one place."""
+
+    attention_type: str = "sdpa"
+    num_kv_heads: int | None = None
+    attention_compression: int = 2
+    num_mediators: int = 4
+    focusing_factor: float = 3.0
+    dwconv_kernel_size: int | None = None
+    focused_variant: str = "published"
+
+    @classmethod
+    def from_model_config(cls, config) -> AttentionConfig:
+        """The attention options of a model config (any object or mapping with the flat keys)."""
+        get = config.get if isinstance(config, dict) else lambda name, default: getattr(config, name, default)
+        return cls(**{field.name: get(field.name, field.default) for field in dataclasses.fields(cls)})
+
+    @property
+    def spec(self) -> AttentionSpec:
+        return ATTENTION_SPECS[self.attention_type]
+
+    def with_kv_heads(self, num_kv_heads: int | None) -> AttentionConfig:
+        """The same options with another K/V head count (a pruned layer keeps its groups, not their number)."""
+        return dataclasses.replace(self, num_kv_heads=num_kv_heads)
+
+    def validate(self, num_heads: int, head_dim: int, grid_size: int) -> None:
+        """Raise ``DiTOptimumError`` naming the parameter and its allowed values for any invalid combination."""
+        attention_type = self.attention_type
+        if attention_type not in ATTENTION_SPECS:
+            raise DiTOptimumError(
+                f"Unknown `attention_type`={attention_type!r}; allowed values: {', '.join(ATTENTION_TYPES)}."
+            )
+        resolve_num_kv_heads(attention_type, num_heads, self.num_kv_heads)
+        if self.spec.compressed:
+            divisors = [c for c in range(1, head_dim + 1) if head_dim % c == 0]
+            compression = self.attention_compression
+            if not isinstance(compression, int) or compression not in divisors[1:]:
+                raise DiTOptimumError(
+                    f"`attention_compression`={compression!r} must be an integer > 1 dividing "
+                    f"attention_head_dim={head_dim}; allowed values: {divisors[1:]}."
+                )
+        if self.spec.processor is MediatedAttnProcessor:
+            mediators = self.num_mediators
+            side = math.isqrt(mediators) if isinstance(mediators, int) and mediators > 0 else 0
+            if side * side != mediators or side > grid_size:
+                allowed = [s * s for s in range(1, grid_size + 1)]
+                raise DiTOptimumError(
+                    f"`num_mediators`={mediators!r} must be a square number whose side fits "
+                    f"the {grid_size}x{grid_size} "
+                    f"token grid (mediators are pooled over the grid); allowed values: {allowed}."
+                )
+        if attention_type in _FOCUSED_TYPES:
+            if not self.focusing_factor >= 1:
+                raise DiTOptimumError(
+                    f"`focusing_factor`={self.focusing_factor!r} must be a number >= 1 (the paper uses 3)."
+                )
+            if self.focused_variant not in FOCUSED_VARIANTS:
+                raise DiTOptimumError(
+                    f"Unknown `focused_variant`={self.focused_variant!r}; "
+                    f"allowed values: {', '.join(FOCUSED_VARIANTS)}."
+                )
+        kernel = self.dwconv_kernel_size
+        if kernel is not None and (not isinstance(kernel, int) or kernel < 1 or kernel % 2 == 0):
+            raise DiTOptimumError(
+                f"`dwconv_kernel_size`={kernel!r} must be None or an odd positive integer (1, 3, 5, ...)."
+            )
+
+
+class DiTAttention(nn.Module, AttentionModuleMixin):
+    """Self-attention weights of one DiT block; keys match diffusers (``to_q``, ``to_k``, ``to_v``, ``to_out.0``).
+
+    ``heads`` and ``head_dim`` are this layer's (head pruning makes layers differ); everything else comes from
+    ``config``.
+    """
+
+    _default_processor_cls = SDPAAttnProcessor
+    _available_processors = [SDPAAttnProcessor, MediatedAttnProcessor, FocusedLinearAttnProcessor]
 
     def __init__(
         self,
         dim: int,
         heads: int,
         head_dim: int,
+        config: AttentionConfig | None = None,
         *,
-        attention_type: str = "sdpa",
-        num_kv_heads: int | None = None,
-        attention_compression: int = 2,
-        num_mediators: int = 4,
-        focusing_factor: float = 3.0,
-        dwconv_kernel_size: int | None = None,
-        focused_variant: str = "published",
         bias: bool = True,
         dropout: float = 0.0,
     ):
         super().__init__()
-        self.attention_type = attention_type
+        config = config or AttentionConfig()
+        spec = config.spec
+        self.attention_type = config.attention_type
         self.heads = heads
-        self.kv_heads = resolve_num_kv_heads(attention_type, heads, num_kv_heads)
-        self.num_mediators = num_mediators
-        self.focusing_factor = focusing_factor
-        inner_head_dim = head_dim // attention_compression if attention_type == "shallow" else head_dim
+        self.kv_heads = resolve_num_kv_heads(config.attention_type, heads, config.num_kv_heads)
+        self.num_mediators = config.num_mediators
+        self.focusing_factor = config.focusing_factor
+        self.use_bias = bias  # read by diffusers' fuse_projections
+        inner_head_dim = head_dim // config.attention_compression if spec.compressed else head_dim
         inner_dim, kv_dim = heads * inner_head_dim, self.kv_heads * inner_head_dim
         self.to_q = nn.Linear(dim, inner_dim, bias=bias)
         self.to_k = nn.Linear(dim, kv_dim, bias=bias)
         self.to_v = nn.Linear(dim, kv_dim, bias=bias)
         self.to_out = nn.ModuleList([nn.Linear(inner_dim, dim, bias=True), nn.Dropout(dropout)])
-        if attention_type in _DEFAULT_DWCONV_KERNEL:
-            self.dwconv = DepthwiseConv2d(kv_dim, dwconv_kernel_size or _DEFAULT_DWCONV_KERNEL[attention_type])
-        self.processor = default_processor(attention_type, focused_variant)
-
-    def set_processor(self, processor) -> None:
-        """Swap the callable that computes attention (weights stay)."""
-        self.processor = processor
-
-    def get_processor(self):
-        return self.processor
+        if spec.dwconv_kernel is not None:
+            self.dwconv = DepthwiseConv2d(kv_dim, config.dwconv_kernel_size or spec.dwconv_kernel)
+        self.set_processor(spec.processor.from_attention_config(config))
 
     def forward(self, hidden_states: torch.Tensor, grid_size: tuple[int, int]) -> torch.Tensor:
         # hidden_states: (B, N, dim) with N = grid_size[0] * grid_size[1] -> (B, N, dim)

@@ -27,13 +27,8 @@ from ..configs import dit_config
 from ..errors import DiTOptimumError
 from ..utils import check_number, first_line, pop_unsupported_save_options
 from ..utils import save_directory as save_directory_into
-from .attention import (
-    GROUPED_TYPES,
-    SINGLE_KV_TYPES,
-    DiTAttention,
-    resolve_num_kv_heads,
-    validate_attention_config,
-)
+from .attention import AttentionConfig, DiTAttention, resolve_num_kv_heads
+from .block_cache import BLOCK_SCHEDULE_HOOK, BlockCacheSchedule, apply_block_schedule
 from .moe import MoEFeedForward
 
 logger = logging.getLogger(__name__)
@@ -231,6 +226,8 @@ class DiTOptimumTransformer2DModel(DiTTransformer2DModel, AttentionMixin, PeftAd
       blocks in ``moe_layers``), top-``moe_top_k`` routing, ``moe_num_shared_experts``, ``moe_capacity_factor``,
       ``moe_expert_dim`` (default: the MLP width / top-k, so active compute matches the dense MLP), and the
       balance / router z-loss weights.
+    - ``block_cache_schedule``: a per-step block reuse schedule (``BlockCacheSchedule.to_dict()``), enabled at
+      construction, so that a release saved with ``enable_cache(schedule)`` samples with it after loading.
     """
 
     _supports_gradient_checkpointing = True
@@ -277,6 +274,7 @@ class DiTOptimumTransformer2DModel(DiTTransformer2DModel, AttentionMixin, PeftAd
         moe_expert_dim: int | None = None,
         moe_balance_loss_weight: float = 0.01,
         moe_router_z_loss_weight: float = 0.0,
+        block_cache_schedule: dict[str, Any] | None = None,
     ):
         # Skip DiTTransformer2DModel.__init__ (it would build stock blocks); the class stays one for isinstance checks.
         ModelMixin.__init__(self)
@@ -305,6 +303,8 @@ class DiTOptimumTransformer2DModel(DiTTransformer2DModel, AttentionMixin, PeftAd
         self.norm_out = nn.LayerNorm(self.inner_dim, elementwise_affine=False, eps=1e-6)
         self.proj_out_1 = nn.Linear(self.inner_dim, 2 * self.inner_dim)
         self.proj_out_2 = nn.Linear(self.inner_dim, patch_size * patch_size * self.out_channels)
+        if block_cache_schedule is not None:  # a saved reuse schedule is part of the model: on from the start
+            self.enable_cache(BlockCacheSchedule.from_dict(block_cache_schedule, num_layers))
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs: Any):
@@ -388,21 +388,13 @@ class DiTOptimumTransformer2DModel(DiTTransformer2DModel, AttentionMixin, PeftAd
                 )
             if upper is not None and max(values) > upper:
                 raise DiTOptimumError(f"`{name}` entries must be at most num_attention_heads={upper}, got {values}.")
-        validate_attention_config(
-            config.attention_type,
-            config.num_attention_heads,
-            config.attention_head_dim,
-            config.sample_size // config.patch_size,
-            config.num_kv_heads,
-            config.attention_compression,
-            config.num_mediators,
-            config.focusing_factor,
-            config.dwconv_kernel_size,
-            config.focused_variant,
+        self.attention_config = AttentionConfig.from_model_config(config)
+        self.attention_config.validate(
+            config.num_attention_heads, config.attention_head_dim, config.sample_size // config.patch_size
         )
         group = self.query_heads_per_kv_head
         self._validate_moe_config()
-        grouped = config.layer_heads is not None and config.attention_type in GROUPED_TYPES
+        grouped = config.layer_heads is not None and self.attention_config.spec.kv_layout == "grouped"
         if grouped and any(heads % group for heads in config.layer_heads):
             raise DiTOptimumError(
                 f"`layer_heads` entries must be multiples of {group} (query heads per K/V head for "
@@ -469,14 +461,14 @@ class DiTOptimumTransformer2DModel(DiTTransformer2DModel, AttentionMixin, PeftAd
         """Query heads sharing one K/V head in the unpruned layout (1 without grouping)."""
         config = self.config
         kv_heads = resolve_num_kv_heads(config.attention_type, config.num_attention_heads, config.num_kv_heads)
-        return config.num_attention_heads // kv_heads if config.attention_type in GROUPED_TYPES else 1
+        return config.num_attention_heads // kv_heads if self.attention_config.spec.kv_layout == "grouped" else 1
 
     def kv_heads_of_layer(self, index: int) -> int | None:
         """K/V heads of block ``index``: head pruning removes whole groups, so the group size is kept."""
-        attention_type = self.config.attention_type
-        if attention_type in GROUPED_TYPES:
+        layout = self.attention_config.spec.kv_layout
+        if layout == "grouped":
             return self.heads_of_layer(index) // self.query_heads_per_kv_head
-        return 1 if attention_type in SINGLE_KV_TYPES else None
+        return 1 if layout == "single" else None
 
     def heads_of_layer(self, index: int) -> int:
         """Attention heads of block ``index`` (fewer than ``num_attention_heads`` after head pruning)."""
@@ -494,13 +486,7 @@ class DiTOptimumTransformer2DModel(DiTTransformer2DModel, AttentionMixin, PeftAd
             self.inner_dim,
             self.heads_of_layer(index),
             config.attention_head_dim,
-            attention_type=config.attention_type,
-            num_kv_heads=self.kv_heads_of_layer(index),
-            attention_compression=config.attention_compression,
-            num_mediators=config.num_mediators,
-            focusing_factor=config.focusing_factor,
-            dwconv_kernel_size=config.dwconv_kernel_size,
-            focused_variant=config.focused_variant,
+            self.attention_config.with_kv_heads(self.kv_heads_of_layer(index)),
             bias=config.attention_bias,
             dropout=config.dropout,
         )
@@ -543,6 +529,47 @@ class DiTOptimumTransformer2DModel(DiTTransformer2DModel, AttentionMixin, PeftAd
                 ", ".join(sorted(differing)),
             )
         super()._fix_state_dict_keys_on_load(state_dict)
+
+    def enable_cache(self, config: Any) -> None:
+        """diffusers' ``enable_cache`` (FirstBlockCache, TaylorSeer, PAB, FasterCache, MagCache, ...), plus a
+        ``BlockCacheSchedule``, which is also written into the config so that ``save_pretrained`` keeps it."""
+        if not isinstance(config, BlockCacheSchedule):
+            super().enable_cache(config)
+            return
+        if self.is_cache_enabled:
+            raise ValueError(
+                f"Caching has already been enabled with {type(self._cache_config)}. To apply a new caching technique, "
+                "please disable the existing one first."
+            )
+        schedule = BlockCacheSchedule.from_dict(config.to_dict(), len(self.transformer_blocks))  # checks the indices
+        apply_block_schedule(self.transformer_blocks, schedule)
+        from diffusers.hooks import HookRegistry
+
+        HookRegistry.check_if_exists_or_initialize(self).invalidate_child_registries_cache()
+        self._cache_config = schedule
+        self.register_to_config(block_cache_schedule=schedule.to_dict())
+
+    def disable_cache(self) -> None:
+        """diffusers' ``disable_cache``; a block schedule is also removed from the config."""
+        if not isinstance(self._cache_config, BlockCacheSchedule):
+            super().disable_cache()
+            return
+        from diffusers.hooks import HookRegistry
+
+        registry = HookRegistry.check_if_exists_or_initialize(self)
+        registry.remove_hook(BLOCK_SCHEDULE_HOOK, recurse=True)
+        registry.invalidate_child_registries_cache()
+        self._cache_config = None
+        self.register_to_config(block_cache_schedule=None)
+
+    def check_unfused(self, action: str) -> None:
+        """Refuse ``action`` on a model with fused QKV projections: the fused copy would be saved beside the separate
+        weights (and fail to load), or go stale when the separate weights change."""
+        if any(getattr(module, "fused_projections", False) for module in self.modules()):
+            raise DiTOptimumError(
+                f"{action.capitalize()} a model with fused QKV projections is not supported: call "
+                "`unfuse_qkv_projections()` first (fusing is a run-time speed-up, redone after loading)."
+            )
 
     def set_attn_processor(self, processor: Any) -> None:
         """diffusers' ``set_attn_processor`` (one processor for all, or a dict with one per attention layer); a dict
@@ -616,6 +643,7 @@ class DiTOptimumTransformer2DModel(DiTTransformer2DModel, AttentionMixin, PeftAd
         reason = getattr(self, UNSERIALIZABLE_ATTRIBUTE, None)
         if reason:
             raise DiTOptimumError(reason)
+        self.check_unfused("saving")
         pop_unsupported_save_options(kwargs)
         with save_directory_into(save_directory, "config.json", overwrite) as staging:
             super().save_pretrained(staging, safe_serialization=True, **kwargs)

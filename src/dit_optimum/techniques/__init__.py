@@ -1,11 +1,13 @@
 """Techniques that turn a baseline DiT pipeline (or transformer) into a cheaper one of the same kind."""
 
+from .caching import CACHE_METHODS, calibrate_block_schedule, calibrate_mag_ratios, enable_step_cache
 from .pruning import IMPORTANCE_CRITERIA, SCOPES, importance_scores, prune, teacher_and_student
 from .quantization import BACKENDS, DEFAULT_KEEP_FLOAT, SUPPORTED, CalibrationSettings, quantize
 from .registry import TECHNIQUES, Technique, TechniqueContext, get_technique, register_technique
 
 __all__ = [
     "BACKENDS",
+    "CACHE_METHODS",
     "DEFAULT_KEEP_FLOAT",
     "IMPORTANCE_CRITERIA",
     "SCOPES",
@@ -14,6 +16,9 @@ __all__ = [
     "CalibrationSettings",
     "Technique",
     "TechniqueContext",
+    "calibrate_block_schedule",
+    "calibrate_mag_ratios",
+    "enable_step_cache",
     "get_technique",
     "importance_scores",
     "prune",

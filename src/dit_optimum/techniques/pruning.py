@@ -263,6 +263,7 @@ def prune(
     if scope not in SCOPES:
         raise DiTOptimumError(f"Unknown `scope`={scope!r}; allowed values: {', '.join(SCOPES)}.")
     model = unwrap(pipe_or_model)
+    model.check_unfused("pruning")
     is_moe = model.config.moe_num_experts > 0
     if is_moe and mlp > 0:
         raise DiTOptimumError(
@@ -285,6 +286,7 @@ def prune(
             for h, b in zip(kept_heads, kept_blocks)
         ],
         layer_mlp_dims=[len(u) for u in kept_units],
+        block_cache_schedule=None,  # a reuse schedule is calibrated for the unpruned blocks
     )
     if is_moe:
         config["layer_mlp_dims"] = None
