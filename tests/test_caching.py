@@ -145,9 +145,9 @@ def test_block_schedule_respects_its_budget_and_runs_of_reuse():
 
 
 def test_block_schedule_is_saved_with_the_pipeline_and_reloads(tmp_path):
-    import dit_optimum  # noqa: F401
     from diffusers import DiffusionPipeline
 
+    import dit_optimum  # noqa: F401
     from dit_optimum import DiTOptimumPipeline, enable_step_cache
 
     reference = sample_images(tiny_pixel_pipeline(), STEPS)
@@ -214,10 +214,26 @@ def test_bad_cache_options_are_refused_naming_them(method, options, message):
 
 
 def test_a_bad_saved_schedule_is_refused_naming_the_key():
-    from dit_optimum import DiTOptimumTransformer2DModel
-
     from conftest import tiny_config
+    from dit_optimum import DiTOptimumTransformer2DModel
 
     bad = {"num_inference_steps": 2, "reuse": [[], [7]]}
     with pytest.raises(ValueError, match=r"block_cache_schedule.reuse\[1\]`=\[7\] must list block indices 0..1"):
         DiTOptimumTransformer2DModel(**tiny_config(block_cache_schedule=bad))
+
+
+@pytest.mark.parametrize("method", list(MOST_REUSE))
+def test_every_cached_pipeline_gets_measured_and_keeps_its_cache(method):
+    """The benchmark's cost measurement (unguided forwards, FLOP counting, batch-1 latency) works under every cache
+    and leaves the same cache on: forwards outside sampling switch it off and back on."""
+    from dit_optimum import enable_step_cache
+    from dit_optimum.evaluation.efficiency import SpeedSettings, efficiency_metrics
+
+    pipe = enable_step_cache(tiny_pixel_pipeline(), method, **MOST_REUSE[method])
+    config = pipe.transformer._cache_config
+    before = sample_images(pipe, STEPS)
+    settings = SpeedSettings(batch_size=2, forward_batch_size=3, num_inference_steps=STEPS, warmup=0, repeats=1)
+    metrics = efficiency_metrics(pipe, settings, reference=tiny_pixel_pipeline())
+    assert metrics["forward_images_per_s"] > 0 and metrics["gflops"] > 0
+    assert pipe.transformer._cache_config == config
+    assert (sample_images(pipe, STEPS) == before).all()

@@ -99,3 +99,15 @@ def test_from_preset_builds_paper_sizes():
     config = model.config
     assert (config.num_layers, model.inner_dim, config.num_attention_heads, config.patch_size) == (6, 256, 4, 4)
     assert (config.out_channels, config.num_embeds_ada_norm) == (2, 10)
+
+
+def test_regional_compile_of_the_repeated_block_matches_eager():
+    """diffusers' `compile_repeated_blocks` finds the DiT block through `_repeated_blocks` and compiles it."""
+    model = tiny_model()
+    sample, timestep, labels = model_inputs(model)
+    with torch.no_grad():
+        eager = model(sample, timestep, labels).sample
+        model.compile_repeated_blocks(fullgraph=False)
+        assert all(block._compiled_call_impl is not None for block in model.transformer_blocks)
+        compiled = model(sample, timestep, labels).sample
+    torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-4)

@@ -170,7 +170,12 @@ def _pareto_plot(plt, finished: list[dict[str, Any]], labels: list[str], metric:
         if interval:  # the 95% interval as an error bar
             low, high = (value * metric.scale for value in interval)
             axis.errorbar(x, y, yerr=[[max(0.0, y - low)], [max(0.0, high - y)]], color="tab:gray", capsize=2)
-    axis.scatter([p[0] for p in points], [p[1] for p in points], color="tab:blue", zorder=3)
+    combined = [i for i, row in enumerate(finished) if "+" in str(row.get("technique"))]  # stacked techniques
+    single = [i for i in range(len(points)) if i not in combined]
+    for indices, style in ((single, {"color": "tab:blue", "label": "single technique"}),
+                           (combined, {"color": "tab:orange", "marker": "D", "label": "combined recipe"})):  # fmt: skip
+        if indices:
+            axis.scatter([points[i][0] for i in indices], [points[i][1] for i in indices], zorder=3, **style)
     for label, (x, y) in zip(labels, points):
         axis.annotate(label, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
     front = pareto_front(points, higher_is_better=metric.better == "higher")

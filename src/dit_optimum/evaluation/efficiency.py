@@ -67,11 +67,7 @@ def efficiency_metrics(pipeline, settings: SpeedSettings | None = None, referenc
         model = pipe.transformer
         inputs = example_inputs(model, settings.forward_batch_size)
 
-        def whole_forward():  # a step cache has nothing to reuse in one forward: every block computes
-            with outside_sampling(model):
-                return model(*inputs)
-
-        return whole_forward
+        return lambda: model(*inputs)
 
     def sample_call(pipe, count: int) -> Callable[[], Any]:
         steps, guidance = settings.num_inference_steps, settings.guidance_scale
@@ -80,7 +76,8 @@ def efficiency_metrics(pipeline, settings: SpeedSettings | None = None, referenc
     def timed(calls: dict[str, Callable[[], Any]]) -> dict[str, list[float]]:
         return interleaved_call_times(calls, device, settings.warmup, settings.repeats)
 
-    forward_times = timed({name: forward_call(pipe) for name, pipe in pipelines.items()})
+    with outside_sampling(model):  # a step cache has nothing to reuse in one forward: every block computes
+        forward_times = timed({name: forward_call(pipe) for name, pipe in pipelines.items()})
     sampling_times = timed({name: sample_call(pipe, settings.batch_size) for name, pipe in pipelines.items()})
     latency_times = timed({name: sample_call(pipe, 1) for name, pipe in pipelines.items()})
     forward_s, sampling_s, latency_s = (
@@ -88,7 +85,8 @@ def efficiency_metrics(pipeline, settings: SpeedSettings | None = None, referenc
         for times in (forward_times, sampling_times, latency_times)
     )
     with torch.no_grad():
-        forward_memory = peak_memory_bytes(forward_call(pipeline), device)
+        with outside_sampling(model):
+            forward_memory = peak_memory_bytes(forward_call(pipeline), device)
         sampling_memory = peak_memory_bytes(sample_call(pipeline, settings.batch_size), device)
     result = {
         "gflops": count_gflops(model),

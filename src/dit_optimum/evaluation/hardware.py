@@ -42,3 +42,20 @@ def _cpu_model() -> str | None:
     except OSError:
         pass
     return None
+
+
+# CPU flags that decide which low-precision matmul paths are fast (Linux /proc/cpuinfo names)
+MATMUL_FLAGS: tuple[str, ...] = ("avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_int8", "avx2")
+
+
+def cpu_features() -> dict[str, bool]:
+    """Which of ``MATMUL_FLAGS`` this CPU has (all False where /proc/cpuinfo cannot be read)."""
+    flags: set[str] = set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                break
+    except OSError:
+        pass
+    return {flag: flag in flags for flag in MATMUL_FLAGS}

@@ -141,19 +141,22 @@ def loading_code(repo_id: str, row: Mapping[str, Any]) -> str:
         loader = f'DiffusionPipeline.from_pretrained("{repo_id}", torch_dtype=torch.{dtype})'
     steps = row.get("quality_settings", {}).get("num_inference_steps", 10)
     guidance = row.get("quality_settings", {}).get("guidance_scale", 2.0)
-    threshold = sampling_cache(str(row.get("technique")))
-    cache = (
-        []
-        if threshold is None
-        else [
-            "# this release samples with a step cache, which is set at run time:",
-            f"pipe.transformer.enable_cache(FirstBlockCacheConfig(threshold={threshold}))",
-        ]
-    )
-    imports = "from diffusers import DiffusionPipeline" + (", FirstBlockCacheConfig" if cache else "")
-    if cache:  # the stock DiTPipeline sets no cache context: load this package's pipeline class
+    cache = sampling_cache(str(row.get("technique")))
+    imports = "from diffusers import DiffusionPipeline"
+    cache_lines = []
+    if cache is not None:  # the stock DiTPipeline sets no cache context: load this package's pipeline class
         loader = loader.replace("DiffusionPipeline.from_pretrained", "DiTOptimumPipeline.from_pretrained")
-        imports = "from diffusers import FirstBlockCacheConfig\nfrom dit_optimum import DiTOptimumPipeline"
+        imports = "from dit_optimum import DiTOptimumPipeline"
+        method = cache.pop("method")
+        if method == "block-schedule":
+            cache_lines = ["# the block reuse schedule is saved with the model: DiTOptimumPipeline samples with it"]
+        else:
+            imports = "from dit_optimum import DiTOptimumPipeline, enable_step_cache"
+            arguments = "".join(f", {name}={value!r}" for name, value in cache.items())
+            cache_lines = [
+                "# this release samples with a step cache, which is set at run time:",
+                f'enable_step_cache(pipe, "{method}"{arguments})',
+            ]
     return "\n".join(
         [
             "import torch",
@@ -161,7 +164,7 @@ def loading_code(repo_id: str, row: Mapping[str, Any]) -> str:
             imports,
             "",
             f"pipe = {loader}",
-            *cache,
+            *cache_lines,
             "generator = torch.Generator().manual_seed(0)",
             f"images = pipe(class_labels=[0, 1, 2, 3], num_inference_steps={steps}, guidance_scale={guidance}, "
             "generator=generator).images",

@@ -16,6 +16,7 @@ from PIL import Image
 
 from ..errors import DiTOptimumError
 from ..pipelines.dit import DiTOptimumPipeline
+from ..techniques.caching import enable_step_cache
 from ..techniques.registry import sampling_cache
 from .cards import RESULTS_FILE, card_numbers, pick_row
 
@@ -57,17 +58,15 @@ def _release_file(source: str, name: str) -> Path | None:
 def load_pipeline(source: str) -> LoadedPipeline:
     """Load ``source`` in the dtype it was released in, with its card's numbers; failures become a message."""
     try:
-        dtype, threshold = torch.float32, None
+        dtype, cache = torch.float32, None
         results = _release_file(source, RESULTS_FILE)
         if results is not None:
             row = pick_row(json.loads(results.read_text()), results)
             dtype = getattr(torch, row.get("dtype", "float32"))
-            threshold = sampling_cache(row["technique"])
+            cache = sampling_cache(row["technique"])
         pipeline = DiTOptimumPipeline.from_pretrained(source, torch_dtype=dtype)
-        if threshold is not None:  # a step-cache release: the cache is set at run time, as its card says
-            from diffusers import FirstBlockCacheConfig
-
-            pipeline.transformer.enable_cache(FirstBlockCacheConfig(threshold=threshold))
+        if cache is not None and not pipeline.transformer.is_cache_enabled:  # set at run time, as its card says
+            enable_step_cache(pipeline, cache.pop("method"), **cache)
         pipeline.set_progress_bar_config(disable=True)
         numbers = {}
         card = _release_file(source, "README.md")

@@ -158,16 +158,18 @@ def _check_fits_in_memory(config: Any) -> None:
 
 @contextlib.contextmanager
 def outside_sampling(model: nn.Module) -> Iterator[None]:
-    """Around a forward made outside a pipeline's denoising loop (timing, FLOP counting): with a step cache enabled,
-    one cache context whose state is dropped afterwards, so the forward computes every block; else nothing."""
-    if not getattr(model, "is_cache_enabled", False):
+    """Around forwards made outside a pipeline's denoising loop (timing, FLOP counting, memory): a step cache is
+    switched off and back on afterwards (same config, calibrations kept), so every forward computes every block
+    (some hooks, e.g. FasterCache, also assume a guided batch that such forwards do not have); else nothing."""
+    config = getattr(model, "_cache_config", None)
+    if config is None:
         yield
         return
+    model.disable_cache()
     try:
-        with model.cache_context("outside_sampling"):
-            yield
+        yield
     finally:
-        model._reset_stateful_cache()
+        model.enable_cache(config)
 
 
 def is_quantized(model: nn.Module) -> bool:
@@ -233,6 +235,7 @@ class DiTOptimumTransformer2DModel(DiTTransformer2DModel, AttentionMixin, PeftAd
     _supports_gradient_checkpointing = True
     _skip_layerwise_casting_patterns = ["pos_embed", "norm", "conditioning_embedding"]
     _no_split_modules = ["DiTBlock"]
+    _repeated_blocks = ["DiTBlock"]  # regional compilation: `compile_repeated_blocks()` compiles one block once
 
     @register_to_config
     def __init__(

@@ -22,6 +22,7 @@ import ast
 import contextlib
 import io
 import logging
+import math
 from typing import Any
 
 import torch
@@ -103,7 +104,13 @@ def cache_config(pipeline: DiTOptimumPipeline, method: str, **options: Any) -> A
     )
 
     o = resolve_cache_options(method, options)
-    timestep = lambda: pipeline.current_timestep  # noqa: E731  (PAB and FasterCache ask the pipeline)
+
+    def timestep() -> float | torch.Tensor:
+        # PAB and FasterCache ask the pipeline; outside sampling (timing, FLOP counting) there is no timestep, and
+        # one outside every skip range makes them compute everything
+        current = pipeline.current_timestep
+        return math.inf if current is None else current
+
     if method == "first-block":
         return FirstBlockCacheConfig(threshold=o["threshold"])
     if method == "pab":
@@ -219,10 +226,14 @@ def calibrate_block_schedule(
         raise DiTOptimumError("Calibrating needs the cache off: call `transformer.disable_cache()` first.")
     blocks = model.transformer_blocks
     residuals: list[list[torch.Tensor]] = [[] for _ in blocks]
+    outputs: list[list[float]] = [[] for _ in blocks]
+
+    def record(index: int, inputs: tuple, output: torch.Tensor) -> None:
+        residuals[index].append((output - inputs[0]).float())
+        outputs[index].append(output.float().norm().item())
+
     handles = [
-        block.register_forward_hook(
-            lambda _module, inputs, output, index=index: residuals[index].append((output - inputs[0]).float())
-        )
+        block.register_forward_hook(lambda _module, inputs, output, index=index: record(index, inputs, output))
         for index, block in enumerate(blocks)
     ]
     try:
@@ -230,12 +241,10 @@ def calibrate_block_schedule(
     finally:
         for handle in handles:
             handle.remove()
-    # change[s][b]: relative change of block b's residual from step s - 1 to step s (what reusing would lose)
+    # change[s][b]: how far block b's output would move if step s reused step s - 1's residual, relative to the
+    # output's size (a residual that changes a lot but is small next to the hidden state is cheap to reuse)
     change = [
-        [
-            ((residuals[b][s] - residuals[b][s - 1]).norm() / residuals[b][s].norm().clamp_min(1e-12)).item()
-            for b in range(len(blocks))
-        ]
+        [(residuals[b][s] - residuals[b][s - 1]).norm().item() / max(outputs[b][s], 1e-12) for b in range(len(blocks))]
         for s in range(1, num_inference_steps)
     ]
     candidates = sorted((change[s - 1][b], s, b) for s in range(1, num_inference_steps) for b in range(len(blocks)))

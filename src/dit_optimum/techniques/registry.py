@@ -15,6 +15,7 @@ from typing import Any, Protocol
 from ..errors import DiTOptimumError
 from ..models.attention import ATTENTION_TYPES
 from ..pipelines.dit import DiTOptimumPipeline
+from .caching import enable_step_cache
 from .pruning import prune
 from .quantization import quantize
 
@@ -116,20 +117,35 @@ def pruned(context: TechniqueContext, **options: Any) -> DiTOptimumPipeline:
     return prune(context.baseline(), **options)
 
 
-def sampling_cache(name: str) -> float | None:
-    """The FirstBlockCache threshold a technique samples with (None: no step cache). A cache is set at run time, not
-    saved with the weights: whoever loads such a release enables it again (its card says how)."""
+def sampling_cache(name: str) -> dict[str, Any] | None:
+    """The step cache a technique samples with (``{"method": ..., **options}`` for ``enable_step_cache``), or None.
+    Only a ``block-schedule`` cache is saved with the weights; whoever loads another cached release enables its
+    cache again (its card says how)."""
     technique = TECHNIQUES.get(name)
-    return technique.options["threshold"] if technique is not None and technique.apply is step_cached else None
+    return dict(technique.options["cache"]) if technique is not None and "cache" in technique.options else None
 
 
-def step_cached(context: TechniqueContext, threshold: float) -> DiTOptimumPipeline:
-    """The trained baseline sampling with diffusers' FirstBlockCache: when the first block's output changes little
-    from the previous step (relative mean change below ``threshold``), the other blocks reuse their last residual."""
-    from diffusers import FirstBlockCacheConfig
+def step_cached(context: TechniqueContext, cache: Mapping[str, Any]) -> DiTOptimumPipeline:
+    """The trained baseline sampling with a step cache (``enable_step_cache`` with ``cache``'s method and options;
+    calibrating methods calibrate on the baseline itself)."""
+    options = dict(cache)
+    return enable_step_cache(context.baseline(), options.pop("method"), **options)
 
-    pipeline = context.baseline()
-    pipeline.transformer.enable_cache(FirstBlockCacheConfig(threshold=threshold))
+
+def stacked(
+    context: TechniqueContext,
+    base: str,
+    quantization: Mapping[str, Any] | None = None,
+    cache: Mapping[str, Any] | None = None,
+) -> DiTOptimumPipeline:
+    """Techniques applied in turn: the pipeline of technique ``base`` (trained once, then loaded), quantized with
+    ``quantization`` (``quantize`` options), then sampling with ``cache`` (calibrated on the quantized model)."""
+    pipeline = get_technique(base).build(context)
+    if quantization is not None:
+        pipeline = quantize(pipeline, **quantization)
+    if cache is not None:
+        options = dict(cache)
+        pipeline = enable_step_cache(pipeline, options.pop("method"), **options)
     return pipeline
 
 
@@ -185,14 +201,28 @@ register_technique(
     "optimum-quanto int8 weights + static int8 activations (calibrated on sampling runs)",
     {"backend": "quanto", "weights": "int8", "activations": "int8"},
 )
-for _threshold in (0.3, 0.5):
-    register_technique(
-        f"cache-first-block-{_threshold}",
-        step_cached,
-        f"diffusers FirstBlockCache, threshold {_threshold}: later blocks reuse their residual when the first block's "
-        "output barely moved",
-        {"threshold": _threshold},
-    )
+# Step caches, tuned for the benchmark's 10-step DDIM sampling (calibrating methods calibrate at that step count).
+CACHE_STEPS = 10
+_CACHES: dict[str, tuple[dict[str, Any], str]] = {
+    "cache-first-block-0.3": ({"method": "first-block", "threshold": 0.3}, "diffusers FirstBlockCache, threshold 0.3"),
+    "cache-first-block-0.5": ({"method": "first-block", "threshold": 0.5}, "diffusers FirstBlockCache, threshold 0.5"),
+    "cache-pab": ({"method": "pab"}, "diffusers Pyramid Attention Broadcast: attention reused every other step"),
+    "cache-faster": ({"method": "faster"}, "diffusers FasterCache: attention reuse + unconditional-batch skipping"),
+    "cache-taylorseer": (
+        {"method": "taylorseer"},
+        "diffusers TaylorSeer: attention and MLP outputs Taylor-predicted between full steps",
+    ),
+    "cache-magcache": (
+        {"method": "magcache", "num_inference_steps": CACHE_STEPS},
+        "diffusers MagCache, magnitude ratios calibrated on this model",
+    ),
+    "cache-block-schedule": (
+        {"method": "block-schedule", "num_inference_steps": CACHE_STEPS},
+        "per-step block reuse schedule (Learning-to-Cache style), calibrated; 40% of block steps reused",
+    ),
+}
+for _name, (_cache, _description) in _CACHES.items():
+    register_technique(_name, step_cached, _description, {"cache": _cache})
 for _part in ("heads", "mlp", "depth"):
     register_technique(
         f"prune-{_part}-50",
@@ -207,3 +237,23 @@ for _part in ("heads", "mlp", "depth"):
         {"run_name": f"prune-{_part}-50-recover", _part: 0.5},
         trains=True,
     )
+
+# Combined recipes: techniques that stack (their parts are the registered techniques above).
+_INT8 = {"backend": "torchao", "weights": "int8"}
+_STACKS: dict[str, tuple[dict[str, Any], str]] = {
+    "distill+int8": ({"base": "distill", "quantization": _INT8}, "half-depth distilled student, int8 weight-only"),
+    "int8+cache-block-schedule": (
+        {"base": "baseline", "quantization": _INT8, "cache": _CACHES["cache-block-schedule"][0]},
+        "baseline, int8 weight-only, calibrated block reuse schedule",
+    ),
+    "prune-depth-50-recover+int8": (
+        {"base": "prune-depth-50-recover", "quantization": _INT8},
+        "half the blocks pruned and recovered, int8 weight-only",
+    ),
+    "prune-depth-50-recover+int8+cache-block-schedule": (
+        {"base": "prune-depth-50-recover", "quantization": _INT8, "cache": _CACHES["cache-block-schedule"][0]},
+        "half the blocks pruned and recovered, int8 weight-only, calibrated block reuse schedule",
+    ),
+}
+for _name, (_options, _description) in _STACKS.items():
+    register_technique(_name, stacked, _description, _options, trains=TECHNIQUES[_options["base"]].trains)

@@ -1,0 +1,197 @@
+"""Forward fast paths of DiT-S/2 (256 tokens, batch 8) against this machine's matmul roofline, measured in one run.
+
+    .venv/bin/python benchmarks/fast_paths.py [--rounds 5] [--batch-size 8] [--options fp32,bf16,...]
+
+First the roofline: the best of several 2048^3 matmuls in fp32, bf16 and int8 (``torch._int_mm``), and the same for
+the model's own GEMM shape (tokens x width x 4 width). Then each forward option, timed in interleaved rounds against
+fp32 eager (same process, same inputs), reported as a speed-up, as achieved GFLOP/s (the model's FLOPs by
+``torch.utils.flop_counter``, 2 per multiply-add) and as a fraction of the roofline of the dtype its GEMMs run in.
+Compile time is reported apart. Untrained weights: speed does not depend on them. Writes
+``benchmarks/results/fast_paths_<device>.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from dit_optimum import DiTOptimumTransformer2DModel, quantize
+from dit_optimum.evaluation.flops import count_gflops
+from dit_optimum.evaluation.hardware import cpu_features, hardware_description
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def best_seconds(run: Callable[[], object], repeats: int) -> float:
+    run()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def matmul_rates(m: int, k: int, n: int, repeats: int = 5) -> dict[str, float]:
+    """Best GFLOP/s (GOP/s for int8) of an (m x k) @ (k x n) product in each dtype."""
+    generator = torch.Generator().manual_seed(0)
+    rates = {}
+    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        a, b = torch.randn(m, k, generator=generator).to(dtype), torch.randn(k, n, generator=generator).to(dtype)
+        rates[name] = 2 * m * k * n / best_seconds(lambda a=a, b=b: a @ b, repeats) / 1e9
+    a = torch.randint(-127, 127, (m, k), dtype=torch.int8, generator=generator)
+    b = torch.randint(-127, 127, (k, n), dtype=torch.int8, generator=generator)
+    rates["int8"] = 2 * m * k * n / best_seconds(lambda: torch._int_mm(a, b), repeats) / 1e9
+    return rates
+
+
+def build_options(model: DiTOptimumTransformer2DModel) -> dict[str, tuple[Callable[[], torch.nn.Module], str]]:
+    """option -> (builder, dtype whose roofline bounds its GEMMs)."""
+
+    def fused(source: torch.nn.Module) -> torch.nn.Module:
+        source.fuse_qkv_projections()
+        return source
+
+    def compiled(source: torch.nn.Module) -> torch.nn.Module:
+        source.compile_repeated_blocks(fullgraph=False)  # regional: one DiT block compiled, reused by all
+        return source
+
+    def bf16() -> torch.nn.Module:
+        return quantize(model, backend="torch", weights="bf16")
+
+    def int8_weights() -> torch.nn.Module:
+        return quantize(model, backend="torchao", weights="int8")
+
+    def int8_dynamic() -> torch.nn.Module:
+        return quantize(model, backend="torchao", weights="int8", activations="int8", dtype="float32")
+
+    return {
+        "fp32": (lambda: copy.deepcopy(model), "fp32"),
+        "fp32 + fused qkv": (lambda: fused(copy.deepcopy(model)), "fp32"),
+        "fp32 + compile": (lambda: compiled(copy.deepcopy(model)), "fp32"),
+        "bf16": (bf16, "bf16"),
+        "bf16 + fused qkv": (lambda: fused(bf16()), "bf16"),
+        "bf16 + compile": (lambda: compiled(bf16()), "bf16"),
+        "bf16 + fused qkv + compile": (lambda: compiled(fused(bf16())), "bf16"),
+        "int8 weight-only": (int8_weights, "bf16"),
+        "int8 weight-only + compile": (lambda: compiled(int8_weights()), "bf16"),
+        "int8 dynamic (w8a8)": (int8_dynamic, "int8"),
+        "int8 dynamic (w8a8) + compile": (lambda: compiled(int8_dynamic()), "int8"),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--variant", default="DiT-S/2")
+    parser.add_argument("--latent-size", type=int, default=32, help="32: 256 tokens at patch 2")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=3, help="forwards per option per round")
+    parser.add_argument("--options", help="comma-separated subset of the options (fp32 is always measured)")
+    parser.add_argument("--output", type=Path)
+    args = parser.parse_args()
+    device = "gpu" if torch.cuda.is_available() else "cpu"
+    torch.manual_seed(0)
+
+    roofline = matmul_rates(2048, 2048, 2048)
+    model = DiTOptimumTransformer2DModel.from_preset(args.variant, sample_size=args.latent_size).eval()
+    tokens = args.batch_size * (args.latent_size // model.config.patch_size) ** 2
+    gemm = matmul_rates(tokens, model.inner_dim, 4 * model.inner_dim)
+    print("roofline 2048^3:", {k: round(v) for k, v in roofline.items()}, "| model GEMM:", {k: round(v) for k, v in
+          gemm.items()}, flush=True)  # fmt: skip
+
+    sample = torch.randn(args.batch_size, model.config.in_channels, args.latent_size, args.latent_size)
+    timestep = torch.randint(0, 1000, (args.batch_size,))
+    labels = torch.randint(0, model.config.num_embeds_ada_norm, (args.batch_size,))
+    gflops = 2 * count_gflops(model) * args.batch_size  # count_gflops: multiply-adds per image
+    options = build_options(model)
+    chosen = ["fp32"] + [o for o in (args.options.split(",") if args.options else options) if o != "fp32"]
+    unknown = [o for o in chosen if o not in options]
+    if unknown:
+        raise SystemExit(f"Unknown options {unknown}; allowed: {', '.join(options)}")
+
+    built, compile_s, outputs = {}, {}, {}
+    with torch.no_grad():
+        for name in chosen:
+            builder, _ = options[name]
+            start = time.perf_counter()
+            module = builder()
+            dtype = next(module.parameters()).dtype
+            inputs = (sample.to(dtype) if dtype.is_floating_point else sample, timestep, labels)
+            outputs[name] = module(*inputs).sample.float()  # first call: compiles when compiled
+            module(*inputs)
+            compile_s[name] = time.perf_counter() - start
+            built[name] = (module, inputs)
+            print(f"built {name} in {compile_s[name]:.1f} s", flush=True)
+
+        times: dict[str, list[float]] = {name: [] for name in chosen}
+        for _ in range(args.rounds):  # interleaved: every option once per round, so drifts hit all alike
+            for name in chosen:
+                module, inputs = built[name]
+                start = time.perf_counter()
+                for _ in range(args.repeats):
+                    module(*inputs)
+                times[name].append((time.perf_counter() - start) / args.repeats)
+
+    reference = outputs["fp32"]
+    rows = []
+    for name in chosen:
+        seconds = statistics.median(times[name])
+        ratios = [base / own for base, own in zip(times["fp32"], times[name])]
+        rate = gflops / seconds
+        bound = options[name][1]
+        error = ((outputs[name] - reference).norm() / reference.norm()).item()
+        rows.append(
+            {
+                "option": name,
+                "seconds": seconds,
+                "speedup": statistics.median(ratios),
+                "speedup_range": [min(ratios), max(ratios)],
+                "gflops_per_s": rate,
+                "bound_by": bound,
+                "roofline_fraction": rate / roofline[bound],
+                "gemm_shape_fraction": rate / gemm[bound],
+                "build_and_compile_s": compile_s[name],
+                "relative_error_vs_fp32": error,
+            }
+        )
+    result = {
+        "hardware": hardware_description(),
+        "cpu_features": cpu_features(),
+        "variant": args.variant,
+        "tokens_per_image": (args.latent_size // model.config.patch_size) ** 2,
+        "batch_size": args.batch_size,
+        "gflop_per_forward": gflops,
+        "roofline_gflops_per_s": roofline,
+        "model_gemm_gflops_per_s": gemm,
+        "rounds": args.rounds,
+        "repeats": args.repeats,
+        "rows": rows,
+    }
+    output = args.output or RESULTS / f"fast_paths_{device}.json"
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(result, indent=2) + "\n")
+    print(
+        f"\n{result['hardware']['cpu']}; {args.variant}, {result['tokens_per_image']} tokens, "
+        f"batch {args.batch_size}, {gflops:.1f} GFLOP per forward"
+    )
+    print("| option | ms | speed-up vs fp32 | GFLOP/s | of roofline | build+compile s | rel. error |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for row in rows:
+        low, high = row["speedup_range"]
+        print(
+            f"| {row['option']} | {1000 * row['seconds']:.0f} | {row['speedup']:.2f}x [{low:.2f}, {high:.2f}] | "
+            f"{row['gflops_per_s']:.0f} | {100 * row['roofline_fraction']:.0f}% of {row['bound_by']} | "
+            f"{row['build_and_compile_s']:.0f} | {row['relative_error_vs_fp32']:.1e} |"
+        )
+
+
+if __name__ == "__main__":
+    main()
