@@ -25,6 +25,7 @@ import torch
 from dit_optimum import DiTOptimumTransformer2DModel, quantize
 from dit_optimum.evaluation.flops import count_gflops
 from dit_optimum.evaluation.hardware import cpu_features, hardware_description
+from dit_optimum.techniques.quantization import compile_for_inference
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -53,15 +54,20 @@ def matmul_rates(m: int, k: int, n: int, repeats: int = 5) -> dict[str, float]:
 
 
 def build_options(model: DiTOptimumTransformer2DModel) -> dict[str, tuple[Callable[[], torch.nn.Module], str]]:
-    """option -> (builder, dtype whose roofline bounds its GEMMs)."""
+    """option -> (builder, dtype whose roofline bounds its GEMMs). "compile" is ``compile_for_inference`` (whole
+    model, inductor weight freezing; what ``quantize(..., compile=True)`` does); "regional compile" is diffusers'
+    ``compile_repeated_blocks`` (one DiT block compiled, reused by all)."""
 
     def fused(source: torch.nn.Module) -> torch.nn.Module:
         source.fuse_qkv_projections()
         return source
 
-    def compiled(source: torch.nn.Module) -> torch.nn.Module:
-        source.compile_repeated_blocks(fullgraph=False)  # regional: one DiT block compiled, reused by all
+    def regional(source: torch.nn.Module) -> torch.nn.Module:
+        source.compile_repeated_blocks(fullgraph=False)
         return source
+
+    def fp32() -> torch.nn.Module:
+        return copy.deepcopy(model)
 
     def bf16() -> torch.nn.Module:
         return quantize(model, backend="torch", weights="bf16")
@@ -73,17 +79,18 @@ def build_options(model: DiTOptimumTransformer2DModel) -> dict[str, tuple[Callab
         return quantize(model, backend="torchao", weights="int8", activations="int8", dtype="float32")
 
     return {
-        "fp32": (lambda: copy.deepcopy(model), "fp32"),
-        "fp32 + fused qkv": (lambda: fused(copy.deepcopy(model)), "fp32"),
-        "fp32 + compile": (lambda: compiled(copy.deepcopy(model)), "fp32"),
+        "fp32": (fp32, "fp32"),
+        "fp32 + fused qkv": (lambda: fused(fp32()), "fp32"),
+        "fp32 + compile": (lambda: compile_for_inference(fp32()), "fp32"),
         "bf16": (bf16, "bf16"),
         "bf16 + fused qkv": (lambda: fused(bf16()), "bf16"),
-        "bf16 + compile": (lambda: compiled(bf16()), "bf16"),
-        "bf16 + fused qkv + compile": (lambda: compiled(fused(bf16())), "bf16"),
+        "bf16 + regional compile": (lambda: regional(bf16()), "bf16"),
+        "bf16 + compile": (lambda: compile_for_inference(bf16()), "bf16"),
+        "bf16 + fused qkv + compile": (lambda: compile_for_inference(fused(bf16())), "bf16"),
         "int8 weight-only": (int8_weights, "bf16"),
-        "int8 weight-only + compile": (lambda: compiled(int8_weights()), "bf16"),
+        "int8 weight-only + compile": (lambda: compile_for_inference(int8_weights()), "bf16"),
         "int8 dynamic (w8a8)": (int8_dynamic, "int8"),
-        "int8 dynamic (w8a8) + compile": (lambda: compiled(int8_dynamic()), "int8"),
+        "int8 dynamic (w8a8) + compile": (lambda: compile_for_inference(int8_dynamic()), "int8"),
     }
 
 

@@ -180,3 +180,42 @@ def test_dtype_of_the_float_layers_is_selectable(tmp_path):
         assert torch.equal(again(*inputs).sample, fp32(*inputs).sample)
     with pytest.raises(ValueError, match="dtype"):
         quantize(model, backend="torch", weights="bf16", dtype=torch.float32)
+
+
+def test_compiled_quantized_model_matches_eager():
+    """``quantize(..., compile=True)``: whole-model inductor compile with weight freezing; it rounds differently from
+    eager bf16, so both are held to the fp32 model: the compiled one is no further from it than eager bf16 is."""
+    model = tiny_model()
+    eager = quantize(model, backend="torch", weights="bf16")
+    compiled = quantize(model, backend="torch", weights="bf16", compile=True)
+    sample, timestep, labels = model_inputs(model)
+    with torch.no_grad():
+        reference = model(sample, timestep, labels).sample
+        errors = [
+            ((pipe(sample.bfloat16(), timestep, labels).sample.float() - reference).norm() / reference.norm()).item()
+            for pipe in (eager, compiled)
+        ]
+    assert compiled._compiled_call_impl is not None and eager._compiled_call_impl is None
+    assert errors[0] < 0.05 and errors[1] < 1.5 * errors[0]
+
+
+@pytest.mark.parametrize(
+    ("flags", "expected"),
+    [
+        ({"amx_bf16": True, "avx512_vnni": True}, {"backend": "torch", "weights": "bf16", "compile": True}),
+        ({"avx512_vnni": True}, {"backend": "torchao", "activations": "int8", "compile": True}),
+        ({}, {"backend": "torchao", "weights": "int8"}),
+    ],
+)
+def test_recommended_quantization_follows_the_cpu(monkeypatch, flags, expected):
+    from dit_optimum.evaluation import hardware
+    from dit_optimum.techniques import recommended_quantization
+
+    monkeypatch.setattr(
+        hardware, "cpu_features", lambda: {flag: flags.get(flag, False) for flag in hardware.MATMUL_FLAGS}
+    )
+    options = recommended_quantization()
+    assert {key: options.get(key) for key in expected} == expected
+    model = tiny_model()
+    quantized = quantize(model, **{**options, "compile": False})  # a valid, saveable combination
+    assert quantized is not model

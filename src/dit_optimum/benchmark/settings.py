@@ -29,7 +29,8 @@ from ..utils import check_positive_integers, check_source, csv_list
 RESULTS_FILE = "results.json"
 DEFAULT_VARIANTS: tuple[str, ...] = ("DiT-XS/4",)
 # Every technique family of the study; the attention types are its simplified ones (shallow, mediated, focused
-# multi-query linear); pruning also with recovery. Others (gqa, mqa, focused, quanto-int4, ...): --techniques.
+# multi-query linear); pruning also with recovery; step caches and combined recipes (the best of those measured in
+# BENCHMARKS.md). Others (gqa, mqa, focused, quanto-int4, the other caches, ...): --techniques.
 DEFAULT_TECHNIQUES: tuple[str, ...] = (
     "baseline",
     "attention-shallow",
@@ -46,8 +47,11 @@ DEFAULT_TECHNIQUES: tuple[str, ...] = (
     "prune-depth-50",
     "prune-heads-50-recover",
     "prune-depth-50-recover",
-    "cache-first-block-0.3",
     "cache-first-block-0.5",
+    "cache-taylorseer",
+    "cache-block-schedule",
+    "int8+cache-taylorseer",
+    "prune-depth-50-recover+int8+cache-taylorseer",
 )
 PRESETS: tuple[str, ...] = ("default", "paper")
 # Class count assumed when checking memory before the data is loaded (only the embedding table depends on it).

@@ -2,7 +2,15 @@
 
 from .caching import CACHE_METHODS, calibrate_block_schedule, calibrate_mag_ratios, enable_step_cache
 from .pruning import IMPORTANCE_CRITERIA, SCOPES, importance_scores, prune, teacher_and_student
-from .quantization import BACKENDS, DEFAULT_KEEP_FLOAT, SUPPORTED, CalibrationSettings, quantize
+from .quantization import (
+    BACKENDS,
+    DEFAULT_KEEP_FLOAT,
+    SUPPORTED,
+    CalibrationSettings,
+    compile_for_inference,
+    quantize,
+    recommended_quantization,
+)
 from .registry import TECHNIQUES, Technique, TechniqueContext, get_technique, register_technique
 
 __all__ = [
@@ -18,11 +26,13 @@ __all__ = [
     "TechniqueContext",
     "calibrate_block_schedule",
     "calibrate_mag_ratios",
+    "compile_for_inference",
     "enable_step_cache",
     "get_technique",
     "importance_scores",
     "prune",
     "quantize",
+    "recommended_quantization",
     "register_technique",
     "teacher_and_student",
 ]

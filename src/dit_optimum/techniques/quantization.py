@@ -238,7 +238,8 @@ def quantize(
     static activation scales (quanto with activations); ``dtype`` is the floating dtype of the non-quantized
     layers and activations (default: bfloat16 for torchao, which a plain ``from_pretrained`` reproduces; the
     model's dtype for quanto; reload a torchao model saved with another dtype with ``torch_dtype=<that dtype>``).
-    ``compile`` wraps the forward in ``torch.compile`` (the module stays saveable). Unsupported combinations
+    ``compile`` wraps the forward in ``torch.compile`` with weight freezing (``compile_for_inference``; the module
+    stays saveable). Unsupported combinations
     raise ``ValueError`` listing the supported ones.
     """
     is_pipeline = isinstance(pipe_or_model, DiTOptimumPipeline)
@@ -283,7 +284,36 @@ def quantize(
         )
     quantized.eval()
     if compile:
-        # One specialised graph per input shape: after a batch-size change, dynamic-shape kernels ran up to 2x
-        # slower on CPU (benchmarks/compression.py), and a pipeline only ever sees a few shapes.
-        quantized.compile(dynamic=False)
+        compile_for_inference(quantized)
     return rewrap(pipe_or_model, quantized)
+
+
+def compile_for_inference(model: nn.Module) -> nn.Module:
+    """``torch.compile`` the module's forward in place for inference: one specialised graph per input shape
+    (dynamic-shape kernels ran up to 2x slower on CPU, benchmarks/compression.py) and inductor weight freezing
+    (weights become constants, so bf16 linears get prepacked oneDNN kernels and int8 dynamic quantization fuses;
+    benchmarks/fast_paths.py). Gradients and later weight changes are not seen by the compiled graph."""
+    model.compile(dynamic=False, options={"freezing": True})
+    return model
+
+
+def recommended_quantization(device: torch.device | str = "cpu") -> dict[str, object]:
+    """``quantize`` options for the fastest saveable forward on this machine, by what its matmul units have
+    (measured with benchmarks/fast_paths.py, DiT-S/2 at 256 tokens, batch 8; BENCHMARKS.md "Fast paths"):
+
+    - CUDA, or a CPU with AMX bf16 tiles (Intel Xeon 4th gen+): bf16 + compile (on the AMX Xeon bf16 + compile was
+      the fastest, 2.31x; torchao w8a8 + compile reached 1.53x);
+    - a CPU with AVX-512 VNNI but no AMX (e.g. AMD EPYC Zen 4): torchao int8 weights + dynamic int8 activations in
+      fp32, compiled (3.05x there, against 2.71x for bf16 + compile);
+    - anything else: torchao int8 weight-only, eager (no compile step; 2.4x on the AMD EPYC).
+    """
+    from ..evaluation.hardware import cpu_features
+
+    if torch.device(device).type == "cuda":
+        return {"backend": "torch", "weights": "bf16", "compile": True}
+    features = cpu_features()
+    if features["amx_bf16"]:
+        return {"backend": "torch", "weights": "bf16", "compile": True}
+    if features["avx512_vnni"]:
+        return {"backend": "torchao", "weights": "int8", "activations": "int8", "dtype": "float32", "compile": True}
+    return {"backend": "torchao", "weights": "int8"}

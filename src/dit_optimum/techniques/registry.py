@@ -209,8 +209,8 @@ _CACHES: dict[str, tuple[dict[str, Any], str]] = {
     "cache-pab": ({"method": "pab"}, "diffusers Pyramid Attention Broadcast: attention reused every other step"),
     "cache-faster": ({"method": "faster"}, "diffusers FasterCache: attention reuse + unconditional-batch skipping"),
     "cache-taylorseer": (
-        {"method": "taylorseer"},
-        "diffusers TaylorSeer: attention and MLP outputs Taylor-predicted between full steps",
+        {"method": "taylorseer", "cache_interval": 3},
+        "diffusers TaylorSeer: attention and MLP outputs Taylor-predicted on 2 of every 3 steps",
     ),
     "cache-magcache": (
         {"method": "magcache", "num_inference_steps": CACHE_STEPS},
@@ -240,8 +240,13 @@ for _part in ("heads", "mlp", "depth"):
 
 # Combined recipes: techniques that stack (their parts are the registered techniques above).
 _INT8 = {"backend": "torchao", "weights": "int8"}
+_TAYLORSEER = _CACHES["cache-taylorseer"][0]
 _STACKS: dict[str, tuple[dict[str, Any], str]] = {
     "distill+int8": ({"base": "distill", "quantization": _INT8}, "half-depth distilled student, int8 weight-only"),
+    "int8+cache-taylorseer": (
+        {"base": "baseline", "quantization": _INT8, "cache": _TAYLORSEER},
+        "baseline, int8 weight-only, TaylorSeer step cache",
+    ),
     "int8+cache-block-schedule": (
         {"base": "baseline", "quantization": _INT8, "cache": _CACHES["cache-block-schedule"][0]},
         "baseline, int8 weight-only, calibrated block reuse schedule",
@@ -250,9 +255,9 @@ _STACKS: dict[str, tuple[dict[str, Any], str]] = {
         {"base": "prune-depth-50-recover", "quantization": _INT8},
         "half the blocks pruned and recovered, int8 weight-only",
     ),
-    "prune-depth-50-recover+int8+cache-block-schedule": (
-        {"base": "prune-depth-50-recover", "quantization": _INT8, "cache": _CACHES["cache-block-schedule"][0]},
-        "half the blocks pruned and recovered, int8 weight-only, calibrated block reuse schedule",
+    "prune-depth-50-recover+int8+cache-taylorseer": (
+        {"base": "prune-depth-50-recover", "quantization": _INT8, "cache": _TAYLORSEER},
+        "half the blocks pruned and recovered, int8 weight-only, TaylorSeer step cache",
     ),
 }
 for _name, (_options, _description) in _STACKS.items():
