@@ -165,6 +165,12 @@ def enable_step_cache(pipeline: DiTOptimumPipeline, method: str, **options: Any)
     return pipeline
 
 
+def _uncached_transformer(pipeline: DiTOptimumPipeline):
+    if pipeline.transformer.is_cache_enabled:
+        raise DiTOptimumError("Calibrating needs the cache off: call `transformer.disable_cache()` first.")
+    return pipeline.transformer
+
+
 def _calibration_run(pipeline: DiTOptimumPipeline, steps: int, guidance_scale: float, images: int, seed: int) -> None:
     classes = [index % pipeline.transformer.num_classes for index in range(images)]
     generator = torch.Generator(pipeline.device).manual_seed(seed)
@@ -174,17 +180,15 @@ def _calibration_run(pipeline: DiTOptimumPipeline, steps: int, guidance_scale: f
 def calibrate_mag_ratios(
     pipeline: DiTOptimumPipeline,
     num_inference_steps: int,
-    guidance_scale: float = 2.0,
-    calibration_images: int = 8,
-    seed: int = 0,
+    guidance_scale: float = CALIBRATION_DEFAULTS["guidance_scale"],
+    calibration_images: int = CALIBRATION_DEFAULTS["calibration_images"],
+    seed: int = CALIBRATION_DEFAULTS["seed"],
 ) -> list[float]:
     """MagCache's per-step residual magnitude ratios for this model, from diffusers' own calibration mode (one
     sampling run, nothing skipped); diffusers prints and logs them, and this reads them from its log."""
     from diffusers import MagCacheConfig
 
-    model = pipeline.transformer
-    if model.is_cache_enabled:
-        raise DiTOptimumError("Calibrating needs the cache off: call `transformer.disable_cache()` first.")
+    model = _uncached_transformer(pipeline)
     records: list[logging.LogRecord] = []
     handler = logging.Handler()
     handler.emit = records.append
@@ -212,18 +216,16 @@ def calibrate_mag_ratios(
 def calibrate_block_schedule(
     pipeline: DiTOptimumPipeline,
     num_inference_steps: int,
-    reuse_fraction: float = 0.4,
-    max_consecutive: int = 1,
-    guidance_scale: float = 2.0,
-    calibration_images: int = 8,
-    seed: int = 0,
+    reuse_fraction: float = CACHE_METHODS["block-schedule"]["reuse_fraction"],
+    max_consecutive: int = CACHE_METHODS["block-schedule"]["max_consecutive"],
+    guidance_scale: float = CALIBRATION_DEFAULTS["guidance_scale"],
+    calibration_images: int = CALIBRATION_DEFAULTS["calibration_images"],
+    seed: int = CALIBRATION_DEFAULTS["seed"],
 ) -> BlockCacheSchedule:
     """Pick ``reuse_fraction`` of the (step, block) computations after the first step to reuse: those whose
     residual changes least from the step before in one uncached calibration run, never more than
     ``max_consecutive`` steps in a row for one block (a reused residual gets staler each step)."""
-    model = pipeline.transformer
-    if model.is_cache_enabled:
-        raise DiTOptimumError("Calibrating needs the cache off: call `transformer.disable_cache()` first.")
+    model = _uncached_transformer(pipeline)
     blocks = model.transformer_blocks
     residuals: list[list[torch.Tensor]] = [[] for _ in blocks]
     outputs: list[list[float]] = [[] for _ in blocks]

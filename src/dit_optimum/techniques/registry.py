@@ -240,6 +240,7 @@ for _part in ("heads", "mlp", "depth"):
 
 # Combined recipes: techniques that stack (their parts are the registered techniques above).
 _INT8 = {"backend": "torchao", "weights": "int8"}
+_BF16 = {"backend": "torch", "weights": "bf16"}
 _TAYLORSEER = _CACHES["cache-taylorseer"][0]
 _STACKS: dict[str, tuple[dict[str, Any], str]] = {
     "distill+int8": ({"base": "distill", "quantization": _INT8}, "half-depth distilled student, int8 weight-only"),
@@ -254,6 +255,10 @@ _STACKS: dict[str, tuple[dict[str, Any], str]] = {
     "prune-depth-50-recover+int8": (
         {"base": "prune-depth-50-recover", "quantization": _INT8},
         "half the blocks pruned and recovered, int8 weight-only",
+    ),
+    "prune-depth-50-recover+bf16+cache-taylorseer": (
+        {"base": "prune-depth-50-recover", "quantization": _BF16, "cache": _TAYLORSEER},
+        "half the blocks pruned and recovered, bf16, TaylorSeer step cache",
     ),
     "prune-depth-50-recover+int8+cache-taylorseer": (
         {"base": "prune-depth-50-recover", "quantization": _INT8, "cache": _TAYLORSEER},
