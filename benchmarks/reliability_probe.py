@@ -1222,6 +1222,57 @@ def architecture_cases() -> list[Case]:
     return [Case("architecture", " ".join(argv), lambda ws, a=argv: run(ws, a)) for argv in bad]
 
 
+def speed_cases() -> list[Case]:
+    """The speed issue's surface: step caches, their saved schedule, fused projections, attention backends."""
+    from dit_optimum import enable_step_cache
+
+    def cached(method, **options):
+        return enable_step_cache(pipe(), method, **options)
+
+    def schedule_config(ws, schedule):
+        model = tiny_model()
+        model.save_pretrained(ws / "model")
+        config = json.loads((ws / "model" / "config.json").read_text())
+        config["block_cache_schedule"] = schedule
+        (ws / "model" / "config.json").write_text(json.dumps(config))
+        return DiTOptimumTransformer2DModel.from_pretrained(ws / "model")
+
+    def fused_save(ws):
+        model = tiny_model()
+        model.fuse_qkv_projections()
+        model.save_pretrained(ws / "fused")
+
+    bad = [
+        ("unknown method", lambda ws: cached("lru")),
+        ("unknown option", lambda ws: cached("pab", threshold=0.1)),
+        ("missing steps", lambda ws: cached("magcache")),
+        ("negative threshold", lambda ws: cached("first-block", threshold=-1)),
+        ("reuse fraction 1", lambda ws: cached("block-schedule", num_inference_steps=4, reuse_fraction=1.0)),
+        ("string option", lambda ws: cached("taylorseer", cache_interval="3")),
+        ("bool option", lambda ws: cached("pab", skip_range=True)),
+        ("reversed range", lambda ws: cached("faster", timestep_range=(500, 100))),
+        ("not a pipeline", lambda ws: enable_step_cache(tiny_model(), "first-block")),
+        ("two caches", lambda ws: enable_step_cache(cached("first-block"), "pab")),
+        ("schedule block out of range", lambda ws: schedule_config(ws, {"num_inference_steps": 2, "reuse": [[], [9]]})),
+        ("schedule wrong length", lambda ws: schedule_config(ws, {"num_inference_steps": 3, "reuse": [[], [1]]})),
+        ("schedule reuses at step 0", lambda ws: schedule_config(ws, {"num_inference_steps": 2, "reuse": [[0], []]})),
+        ("schedule not a mapping", lambda ws: schedule_config(ws, [[0]])),
+        ("save a fused model", fused_save),
+        ("unknown attention backend", lambda ws: tiny_model().set_attention_backend("fastest")),
+    ]
+    cases = [Case("speed", name, run) for name, run in bad]
+    cases.append(
+        Case(
+            "speed",
+            "a saved schedule reloads and samples",
+            lambda ws: schedule_config(ws, {"num_inference_steps": 2, "reuse": [[], [1]]}),
+            expect="ok",
+            check=lambda ws, model: None if model.is_cache_enabled else "the saved schedule is not enabled",
+        )
+    )
+    return cases
+
+
 def pipeline_call_cases() -> list[Case]:
     def call(**kwargs):
         kwargs.setdefault("num_inference_steps", 2)
@@ -1427,6 +1478,7 @@ def all_cases(fx: Fixtures) -> list[Case]:
         *architecture_cases(),
         *pipeline_call_cases(),
         *cache_cases(fx),
+        *speed_cases(),
         *permission_cases(fx),
     ]
 

@@ -237,3 +237,17 @@ def test_every_cached_pipeline_gets_measured_and_keeps_its_cache(method):
     assert metrics["forward_images_per_s"] > 0 and metrics["gflops"] > 0
     assert pipe.transformer._cache_config == config
     assert (sample_images(pipe, STEPS) == before).all()
+
+
+def test_a_run_time_cache_is_not_saved(tmp_path):
+    from dit_optimum import DiTOptimumPipeline, enable_step_cache
+
+    reference = sample_images(tiny_pixel_pipeline(), STEPS)
+    pipe = enable_step_cache(tiny_pixel_pipeline(), "taylorseer", **MOST_REUSE["taylorseer"])
+    pipe.save_pretrained(tmp_path / "saved")
+    assert pipe.transformer.is_cache_enabled  # saving leaves the cache on
+    loaded = DiTOptimumPipeline.from_pretrained(tmp_path / "saved")
+    loaded.set_progress_bar_config(disable=True)
+    assert not loaded.transformer.is_cache_enabled
+    assert "block_cache_schedule" not in loaded.transformer.config or not loaded.transformer.config.block_cache_schedule
+    assert (sample_images(loaded, STEPS) == reference).all()

@@ -535,15 +535,16 @@ class DiTOptimumTransformer2DModel(DiTTransformer2DModel, AttentionMixin, PeftAd
 
     def enable_cache(self, config: Any) -> None:
         """diffusers' ``enable_cache`` (FirstBlockCache, TaylorSeer, PAB, FasterCache, MagCache, ...), plus a
-        ``BlockCacheSchedule``, which is also written into the config so that ``save_pretrained`` keeps it."""
+        ``BlockCacheSchedule``, which is also written into the config so that ``save_pretrained`` keeps it. A second
+        cache while one is on is refused naming the first (diffusers' rule, as a ``DiTOptimumError``)."""
+        if self.is_cache_enabled:
+            raise DiTOptimumError(
+                f"A step cache is already enabled ({type(self._cache_config).__name__}); call "
+                "`disable_cache()` before enabling another."
+            )
         if not isinstance(config, BlockCacheSchedule):
             super().enable_cache(config)
             return
-        if self.is_cache_enabled:
-            raise ValueError(
-                f"Caching has already been enabled with {type(self._cache_config)}. To apply a new caching technique, "
-                "please disable the existing one first."
-            )
         schedule = BlockCacheSchedule.from_dict(config.to_dict(), len(self.transformer_blocks))  # checks the indices
         apply_block_schedule(self.transformer_blocks, schedule)
         from diffusers.hooks import HookRegistry
@@ -551,6 +552,16 @@ class DiTOptimumTransformer2DModel(DiTTransformer2DModel, AttentionMixin, PeftAd
         HookRegistry.check_if_exists_or_initialize(self).invalidate_child_registries_cache()
         self._cache_config = schedule
         self.register_to_config(block_cache_schedule=schedule.to_dict())
+
+    def set_attention_backend(self, backend: str) -> None:
+        """diffusers' ``set_attention_backend`` for every attention module; an unknown name is refused listing the
+        backends diffusers has (those needing another device or package fail there, with diffusers' message)."""
+        from diffusers.models.attention_dispatch import AttentionBackendName
+
+        allowed = sorted(name.value for name in AttentionBackendName)
+        if not isinstance(backend, str) or backend.lower() not in allowed:
+            raise DiTOptimumError(f"Unknown attention `backend`={backend!r}; allowed values: {', '.join(allowed)}.")
+        super().set_attention_backend(backend)
 
     def disable_cache(self) -> None:
         """diffusers' ``disable_cache``; a block schedule is also removed from the config."""
