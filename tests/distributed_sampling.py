@@ -23,4 +23,6 @@ if __name__ == "__main__":
     )
     if state.is_main_process:
         np.savez(output, world=state.num_processes, kept=len(result.images), **result.features)
-    torch.distributed.barrier() if state.num_processes > 1 else None
+    if state.num_processes > 1:
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()  # exiting with gloo's threads running can abort the process

@@ -37,3 +37,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except DiTOptimumError as error:  # known failures: one line; anything else keeps its traceback
         print(f"error: {error}", file=sys.stderr)
         return 2
+    finally:
+        end_process_group()
+
+
+def end_process_group() -> None:
+    """Under torchrun, leave the process group before exiting: a process that exits with gloo's threads still
+    running can abort ("terminate called without an active exception") after its work is done."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
