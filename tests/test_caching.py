@@ -198,7 +198,8 @@ BAD_OPTIONS = [
     ("pab", {"skip_range": 0}, r"`skip_range`=0 .* must be an integer >= 1"),
     ("pab", {"timestep_range": (800, 100)}, r"`timestep_range`=\(800, 100\) must be two numbers"),
     ("block-schedule", {"num_inference_steps": 4, "reuse_fraction": 1.5}, r"`reuse_fraction`=1.5 .* \[0, 1\)"),
-    ("first-block", {"threshold": "high"}, r"`threshold`='high' .* must be a number"),
+    ("first-block", {"threshold": "high"}, r"`threshold`='high' .* must be a finite number"),
+    ("first-block", {"threshold": float("nan")}, r"`threshold`=nan .* must be a finite number"),
 ]
 
 

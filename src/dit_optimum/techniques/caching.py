@@ -66,13 +66,13 @@ def resolve_cache_options(method: str, options: dict[str, Any]) -> dict[str, Any
             if not numbers or value[0] >= value[1]:
                 raise DiTOptimumError(f"`timestep_range`={value!r} must be two numbers (low, high) with low < high.")
         elif not _is_number(value):
-            raise DiTOptimumError(f"`{name}`={value!r} for cache method {method!r} must be a number.")
+            raise DiTOptimumError(f"`{name}`={value!r} for cache method {method!r} must be a finite number.")
     _check_ranges(method, resolved)
     return resolved
 
 
 def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _check_ranges(method: str, options: dict[str, Any]) -> None:
