@@ -18,7 +18,6 @@ import argparse
 import copy
 import json
 import statistics
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -27,26 +26,15 @@ import torch
 from dit_optimum import DiTOptimumTransformer2DModel, quantize
 from dit_optimum.evaluation.flops import count_gflops
 from dit_optimum.evaluation.hardware import cpu_features, hardware_description
+from dit_optimum.evaluation.speed import interleaved_call_times
 from dit_optimum.techniques.quantization import compile_for_inference
 
 RESULTS = Path(__file__).parent / "results"
 
 
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def best_seconds(run: Callable[[], object], repeats: int, device: torch.device) -> float:
-    run()
-    times = []
-    for _ in range(repeats):
-        synchronize(device)
-        start = time.perf_counter()
-        run()
-        synchronize(device)
-        times.append(time.perf_counter() - start)
-    return min(times)
+    """Fastest of ``repeats`` timed calls after one warm-up (the package's timer, device-synchronised)."""
+    return min(interleaved_call_times({"run": run}, device, warmup=1, repeats=repeats)["run"])
 
 
 def matmul_rates(m: int, k: int, n: int, device: torch.device, repeats: int = 5) -> dict[str, float]:
@@ -174,30 +162,27 @@ def main() -> None:
         raise SystemExit(f"Unknown options {unknown}; allowed: {', '.join(options)}")
 
     built, compile_s, outputs = {}, {}, {}
-    with torch.no_grad():
-        for name in chosen:
-            builder, _ = options[name]
-            start = time.perf_counter()
-            module = builder()
-            dtype = next(module.parameters()).dtype
-            inputs = (sample.to(dtype) if dtype.is_floating_point else sample, timestep, labels)
-            outputs[name] = module(*inputs).sample.float()  # first call: compiles when compiled
-            module(*inputs)
-            synchronize(device)
-            compile_s[name] = time.perf_counter() - start
-            built[name] = (module, inputs)
-            print(f"built {name} in {compile_s[name]:.1f} s", flush=True)
 
-        times: dict[str, list[float]] = {name: [] for name in chosen}
-        for _ in range(args.rounds):  # interleaved: every option once per round, so drifts hit all alike
-            for name in chosen:
-                module, inputs = built[name]
-                synchronize(device)
-                start = time.perf_counter()
-                for _ in range(args.repeats):
-                    module(*inputs)
-                synchronize(device)
-                times[name].append((time.perf_counter() - start) / args.repeats)
+    def build(name: str) -> None:  # timed whole: building, compiling (first calls) and one more call
+        module = options[name][0]()
+        dtype = next(module.parameters()).dtype
+        inputs = (sample.to(dtype) if dtype.is_floating_point else sample, timestep, labels)
+        outputs[name] = module(*inputs).sample.float()
+        module(*inputs)
+        built[name] = (module, inputs)
+
+    for name in chosen:
+        compile_s[name] = interleaved_call_times({name: lambda name=name: build(name)}, device, 0, 1)[name][0]
+        print(f"built {name} in {compile_s[name]:.1f} s", flush=True)
+
+    def forwards(name: str) -> None:
+        module, inputs = built[name]
+        for _ in range(args.repeats):
+            module(*inputs)
+
+    # interleaved rounds (every option once per round, so drifts hit all alike); seconds per forward
+    rounds = interleaved_call_times({name: lambda name=name: forwards(name) for name in chosen}, device, 0, args.rounds)
+    times = {name: [seconds / args.repeats for seconds in values] for name, values in rounds.items()}
 
     reference = outputs["fp32"]
     rows = []
