@@ -16,7 +16,7 @@ from PIL import Image
 
 from ..errors import DiTOptimumError
 from ..pipelines.dit import DiTOptimumPipeline
-from ..techniques.caching import enable_step_cache
+from ..techniques.caching import enable_cache_recipe
 from ..techniques.registry import sampling_cache
 from .cards import RESULTS_FILE, card_numbers, pick_row
 
@@ -66,7 +66,7 @@ def load_pipeline(source: str) -> LoadedPipeline:
             cache = sampling_cache(row["technique"])
         pipeline = DiTOptimumPipeline.from_pretrained(source, torch_dtype=dtype)
         if cache is not None and not pipeline.transformer.is_cache_enabled:  # set at run time, as its card says
-            enable_step_cache(pipeline, cache.pop("method"), **cache)
+            enable_cache_recipe(pipeline, cache)
         pipeline.set_progress_bar_config(disable=True)
         numbers = {}
         card = _release_file(source, "README.md")

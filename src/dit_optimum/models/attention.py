@@ -76,10 +76,12 @@ def dispatched_attention(processor, query: torch.Tensor, key: torch.Tensor, valu
     """Softmax attention of (B, N, H, d) tensors through diffusers' ``dispatch_attention_fn`` (the processor's
     backend, else the active one); K/V with fewer heads are repeated for backends without grouped-query support."""
     groups = query.shape[2] // key.shape[2]
-    backend = processor._attention_backend or _AttentionBackendRegistry.get_active_backend()[0]
-    grouped = groups > 1 and "enable_gqa" in _AttentionBackendRegistry._supported_arg_names.get(backend, ())
-    if groups > 1 and not grouped:
-        key, value = _repeat_kv(key, groups, dim=2), _repeat_kv(value, groups, dim=2)
+    grouped = False
+    if groups > 1:  # only grouped K/V need to know the backend (the common case skips the lookup)
+        backend = processor._attention_backend or _AttentionBackendRegistry.get_active_backend()[0]
+        grouped = "enable_gqa" in _AttentionBackendRegistry._supported_arg_names.get(backend, ())
+        if not grouped:
+            key, value = _repeat_kv(key, groups, dim=2), _repeat_kv(value, groups, dim=2)
     return dispatch_attention_fn(
         query,
         key,

@@ -23,6 +23,7 @@ import contextlib
 import io
 import logging
 import math
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -163,6 +164,13 @@ def enable_step_cache(pipeline: DiTOptimumPipeline, method: str, **options: Any)
     config = cache_config(pipeline, method, **options)
     pipeline.transformer.enable_cache(config)
     return pipeline
+
+
+def enable_cache_recipe(pipeline: DiTOptimumPipeline, recipe: Mapping[str, Any]) -> DiTOptimumPipeline:
+    """``enable_step_cache`` from a recipe ``{"method": ..., **options}``: how techniques and releases record a
+    cache."""
+    options = dict(recipe)
+    return enable_step_cache(pipeline, options.pop("method"), **options)
 
 
 def _uncached_transformer(pipeline: DiTOptimumPipeline):

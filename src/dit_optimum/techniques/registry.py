@@ -15,7 +15,7 @@ from typing import Any, Protocol
 from ..errors import DiTOptimumError
 from ..models.attention import ATTENTION_TYPES
 from ..pipelines.dit import DiTOptimumPipeline
-from .caching import enable_step_cache
+from .caching import enable_cache_recipe
 from .pruning import prune
 from .quantization import quantize
 
@@ -118,18 +118,11 @@ def pruned(context: TechniqueContext, **options: Any) -> DiTOptimumPipeline:
 
 
 def sampling_cache(name: str) -> dict[str, Any] | None:
-    """The step cache a technique samples with (``{"method": ..., **options}`` for ``enable_step_cache``), or None.
+    """The step cache a technique samples with (``{"method": ..., **options}`` for ``enable_cache_recipe``), or None.
     Only a ``block-schedule`` cache is saved with the weights; whoever loads another cached release enables its
     cache again (its card says how)."""
     technique = TECHNIQUES.get(name)
     return dict(technique.options["cache"]) if technique is not None and "cache" in technique.options else None
-
-
-def step_cached(context: TechniqueContext, cache: Mapping[str, Any]) -> DiTOptimumPipeline:
-    """The trained baseline sampling with a step cache (``enable_step_cache`` with ``cache``'s method and options;
-    calibrating methods calibrate on the baseline itself)."""
-    options = dict(cache)
-    return enable_step_cache(context.baseline(), options.pop("method"), **options)
 
 
 def stacked(
@@ -139,13 +132,13 @@ def stacked(
     cache: Mapping[str, Any] | None = None,
 ) -> DiTOptimumPipeline:
     """Techniques applied in turn: the pipeline of technique ``base`` (trained once, then loaded), quantized with
-    ``quantization`` (``quantize`` options), then sampling with ``cache`` (calibrated on the quantized model)."""
+    ``quantization`` (``quantize`` options), then sampling with ``cache`` (calibrated on the quantized model). The
+    step-cache techniques are the baseline with a cache; the combined recipes stack more."""
     pipeline = get_technique(base).build(context)
     if quantization is not None:
         pipeline = quantize(pipeline, **quantization)
     if cache is not None:
-        options = dict(cache)
-        pipeline = enable_step_cache(pipeline, options.pop("method"), **options)
+        pipeline = enable_cache_recipe(pipeline, cache)
     return pipeline
 
 
@@ -222,7 +215,7 @@ _CACHES: dict[str, tuple[dict[str, Any], str]] = {
     ),
 }
 for _name, (_cache, _description) in _CACHES.items():
-    register_technique(_name, step_cached, _description, {"cache": _cache})
+    register_technique(_name, stacked, _description, {"base": "baseline", "cache": _cache})
 for _part in ("heads", "mlp", "depth"):
     register_technique(
         f"prune-{_part}-50",
