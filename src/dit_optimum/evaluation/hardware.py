@@ -34,14 +34,19 @@ def hardware_text(info: Mapping[str, Any] | None) -> str:
     return f"{text}, torch {info.get('torch')}"
 
 
-def _cpu_model() -> str | None:
+def _cpuinfo(field: str) -> str | None:
+    """The first value of ``field`` in /proc/cpuinfo (None where it cannot be read or has no such line)."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
+            if line.startswith(field):
                 return line.split(":", 1)[1].strip()
     except OSError:
         pass
     return None
+
+
+def _cpu_model() -> str | None:
+    return _cpuinfo("model name")
 
 
 # CPU flags that decide which low-precision matmul paths are fast (Linux /proc/cpuinfo names)
@@ -50,12 +55,5 @@ MATMUL_FLAGS: tuple[str, ...] = ("avx512f", "avx512_bf16", "avx512_vnni", "amx_b
 
 def cpu_features() -> dict[str, bool]:
     """Which of ``MATMUL_FLAGS`` this CPU has (all False where /proc/cpuinfo cannot be read)."""
-    flags: set[str] = set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-                break
-    except OSError:
-        pass
+    flags = set((_cpuinfo("flags") or "").split())
     return {flag: flag in flags for flag in MATMUL_FLAGS}
