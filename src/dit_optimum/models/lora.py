@@ -3,11 +3,20 @@ against the model before anything is added, so a typo or an empty selection is a
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import json
+import math
+import os
+import re
+import stat
+import sys
+from collections.abc import Mapping, Sequence
+from typing import Any
 
+import torch
 from torch import nn
 
-from ..errors import DiTOptimumError
+from ..errors import DiTOptimumError, MissingPathError
+from ..utils import first_line
 
 # Module-name suffixes inside a transformer block, by group (MoE experts are batched weights: not targetable).
 LORA_TARGETS: dict[str, tuple[str, ...]] = {
@@ -65,9 +74,370 @@ def lora_config(
     )
 
 
-def check_lora_file_name(weight_name: str | None) -> None:
-    """LoRA weights load from safetensors only: a ``weight_name`` of another format is refused before reading."""
-    if weight_name is not None and not str(weight_name).endswith(".safetensors"):
+# LoRA files: one validating reader for every load path (model-level ``load_lora_adapter``, pipeline-level
+# ``lora_state_dict`` / ``load_lora_weights``, and state dicts passed in directly). A file must be a regular
+# safetensors file of finite floating-point tensors whose keys (after the loader's prefix) name this model's layers,
+# with the shapes of those layers; anything else is refused naming the file before the model changes.
+
+LORA_FILE_OPTIONS: tuple[str, ...] = (
+    "weight_name",
+    "subfolder",
+    "use_safetensors",
+    "cache_dir",
+    "force_download",
+    "proxies",
+    "local_files_only",
+    "token",
+    "revision",
+)
+_STATE_DICT_SOURCE = "The LoRA state dict passed in"
+# peft's keys for an adapted layer `<module>.<part>` (no adapter name in saved files)
+_ADAPTER_KEY = re.compile(
+    r"^(?P<module>.+?)\.(?P<part>lora_A\.weight|lora_B\.weight|lora_B\.bias|lora_magnitude_vector(?:\.weight)?"
+    r"|lora_embedding_[AB]|lokr_\w+)$"
+)
+_WRAPPER_NAME = re.compile(r"\.(?:base_layer|original_module)(?=\.|$)")
+_SHOWN_KEYS = 4
+
+
+def check_lora_file_name(weight_name: str | None, saving: bool = False) -> None:
+    """LoRA weights load from and save to safetensors only: a ``weight_name`` of another format is refused before
+    reading (or writing); a name to save under must be a plain file name, not a path."""
+    if weight_name is None:
+        return
+    if not isinstance(weight_name, str) or not weight_name.endswith(".safetensors"):
         raise DiTOptimumError(
             f"`weight_name`={weight_name!r} is not a .safetensors file: LoRA weights load from safetensors only."
         )
+    if saving and (os.path.basename(weight_name) != weight_name or weight_name.startswith(".")):
+        raise DiTOptimumError(f"`weight_name`={weight_name!r} must be a plain file name (no folder, not hidden).")
+
+
+def lora_file_path(
+    pretrained_model_name_or_path: str | os.PathLike,
+    weight_name: str | None = None,
+    subfolder: str | None = None,
+    **hub_options: Any,
+) -> str:
+    """The LoRA file that diffusers' loaders would read: ``weight_name`` (or the folder's one ``.safetensors`` file,
+    as diffusers guesses it) in a local folder, a local path itself, or a file fetched from a Hub repository."""
+    from diffusers.loaders.lora_base import LORA_WEIGHT_NAME_SAFE, _best_guess_weight_name
+    from diffusers.utils import _get_model_file
+
+    check_lora_file_name(weight_name)
+    location = os.fspath(pretrained_model_name_or_path)
+    if os.path.isdir(location):
+        folder = os.path.join(location, subfolder) if subfolder else location
+        guessed = weight_name is None
+        if guessed:
+            if not os.path.isdir(folder):
+                raise MissingPathError(f"LoRA folder {folder!r} does not exist.")
+            weight_name = _best_guess_weight_name(folder, file_extension=".safetensors") or LORA_WEIGHT_NAME_SAFE
+        path = os.path.join(folder, weight_name)
+        if not os.path.lexists(path):
+            detail = ": the folder holds no .safetensors file (LoRA loads from safetensors only)" if guessed else ""
+            raise MissingPathError(f"LoRA file {path!r} does not exist{detail}.")
+        return path
+    if os.path.lexists(location):
+        return location  # a file, or a FIFO or device that read_lora_file refuses by name
+    weight_name = weight_name or _best_guess_weight_name(
+        location, file_extension=".safetensors", local_files_only=hub_options.get("local_files_only")
+    )
+    return _get_model_file(
+        location,
+        weights_name=weight_name or LORA_WEIGHT_NAME_SAFE,
+        subfolder=subfolder,
+        user_agent={"file_type": "attn_procs_weights", "framework": "pytorch"},
+        **hub_options,
+    )
+
+
+def read_lora_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict | None]:
+    """The tensors and diffusers' adapter metadata of the safetensors file ``path``; a path that is not a regular
+    file (a folder, FIFO, device), or a file safetensors cannot read (empty, truncated, random bytes), is refused
+    naming it."""
+    import safetensors
+    from diffusers.loaders.lora_base import LORA_ADAPTER_METADATA_KEY
+
+    name = os.fspath(path)
+    try:
+        mode = os.stat(name).st_mode  # follows links (the Hub cache links into its blobs)
+    except FileNotFoundError:
+        raise MissingPathError(f"LoRA file {name!r} does not exist.") from None
+    except OSError as error:
+        raise DiTOptimumError(f"LoRA file {name!r} cannot be read: {error.strerror or error}.") from None
+    if not stat.S_ISREG(mode):
+        kind = "a folder" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else "a special file"
+        raise DiTOptimumError(f"LoRA file {name!r} is {kind}, not a regular file: give a .safetensors file.")
+    try:
+        with safetensors.safe_open(name, framework="pt", device="cpu") as handle:
+            header = handle.metadata() or {}
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118 (safe_open is not a mapping)
+    except (safetensors.SafetensorError, OSError, RuntimeError, ValueError, TypeError, OverflowError) as error:
+        raise DiTOptimumError(
+            f"LoRA file {name!r} is not a readable safetensors LoRA file ({first_line(error)})."
+        ) from None
+    raw = header.get(LORA_ADAPTER_METADATA_KEY)
+    if not raw:
+        return tensors, None
+    try:
+        metadata = json.loads(raw)
+    except json.JSONDecodeError as error:
+        raise DiTOptimumError(f"LoRA file {name!r} has adapter metadata that is not valid JSON ({error}).") from None
+    if not isinstance(metadata, dict):
+        raise DiTOptimumError(f"LoRA file {name!r} has adapter metadata that is not a JSON object.")
+    return tensors, metadata
+
+
+def read_lora_weights(
+    pretrained_model_name_or_path_or_dict: Any, **options: Any
+) -> tuple[dict[str, torch.Tensor], dict | None, str]:
+    """``(state_dict, metadata, source)`` of a LoRA file (found as diffusers finds it; ``options`` are the file
+    options of ``LORA_FILE_OPTIONS``) or of a state dict passed in; ``source`` names it in error messages."""
+    unknown = sorted(set(options) - set(LORA_FILE_OPTIONS))
+    if unknown:
+        raise TypeError(f"Unexpected LoRA file options {unknown}.")
+    if options.pop("use_safetensors", None) is False:
+        raise DiTOptimumError("`use_safetensors`=False is not supported: LoRA weights load from safetensors only.")
+    check_lora_file_name(options.get("weight_name"))
+    if isinstance(pretrained_model_name_or_path_or_dict, Mapping):
+        return dict(pretrained_model_name_or_path_or_dict), None, _STATE_DICT_SOURCE
+    path = lora_file_path(pretrained_model_name_or_path_or_dict, **options)
+    tensors, metadata = read_lora_file(path)
+    return tensors, metadata, f"LoRA file {str(path)!r}"
+
+
+def _is_finite(tensor: torch.Tensor) -> bool:
+    if tensor.dtype.itemsize == 1:  # float8: no isfinite kernel on every device
+        tensor = tensor.float()
+    return bool(torch.isfinite(tensor).all())
+
+
+def check_finite_lora_tensors(state_dict: Mapping[str, Any], source: str) -> None:
+    """Every value is a finite floating-point tensor, else an error naming ``source`` and the first bad key."""
+    if not isinstance(state_dict, Mapping) or not state_dict:
+        raise DiTOptimumError(f"{source} holds no LoRA weights (no tensors).")
+    for key, value in state_dict.items():
+        if not isinstance(key, str) or not isinstance(value, torch.Tensor):
+            raise DiTOptimumError(f"{source} holds {key!r}: {type(value).__name__}; LoRA weights are tensors.")
+        if not value.is_floating_point():
+            raise DiTOptimumError(f"{source} holds {key!r} of dtype {value.dtype}; LoRA weights are floating point.")
+        if not _is_finite(value):
+            raise DiTOptimumError(
+                f"{source} holds non-finite values (NaN or inf) in {key!r}; LoRA weights must be finite."
+            )
+
+
+def _check_metadata(metadata: Any, prefix: str | None, source: str) -> dict | None:
+    """The adapter metadata for the loader's ``prefix`` (diffusers' layout: ``<prefix>.r``, ...): finite numbers,
+    a positive integer rank."""
+    if metadata is None:
+        return None
+    if not isinstance(metadata, Mapping):
+        raise DiTOptimumError(f"{source} has adapter metadata that is not a mapping.")
+
+    def walk(value: Any, where: str) -> None:
+        if isinstance(value, float) and not math.isfinite(value):
+            raise DiTOptimumError(f"{source} has a non-finite adapter metadata value {where}={value!r}.")
+        if isinstance(value, Mapping):
+            for key, item in value.items():
+                walk(item, f"{where}[{key!r}]")
+        elif isinstance(value, (list, tuple)):
+            for index, item in enumerate(value):
+                walk(item, f"{where}[{index}]")
+
+    for key, value in metadata.items():
+        walk(value, str(key))
+    if prefix is not None:
+        metadata = {key[len(prefix) + 1 :]: value for key, value in metadata.items() if key.startswith(f"{prefix}.")}
+    rank = metadata.get("r")
+    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
+        raise DiTOptimumError(f"{source} has adapter metadata `r`={rank!r}; the LoRA rank is an integer >= 1.")
+    alpha = metadata.get("lora_alpha")
+    if alpha is not None and (isinstance(alpha, bool) or not isinstance(alpha, (int, float))):
+        raise DiTOptimumError(f"{source} has adapter metadata `lora_alpha`={alpha!r}; it must be a number.")
+    return dict(metadata)
+
+
+def _adaptable_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """Layers LoRA can adapt, by their plain name (peft's wrappers, if an adapter is attached, see through)."""
+    layers = {}
+    for name, module in model.named_modules():
+        if isinstance(module, (nn.Linear, nn.Conv2d, nn.Embedding)) and ".lora_" not in f".{name}":
+            if ".modules_to_save." in f".{name}.":
+                continue
+            layers[_WRAPPER_NAME.sub("", name)] = module
+    return layers
+
+
+def _expected_shape(layer: nn.Module, part: str, rank: int) -> tuple[int, ...] | None:
+    if isinstance(layer, nn.Linear):
+        shapes = {
+            "lora_A.weight": (rank, layer.in_features),
+            "lora_B.weight": (layer.out_features, rank),
+            "lora_B.bias": (layer.out_features,),
+        }
+    elif isinstance(layer, nn.Conv2d):
+        shapes = {
+            "lora_A.weight": (rank, layer.in_channels // layer.groups, *layer.kernel_size),
+            "lora_B.weight": (layer.out_channels, rank, 1, 1),
+            "lora_B.bias": (layer.out_channels,),
+        }
+    else:
+        return None
+    return shapes.get(part)
+
+
+def check_lora_state_dict(
+    model: nn.Module,
+    state_dict: Mapping[str, Any],
+    prefix: str | None,
+    source: str = _STATE_DICT_SOURCE,
+    metadata: Mapping[str, Any] | None = None,
+) -> None:
+    """Refuse, naming ``source``, a LoRA state dict that does not fit ``model``: non-finite or non-tensor values,
+    keys outside ``prefix`` (as the loader strips it) or naming no layer of the model, shapes or ranks that do not
+    match the layers (or the metadata's rank). Nothing is loaded: the model is untouched either way."""
+    from diffusers.utils import convert_unet_state_dict_to_peft
+
+    check_finite_lora_tensors(state_dict, source)
+    metadata = _check_metadata(metadata, prefix, source)
+    keys = list(state_dict)
+    start = f"{prefix}." if prefix is not None else ""
+    foreign = [key for key in keys if not key.startswith(start)]
+    ours = [key for key in keys if key.startswith(start)]
+    # diffusers converts other key styles (`.lora.down`, `to_q_lora.up`) when the first key is not peft's
+    convert = bool(ours) and "lora_A" not in ours[0][len(start) :] and not any(".lokr_" in key for key in ours)
+    layers = _adaptable_layers(model)
+    saved_modules = tuple((metadata or {}).get("modules_to_save") or ())
+    weights = {_WRAPPER_NAME.sub("", key): value for key, value in model.state_dict().items() if "lora_" not in key}
+    unmatched, ranks = [], {}
+    for key in ours:
+        name = key[len(start) :]
+        if convert:
+            name = next(iter(convert_unet_state_dict_to_peft({name: None})))
+        tensor = state_dict[key]
+        match = _ADAPTER_KEY.match(name)
+        if match is None:
+            # a layer trained in full (peft's `modules_to_save`), when the metadata says so
+            owner = name.rsplit(".", 1)[0]
+            if name in weights and any(owner == m or owner.endswith(f".{m}") for m in saved_modules):
+                if tuple(tensor.shape) != tuple(weights[name].shape):
+                    raise DiTOptimumError(
+                        f"{source}: {key!r} has shape {tuple(tensor.shape)}, but this model's {name!r} has shape "
+                        f"{tuple(weights[name].shape)}."
+                    )
+                continue
+            unmatched.append(key)
+            continue
+        module, part = match["module"], match["part"]
+        layer = layers.get(module)
+        if layer is None:
+            unmatched.append(key)
+            continue
+        rank = tensor.shape[0] if part == "lora_A.weight" and tensor.ndim else None
+        if part == "lora_B.weight" and tensor.ndim > 1:
+            rank = tensor.shape[1]
+        expected = _expected_shape(layer, part, rank if rank is not None else 0)
+        if expected is not None and (tuple(tensor.shape) != expected or rank == 0):
+            raise DiTOptimumError(
+                f"{source}: {key!r} has shape {tuple(tensor.shape)}, but this model's layer {module!r} "
+                f"({_describe(layer)}) takes {_shape_text(expected, part)}."
+            )
+        if rank is not None:
+            ranks.setdefault(module, {})[key] = rank
+    if foreign or unmatched:
+        bad = foreign + unmatched
+        example = f"{start}{_example_layer(layers)}.lora_A.weight"
+        if len(bad) == len(keys):
+            prefixes = sorted({key.split(".", 1)[0] + "." for key in keys})
+            hint = " Is it a LoRA for another model?"
+            unprefixed = [_ADAPTER_KEY.match(key) for key in keys]
+            if prefix is not None and any(match and match["module"] in layers for match in unprefixed):
+                hint = (
+                    f" Its keys lack the {start!r} prefix: load it with "
+                    "`transformer.load_lora_adapter(..., prefix=None)`."
+                )
+            raise DiTOptimumError(
+                f"{source} holds no LoRA weights for this model: its keys start with "
+                f"{', '.join(repr(p) for p in prefixes[:_SHOWN_KEYS])} (e.g. {keys[0]!r}), while this model's LoRA "
+                f"keys look like {example!r}.{hint}"
+            )
+        raise DiTOptimumError(
+            f"{source}: {len(bad)} of {len(keys)} keys name no layer of this model, e.g. "
+            f"{', '.join(repr(key) for key in bad[:_SHOWN_KEYS])}; this model's LoRA keys look like {example!r}."
+        )
+    expected_rank = (metadata or {}).get("r") if not (metadata or {}).get("rank_pattern") else None
+    for module, found in ranks.items():
+        values = set(found.values())
+        if len(values) > 1 or (expected_rank is not None and values != {expected_rank}):
+            shown = ", ".join(f"{key!r}: rank {rank}" for key, rank in found.items())
+            wanted = f" (the metadata says rank {expected_rank})" if expected_rank is not None else ""
+            raise DiTOptimumError(f"{source}: the LoRA ranks of layer {module!r} do not match: {shown}{wanted}.")
+
+
+def _describe(layer: nn.Module) -> str:
+    if isinstance(layer, nn.Linear):
+        return f"Linear {layer.in_features} -> {layer.out_features}"
+    if isinstance(layer, nn.Conv2d):
+        return f"Conv2d {layer.in_channels} -> {layer.out_channels}, kernel {tuple(layer.kernel_size)}"
+    return type(layer).__name__
+
+
+def _shape_text(expected: tuple[int, ...], part: str) -> str:
+    if part == "lora_A.weight":
+        return f"(rank, {', '.join(str(size) for size in expected[1:])})"
+    if part == "lora_B.weight":
+        return f"({expected[0]}, rank{''.join(f', {size}' for size in expected[2:])})"
+    return str(expected)
+
+
+def _example_layer(layers: Mapping[str, nn.Module]) -> str:
+    for name in layers:
+        if name.startswith("transformer_blocks.0.") and name.endswith("attn1.to_q"):
+            return name
+    return next(iter(layers), "transformer_blocks.0.attn1.to_q")
+
+
+def load_checked_lora(
+    model: nn.Module,
+    pretrained_model_name_or_path_or_dict: Any,
+    prefix: str | None,
+    metadata: Mapping[str, Any] | None = None,
+    **options: Any,
+) -> tuple[dict[str, torch.Tensor], dict | None, str]:
+    """Read (``read_lora_weights``) and check (``check_lora_state_dict``) a LoRA for ``model``: the one reader of
+    both the model-level and the pipeline-level loaders. Returns ``(state_dict, metadata, source)``; ``metadata``
+    given by the caller takes the place of the file's, as in diffusers."""
+    state_dict, file_metadata, source = read_lora_weights(pretrained_model_name_or_path_or_dict, **options)
+    metadata = file_metadata if metadata is None else metadata
+    check_lora_state_dict(model, state_dict, prefix, source, metadata)
+    return state_dict, metadata, source
+
+
+def check_no_lora_layers(model: nn.Module, pipeline: bool = False) -> None:
+    """Refuse to save ``model`` (or the pipeline holding it) while peft layers are attached: its weights would be
+    written under peft's ``base_layer`` / ``lora_`` keys, which no loader reads back."""
+    if "peft" not in sys.modules:  # no peft layer can exist (and saving need not import it)
+        return
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    from peft.utils import AuxiliaryTrainingWrapper
+
+    if not any(isinstance(module, (BaseTunerLayer, AuxiliaryTrainingWrapper)) for module in model.modules()):
+        return
+    adapters = ", ".join(getattr(model, "peft_config", {})) or "removed, its layers still attached"
+    if pipeline:
+        steps = (
+            "call `pipe.fuse_lora()` then `pipe.unload_lora_weights()` to save the adapted model, or save the adapter "
+            "with `pipe.transformer.save_lora_adapter(folder)` and remove it with `pipe.unload_lora_weights()` to "
+            "save the base model"
+        )
+    else:
+        steps = (
+            "call `fuse_lora()` then `unload_lora()` to save the adapted model, or save the adapter with "
+            "`save_lora_adapter(folder)` and remove it with `unload_lora()` to save the base model"
+        )
+    raise DiTOptimumError(
+        f"Saving a model with a LoRA adapter attached (adapters: {adapters}) is not supported: its weights would be "
+        f"saved under peft's `base_layer` keys and could not be loaded. To save, {steps}."
+    )

@@ -601,11 +601,17 @@ class DiTOptimumTransformer2DModel(DiTTransformer2DModel, AttentionMixin, PeftAd
         super().set_attn_processor(processor)
 
     def load_lora_adapter(self, pretrained_model_name_or_path_or_dict: Any, prefix: str = "transformer", **kwargs):
-        """diffusers' ``load_lora_adapter``, from safetensors only (a ``.bin`` ``weight_name`` is refused unread)."""
-        from .lora import check_lora_file_name
+        """diffusers' ``load_lora_adapter``, through the package's one LoRA reader (``lora.load_checked_lora``):
+        safetensors only (a ``.bin`` ``weight_name`` is refused unread), a regular and readable file of finite
+        tensors whose keys under ``prefix`` name this model's layers with their shapes; anything else is refused
+        naming the file before the model changes (diffusers would load a foreign LoRA as a silent no-op)."""
+        from .lora import LORA_FILE_OPTIONS, load_checked_lora
 
-        check_lora_file_name(kwargs.get("weight_name"))
-        return super().load_lora_adapter(pretrained_model_name_or_path_or_dict, prefix=prefix, **kwargs)
+        options = {name: kwargs.pop(name) for name in LORA_FILE_OPTIONS if name in kwargs}
+        state_dict, metadata, _ = load_checked_lora(
+            self, pretrained_model_name_or_path_or_dict, prefix, kwargs.pop("metadata", None), **options
+        )
+        return super().load_lora_adapter(state_dict, prefix=prefix, metadata=metadata, **kwargs)
 
     def save_lora_adapter(
         self,
@@ -627,9 +633,11 @@ class DiTOptimumTransformer2DModel(DiTTransformer2DModel, AttentionMixin, PeftAd
         from safetensors.torch import save_file
 
         from ..utils import atomic_file
+        from .lora import check_finite_lora_tensors, check_lora_file_name
 
         if not safe_serialization:
             raise DiTOptimumError("`safe_serialization`=False is not supported: LoRA weights are saved as safetensors.")
+        check_lora_file_name(weight_name, saving=True)  # a file its own loader reads: refused before writing
         if adapter_name not in getattr(self, "peft_config", {}):
             adapters = ", ".join(getattr(self, "peft_config", {})) or "none"
             raise DiTOptimumError(f"No LoRA adapter named `adapter_name`={adapter_name!r}; adapters: {adapters}.")
@@ -640,6 +648,7 @@ class DiTOptimumTransformer2DModel(DiTTransformer2DModel, AttentionMixin, PeftAd
         state = {f"transformer.{key}": value for key, value in adapter.items()}
         if upcast_before_saving:
             state = {key: value.float() for key, value in state.items()}
+        check_finite_lora_tensors(state, f"Adapter {adapter_name!r}")  # a NaN adapter is not saved
         folder = Path(save_directory)
         if folder.exists() and not folder.is_dir():
             raise DiTOptimumError(f"`save_directory`={str(folder)!r} is a file; give a folder.")
@@ -658,6 +667,9 @@ class DiTOptimumTransformer2DModel(DiTTransformer2DModel, AttentionMixin, PeftAd
         if reason:
             raise DiTOptimumError(reason)
         self.check_unfused("saving")
+        from .lora import check_no_lora_layers
+
+        check_no_lora_layers(self)  # peft's `base_layer` keys would not load back
         pop_unsupported_save_options(kwargs)
         with save_directory_into(save_directory, "config.json", overwrite) as staging:
             super().save_pretrained(staging, safe_serialization=True, **kwargs)

@@ -17,6 +17,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from ..errors import DiTOptimumError
 from ..models.autoencoder import IdentityAutoencoder
+from ..models.lora import check_no_lora_layers
 from ..utils import check_source, first_line, is_integer, pop_unsupported_save_options
 from ..utils import save_directory as save_directory_into
 from .lora import DiTLoraLoaderMixin
@@ -256,6 +257,8 @@ class DiTOptimumPipeline(DiTPipeline, DiTLoraLoaderMixin):
         (or a file at that path) is refused unless ``overwrite=True``.
         """
         pop_unsupported_save_options(kwargs)
+        if isinstance(self.transformer, torch.nn.Module):
+            check_no_lora_layers(self.transformer, pipeline=True)  # before anything is written
         with save_directory_into(save_directory, "model_index.json", overwrite) as staging:
             super().save_pretrained(staging, safe_serialization=True, **kwargs)
             index_path = staging / "model_index.json"

@@ -1,15 +1,26 @@
 """Pipeline-level LoRA for DiT pipelines, as diffusers' pipelines have it: ``load_lora_weights``,
 ``save_lora_weights``, ``fuse_lora`` / ``unfuse_lora``, ``set_adapters``, ``delete_adapters``. The transformer is
-the only LoRA-loadable component; diffusers' transformer-only loader does the work, and only safetensors load."""
+the only LoRA-loadable component; diffusers' transformer-only loader does the work, after the package's one LoRA
+reader (``models.lora.load_checked_lora``) has read and checked the file: only safetensors load, and a file that does
+not fit the transformer is refused naming it."""
 
 from __future__ import annotations
 
+import os
+from collections.abc import Callable
 from typing import Any
 
-from diffusers.loaders.lora_pipeline import SanaLoraLoaderMixin
+import torch
+from diffusers.loaders.lora_pipeline import _LOW_CPU_MEM_USAGE_DEFAULT_LORA, SanaLoraLoaderMixin
 
 from ..errors import DiTOptimumError
-from ..models.lora import check_lora_file_name
+from ..models.lora import (
+    LORA_FILE_OPTIONS,
+    check_finite_lora_tensors,
+    check_lora_file_name,
+    load_checked_lora,
+    read_lora_weights,
+)
 
 
 class DiTLoraLoaderMixin(SanaLoraLoaderMixin):
@@ -18,9 +29,76 @@ class DiTLoraLoaderMixin(SanaLoraLoaderMixin):
 
     @classmethod
     def lora_state_dict(cls, pretrained_model_name_or_path_or_dict: Any, **kwargs: Any):
-        """diffusers' state-dict loading with ``use_safetensors=True``: a ``.bin`` LoRA is never unpickled."""
-        if kwargs.get("use_safetensors") is False:
-            raise DiTOptimumError("`use_safetensors`=False is not supported: LoRA weights load from safetensors only.")
-        check_lora_file_name(kwargs.get("weight_name"))
-        kwargs["use_safetensors"] = True
-        return super().lora_state_dict(pretrained_model_name_or_path_or_dict, **kwargs)
+        """diffusers' ``lora_state_dict`` through the package's LoRA reader (``read_lora_weights``): safetensors
+        only (a ``.bin`` LoRA is never unpickled), a regular, readable file, named in every error."""
+        return_metadata = kwargs.pop("return_lora_metadata", False)
+        state_dict, metadata, _ = read_lora_weights(pretrained_model_name_or_path_or_dict, **kwargs)
+        state_dict = super().lora_state_dict(state_dict)  # diffusers' own key handling, on the tensors read
+        return (state_dict, metadata) if return_metadata else state_dict
+
+    def load_lora_weights(
+        self,
+        pretrained_model_name_or_path_or_dict: Any,
+        adapter_name: str | None = None,
+        hotswap: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        """diffusers' ``load_lora_weights`` (Sana's, transformer only), reading and checking the LoRA with the
+        model-level loader's reader (``load_checked_lora``): a file that is unreadable, non-finite, or whose keys or
+        shapes do not fit this pipeline's transformer is refused naming the file, before the model changes."""
+        low_cpu_mem_usage = kwargs.pop("low_cpu_mem_usage", _LOW_CPU_MEM_USAGE_DEFAULT_LORA)
+        kwargs.pop("return_lora_metadata", None)
+        options = {name: kwargs.pop(name) for name in LORA_FILE_OPTIONS if name in kwargs}
+        if kwargs:
+            raise TypeError(f"load_lora_weights() got unexpected keyword arguments {sorted(kwargs)}.")
+        transformer = self.transformer
+        state_dict, metadata, source = load_checked_lora(
+            transformer, pretrained_model_name_or_path_or_dict, self.transformer_name, **options
+        )
+        state_dict = super().lora_state_dict(state_dict)
+        without_lora = [key for key in state_dict if "lora" not in key]
+        if without_lora:  # diffusers' pipeline-level rule: full weights load with `transformer.load_lora_adapter`
+            raise DiTOptimumError(
+                f"{source} holds keys that are not LoRA layers ({', '.join(repr(k) for k in without_lora[:4])}): "
+                "a pipeline loads LoRA weights only; load it with `pipe.transformer.load_lora_adapter`."
+            )
+        self.load_lora_into_transformer(
+            state_dict,
+            transformer=transformer,
+            adapter_name=adapter_name,
+            metadata=metadata,
+            _pipeline=self,
+            low_cpu_mem_usage=low_cpu_mem_usage,
+            hotswap=hotswap,
+        )
+
+    @classmethod
+    def save_lora_weights(
+        cls,
+        save_directory: str | os.PathLike,
+        transformer_lora_layers: dict[str, Any] | None = None,
+        is_main_process: bool = True,
+        weight_name: str | None = None,
+        save_function: Callable | None = None,
+        safe_serialization: bool = True,
+        transformer_lora_adapter_metadata: dict | None = None,
+    ) -> None:
+        """diffusers' ``save_lora_weights``, as safetensors only: a ``weight_name`` of another format (a file the
+        loaders would refuse) or ``safe_serialization=False`` is refused before anything is written, and so are
+        non-finite tensors."""
+        if not safe_serialization:
+            raise DiTOptimumError("`safe_serialization`=False is not supported: LoRA weights are saved as safetensors.")
+        check_lora_file_name(weight_name, saving=True)
+        layers = transformer_lora_layers or {}
+        tensors = {key: value for key, value in layers.items() if isinstance(value, torch.Tensor)}
+        if tensors:
+            check_finite_lora_tensors(tensors, "`transformer_lora_layers`")
+        super().save_lora_weights(
+            save_directory,
+            transformer_lora_layers=transformer_lora_layers,
+            is_main_process=is_main_process,
+            weight_name=weight_name,
+            save_function=save_function,
+            safe_serialization=safe_serialization,
+            transformer_lora_adapter_metadata=transformer_lora_adapter_metadata,
+        )
