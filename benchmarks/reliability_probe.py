@@ -9,12 +9,17 @@ Every case runs in a fresh workspace holding a sentinel file, in this process (C
   argparse's usage error), or handled correctly as the case's check demands;
 - ``traceback``: any other exception escaped (or a CLI exit code other than 0/2);
 - ``silent``: bad input accepted, or a wrong result (the case's check says what);
+- ``vague``: refused with the package's error, but not naming the parameter or file the case demands;
 - ``refused_valid``: a valid input refused;
 - ``data_loss``: a file the case did not ask to replace is gone or changed;
+- ``secret_copied``: a secret (a token file, a file outside the folder) landed in a folder staged for upload;
 - ``hang``: the time limit passed;
 - ``code_execution``: a payload planted in a user file ran.
 
-Writes benchmarks/results/reliability_probe.json (every case) and prints the counts per outcome and group.
+Each case has a fault class (``klass``, by default from its group); the fault-injection cases of the reliability
+issue (symlinks, full and read-only disks, NaN, hostile files, FIFOs, LoRA files, ...) live in ``probe_faults.py``.
+
+Writes benchmarks/results/reliability_probe.json (every case) and prints the counts per outcome, group and class.
 """
 
 from __future__ import annotations
@@ -58,8 +63,19 @@ from dit_optimum.training.cli import main as train_main  # noqa: E402
 from dit_optimum.utils import write_json_atomic  # noqa: E402
 from original_dit import random_original_dit  # noqa: E402
 
+sys.modules.setdefault("reliability_probe", sys.modules[__name__])  # one module for probe_faults.py, run as a script
 RESULTS = ROOT / "benchmarks" / "results"
-OUTCOMES = ("clean", "traceback", "silent", "refused_valid", "data_loss", "hang", "code_execution")
+OUTCOMES = (
+    "clean",
+    "traceback",
+    "silent",
+    "vague",
+    "refused_valid",
+    "data_loss",
+    "secret_copied",
+    "hang",
+    "code_execution",
+)
 MARKER = "PWNED"
 SENTINEL = "keep/precious.txt"
 
@@ -72,13 +88,38 @@ class Timeout(Exception):
     pass
 
 
+# The fault class of the older groups (the groups of probe_faults.py are named after their class).
+GROUP_CLASSES = {
+    "save": "data_loss",
+    "pickle": "hostile_files",
+    "data": "hostile_files",
+    "damaged folder": "hostile_files",
+    "convert": "hostile_files",
+    "cache": "hostile_files",
+    "files": "environment",
+}
+
+
 @dataclass
 class Case:
     group: str
     name: str
     run: Callable[[Path], Any]
-    expect: str = "error"  # "error": must be refused; "ok": must work (and pass `check`)
+    # "error": must be refused; "ok": must work (and pass `check`); "either": a clean refusal, or working and
+    # passing `check`
+    expect: str = "error"
     check: Callable[[Path, Any], str | None] | None = None  # a problem description, or None
+    klass: str = ""  # the fault class; default: from the group (GROUP_CLASSES, else "options")
+    names: tuple[str, ...] = ()  # a refusal must name one of these (the parameter or file), else it is vague
+    timeout: float | None = None  # seconds before a hang, when shorter than the probe's --timeout
+
+    def __post_init__(self):
+        self.klass = self.klass or GROUP_CLASSES.get(self.group, "options")
+
+
+# Checks and cleanups a case registers while it runs (probe_faults.py): each is called once after the case, in
+# order; a check returns (outcome, detail), e.g. a data loss or a copied secret, a cleanup returns None.
+AFTER_CASE: list[Callable[[], tuple[str, str] | None]] = []
 
 
 class Payload:
@@ -1411,10 +1452,25 @@ def permission_cases(fx: Fixtures) -> list[Case]:
 # --- running ----------------------------------------------------------------------------------------------------
 
 
+def _after_case() -> list[tuple[str, str]]:
+    """Run every registered check and cleanup once; the checks' verdicts, in order."""
+    verdicts = []
+    while AFTER_CASE:
+        try:
+            verdict = AFTER_CASE.pop(0)()
+        except Exception as failed:  # the probe's own check: shown, and the run goes on
+            verdict = ("traceback", f"the probe's after-case check failed: {type(failed).__name__}: {failed}")
+        if verdict is not None:
+            verdicts.append(verdict)
+    return verdicts
+
+
 def classify(case: Case, workspace: Path, timeout: float) -> tuple[str, str]:
     sentinel = workspace / SENTINEL
     sentinel.parent.mkdir(parents=True)
     sentinel.write_text("precious")
+    AFTER_CASE.clear()
+    timeout = min(timeout, case.timeout or timeout)
 
     def on_alarm(signum, frame):
         raise Timeout
@@ -1427,6 +1483,7 @@ def classify(case: Case, workspace: Path, timeout: float) -> tuple[str, str]:
             result = case.run(workspace)
         error = None
     except Timeout:
+        _after_case()
         return "hang", f"still running after {timeout:.0f} s"
     except DiTOptimumError as refused:
         result, error = None, ("clean", str(refused).splitlines()[0][:300])
@@ -1443,17 +1500,30 @@ def classify(case: Case, workspace: Path, timeout: float) -> tuple[str, str]:
         )
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
+    verdicts = _after_case()
     if (workspace / MARKER).exists():
         return "code_execution", "a planted payload ran"
     if not sentinel.is_file() or sentinel.read_text() != "precious":
         return "data_loss", "the sentinel file is gone or changed"
+    if verdicts:
+        return verdicts[0]
     if error is not None and error[0] == "traceback":
         return error
+    named = (
+        not case.names or error is None or error[0] != "clean" or any(n.lower() in error[1].lower() for n in case.names)
+    )
+    if not named:
+        return "vague", f"{error[1]} (names none of {', '.join(case.names)})"
     if case.expect == "error":
         if error is not None and error[0] == "clean":
             problem = case.check(workspace, None) if case.check else None
             return ("data_loss", problem) if problem else error
         return "silent", "accepted" if error is None or error[0] == "accepted" else ""
+    if case.expect == "either":
+        if error is not None and error[0] == "clean":
+            return error
+        problem = case.check(workspace, result) if case.check else None
+        return ("silent", problem) if problem else ("clean", "handled correctly")
     if error is not None and error[0] == "clean":
         return "refused_valid", error[1]
     if error is not None and error[0] == "accepted":
@@ -1463,6 +1533,8 @@ def classify(case: Case, workspace: Path, timeout: float) -> tuple[str, str]:
 
 
 def all_cases(fx: Fixtures) -> list[Case]:
+    from probe_faults import fault_cases
+
     return [
         *save_cases(fx),
         *pickle_cases(fx),
@@ -1480,6 +1552,7 @@ def all_cases(fx: Fixtures) -> list[Case]:
         *cache_cases(fx),
         *speed_cases(),
         *permission_cases(fx),
+        *fault_cases(fx),
     ]
 
 
@@ -1489,13 +1562,15 @@ def main() -> int:
     parser.add_argument("--timeout", type=float, default=120.0, help="seconds before a case counts as a hang")
     parser.add_argument("--output", type=Path, default=RESULTS / "reliability_probe.json")
     args = parser.parse_args()
+    from probe_faults import FAULT_GROUPS
+
     torch.set_num_threads(min(2, torch.get_num_threads()))
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="dit-probe-") as scratch:
         scratch = Path(scratch)
         cache = os.environ.get("DIT_OPTIMUM_CACHE")
         fx = Fixtures(scratch / "fixtures")
-        cases = [c for c in all_cases(fx) if args.only is None or c.group == args.only]
+        cases = [c for c in all_cases(fx) if args.only is None or args.only in (c.group, c.klass)]
         rows = []
         for index, case in enumerate(cases):
             workspace = scratch / f"case-{index}"
@@ -1506,26 +1581,43 @@ def main() -> int:
             else:
                 os.environ["DIT_OPTIMUM_CACHE"] = cache
             rows.append(
-                {"group": case.group, "case": case.name, "expect": case.expect, "outcome": outcome, "detail": detail}
+                {
+                    "group": case.group,
+                    "class": case.klass,
+                    "new": case.group in FAULT_GROUPS,
+                    "case": case.name,
+                    "expect": case.expect,
+                    "outcome": outcome,
+                    "detail": detail,
+                }
             )
             mark = "." if outcome == "clean" else f"\n  {outcome.upper()}: [{case.group}] {case.name}: {detail}\n"
             print(mark, end="", flush=True)
             shutil.rmtree(workspace, ignore_errors=True)
     counts = Counter(row["outcome"] for row in rows)
-    by_group: dict[str, Counter] = {}
+    by: dict[str, dict[str, Counter]] = {"group": {}, "class": {}, "class (new cases)": {}, "class (old cases)": {}}
     for row in rows:
-        by_group.setdefault(row["group"], Counter())[row["outcome"]] += 1
+        by["group"].setdefault(row["group"], Counter())[row["outcome"]] += 1
+        by["class"].setdefault(row["class"], Counter())[row["outcome"]] += 1
+        age = "class (new cases)" if row["new"] else "class (old cases)"
+        by[age].setdefault(row["class"], Counter())[row["outcome"]] += 1
     summary = {outcome: counts.get(outcome, 0) for outcome in OUTCOMES}
     print(f"\n{len(rows)} cases in {time.perf_counter() - start:.0f} s: {summary}")
-    for group, group_counts in by_group.items():
-        print(f"  {group:16s} {dict(group_counts)}")
+    for kind, table in by.items():
+        print(f"per {kind}:")
+        for name, name_counts in table.items():
+            print(f"  {name:16s} {sum(name_counts.values()):4d} {dict(name_counts)}")
     write_json_atomic(
         args.output,
         {
             "hardware": hardware_description(),
             "cases": len(rows),
+            "new_cases": sum(row["new"] for row in rows),
             "outcomes": summary,
-            "groups": {group: dict(c) for group, c in by_group.items()},
+            "groups": {group: dict(c) for group, c in by["group"].items()},
+            "classes": {klass: dict(c) for klass, c in by["class"].items()},
+            "classes_new": {klass: dict(c) for klass, c in by["class (new cases)"].items()},
+            "classes_old": {klass: dict(c) for klass, c in by["class (old cases)"].items()},
             "rows": rows,
             "wall_s": time.perf_counter() - start,
         },
