@@ -26,7 +26,6 @@ collapse into the shared one); its timestep embedding is kept unless asked other
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import pickle
 from collections.abc import Mapping
@@ -39,6 +38,7 @@ from safetensors import SafetensorError
 from .configs import DIT_SIZES, parse_preset_name
 from .errors import DiTOptimumError, MissingPathError
 from .models.transformer import DiTOptimumTransformer2DModel
+from .schemas import ID2LABEL_FILE, SchemaError, read_json_file
 from .utils import check_save_target, first_line, load_from_source
 
 _ORIGINAL_RENAMES = {
@@ -207,17 +207,16 @@ def _load_id2label(path: str | None) -> dict[str, str] | None:
     if path is None:
         return None
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise MissingPathError(f"`id2label` file {str(path)!r} does not exist.")
+    where = f"`id2label` file {str(path)!r}"
     try:
-        content = json.loads(path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise DiTOptimumError(f"`id2label` file {str(path)!r} is not valid JSON: {error}.") from None
-    if not isinstance(content, dict) or not all(isinstance(v, (str, int, float)) for v in content.values()):
+        content = read_json_file(path, ID2LABEL_FILE, where)
+    except SchemaError as error:
         raise DiTOptimumError(
-            f"`id2label` file {str(path)!r} must hold a JSON object mapping class index to name, "
-            'e.g. {"0": "tench", "1": "goldfish"}.'
-        )
+            f"{where} must hold a JSON object mapping class index to name, e.g. {{\"0\": \"tench\", \"1\": "
+            f"\"goldfish\"}}: {error.problem}."
+        ) from None
     return {str(key): str(value) for key, value in content.items()}
 
 

@@ -8,7 +8,6 @@ imagefolder read it), a latents folder written by ``training.data.extract_latent
 
 from __future__ import annotations
 
-import json
 import os
 import warnings
 from dataclasses import dataclass, field
@@ -20,6 +19,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .errors import DiTOptimumError
+from .schemas import LATENTS_METADATA as LATENTS_METADATA_SCHEMA
+from .schemas import FileContentError, read_json_file, require_regular_file
 from .utils import check_source
 
 LATENTS_METADATA = "dit_optimum_latents.json"
@@ -152,6 +153,7 @@ def pil_to_tensor(image: Image.Image, image_size: int, channels: int) -> torch.T
 def _read_pixels(path: str | Path) -> np.ndarray:
     """An image file's pixels (``_unit_pixels``). PIL's errors pass through (``_UNREADABLE``), its decompression-bomb
     warning (more pixels than ``Image.MAX_IMAGE_PIXELS``) raised as an error."""
+    require_regular_file(path)  # a FIFO or device named like an image would block or never end the read
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         with Image.open(path) as image:
@@ -224,20 +226,9 @@ def _refuse_empty_classes(root: Path, classes: list[str], present: set[int], wha
 def _read_latents_metadata(path: Path) -> dict:
     """The metadata ``extract_latents`` writes: ``{"vae": str, "id2label": {"<int>": str}}``, checked."""
     try:
-        metadata = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise DiTOptimumError(
-            f"Latents metadata {path} is not valid JSON ({error}): extract the latents again."
-        ) from error
-    if not isinstance(metadata, dict) or not isinstance(metadata.get("vae"), str) or not metadata["vae"]:
-        raise DiTOptimumError(f'Latents metadata {path} needs "vae" (the VAE\'s folder or Hub id, a string).')
-    id2label = metadata.get("id2label", {})
-    valid = isinstance(id2label, dict) and all(
-        key.isdigit() and isinstance(name, str) for key, name in id2label.items()
-    )
-    if not valid:
-        raise DiTOptimumError(f'Latents metadata {path}: "id2label" must map class numbers ("0") to names.')
-    return metadata
+        return read_json_file(path, LATENTS_METADATA_SCHEMA, f"Latents metadata {path}")
+    except FileContentError as error:
+        raise DiTOptimumError(f"{str(error).rstrip('.')}: extract the latents again.") from None
 
 
 def latents_data(root: str | Path) -> TrainingData:
@@ -246,6 +237,9 @@ def latents_data(root: str | Path) -> TrainingData:
 
     root = Path(root)
     metadata = _read_latents_metadata(root / LATENTS_METADATA)
+    for entry in root.iterdir():  # datasets opens them: a FIFO among them would block the load forever
+        if not entry.is_dir():
+            require_regular_file(entry)
     try:
         dataset = load_from_disk(str(root)).with_format("numpy")
         latents, labels = np.asarray(dataset["latents"]), np.asarray(dataset["label"])
@@ -302,7 +296,7 @@ def source_kind(source: str, parameter: str = "data") -> str:
         return "digits"
     path = Path(source).expanduser()
     if path.is_dir():
-        if (path / LATENTS_METADATA).is_file():
+        if (path / LATENTS_METADATA).exists():  # a FIFO there is refused when read, never waited on
             return "latents"
         if (path / "state.json").is_file() and (path / "dataset_info.json").is_file():
             raise DiTOptimumError(

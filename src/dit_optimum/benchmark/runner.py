@@ -27,6 +27,7 @@ from ..evaluation.features import FeatureExtractor
 from ..evaluation.fid import inception_extractor
 from ..evaluation.hardware import hardware_description
 from ..evaluation.quality import evaluate_quality, feature_dimensions, resolve_metrics
+from ..schemas import RESULTS, FileContentError, SchemaError, read_json_file
 from ..techniques.registry import get_technique
 from ..training.config import TrainConfig
 from ..training.trainer import train
@@ -39,17 +40,19 @@ from .significance import compare_with_baselines, features_path, save_features
 def load_results(output_dir: str | Path) -> dict[str, Any]:
     """The results file of an output folder (empty if there is none yet)."""
     path = Path(output_dir) / RESULTS_FILE
-    if not path.is_file():
+    if not path.exists():  # a FIFO or a folder in its place is refused by the read, not taken for no file
         return {"rows": []}
     try:
-        results = json.loads(path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        return read_json_file(path, RESULTS)
+    except SchemaError as error:
         raise DiTOptimumError(
-            f"The results file {str(path)!r} is damaged ({error}); move it away to start this folder over."
+            f"The results file {str(path)!r} is not a dit-optimum results file: {error.problem}; move it away to "
+            "start this folder over."
         ) from None
-    if not isinstance(results, dict) or not isinstance(results.get("rows"), list):
-        raise DiTOptimumError(f"The results file {str(path)!r} is not a dit-optimum results file (no `rows` list).")
-    return results
+    except FileContentError as error:
+        raise DiTOptimumError(
+            f"The results file {str(path)!r} is damaged ({error.problem}); move it away to start this folder over."
+        ) from None
 
 
 def _check_comparable(previous: Mapping[str, Any], settings: BenchmarkSettings) -> None:

@@ -24,6 +24,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..errors import DiTOptimumError
+from ..schemas import CLASSIFIER_METADATA, read_json_file
 from ..utils import atomic_file
 from .declarations import Metric, declare_metric
 from .features import clean_resize
@@ -166,7 +167,7 @@ def domain_classifier(
     if use_cache and path.is_file():
         try:
             state = load_file(path)
-            metadata = json.loads((path.with_suffix(".json")).read_text())
+            metadata = read_json_file(path.with_suffix(".json"), CLASSIFIER_METADATA)  # counts and accuracy checked
             model = DomainClassifier(metadata["num_classes"], resolution)
             model.load_state_dict(state)
             digest = hashlib.sha256(path.read_bytes()).hexdigest()

@@ -4,6 +4,7 @@ from ``templates/model_card.md``, and parsed back by ``card_numbers``."""
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -15,6 +16,7 @@ from ..benchmark.report import floor_lines, markdown_deltas, markdown_table, mea
 from ..errors import DiTOptimumError
 from ..evaluation.declarations import Metric, all_metrics
 from ..evaluation.hardware import hardware_text
+from ..schemas import DTYPE, QUALITY_SETTINGS, RESULT_ROW, RESULTS, Object, check_repo_id, markdown_text, validate
 from ..techniques.registry import TECHNIQUES, sampling_cache
 
 CARD_TEMPLATE = Path(__file__).with_name("templates") / "model_card.md"
@@ -26,6 +28,10 @@ LICENSE = "apache-2.0"
 PIPELINE_TAG = "unconditional-image-generation"
 TASK_NAME = "Class-conditional image generation"
 DATA_NAMES = {"digits": "scikit-learn digits (8x8, upscaled)"}
+# What the "Use it" snippet reads from a row: each value checked before it becomes Python source.
+_SNIPPET_ROW = Object(optional={"dtype": DTYPE, "quality_settings": QUALITY_SETTINGS})
+# Row fields of free text that the card's Markdown shows (the others are numbers or checked names).
+_FREE_TEXT = ("description", "device", "sampler", "quality_verdict")
 
 
 def repo_name(variant: str, technique: str) -> str:
@@ -107,6 +113,7 @@ def pick_row(
 ) -> dict[str, Any]:
     """The finished row of ``results`` for ``technique`` (and ``variant``), by default the one a release's results
     file names; anything but exactly one match is refused naming ``source`` and the finished cells."""
+    validate(results, RESULTS, repr(str(source)))
     identity = results.get("release") or {}
     technique = technique or identity.get("technique")
     variant = variant or identity.get("variant")
@@ -134,13 +141,16 @@ def card_numbers(card: ModelCard) -> dict[str, float]:
 
 
 def loading_code(repo_id: str, row: Mapping[str, Any]) -> str:
-    """The lines a user types to load and sample this release (run as written by the tests)."""
+    """The lines a user types to load and sample this release (run as written by the tests). Every value is
+    checked (a Hub id, a torch dtype name, numbers) before it becomes Python source."""
+    check_repo_id(repo_id)
+    validate(row, _SNIPPET_ROW, "`row`")
     dtype = row.get("dtype", "float32")
-    loader = f'DiffusionPipeline.from_pretrained("{repo_id}")'
+    loader = f"DiffusionPipeline.from_pretrained({json.dumps(repo_id)})"
     if dtype != "float32":
-        loader = f'DiffusionPipeline.from_pretrained("{repo_id}", torch_dtype=torch.{dtype})'
-    steps = row.get("quality_settings", {}).get("num_inference_steps", 10)
-    guidance = row.get("quality_settings", {}).get("guidance_scale", 2.0)
+        loader = f"DiffusionPipeline.from_pretrained({json.dumps(repo_id)}, torch_dtype=torch.{dtype})"
+    steps = int(row.get("quality_settings", {}).get("num_inference_steps", 10))
+    guidance = float(row.get("quality_settings", {}).get("guidance_scale", 2.0))
     cache = sampling_cache(str(row.get("technique")))
     imports = "from diffusers import DiffusionPipeline"
     cache_lines = []
@@ -166,7 +176,7 @@ def loading_code(repo_id: str, row: Mapping[str, Any]) -> str:
             f"pipe = {loader}",
             *cache_lines,
             "generator = torch.Generator().manual_seed(0)",
-            f"images = pipe(class_labels=[0, 1, 2, 3], num_inference_steps={steps}, guidance_scale={guidance}, "
+            f"images = pipe(class_labels=[0, 1, 2, 3], num_inference_steps={steps}, guidance_scale={guidance!r}, "
             "generator=generator).images",
             'images[0].save("sample.png")',
         ]
@@ -189,10 +199,10 @@ def reproduce_command(settings: Mapping[str, Any], technique: str) -> str:
 
 
 def _limits(row: Mapping[str, Any], settings: Mapping[str, Any]) -> str:
-    data = settings.get("data")
+    data = DATA_NAMES.get(str(settings.get("data"))) or markdown_text(settings.get("data"))
     training = settings.get("training", {})
     lines = [
-        f"- Data: {DATA_NAMES.get(str(data), data)} at {settings.get('image_size')}x{settings.get('image_size')}; "
+        f"- Data: {data} at {settings.get('image_size')}x{settings.get('image_size')}; "
         f"the model is a {row['variant']} trained {training.get('steps')} steps. It generates this data's classes "
         "only.",
     ]
@@ -220,6 +230,12 @@ def model_card(
 ) -> ModelCard:
     """The card of one released cell: ``results`` is a benchmark results file (``settings`` and ``rows``; the
     row's baseline among them), ``base_model`` the baseline's repository for a derived model."""
+    # every value the card renders is checked (registered technique, dtype, finite numbers, Hub ids) or escaped
+    validate(results, RESULTS, "`results`")
+    validate(technique_row, RESULT_ROW, "`technique_row`")
+    check_repo_id(repo_id)
+    if base_model is not None:
+        check_repo_id(base_model, "base_model")
     settings = results.get("settings") or {}
     row = dict(technique_row)
     if row.get("status") != "ok":
@@ -228,6 +244,7 @@ def model_card(
         (r for r in results["rows"] if r["variant"] == row["variant"] and r["technique"] == "baseline"), None
     )
     rows = [row] if baseline is None or row["technique"] == "baseline" else [baseline, row]
+    shown = [_markdown_row(r) for r in rows]  # the rows as the card's Markdown shows them
     technique = TECHNIQUES.get(row["technique"])
     explanation = (technique.apply.__doc__ or "").strip().split("\n")[0] if technique else ""
     tags = ["dit", "class-conditional", "dit-optimum", row["technique"], str(row.get("dtype", "float32"))]
@@ -253,17 +270,29 @@ def model_card(
         repo_id=repo_id,
         summary=summary,
         technique=row["technique"],
-        description=row.get("description", ""),
+        description=markdown_text(row.get("description", "")),
         explanation=explanation,
         loading_code=loading_code(repo_id, row),
-        measurement=measurement_line(row).strip(),
-        results_table=markdown_table(rows),
-        floor=floor_lines(rows),
-        change_table=markdown_deltas(rows),
+        measurement=measurement_line(shown[-1]).strip(),
+        results_table=markdown_table(shown),
+        floor=floor_lines(shown),
+        change_table=markdown_deltas(shown),
         verdict=verdict,
         base_model=base_model,
         sample_grid=sample_grid,
         reproduce=reproduce_command(settings, row["technique"]),
         results_file=RESULTS_FILE,
-        limits=_limits(row, settings),
+        limits=_limits(shown[-1], settings),
     )
+
+
+def _markdown_row(row: Mapping[str, Any]) -> dict[str, Any]:
+    """``row`` with its free text (description, device, sampler, hardware, reference) escaped for Markdown."""
+    shown = dict(row)
+    for key in _FREE_TEXT:
+        if isinstance(shown.get(key), str):
+            shown[key] = markdown_text(shown[key])
+    for key in ("hardware", "quality_settings", "speed_settings"):
+        if isinstance(row.get(key), Mapping):
+            shown[key] = {name: markdown_text(v) if isinstance(v, str) else v for name, v in row[key].items()}
+    return shown

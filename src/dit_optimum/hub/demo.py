@@ -4,7 +4,6 @@ page. ``demo/app.py`` and every exported Space launch ``build_demo``."""
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -16,6 +15,7 @@ from PIL import Image
 
 from ..errors import DiTOptimumError
 from ..pipelines.dit import DiTOptimumPipeline
+from ..schemas import RELEASE_RESULTS, markdown_text, read_json_file
 from ..techniques.caching import enable_cache_recipe
 from ..techniques.registry import sampling_cache
 from .cards import RESULTS_FILE, card_numbers, pick_row
@@ -45,7 +45,7 @@ def _release_file(source: str, name: str) -> Path | None:
     # A file beside the pipeline: in a local folder, or downloaded from the Hub repository (None if absent).
     folder = Path(source)
     if folder.is_dir():
-        return folder / name if (folder / name).is_file() else None
+        return folder / name if (folder / name).exists() else None  # a FIFO there is refused when read
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import EntryNotFoundError
 
@@ -61,7 +61,7 @@ def load_pipeline(source: str) -> LoadedPipeline:
         dtype, cache = torch.float32, None
         results = _release_file(source, RESULTS_FILE)
         if results is not None:
-            row = pick_row(json.loads(results.read_text()), results)
+            row = pick_row(read_json_file(results, RELEASE_RESULTS), results)  # dtype and technique validated
             dtype = getattr(torch, row.get("dtype", "float32"))
             cache = sampling_cache(row["technique"])
         pipeline = DiTOptimumPipeline.from_pretrained(source, torch_dtype=dtype)
@@ -156,8 +156,8 @@ def build_demo(sources: Sequence[str], title: str = "dit-optimum: DiT techniques
 
     with gr.Blocks(title=title) as demo:
         gr.Markdown(
-            f"# {title}\nThe same class and seed through each chosen pipeline: the image, its latency measured "
-            "now on this machine, and the quality and throughput its model card reports."
+            f"# {markdown_text(title)}\nThe same class and seed through each chosen pipeline: the image, its "
+            "latency measured now on this machine, and the quality and throughput its model card reports."
         )
         with gr.Row():
             class_name = gr.Dropdown(names, value=names[0] if names else None, label="Class", elem_id="class")

@@ -3,7 +3,6 @@ and its rows of the results file), rebuilt through the same technique registry t
 
 from __future__ import annotations
 
-import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,13 +14,11 @@ from ..benchmark.settings import settings_from_results
 from ..errors import DiTOptimumError
 from ..evaluation.size import saved_size_bytes
 from ..pipelines.dit import DiTOptimumPipeline
+from ..schemas import check_namespace
 from ..techniques.registry import get_technique
 from ..training.config import TrainConfig
 from ..utils import atomic_file, check_save_target, folder_lock, write_json_atomic
 from .cards import RESULTS_FILE, SAMPLE_GRID, model_card, repo_name
-
-# A Hub namespace (user or organisation): letters, digits, '-', '_', '.', not starting with a symbol.
-NAMESPACE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
 
 
 @dataclass(frozen=True)
@@ -32,15 +29,6 @@ class Release:
     folder: Path
     variant: str
     technique: str
-
-
-def check_namespace(org: str, parameter: str = "org") -> str:
-    """``org`` if it is a valid Hub user or organisation name, else a clear error naming ``parameter``."""
-    if not isinstance(org, str) or not NAMESPACE.match(org) or ".." in org or org.endswith((".", "-")):
-        raise DiTOptimumError(
-            f"`{parameter}`={org!r} is not a Hub user or organisation name (letters, digits, '-', '_', '.')."
-        )
-    return org
 
 
 def _never_train(config: TrainConfig) -> Path:
@@ -65,10 +53,10 @@ def release(
     """
     check_namespace(org)
     results_dir, output_dir = Path(results_dir), Path(output_dir)
-    if not (results_dir / "results.json").is_file():
+    if not (results_dir / "results.json").exists():  # a FIFO or a folder there is refused by the read
         raise DiTOptimumError(f"`results_dir`={str(results_dir)!r} holds no results.json: run the benchmark first.")
     results = load_results(results_dir)
-    if results.get("settings", {}).get("speed_only"):
+    if (results.get("settings") or {}).get("speed_only"):
         raise DiTOptimumError(
             f"{str(results_dir)!r} holds a --speed-only run: its models are untrained, there is nothing to release."
         )
@@ -85,7 +73,7 @@ def release(
     for target in targets.values():  # every target checked before the first is written
         check_save_target(target, "model_index.json", overwrite, "output_dir")
 
-    settings = settings_from_results(results["settings"], str(results_dir))
+    settings = settings_from_results(results.get("settings") or {}, str(results_dir))
     released = []
     with folder_lock(results_dir, "release"):
         contexts: dict[str, VariantContext] = {}

@@ -14,6 +14,7 @@ from huggingface_hub import SpaceCard, SpaceCardData
 from packaging.requirements import Requirement
 
 from ..errors import DiTOptimumError
+from ..schemas import RELEASE_RESULTS, FileContentError, markdown_text, read_json_file, title_problem
 from ..utils import save_directory
 from .cards import LICENSE, RESULTS_FILE
 
@@ -52,10 +53,12 @@ def release_repo_ids(release_dir: str | Path) -> list[str]:
         raise DiTOptimumError(f"`release_dir`={str(release_dir)!r} is not a folder of releases.")
     identities = []
     for results in sorted(release_dir.glob(f"*/{RESULTS_FILE}")):
-        try:
-            identities.append(json.loads(results.read_text())["release"])
-        except (OSError, ValueError, KeyError, TypeError):
-            raise DiTOptimumError(f"{str(results)!r} is not a release's results file (run `release` again).") from None
+        try:  # the repo ids go into the Space's README and config: each one validated
+            identities.append(read_json_file(results, RELEASE_RESULTS)["release"])
+        except FileContentError as error:
+            raise DiTOptimumError(
+                f"{str(results)!r} is not a release's results file ({error.problem}): run `release` again."
+            ) from None
     if not identities:
         raise DiTOptimumError(f"`release_dir`={str(release_dir)!r} holds no release (run `dit-optimum release` first).")
     identities.sort(key=lambda identity: (identity["technique"] != "baseline", identity["repo_id"]))
@@ -68,6 +71,9 @@ def export_space(
     """Write a Space for the releases in ``release_dir`` into ``output_dir`` (new, empty or an earlier export)."""
     import dit_optimum
 
+    problem = title_problem(title)
+    if problem:
+        raise DiTOptimumError(f"`title`={title!r} must be {problem}.")
     pipelines = release_repo_ids(release_dir)
     package = Path(dit_optimum.__file__).parent
     card = SpaceCard.from_template(
@@ -81,7 +87,7 @@ def export_space(
             tags=["dit", "diffusers", "dit-optimum"],
         ),
         template_str="---\n{{ card_data }}\n---\n\n# {{ title }}\n\n{{ body }}\n",
-        title=title,
+        title=markdown_text(title),
         body="The same class and seed through each chosen pipeline: the image, its latency measured live on the "
         "Space's hardware, and the quality and throughput numbers its model card reports. Pipelines: "
         + ", ".join(f"[{repo}](https://huggingface.co/{repo})" for repo in pipelines)

@@ -6,41 +6,28 @@ The token comes from the standard places only (``HF_TOKEN`` or ``hf auth login``
 
 from __future__ import annotations
 
-import json
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
 
 from huggingface_hub import HfApi, get_token
-from huggingface_hub.utils import HFValidationError, validate_repo_id
 
 from ..errors import DiTOptimumError
+from ..schemas import RESULTS, FileContentError, SchemaError, check_repo_id, read_json_file
 from ..utils import save_directory
 from .cards import RESULTS_FILE, SAMPLE_GRID, pick_row, repo_name
-from .releases import check_namespace, write_card_files
-
-
-def check_repo_id(repo_id: str) -> str:
-    """``repo_id`` if it is a valid ``namespace/name`` Hub id, else a clear error naming it."""
-    try:
-        validate_repo_id(repo_id)
-    except HFValidationError as error:
-        raise DiTOptimumError(f"`repo_id`={repo_id!r} is not a valid Hub repository id: {error}") from None
-    if not isinstance(repo_id, str) or repo_id.count("/") != 1:
-        raise DiTOptimumError(f"`repo_id`={repo_id!r} must be `namespace/name` (a user or organisation, then a name).")
-    check_namespace(repo_id.split("/")[0], "repo_id")
-    return repo_id
+from .releases import write_card_files
 
 
 def _read_results(path: Path) -> dict[str, Any]:
+    # a benchmark results.json or a release's dit_optimum_results.json (the same rows, with who it is)
     try:
-        results = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise DiTOptimumError(f"`results`={str(path)!r} is not a readable results file ({error}).") from None
-    if not isinstance(results, dict) or not isinstance(results.get("rows"), list):
-        raise DiTOptimumError(f"`results`={str(path)!r} is not a dit-optimum results file (no `rows` list).")
-    return results
+        return read_json_file(path, RESULTS)
+    except SchemaError as error:
+        raise DiTOptimumError(f"`results`={str(path)!r} is not a dit-optimum results file: {error.problem}.") from None
+    except FileContentError as error:
+        raise DiTOptimumError(f"`results`={str(path)!r} is not a readable results file ({error.problem}).") from None
 
 
 def stage(
@@ -59,7 +46,7 @@ def stage(
     if not (pipeline_dir / "model_index.json").is_file():
         raise DiTOptimumError(f"`pipeline_dir`={str(pipeline_dir)!r} is not a saved pipeline (no model_index.json).")
     source = Path(results) if results is not None else pipeline_dir / RESULTS_FILE
-    if not source.is_file():
+    if not source.exists():  # a FIFO or folder in its place is refused by the read
         raise DiTOptimumError(
             f"{str(pipeline_dir)!r} carries no {RESULTS_FILE}: pass `results` (a benchmark results.json) so that the "
             "card carries measured numbers."
@@ -110,6 +97,8 @@ def push(
     A missing token is refused before anything is staged or uploaded.
     """
     check_repo_id(repo_id)
+    if base_model is not None:  # rendered into the card: a Hub id or nothing
+        check_repo_id(base_model, "base_model")
     if dry_run is not None:
         with save_directory(dry_run, "model_index.json", overwrite, "dry_run") as staging:
             stage(pipeline_dir, repo_id, staging, results, technique, variant, base_model)

@@ -25,6 +25,7 @@ from torch import nn
 
 from ..configs import dit_config
 from ..errors import DiTOptimumError
+from ..schemas import check_component_folder
 from ..utils import check_number, first_line, pop_unsupported_save_options
 from ..utils import save_directory as save_directory_into
 from .attention import AttentionConfig, DiTAttention, resolve_num_kv_heads
@@ -320,6 +321,7 @@ class DiTOptimumTransformer2DModel(DiTTransformer2DModel, AttentionMixin, PeftAd
         if kwargs.get("use_safetensors") is None:
             kwargs["use_safetensors"] = True
         where = Path(str(pretrained_model_name_or_path)) / (kwargs.get("subfolder") or "")
+        check_component_folder(where)  # a local folder: its config a JSON object, its files regular ones
         try:
             model, info = super().from_pretrained(pretrained_model_name_or_path, output_loading_info=True, **kwargs)
         except DiTOptimumError:

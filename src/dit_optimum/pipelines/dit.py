@@ -18,6 +18,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from ..errors import DiTOptimumError
 from ..models.autoencoder import IdentityAutoencoder
 from ..models.lora import check_no_lora_layers
+from ..schemas import MODEL_INDEX, FileContentError, SchemaError, check_component_folder, read_json_file
 from ..utils import check_source, first_line, is_integer, pop_unsupported_save_options
 from ..utils import save_directory as save_directory_into
 from .lora import DiTLoraLoaderMixin
@@ -55,18 +56,22 @@ def _normalize_id2label(id2label: dict[Any, str] | None, num_classes: int) -> di
 
 
 def _check_model_index(folder: Path) -> None:
-    # A local folder's index must be a JSON object naming components (diffusers fails on others with a TypeError).
+    # A local folder's index must be a JSON object naming components (diffusers fails on others with a TypeError),
+    # each component's config a JSON object, and every file there a regular one (a FIFO would block the load).
     index = folder / "model_index.json"
     if not folder.is_dir():
         return
-    if not index.is_file():
+    if not index.exists():
         raise DiTOptimumError(f"{str(folder)!r} is not a saved pipeline: it has no model_index.json.")
     try:
-        content = json.loads(index.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise DiTOptimumError(f"{str(index)!r} is not valid JSON ({error}): the pipeline folder is damaged.") from None
-    if not isinstance(content, dict) or "transformer" not in content:
-        raise DiTOptimumError(f"{str(index)!r} does not describe a DiT pipeline (no `transformer` component).")
+        content = read_json_file(index, MODEL_INDEX)
+    except SchemaError as error:
+        raise DiTOptimumError(f"{str(index)!r} does not describe a DiT pipeline ({error.problem}).") from None
+    except FileContentError as error:
+        raise DiTOptimumError(f"{str(index)!r} is {error.problem}: the pipeline folder is damaged.") from None
+    for name, entry in content.items():
+        if not name.startswith("_") and isinstance(entry, list) and entry[0] is not None:
+            check_component_folder(folder / name)
 
 
 class DiTOptimumPipeline(DiTPipeline, DiTLoraLoaderMixin):

@@ -29,6 +29,7 @@ from torch import nn
 from ..data import TrainingData
 from ..errors import DiTOptimumError
 from ..models.transformer import DiTOptimumTransformer2DModel
+from ..schemas import TRAINER_STATE, FileContentError, read_json_file, require_regular_file, validate
 from .config import TrainConfig
 from .ema import EMA
 
@@ -51,17 +52,6 @@ STATE_FILE = "trainer_state.json"  # step, settings, history, input fingerprints
 TENSOR_FILES = ("model.safetensors", "ema.safetensors", "projections.safetensors", "optimizer.safetensors")
 _RNG_FILE = re.compile(r"rng_state_\d+\.safetensors")  # one per process
 _STEP_FOLDER = re.compile(r"step_\d+")
-_STATE_KEYS = {
-    "step": int,
-    "processes": int,
-    "config": dict,
-    "history": dict,
-    "inputs": dict,
-    "ema": dict,
-    "optimizer": dict,
-}
-
-
 @dataclass
 class RunState:
     """What a checkpoint holds: the objects whose state continues the run, and its settings, history and data."""
@@ -203,6 +193,11 @@ def _check_checkpoint_files(folder: Path) -> None:
     missing = [name for name in (STATE_FILE, *TENSOR_FILES) if name not in names]
     if missing:
         raise _damaged(folder, f"missing {', '.join(missing)}")
+    for name in names:  # before any is opened: a FIFO would block the read forever
+        try:
+            require_regular_file(folder / name)
+        except DiTOptimumError as error:
+            raise _damaged(folder / name, getattr(error, "problem", "not a regular file")) from None
 
 
 def _damaged(path: Path, problem: str) -> DiTOptimumError:
@@ -226,18 +221,15 @@ def _reading(path: Path) -> Iterator[None]:
 def _read_run_state(folder: Path) -> dict[str, Any]:
     """``trainer_state.json``, checked to be this trainer's format for this step, with its RNG files present."""
     path = folder / STATE_FILE
-    with _reading(path):
-        state = json.loads(path.read_text())
+    try:  # a regular file of strict JSON, of this format, matching the trainer state's schema
+        state = read_json_file(path)
         if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-            raise ValueError(f"not a trainer state of checkpoint format {CHECKPOINT_FORMAT}")
-        wrong = [key for key, kind in _STATE_KEYS.items() if not isinstance(state.get(key), kind)]
-        history = state["history"] if isinstance(state.get("history"), dict) else {}
-        if not (isinstance(history.get("config"), dict) and isinstance(history.get("resumes"), list)):
-            wrong.append("history")
-        if wrong:
-            raise ValueError(f"missing or malformed {', '.join(wrong)}")
-        if state["step"] != int(folder.name[5:]):
-            raise ValueError(f"step {state['step']} in the folder of step {folder.name[5:]}")
+            raise _damaged(path, f"not a trainer state of checkpoint format {CHECKPOINT_FORMAT}")
+        validate(state, TRAINER_STATE, repr(str(path)))
+    except FileContentError as error:
+        raise _damaged(path, error.problem) from None
+    if state["step"] != int(folder.name[5:]):
+        raise _damaged(path, f"step {state['step']} in the folder of step {folder.name[5:]}")
     ranks = sorted(int(path.name[10:-12]) for path in folder.iterdir() if _RNG_FILE.fullmatch(path.name))
     if len(ranks) != state["processes"] or ranks != list(range(len(ranks))):
         expected = f"rng_state_0..{state['processes'] - 1}.safetensors (one per process of the run)"
