@@ -10,6 +10,7 @@ holds the output folder (a lock), so two runs never mix their files or time each
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -121,7 +122,8 @@ def run_benchmark(
     with folder_lock(output_dir, "benchmark", enabled=state.is_main_process):
         previous = load_results(output_dir)
         _check_comparable(previous, settings)
-        records = {(row["variant"], row["technique"]): row for row in previous["rows"]}
+        # a finished row holding NaN (a hand-edited or older file) is not finished: its cell runs again
+        records = {(row["variant"], row["technique"]): _finished_row(row) for row in previous["rows"]}
         hardware = hardware_description()
         for variant in settings.variants:
             if settings.speed_only:
@@ -131,7 +133,7 @@ def run_benchmark(
             for name in settings.techniques:
                 if records.get((variant, name), {}).get("status") == "ok":
                     continue
-                row = _run_cell(settings, context, name, (inception, classifier), state)
+                row = _finished_row(_run_cell(settings, context, name, (inception, classifier), state))
                 row.update(device=str(state.device), hardware=hardware)
                 state.wait_for_everyone()
                 if state.is_main_process:
@@ -190,7 +192,45 @@ def _run_cell(
     return row
 
 
+def _non_finite(value: Any, path: str = "") -> list[str]:
+    """Dotted paths of the NaN / inf numbers in a row (nested dicts and lists included)."""
+    if isinstance(value, (float, np.floating)) and not math.isfinite(value):
+        return [f"{path}={float(value)}"]
+    if isinstance(value, Mapping):
+        return [found for key, item in value.items() for found in _non_finite(item, f"{path}.{key}" if path else key)]
+    if isinstance(value, (list, tuple)):
+        return [found for index, item in enumerate(value) for found in _non_finite(item, f"{path}[{index}]")]
+    return []
+
+
+def _finished_row(row: dict[str, Any]) -> dict[str, Any]:
+    """A cell's row as recorded: an ``ok`` row holding a NaN / inf number is a failed cell whose error names the
+    metric (it is not a result, and it runs again next time), and no row keeps a non-finite number (results.json
+    is strict JSON: such entries are left out)."""
+    bad = _non_finite(row)
+    if bad and row.get("status") == "ok":
+        row = {
+            **row,
+            "status": "failed",
+            "error": f"DiTOptimumError: non-finite metric(s) {', '.join(bad[:6])}: the cell's samples or measurements "
+            "are NaN/inf (diverged training, non-finite weights or a broken measurement), so it is not a result.",
+        }
+    return _finite_values(row)
+
+
+def _finite_values(row: dict[str, Any]) -> dict[str, Any]:
+    """``row`` without its non-finite numbers: an entry holding one (a number, or a list with one) is left out, in
+    nested objects too (results.json is strict JSON, and a null would not be a number either)."""
+    kept = {}
+    for key, value in row.items():
+        if isinstance(value, dict):
+            kept[key] = _finite_values(value)
+        elif not _non_finite(value):
+            kept[key] = float(value) if isinstance(value, np.floating) else value
+    return kept
+
+
 def _write_results(output_dir: Path, settings: BenchmarkSettings, rows: Sequence[dict[str, Any]]) -> None:
-    payload = {"settings": settings.comparable(), "rows": list(rows)}
+    payload = {"settings": settings.comparable(), "rows": [_finite_values(row) for row in rows]}
     write_json_atomic(output_dir / RESULTS_FILE, payload)
     write_csv_atomic(output_dir / "results.csv", [_flat(row) for row in rows])

@@ -11,6 +11,7 @@ import torch
 
 from ..errors import DiTOptimumError
 from ..models.transformer import outside_sampling
+from ..pipelines.dit import MAX_GUIDANCE_SCALE
 from ..utils import check_number, check_positive_integers
 from .declarations import Metric, declare_metric
 from .flops import count_gflops, count_parameters
@@ -37,7 +38,7 @@ class SpeedSettings:
         check_positive_integers(**{name: getattr(self, name) for name in names})
         if not isinstance(self.warmup, int) or self.warmup < 0:
             raise DiTOptimumError(f"`warmup`={self.warmup!r} must be an integer >= 0.")
-        check_number("guidance_scale", self.guidance_scale, 1)
+        check_number("guidance_scale", self.guidance_scale, 1, MAX_GUIDANCE_SCALE)
         if self.num_inference_steps > MAX_SAMPLING_STEPS:
             raise DiTOptimumError(
                 f"`num_inference_steps`={self.num_inference_steps} must be at most {MAX_SAMPLING_STEPS}."

@@ -20,7 +20,9 @@ from accelerate import PartialState
 
 from ..errors import DiTOptimumError, MissingPathError
 from ..models.autoencoder import IdentityAutoencoder
-from ..utils import check_number, check_positive_integers, csv_list, is_integer
+from ..models.resources import check_resources
+from ..pipelines.dit import MAX_GUIDANCE_SCALE
+from ..utils import check_number, check_positive_integers, csv_list
 from .declarations import Metric, all_metrics, get_metric
 from .domain import FEATURE_DIM, TrainedClassifier, domain_classifier
 from .features import FeatureExtractor, InceptionFeatures
@@ -63,9 +65,9 @@ class QualitySettings:
             raise DiTOptimumError(
                 "`num_samples`, `reference_samples` and `bootstrap` must be >= 2 (intervals resample, KID pairs)."
             )
-        check_number("guidance_scale", self.guidance_scale, 1)
-        if not is_integer(self.seed) or self.seed < 0:
-            raise DiTOptimumError(f"`seed`={self.seed!r} must be an integer >= 0.")
+        check_number("guidance_scale", self.guidance_scale, 1, MAX_GUIDANCE_SCALE)
+        # sample i is seeded with seed + i: every one must be a torch seed
+        check_resources(seed=self.seed, seeds=self.num_samples, parameter="seed")
         if self.num_inference_steps > MAX_SAMPLING_STEPS:
             raise DiTOptimumError(
                 f"`num_inference_steps`={self.num_inference_steps} must be at most {MAX_SAMPLING_STEPS} "

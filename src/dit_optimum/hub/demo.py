@@ -4,6 +4,7 @@ page. ``demo/app.py`` and every exported Space launch ``build_demo``."""
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -14,6 +15,7 @@ import torch
 from PIL import Image
 
 from ..errors import DiTOptimumError
+from ..models.resources import check_resources
 from ..pipelines.dit import DiTOptimumPipeline
 from ..schemas import RELEASE_RESULTS, markdown_text, read_json_file
 from ..techniques.caching import enable_cache_recipe
@@ -81,18 +83,22 @@ def load_pipeline(source: str) -> LoadedPipeline:
 
 
 class DemoModels:
-    """The page's pipelines, loaded once each (on first use)."""
+    """The page's pipelines, loaded once each (on first use). Requests may come from several threads at once (Gradio
+    serves them concurrently): a pipeline is loaded once, and each pipeline samples one request at a time (its
+    ``call_lock``), so every request gets the images it would get alone."""
 
     def __init__(self, sources: Sequence[str]):
         if not sources:
             raise DiTOptimumError("`pipelines` is empty: give at least one repo id or pipeline folder.")
         self.sources = list(dict.fromkeys(sources))
         self._loaded: dict[str, LoadedPipeline] = {}
+        self._loading = threading.Lock()
 
     def get(self, source: str) -> LoadedPipeline:
-        if source not in self._loaded:
-            self._loaded[source] = load_pipeline(source)
-        return self._loaded[source]
+        with self._loading:
+            if source not in self._loaded:
+                self._loaded[source] = load_pipeline(source)
+            return self._loaded[source]
 
     def class_names(self) -> list[str]:
         """Class names of the first pipeline that loads (its ``id2label``), else class indices as text."""
@@ -111,6 +117,9 @@ class DemoModels:
         """One image per chosen pipeline (same class and seed), and the table of latency and card numbers."""
         if not chosen:
             raise DiTOptimumError("Choose at least one pipeline.")
+        if isinstance(seed, float) and seed.is_integer():
+            seed = int(seed)  # a number field may send 3.0
+        check_resources(seed=seed, parameter="seed")
         images, table = [], []
         for source in chosen:
             loaded = self.get(source)
@@ -119,12 +128,13 @@ class DemoModels:
                 continue
             try:
                 label = loaded.pipeline.get_label_ids(class_name) if loaded.pipeline.labels else [int(class_name)]
-                generator = torch.Generator().manual_seed(int(seed))
-                start = time.perf_counter()
-                image = loaded.pipeline(
-                    label, num_inference_steps=int(steps), guidance_scale=float(guidance), generator=generator
-                ).images[0]
-                latency = time.perf_counter() - start
+                generator = torch.Generator().manual_seed(seed)
+                with loaded.pipeline.call_lock:  # timed alone: another request's call waits outside the timing
+                    start = time.perf_counter()
+                    image = loaded.pipeline(
+                        label, num_inference_steps=int(steps), guidance_scale=float(guidance), generator=generator
+                    ).images[0]
+                    latency = time.perf_counter() - start
             except Exception as error:  # one failing pipeline must not take the page down
                 table.append([source, f"failed: {str(error).splitlines()[0]}", *(["n/a"] * len(CARD_COLUMNS))])
                 continue

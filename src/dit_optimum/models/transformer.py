@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import re
 from collections import OrderedDict
@@ -31,6 +32,7 @@ from ..utils import save_directory as save_directory_into
 from .attention import AttentionConfig, DiTAttention, resolve_num_kv_heads
 from .block_cache import BLOCK_SCHEDULE_HOOK, BlockCacheSchedule, apply_block_schedule
 from .moe import MoEFeedForward
+from .resources import check_resources
 
 logger = logging.getLogger(__name__)
 
@@ -132,17 +134,36 @@ def estimated_activation_bytes(config: Any, batch_size: int, training: bool = Fa
 
 
 def check_activation_memory(config: Any, batch_size: int, parameter: str, training: bool = False) -> None:
-    """Refuse a batch whose activations cannot fit in the memory available now, naming ``parameter``."""
-    import psutil
+    """Refuse a batch whose activations cannot fit in the memory available now, naming ``parameter`` and the largest
+    batch that fits (``resources.check_resources``, the check the Python API makes too)."""
+    check_resources(config, parameter=parameter, images=batch_size, training=training)
 
-    needed, available = estimated_activation_bytes(config, batch_size, training), psutil.virtual_memory().available
-    if needed > available:
-        side, patch = config["sample_size"], config["patch_size"]
-        raise DiTOptimumError(
-            f"`{parameter}`={batch_size} at {side}x{side} inputs (patch {patch}: {(side // patch) ** 2} tokens) needs "
-            f"about {needed / 2**30:.1f} GiB of activations{' for training' if training else ''}; "
-            f"{available / 2**30:.1f} GiB are available. Use a smaller batch or image size."
-        )
+
+def check_finite_weights(module: nn.Module, source: str) -> None:
+    """Refuse a module whose floating-point weights or buffers hold NaN or inf, naming ``source`` (the file or folder
+    they were loaded from) and the first such tensor. One reduction per tensor (on its device); quantized
+    tensor subclasses are skipped (their integer data cannot be non-finite)."""
+    tensors = [
+        (name, tensor)
+        for name, tensor in module.state_dict().items()
+        if type(tensor) in (torch.Tensor, nn.Parameter)
+        and tensor.is_floating_point()
+        and tensor.numel()
+        and not tensor.is_meta
+    ]
+    if not tensors:
+        return
+    # float8 has no isfinite kernel: those (small) tensors are checked in float32
+    tensors = [(name, tensor if tensor.dtype.itemsize > 1 else tensor.float()) for name, tensor in tensors]
+    finite = torch.stack([torch.isfinite(tensor).all().cpu() for _, tensor in tensors])
+    if bool(finite.all()):
+        return
+    name, tensor = tensors[int((~finite).nonzero()[0])]
+    bad = int((~torch.isfinite(tensor)).sum())
+    raise DiTOptimumError(
+        f"The weights in {source!r} are not finite: tensor {name!r} holds {bad} NaN/inf value(s) of {tensor.numel()} "
+        "(a diverged training run or a damaged file); re-save the model from good weights."
+    )
 
 
 def _check_fits_in_memory(config: Any) -> None:
@@ -171,6 +192,41 @@ def outside_sampling(model: nn.Module) -> Iterator[None]:
         yield
     finally:
         model.enable_cache(config)
+
+
+def _weights_file(folder: Path, variant: str | None) -> str:
+    # The file diffusers read (sharded or Hub weights: the folder), to name it in an error.
+    name = f"diffusion_pytorch_model.{variant}.safetensors" if variant else "diffusion_pytorch_model.safetensors"
+    return str(folder / name) if (folder / name).is_file() else str(folder)
+
+
+def check_adapter_scales(name: str, value: Any, dtype: torch.dtype = torch.float32) -> None:
+    """LoRA scales (``lora_scale``, ``set_adapters`` weights, ``lora_alpha``: a number, None, or lists / per-block
+    dicts of them) must be finite numbers whose size the weights' ``dtype`` can hold: NaN, inf or a scale that is
+    inf in that dtype would turn every output into NaN. Raises naming ``name`` and the range."""
+    import numbers
+
+    if value is None:
+        return
+    if isinstance(value, dict):
+        for item in value.values():
+            check_adapter_scales(name, item, dtype)
+        return
+    if isinstance(value, (list, tuple)):
+        for item in value:
+            check_adapter_scales(name, item, dtype)
+        return
+    largest = torch.finfo(dtype if dtype.is_floating_point else torch.float32).max
+    valid = isinstance(value, numbers.Real) and not isinstance(value, bool)
+    try:
+        valid = valid and math.isfinite(float(value)) and abs(float(value)) <= largest
+    except OverflowError:  # an integer beyond any float
+        valid = False
+    if not valid:
+        raise DiTOptimumError(
+            f"LoRA `{name}`={value!r} must be a finite number in [-{largest:g}, {largest:g}] (the range of the "
+            f"weights' {str(dtype).replace('torch.', '')}), or a list / dict of them."
+        )
 
 
 def is_quantized(model: nn.Module) -> bool:
@@ -337,6 +393,7 @@ class DiTOptimumTransformer2DModel(DiTTransformer2DModel, AttentionMixin, PeftAd
                 f"The weights in {str(where)!r} do not match its config.json ({details}); the folder is "
                 "inconsistent (edited config or mixed files): re-save the model."
             )
+        check_finite_weights(model, _weights_file(where, kwargs.get("variant")))
         return (model, info) if wants_info else model
 
     @classmethod
@@ -601,6 +658,27 @@ class DiTOptimumTransformer2DModel(DiTTransformer2DModel, AttentionMixin, PeftAd
                 )
             processor = dict(processor)  # diffusers pops the entries: leave the caller's dict as it was
         super().set_attn_processor(processor)
+
+    def add_adapter(self, adapter_config: Any, adapter_name: str = "default") -> None:
+        """diffusers' ``add_adapter``, with the LoRA rank bounded by the layer width (``check_resources``: the
+        training scripts' ``--lora-rank`` goes through here too) and a finite ``lora_alpha``."""
+        ranks = getattr(adapter_config, "rank_pattern", None) or {}
+        for rank in [getattr(adapter_config, "r", None), *ranks.values()]:
+            if rank is not None:
+                check_resources(self.config, lora_rank=rank, parameter="r")
+        alphas = getattr(adapter_config, "alpha_pattern", None) or {}
+        check_adapter_scales("lora_alpha", [getattr(adapter_config, "lora_alpha", None), *alphas.values()], self.dtype)
+        super().add_adapter(adapter_config, adapter_name=adapter_name)
+
+    def set_adapters(self, adapter_names: str | list[str], weights: Any = None) -> None:
+        """diffusers' ``set_adapters``; ``weights`` must be finite numbers (a NaN weight makes every output NaN)."""
+        check_adapter_scales("weights", weights, self.dtype)
+        super().set_adapters(adapter_names, weights)
+
+    def fuse_lora(self, lora_scale: float = 1.0, safe_fusing: bool = False, adapter_names: Any = None) -> None:
+        """diffusers' ``fuse_lora``; ``lora_scale`` must be a finite number."""
+        check_adapter_scales("lora_scale", lora_scale, self.dtype)
+        super().fuse_lora(lora_scale=lora_scale, safe_fusing=safe_fusing, adapter_names=adapter_names)
 
     def load_lora_adapter(self, pretrained_model_name_or_path_or_dict: Any, prefix: str = "transformer", **kwargs):
         """diffusers' ``load_lora_adapter``, through the package's one LoRA reader (``lora.load_checked_lora``):

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 import os
-from collections.abc import Sequence
+import threading
+import weakref
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,14 +21,61 @@ from diffusers.utils.torch_utils import randn_tensor
 from ..errors import DiTOptimumError
 from ..models.autoencoder import IdentityAutoencoder
 from ..models.lora import check_no_lora_layers
+from ..models.resources import check_resources
+from ..models.transformer import DiTOptimumTransformer2DModel, check_finite_weights
 from ..schemas import MODEL_INDEX, FileContentError, SchemaError, check_component_folder, read_json_file
-from ..utils import check_source, first_line, is_integer, pop_unsupported_save_options
+from ..utils import check_number, check_source, first_line, is_integer, pop_unsupported_save_options
 from ..utils import save_directory as save_directory_into
 from .lora import DiTLoraLoaderMixin
 
 OUTPUT_TYPES: tuple[str, ...] = ("pil", "np", "pt", "latent")
 # Saved folders name diffusers' own class so that plain `DiffusionPipeline.from_pretrained` resolves them.
 SAVED_PIPELINE_CLASS = "DiTPipeline"
+# One re-entrant lock per pipeline object (kept outside the object so that it still deep-copies and pickles).
+_CALL_LOCKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_CALL_LOCKS_GUARD = threading.Lock()
+# The largest guidance scale an option may ask for before any pipeline is built: float16's largest number (a larger
+# scale is inf in a half-precision pipeline's guided noise, so every image would be NaN). A pipeline call allows up
+# to its own dtype's largest number.
+MAX_GUIDANCE_SCALE = float(torch.finfo(torch.float16).max)
+
+
+def check_scheduler_config(config: Mapping[str, Any], where: str) -> None:
+    """Refuse a scheduler config that cannot sample: ``num_train_timesteps`` < 1, or betas (``beta_start``,
+    ``beta_end``, ``trained_betas``) that are not finite numbers in [0, 1); the error names ``where`` and the key."""
+    steps = config.get("num_train_timesteps", 1000)
+    if not is_integer(steps) or steps < 1:
+        raise DiTOptimumError(f"The scheduler config ({where}) has `num_train_timesteps`={steps!r}: it must be >= 1.")
+    for key in ("beta_start", "beta_end"):
+        if config.get(key) is not None:
+            try:
+                check_number(key, config[key], 0, 1, include_maximum=False)
+            except DiTOptimumError as error:
+                raise DiTOptimumError(f"The scheduler config ({where}): {error}") from None
+    trained = config.get("trained_betas")
+    if trained is not None:
+        values = np.asarray(trained, dtype=object).reshape(-1) if isinstance(trained, (list, tuple)) else None
+        valid = values is not None and len(values) > 0
+        if valid:
+            try:
+                numbers = np.asarray(values, dtype=np.float64)
+                valid = bool(np.isfinite(numbers).all() and (numbers >= 0).all() and (numbers < 1).all())
+            except (TypeError, ValueError):
+                valid = False
+        if not valid:
+            raise DiTOptimumError(
+                f"The scheduler config ({where}) has invalid `trained_betas`: it must be a non-empty list of finite "
+                "numbers in [0, 1)."
+            )
+
+
+def check_scheduler(scheduler: Any, where: str = "scheduler") -> None:
+    """``check_scheduler_config`` on a built scheduler, and its ``betas`` / ``alphas_cumprod`` tables finite."""
+    check_scheduler_config(scheduler.config, where)
+    for key in ("betas", "alphas_cumprod"):
+        table = getattr(scheduler, key, None)
+        if torch.is_tensor(table) and table.numel() and not bool(torch.isfinite(table).all()):
+            raise DiTOptimumError(f"The scheduler ({where}) has non-finite `{key}`: check its config's betas.")
 
 
 def _normalize_id2label(id2label: dict[Any, str] | None, num_classes: int) -> dict[str, str] | None:
@@ -53,6 +103,19 @@ def _normalize_id2label(id2label: dict[Any, str] | None, num_classes: int) -> di
                 )
             seen[alias] = index
     return dict(sorted(normalized.items(), key=lambda item: int(item[0])))
+
+
+def _check_saved_scheduler(folder: Path) -> None:
+    # Before diffusers builds it (a 0-step config fails there with an IndexError): a readable local config only.
+    path = folder / "scheduler" / "scheduler_config.json"
+    if not path.is_file():
+        return
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return  # diffusers reports an unreadable config naming the file
+    if isinstance(config, dict):
+        check_scheduler_config(config, str(path))
 
 
 def _check_model_index(folder: Path) -> None:
@@ -94,6 +157,7 @@ class DiTOptimumPipeline(DiTPipeline, DiTLoraLoaderMixin):
         vae = IdentityAutoencoder() if vae is None else vae
         scheduler = DDIMScheduler() if scheduler is None else scheduler
         id2label = _normalize_id2label(id2label, transformer.config.num_embeds_ada_norm)
+        check_scheduler(scheduler)
         super().__init__(transformer=transformer, vae=vae, scheduler=scheduler, id2label=id2label)
         self.register_to_config(id2label=id2label)
 
@@ -103,14 +167,32 @@ class DiTOptimumPipeline(DiTPipeline, DiTLoraLoaderMixin):
         ``DiTOptimumError`` naming it and the file, never a raw traceback from deep inside."""
         source = check_source(pretrained_model_name_or_path, "pretrained_model_name_or_path")
         _check_model_index(Path(source))
+        _check_saved_scheduler(Path(source))
         if kwargs.get("use_safetensors") is None:
             kwargs["use_safetensors"] = True
         try:
-            return super().from_pretrained(source, **kwargs)
+            pipeline = super().from_pretrained(source, **kwargs)
         except DiTOptimumError:
             raise
         except (OSError, ValueError, KeyError, TypeError) as error:
             raise DiTOptimumError(f"Could not load the pipeline from {source!r}: {first_line(error)}") from error
+        for name, component in pipeline.components.items():  # our transformer checked its weights as it loaded
+            if isinstance(component, torch.nn.Module) and not isinstance(
+                component, (DiTOptimumTransformer2DModel, IdentityAutoencoder)
+            ):
+                check_finite_weights(component, str(Path(source) / name))
+        return pipeline
+
+    @property
+    def call_lock(self) -> threading.RLock:
+        """The lock each call holds: calls to one pipeline object from several threads (a demo serving two requests)
+        run one after the other, each giving the images it would give alone (the scheduler and cache hooks keep
+        per-call state in the shared object). Re-entrant: hold it around a call to time the call alone."""
+        with _CALL_LOCKS_GUARD:
+            lock = _CALL_LOCKS.get(self)
+            if lock is None:
+                lock = _CALL_LOCKS[self] = threading.RLock()
+            return lock
 
     @property
     def current_timestep(self) -> torch.Tensor | None:
@@ -131,14 +213,24 @@ class DiTOptimumPipeline(DiTPipeline, DiTLoraLoaderMixin):
             )
         return [self.labels[name] for name in labels]
 
-    def _class_indices(self, class_labels: int | str | Sequence[int | str] | torch.Tensor) -> list[int]:
+    def _class_indices(
+        self, class_labels: int | str | Sequence[int | str] | torch.Tensor, guided: bool = False
+    ) -> list[int]:
+        if isinstance(class_labels, (torch.Tensor, np.ndarray)):
+            count = int(np.prod(class_labels.shape))
+        elif isinstance(class_labels, (list, tuple)):
+            count = len(class_labels)
+        else:
+            count = 1
+        if not count:
+            raise DiTOptimumError("`class_labels` is empty: give at least one class index or name.")
+        # one image per label, all in one batch: bounded before the labels are even read
+        check_resources(self.transformer.config, parameter="class_labels", images=count, guided=guided)
         if isinstance(class_labels, (torch.Tensor, np.ndarray)):
             class_labels = class_labels.reshape(-1).tolist()
         elif not isinstance(class_labels, (list, tuple)):
             class_labels = [class_labels]  # one label (checked below like any entry)
         class_labels = list(class_labels)
-        if not class_labels:
-            raise DiTOptimumError("`class_labels` is empty: give at least one class index or name.")
         num_classes = self.transformer.config.num_embeds_ada_norm
         indices = []
         for label in class_labels:
@@ -152,9 +244,20 @@ class DiTOptimumPipeline(DiTPipeline, DiTLoraLoaderMixin):
         return indices
 
     def _check_sampling_arguments(self, guidance_scale: float, num_inference_steps: int, output_type: str) -> None:
-        if not isinstance(guidance_scale, (int, float)) or not math.isfinite(guidance_scale) or guidance_scale < 1:
+        check_scheduler(self.scheduler)  # it may have been replaced since construction
+        dtype = self.transformer.dtype
+        # the guided noise is uncond + scale * (cond - uncond) in the model's dtype: a scale beyond its largest
+        # number is inf there, and every image NaN
+        largest = torch.finfo(dtype if dtype.is_floating_point else torch.float32).max
+        valid = isinstance(guidance_scale, numbers.Real) and not isinstance(guidance_scale, bool)
+        try:
+            valid = valid and math.isfinite(float(guidance_scale)) and 1 <= float(guidance_scale) <= largest
+        except OverflowError:  # an integer beyond any float
+            valid = False
+        if not valid:
             raise DiTOptimumError(
-                f"`guidance_scale`={guidance_scale!r} must be a finite number >= 1 (1 disables guidance)."
+                f"`guidance_scale`={guidance_scale!r} must be a finite number in [1, {largest:g}] (1 disables "
+                f"guidance; larger values overflow the model's {str(dtype).replace('torch.', '')})."
             )
         if guidance_scale > 1 and self.transformer.null_class_label is None:
             raise DiTOptimumError(
@@ -172,7 +275,6 @@ class DiTOptimumPipeline(DiTPipeline, DiTLoraLoaderMixin):
         if output_type not in OUTPUT_TYPES:
             raise DiTOptimumError(f"Unknown `output_type`={output_type!r}; allowed values: {', '.join(OUTPUT_TYPES)}.")
 
-    @torch.no_grad()
     def __call__(
         self,
         class_labels: int | str | Sequence[int | str] | torch.Tensor,
@@ -186,9 +288,24 @@ class DiTOptimumPipeline(DiTPipeline, DiTLoraLoaderMixin):
 
         ``guidance_scale`` > 1 enables classifier-free guidance; ``output_type`` is ``"pil"``, ``"np"`` (B, H, W, C
         in [0, 1]), ``"pt"`` (B, C, H, W in [0, 1]) or ``"latent"`` (the denoised latents, before decoding).
+        Concurrent calls on one pipeline object run one at a time (``call_lock``); samples that come out NaN or inf
+        raise ``DiTOptimumError`` naming the likely causes instead of returning NaN images.
         """
+        with self.call_lock:
+            return self._sample(class_labels, guidance_scale, generator, num_inference_steps, output_type, return_dict)
+
+    @torch.no_grad()
+    def _sample(
+        self,
+        class_labels: int | str | Sequence[int | str] | torch.Tensor,
+        guidance_scale: float,
+        generator: torch.Generator | list[torch.Generator] | None,
+        num_inference_steps: int,
+        output_type: str,
+        return_dict: bool,
+    ) -> ImagePipelineOutput | tuple:
         self._check_sampling_arguments(guidance_scale, num_inference_steps, output_type)
-        labels = self._class_indices(class_labels)
+        labels = self._class_indices(class_labels, guided=guidance_scale > 1)
         device = self._execution_device
         batch_size = len(labels)
         latent_size = self.transformer.config.sample_size
@@ -207,7 +324,13 @@ class DiTOptimumPipeline(DiTPipeline, DiTLoraLoaderMixin):
             class_null = torch.full_like(class_tensor, self.transformer.null_class_label)
             class_tensor = torch.cat([class_tensor, class_null], 0)
 
-        self.scheduler.set_timesteps(num_inference_steps)
+        try:
+            self.scheduler.set_timesteps(num_inference_steps)
+        except (ValueError, TypeError, KeyError) as error:  # a config value diffusers' scheduler cannot use
+            raise DiTOptimumError(
+                f"The scheduler ({type(self.scheduler).__name__}) cannot set {num_inference_steps} timesteps from its "
+                f"config: {first_line(error)}"
+            ) from error
         steps = len(self.scheduler.timesteps)
         for index, t in enumerate(self.progress_bar(self.scheduler.timesteps)):
             self._current_timestep = t
@@ -236,6 +359,7 @@ class DiTOptimumPipeline(DiTPipeline, DiTLoraLoaderMixin):
 
         self._current_timestep = None
         latents = model_input.chunk(2, dim=0)[0] if use_guidance else model_input
+        self._check_finite_samples(latents, guidance_scale)
         if output_type == "latent":
             samples = latents
         else:
@@ -253,6 +377,17 @@ class DiTOptimumPipeline(DiTPipeline, DiTLoraLoaderMixin):
         if not return_dict:
             return (samples,)
         return ImagePipelineOutput(images=samples)
+
+    def _check_finite_samples(self, latents: torch.Tensor, guidance_scale: float) -> None:
+        # one reduction and one host sync per call, after the loop: NaN images are an error, never a result
+        if bool(torch.isfinite(latents).all()):
+            return
+        bad = int((~torch.isfinite(latents)).sum())
+        raise DiTOptimumError(
+            f"The samples are not finite ({bad} of {latents.numel()} latent values are NaN or inf). Likely causes: "
+            f"`guidance_scale`={guidance_scale!r} too large (typical: 1-10), non-finite or diverged transformer "
+            "weights (a training run that diverged), or the scheduler's config (betas, num_train_timesteps)."
+        )
 
     def save_pretrained(self, save_directory: str | os.PathLike, overwrite: bool = False, **kwargs: Any) -> None:
         """Save so that plain ``DiffusionPipeline`` loads it; safetensors only.

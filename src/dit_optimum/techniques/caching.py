@@ -30,6 +30,7 @@ import torch
 
 from ..errors import DiTOptimumError
 from ..models.block_cache import BlockCacheSchedule
+from ..models.resources import check_resources
 from ..pipelines.dit import DiTOptimumPipeline
 
 # method -> {option: default}; an option with default None must be given.
@@ -91,6 +92,8 @@ def _check_ranges(method: str, options: dict[str, Any]) -> None:
             raise DiTOptimumError(f"`{name}`={options[name]!r} for cache method {method!r} must be >= 0.")
     if "guidance_scale" in options and options["guidance_scale"] < 1:
         raise DiTOptimumError(f"`guidance_scale`={options['guidance_scale']!r} must be >= 1.")
+    if "seed" in options:
+        check_resources(seed=options["seed"], parameter="seed")
 
 
 def cache_config(pipeline: DiTOptimumPipeline, method: str, **options: Any) -> Any:
@@ -140,6 +143,13 @@ def cache_config(pipeline: DiTOptimumPipeline, method: str, **options: Any) -> A
             cache_identifiers=_TAYLORSEER_MODULES,
         )
     calibration = {name: o[name] for name in CALIBRATION_DEFAULTS}
+    # the calibration run samples this many images in one call: bounded as the pipeline bounds its class labels
+    check_resources(
+        pipeline.transformer.config,
+        parameter="calibration_images",
+        images=calibration["calibration_images"],
+        guided=calibration["guidance_scale"] > 1,
+    )
     if method == "magcache":
         ratios = calibrate_mag_ratios(pipeline, o["num_inference_steps"], **calibration)
         return MagCacheConfig(

@@ -15,6 +15,7 @@ from accelerate.utils import is_tensorboard_available
 
 from ..configs import dit_config, parse_preset_name
 from ..errors import DiTOptimumError
+from ..models.resources import check_resources
 from ..models.transformer import DiTOptimumTransformer2DModel
 from ..utils import check_number, check_positive_integers, is_integer
 
@@ -31,6 +32,8 @@ DERIVED_MODEL_KEYS = {
 }
 MODEL_KEYS = tuple(inspect.signature(DiTOptimumTransformer2DModel.__init__).parameters)[1:]
 MAX_SEED = 2**32 - 1  # numpy's seeding limit (accelerate's set_seed seeds numpy too)
+# AdamW moves each weight by about the learning rate per step: above 1 a run can only diverge.
+MAX_LEARNING_RATE = 1.0
 
 
 def option(
@@ -120,6 +123,7 @@ class TrainConfig:
         self._validate_model()
         self._validate_distillation()
         self._validate_finetune()
+        self._validate_resources()
 
     def _validate_names(self) -> None:
         names = ("output_dir", "data") if self.teacher is None else ("output_dir", "data", "teacher")
@@ -162,7 +166,13 @@ class TrainConfig:
             raise DiTOptimumError(f"`seed`={self.seed!r} must be an integer in 0..{MAX_SEED}.")
 
     def _validate_numbers(self) -> None:
-        check_number("learning_rate", self.learning_rate, 0, include_minimum=False)
+        try:
+            check_number("learning_rate", self.learning_rate, 0, MAX_LEARNING_RATE, include_minimum=False)
+        except DiTOptimumError:
+            raise DiTOptimumError(
+                f"`learning_rate` (--lr)={self.learning_rate!r} must be a finite number in (0, {MAX_LEARNING_RATE:g}] "
+                "(AdamW moves each weight by about the learning rate per step: more only diverges)."
+            ) from None
         check_number("weight_decay", self.weight_decay, 0)
         check_number("ema_decay", self.ema_decay, 0, 1, include_maximum=False)
         if self.max_grad_norm is not None:  # None: no clipping; 0 or less would not clip, or train uphill
@@ -233,6 +243,36 @@ class TrainConfig:
         targets = self.lora_targets
         if not isinstance(targets, list) or not targets or any(t not in LORA_TARGETS for t in targets):
             raise DiTOptimumError(f"`lora_targets`={targets!r} must be a non-empty list of: {', '.join(LORA_TARGETS)}.")
+
+    def _validate_resources(self) -> None:
+        """The image side, bounded by this machine before any data is read (``check_resources``, as the Python API
+        and the benchmark bound theirs): one training batch of the model at that side must fit in memory. The
+        model is the preset with its overrides, or a local ``pretrained`` pipeline's transformer config; latents
+        data ignores ``image_size``. The LoRA rank is bounded by the model's width when the adapter is added."""
+        from ..data import LATENTS_METADATA
+
+        if os.path.isfile(os.path.join(str(self.data), LATENTS_METADATA)):
+            return
+        try:
+            if self.pretrained is None:
+                config = dit_config(
+                    self.model, sample_size=self.image_size, in_channels=self.channels, **self.model_overrides
+                )
+            else:
+                path = os.path.join(str(self.pretrained), "transformer", "config.json")
+                with open(path) as stream:
+                    config = json.load(stream)
+            check_resources(
+                {**config, "sample_size": self.image_size},
+                parameter="image_size (--image-size)",
+                image_size=self.image_size,
+                images=self.batch_size,
+                training=not self.gradient_checkpointing,
+            )
+        except (OSError, ValueError, TypeError, KeyError, AttributeError, ZeroDivisionError) as error:
+            if isinstance(error, DiTOptimumError):
+                raise
+            # an unreadable pretrained config or a malformed override: reported where the model is built
 
     def learning_rate_at(self, step: int) -> float:
         """The learning rate of ``step`` (0-based): linear warm-up over ``warmup_steps``, then constant or a cosine

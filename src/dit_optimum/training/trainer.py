@@ -255,6 +255,11 @@ def _train(config: TrainConfig, accelerator: Accelerator, output_dir: Path) -> P
     )
     window_start, window_steps = time.perf_counter(), 0
     has_moe = unwrapped.config.moe_num_experts > 0
+    # The first step whose loss was not finite (0: none), kept on the device and read on the steps that log or
+    # checkpoint (every step on CPU in one process, where reading it costs nothing): a diverged run stops there,
+    # before its weights are logged, checkpointed or saved.
+    first_bad_step = torch.zeros((), dtype=torch.long, device=accelerator.device)
+    check_every_step = accelerator.device.type == "cpu" and world == 1
     model.train()
     with _attention_kernels(config, accelerator.device):
         for step in progress:
@@ -281,6 +286,12 @@ def _train(config: TrainConfig, accelerator: Accelerator, output_dir: Path) -> P
                 extra: dict[str, torch.Tensor] = {}
                 if distillation is not None:
                     loss, extra = distillation.loss(loss, output, x_t, t, y, projections)
+
+            bad = ~torch.isfinite(loss.detach()) & (first_bad_step == 0)
+            first_bad_step = torch.where(bad, torch.full_like(first_bad_step, step + 1), first_bad_step)
+            reported = (step + 1) % config.log_every == 0 or (step + 1) % config.checkpoint_every == 0
+            if check_every_step or reported or step + 1 == config.steps:
+                _stop_if_diverged(accelerator, first_bad_step, config, output_dir)
 
             for group in optimizer.param_groups:
                 group["lr"] = config.learning_rate_at(step)
@@ -325,6 +336,25 @@ def _train(config: TrainConfig, accelerator: Accelerator, output_dir: Path) -> P
         _save_pipeline(final, data, pipeline_dir)
     accelerator.end_training()
     return pipeline_dir
+
+
+def _stop_if_diverged(
+    accelerator: Accelerator, first_bad_step: torch.Tensor, config: TrainConfig, output_dir: Path
+) -> None:
+    """Raise if any process saw a non-finite loss: the run stops before that step's update, so the checkpoints
+    already written (all from finite steps) stay as they are and no NaN pipeline is saved."""
+    steps = accelerator.gather(first_bad_step[None]) if accelerator.num_processes > 1 else first_bad_step[None]
+    steps = steps[steps > 0]
+    if not steps.numel():
+        return
+    step = int(steps.min())
+    raise DiTOptimumError(
+        f"Training diverged: the loss is not finite (NaN or inf) at step {step}. Stopped without saving the "
+        f"pipeline; the checkpoints in {str(output_dir / 'checkpoints')!r} (if any) are from earlier, finite steps and "
+        f"are kept. Likely cause: the learning rate `learning_rate` (--lr)={config.learning_rate:g} is too high for "
+        "this model and data (try 10x lower, --warmup-steps, or --max-grad-norm 1); also check the data for "
+        "NaN/inf values and fp16 overflow (--mixed-precision bf16)."
+    )
 
 
 def _hyperparameters(settings: dict[str, Any]) -> dict[str, Any]:
