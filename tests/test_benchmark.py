@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from conftest import TinyFeatureExtractor, tiny_pixel_pipeline
-from dit_optimum import DiTOptimumPipeline, DiTOptimumTransformer2DModel
+from dit_optimum import DiTOptimumError, DiTOptimumPipeline, DiTOptimumTransformer2DModel
 from dit_optimum.benchmark import BenchmarkSettings, TrainingRecipe, load_results, preset_settings, run_benchmark
 from dit_optimum.benchmark.contexts import VariantContext
 from dit_optimum.benchmark.report import baseline_deltas, markdown_table, pareto_front, write_report
@@ -308,12 +308,26 @@ def test_speed_only_run_measures_cost_on_untrained_latent_models(tmp_path):
 
 
 def test_variant_context_reads_a_pretrained_baseline_config_without_loading_weights(tmp_path):
-    tiny_pixel_pipeline(num_layers=3).save_pretrained(tmp_path / "pipe")
+    from dit_optimum.configs import dit_config
+
+    config = dit_config("DiT-XS/4", sample_size=8, in_channels=1, num_classes=10)
+    DiTOptimumPipeline(transformer=DiTOptimumTransformer2DModel(**config)).save_pretrained(tmp_path / "pipe")
     settings = replace(tiny_settings(tmp_path / "bench"), pretrained={"DiT-XS/4": str(tmp_path / "pipe")})
     context = VariantContext(settings, "DiT-XS/4")
-    assert context.baseline_config()["num_layers"] == 3
-    assert context.baseline().transformer.config.num_layers == 3
+    assert context.baseline_config()["num_layers"] == 6
+    assert context.baseline().transformer.config.num_layers == 6
     assert not (tmp_path / "bench" / "models").exists()  # nothing trained for a pretrained baseline
+    # another architecture or image size under the preset's name would be reported as that preset: refused
+    tiny_pixel_pipeline(num_layers=3).save_pretrained(tmp_path / "other")
+    settings = replace(settings, pretrained={"DiT-XS/4": str(tmp_path / "other")})
+    with pytest.raises(DiTOptimumError, match=r"not a DiT-XS/4 at image size 8: num_layers=3 \(expected 6\)"):
+        VariantContext(settings, "DiT-XS/4").baseline()
+    with pytest.raises(DiTOptimumError, match=r"image size 8 \(expected 16\)"):
+        VariantContext(
+            replace(settings, image_size=16, pretrained={"DiT-XS/4": str(tmp_path / "pipe")}), "DiT-XS/4"
+        ).baseline()
+    with pytest.raises(DiTOptimumError, match="names one preset twice"):
+        replace(settings, variants=("DiT-XS/4", "dit-xs/4"), pretrained={}).validate()
 
 
 def test_a_default_style_run_scores_domain_metrics_with_floors_and_verdicts(tmp_path, monkeypatch):

@@ -79,7 +79,9 @@ def test_the_page_in_a_real_browser_generates_and_shows_images_and_latencies(app
 def test_export_space_writes_a_ready_space(released, tmp_path):
     folder = export_space(released, tmp_path / "space")
     names = sorted(path.name for path in folder.iterdir())
-    assert names == ["README.md", "app.py", "dit_optimum", "requirements.txt", "space_config.json"]
+    # the Space's files, and the package's record of what it wrote there (it replaces only those on a new export)
+    expected = [".dit_optimum.manifest.json", "README.md", "app.py", "dit_optimum", "requirements.txt"]
+    assert names == [*expected, "space_config.json"]
     card = SpaceCard.load(folder / "README.md")
     assert card.data.sdk == "gradio" and card.data.app_file == "app.py"
     assert card.data.sdk_version == __import__("gradio").__version__

@@ -131,13 +131,16 @@ class RecordingApi:
         import shutil
 
         copy = self.copies / repo_id.replace("/", "__")
-        shutil.copytree(folder_path, copy)
+        patterns = [pattern.split("/")[-1] for pattern in kwargs.get("ignore_patterns") or []]
+        shutil.copytree(folder_path, copy, ignore=shutil.ignore_patterns(*patterns))
         self.calls.append(("upload_folder", repo_id, kwargs))
         return f"https://huggingface.co/{repo_id}/commit/0"
 
 
 def tree(folder: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+    """What an upload of ``folder`` sends: its files less the package's bookkeeping (``.dit_optimum*``)."""
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith(".dit_optimum"))
+    return {str(p.relative_to(folder)): p.read_bytes() for p in files}
 
 
 def test_push_uploads_exactly_the_dry_run_folder_and_never_shows_the_token(released, tmp_path, monkeypatch, capsys):
@@ -159,6 +162,25 @@ def test_push_uploads_exactly_the_dry_run_folder_and_never_shows_the_token(relea
     written = "".join(path.read_text(errors="ignore") for path in (tmp_path / "dry2").rglob("*") if path.is_file())
     captured = capsys.readouterr()
     assert TOKEN not in captured.out + captured.err + written
+
+
+def test_push_refuses_a_folder_holding_a_link_and_uploads_nothing_offline(released, tmp_path, monkeypatch):
+    import shutil
+
+    source = tmp_path / "release"
+    shutil.copytree(released / "dit-xs4-int8", source)
+    token_file = tmp_path / "hf" / "token"
+    token_file.parent.mkdir()
+    token_file.write_text(TOKEN)
+    (source / "transformer" / "notes.txt").symlink_to(token_file)
+    with pytest.raises(DiTOptimumError, match=r"links or special files \(transformer/notes\.txt\)"):
+        push(source, "someone/x", dry_run=tmp_path / "dry")
+    assert not (tmp_path / "dry").exists()
+    (source / "transformer" / "notes.txt").unlink()
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    with pytest.raises(DiTOptimumError, match=r"Offline mode is on.*nothing was uploaded"):
+        push(source, "someone/x")
 
 
 def test_push_without_a_token_is_refused_before_anything(released, tmp_path, monkeypatch, capsys):

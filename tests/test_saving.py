@@ -25,10 +25,14 @@ def test_saving_over_an_earlier_save_replaces_its_files_and_keeps_the_users(tmp_
     target = tmp_path / "pipe"
     make_pipeline(attention_type="mqa").save_pretrained(target)
     (target / "notes.txt").write_text("mine")
-    (target / "transformer" / "diffusion_pytorch_model.bin").write_bytes(b"stale weights")  # would shadow on load
+    # weight files the package did not write are the user's: another variant, an EMA copy, a .bin of their own
+    users = ["diffusion_pytorch_model.fp16.safetensors", "diffusion_pytorch_model.ema.safetensors"]
+    users.append("diffusion_pytorch_model.bin")
+    for name in users:
+        (target / "transformer" / name).write_bytes(b"users weights")
     make_pipeline(attention_type="shallow").save_pretrained(target)
     assert (target / "notes.txt").read_text() == "mine"
-    assert not (target / "transformer" / "diffusion_pytorch_model.bin").exists()
+    assert all((target / "transformer" / name).read_bytes() == b"users weights" for name in users)
     assert DiTOptimumPipeline.from_pretrained(target).transformer.config.attention_type == "shallow"
     assert not [name for name in listing(tmp_path) if ".dit_optimum-staging" in name]
     with pytest.raises(DiTOptimumError, match="safe_serialization"):

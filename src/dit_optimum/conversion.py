@@ -214,8 +214,8 @@ def _load_id2label(path: str | None) -> dict[str, str] | None:
         content = read_json_file(path, ID2LABEL_FILE, where)
     except SchemaError as error:
         raise DiTOptimumError(
-            f"{where} must hold a JSON object mapping class index to name, e.g. {{\"0\": \"tench\", \"1\": "
-            f"\"goldfish\"}}: {error.problem}."
+            f'{where} must hold a JSON object mapping class index to name, e.g. {{"0": "tench", "1": '
+            f'"goldfish"}}: {error.problem}.'
         ) from None
     return {str(key): str(value) for key, value in content.items()}
 

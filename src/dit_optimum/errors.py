@@ -13,3 +13,7 @@ class DiTOptimumError(ValueError):
 
 class MissingPathError(DiTOptimumError, FileNotFoundError):
     """A file or folder the user named does not exist (also a ``FileNotFoundError``)."""
+
+
+class OutputPathError(DiTOptimumError, OSError):
+    """A path could not be written (full disk, read-only, a link or special file in the way); also an ``OSError``."""

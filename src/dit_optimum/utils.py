@@ -1,190 +1,26 @@
-"""Small shared helpers: safe folder saves, atomic file writes, folder locks, argument checks, save options."""
+"""Small shared helpers: argument checks, save options, loading sources; the write helpers come from ``files``."""
 
 from __future__ import annotations
 
-import csv
-import fcntl
-import io
-import json
 import math
 import os
 import re
-import shutil
-import socket
-import tempfile
-import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
 from .errors import DiTOptimumError, MissingPathError
+from .files import (  # noqa: F401  (the write path lives in files.py; these names stay importable from here)
+    LOCK_FILE,
+    atomic_file,
+    check_save_target,
+    csv_text,
+    folder_lock,
+    save_directory,
+    strict_json,
+)
 
 T = TypeVar("T")
-LOCK_FILE = ".dit_optimum.lock"
-# Weight files a save replaces: stale ones left beside new ones could be picked up by a later load.
-_WEIGHT_PREFIXES = ("diffusion_pytorch_model",)
-_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".index.json")
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def _apply_umask(path: Path, directory: bool = False) -> None:
-    # mkstemp / mkdtemp create 0600 / 0700: give finished files the permissions any other file here would get.
-    os.chmod(path, (0o777 if directory else 0o666) & ~_umask())
-
-
-def check_save_target(
-    target: str | os.PathLike, marker: str, overwrite: bool = False, parameter: str = "save_directory"
-):
-    """Refuse a target that is a file, or a non-empty folder without ``marker`` (not an earlier save), unless
-    ``overwrite``. Returns the target as a ``Path``."""
-    target = Path(target)
-    if target.exists() and not target.is_dir() and not overwrite:
-        raise DiTOptimumError(
-            f"`{parameter}`={str(target)!r} is a file, not a folder: choose a folder, or pass overwrite=True "
-            "(--overwrite) to replace the file."
-        )
-    foreign = target.is_dir() and not (target / marker).is_file()
-    if foreign and not overwrite and any(entry.name != LOCK_FILE for entry in target.iterdir()):
-        raise DiTOptimumError(
-            f"`{parameter}`={str(target)!r} already holds files and is not an earlier save (no {marker}): "
-            "choose an empty or new folder, or pass overwrite=True (--overwrite) to write into it "
-            "(its other files are left alone)."
-        )
-    return target
-
-
-@contextmanager
-def save_directory(
-    target: str | os.PathLike, marker: str, overwrite: bool = False, parameter: str = "save_directory"
-) -> Iterator[Path]:
-    """Yield an empty staging folder to save into; on success its files move into ``target`` one by one.
-
-    Like diffusers' ``save_pretrained``: files of the save replace their namesakes (each rename is atomic), other
-    files in ``target`` are left alone, stale weight files beside a replaced component are removed. ``target`` must
-    be new, empty, or an earlier save (it holds ``marker``), unless ``overwrite`` (``check_save_target``). On error
-    nothing in ``target`` changes.
-    """
-    target = check_save_target(target, marker, overwrite, parameter)
-    created = not target.exists()
-    try:
-        if target.exists() and not target.is_dir():
-            target.unlink()  # overwrite=True on a file: the user asked for it
-        target.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=".dit_optimum-staging-", dir=target))
-    except OSError as error:  # a parent that is a file, no permission, a read-only disk
-        raise DiTOptimumError(f"`{parameter}`={str(target)!r} cannot be written: {error.strerror or error}.") from None
-    try:
-        yield staging
-        files = sorted(p for p in staging.rglob("*") if p.is_file())
-        # The marker goes last: a reader never sees a new index beside old weights.
-        files.sort(key=lambda p: p.name == marker)
-        descriptor = os.open(target, os.O_RDONLY)
-        try:
-            fcntl.flock(descriptor, fcntl.LOCK_EX)  # two saves into one folder commit one after the other
-            written = {p.relative_to(staging) for p in files}
-            _remove_stale_weights(target, written)
-            for staged in files:
-                relative = staged.relative_to(staging)
-                destination = target / relative
-                for parent in reversed(relative.parents[:-1]):
-                    folder = target / parent
-                    if not folder.is_dir():
-                        folder.mkdir()
-                _apply_umask(staged)
-                os.replace(staged, destination)
-        finally:
-            fcntl.flock(descriptor, fcntl.LOCK_UN)
-            os.close(descriptor)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        if created and not any(target.iterdir()):
-            target.rmdir()
-        raise
-    shutil.rmtree(staging, ignore_errors=True)
-
-
-def _remove_stale_weights(target: Path, written: set[Path]) -> None:
-    for folder in {relative.parent for relative in written}:
-        if not (target / folder).is_dir():
-            continue
-        for existing in (target / folder).iterdir():
-            name = existing.name
-            stale = name.startswith(_WEIGHT_PREFIXES) and name.endswith(_WEIGHT_SUFFIXES)
-            if stale and existing.is_file() and (folder / name) not in written:
-                existing.unlink()
-
-
-@contextmanager
-def atomic_file(target: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside ``target`` to write; on success it replaces ``target``, on error it is removed.
-
-    Readers never see a half-written file (the rename is atomic within one folder); the file gets the usual
-    permissions (umask), not the temp file's 0600.
-    """
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    handle, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(handle)
-    temporary = Path(name)
-    try:
-        yield temporary
-        _apply_umask(temporary)
-        os.replace(temporary, target)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
-
-
-@contextmanager
-def folder_lock(folder: str | os.PathLike, purpose: str = "run", enabled: bool = True) -> Iterator[None]:
-    """Hold an exclusive lock on ``folder`` (file ``.dit_optimum.lock`` with the owner's PID) or refuse at once.
-
-    The operating system releases the lock when its process dies, so a lock left by a killed run is stale and the
-    next run takes it over. ``enabled=False`` (the non-main processes of a multi-process run) does nothing.
-    """
-    if not enabled:
-        yield
-        return
-    folder = Path(folder)
-    if folder.exists() and not folder.is_dir():
-        raise DiTOptimumError(f"`output_dir`={str(folder)!r} is a file, not a folder: choose a folder.")
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / LOCK_FILE
-    descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o666 & ~_umask())
-    try:
-        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        owner = os.read(descriptor, 4096).decode(errors="replace")
-        os.close(descriptor)
-        try:
-            details = json.loads(owner)
-            holder = f"PID {details['pid']} on {details['host']}, {details['purpose']} since {details['started']}"
-        except (ValueError, KeyError, TypeError):
-            holder = "another process"
-        raise DiTOptimumError(
-            f"`output_dir`={str(folder)!r} is in use by {holder}: two runs on one folder would corrupt it. Wait "
-            "for that run to finish (or stop it), or choose another folder."
-        ) from None
-    try:
-        owner = {
-            "pid": os.getpid(),
-            "host": socket.gethostname(),
-            "purpose": purpose,
-            "started": time.strftime("%Y-%m-%d %H:%M:%S"),
-        }
-        os.ftruncate(descriptor, 0)
-        os.pwrite(descriptor, json.dumps(owner).encode(), 0)
-        yield
-    finally:
-        os.ftruncate(descriptor, 0)
-        fcntl.flock(descriptor, fcntl.LOCK_UN)
-        os.close(descriptor)
 
 
 def csv_list(value: str) -> list[str]:
@@ -276,7 +112,8 @@ def load_from_source(load: Callable[..., T], source: str | os.PathLike, paramete
 
 
 def write_text_atomic(path: str | Path, text: str) -> None:
-    """Write to a temp file in the same folder, then rename: readers never see half a file."""
+    """Write a file the user named whole (temp file, fsync, rename): readers never see half a file. Files in a folder
+    the package owns go through ``files.write_text`` instead (it keeps the folder's manifest)."""
     with atomic_file(path) as temporary, temporary.open("w") as stream:
         stream.write(text)
         stream.flush()
@@ -284,17 +121,10 @@ def write_text_atomic(path: str | Path, text: str) -> None:
 
 
 def write_json_atomic(path: str | Path, payload: Any) -> None:
-    """JSON (indented) written atomically."""
-    write_text_atomic(path, json.dumps(payload, indent=2, default=str) + "\n")
+    """Strict JSON (indented; a NaN or infinity is refused naming its field) written atomically."""
+    write_text_atomic(path, strict_json(payload, repr(str(path))))
 
 
 def write_csv_atomic(path: str | Path, rows: Sequence[dict[str, Any]]) -> None:
     """Flat rows as CSV, written atomically; columns are the union of the rows' keys in first-seen order."""
-    columns: list[str] = []
-    for row in rows:
-        columns.extend(key for key in row if key not in columns)
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=columns)
-    writer.writeheader()
-    writer.writerows(rows)
-    write_text_atomic(path, buffer.getvalue())
+    write_text_atomic(path, csv_text(rows))

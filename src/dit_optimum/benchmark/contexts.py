@@ -13,6 +13,7 @@ import torch
 from diffusers import AutoencoderKL, DDIMScheduler
 
 from ..configs import dit_config
+from ..errors import DiTOptimumError
 from ..models.transformer import DiTOptimumTransformer2DModel
 from ..pipelines.dit import DiTOptimumPipeline
 from ..training.config import TrainConfig
@@ -23,6 +24,30 @@ from .settings import BenchmarkSettings
 def slug(text: str) -> str:
     """``text`` as a safe file-name part."""
     return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-")
+
+
+# What makes a model the variant it is reported as: its width, depth and patch.
+_ARCHITECTURE_KEYS = ("num_layers", "num_attention_heads", "attention_head_dim", "patch_size")
+
+
+def check_pretrained_matches(pipeline: DiTOptimumPipeline, variant: str, settings: BenchmarkSettings) -> None:
+    """A ``--pretrained`` baseline must be the preset it is reported under and draw images of the run's size (its
+    class count may differ); otherwise its row would carry another model's numbers under the preset's name."""
+    config = pipeline.transformer.config
+    expected = dit_config(variant)
+    differing = [key for key in _ARCHITECTURE_KEYS if config.get(key) != expected.get(key)]
+    scale = 1 if pipeline.is_pixel_space else 2 ** (len(pipeline.vae.config.block_out_channels) - 1)
+    if config.get("sample_size") * scale != settings.image_size:
+        differing.append(f"image size {config.get('sample_size') * scale} (expected {settings.image_size})")
+    if differing:
+        found = ", ".join(
+            key if key.startswith("image") else f"{key}={config.get(key)!r} (expected {expected.get(key)!r})"
+            for key in differing
+        )
+        raise DiTOptimumError(
+            f"`pretrained` for {variant} is not a {variant} at image size {settings.image_size}: {found}. Give a "
+            "pipeline of that preset, or name the variant it is."
+        )
 
 
 class VariantContext:
@@ -52,7 +77,10 @@ class VariantContext:
         return str(self._train("baseline", {}, distill=False))
 
     def baseline(self) -> DiTOptimumPipeline:
-        return DiTOptimumPipeline.from_pretrained(self.baseline_path()).to(self.device)
+        pipeline = DiTOptimumPipeline.from_pretrained(self.baseline_path())
+        if self.variant in self.settings.pretrained:
+            check_pretrained_matches(pipeline, self.variant, self.settings)
+        return pipeline.to(self.device)
 
     def baseline_config(self) -> Mapping[str, Any]:
         return DiTOptimumTransformer2DModel.load_config(self.baseline_path(), subfolder="transformer")

@@ -5,13 +5,15 @@ comes from the metric declarations (``evaluation.declarations``)."""
 
 from __future__ import annotations
 
+import io
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from ..evaluation.declarations import Metric, all_metrics
 from ..evaluation.hardware import hardware_text
-from ..utils import atomic_file, write_text_atomic
+from ..files import write_bytes, write_text
+from .settings import REPORT_FILE
 from .significance import VERDICTS, speed_change_is_significant
 
 
@@ -191,9 +193,9 @@ def _pareto_plot(plt, finished: list[dict[str, Any]], labels: list[str], metric:
 
 
 def _save(figure, path: Path) -> Path:
-    with atomic_file(path) as temporary:
-        figure.savefig(temporary, dpi=120, format="png")
-    return path
+    buffer = io.BytesIO()
+    figure.savefig(buffer, dpi=120, format="png")
+    return write_bytes(path.parent, path.name, buffer.getvalue())
 
 
 def write_report(
@@ -242,9 +244,7 @@ def write_report(
                 for row in grids
             )
         )
-    path = output_dir / "report.md"
-    write_text_atomic(path, "\n".join(parts))
-    return path
+    return write_text(output_dir, REPORT_FILE, "\n".join(parts))
 
 
 def _verdict_summary(rows: Sequence[dict[str, Any]]) -> str:

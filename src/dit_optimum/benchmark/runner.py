@@ -9,6 +9,7 @@ holds the output folder (a lock), so two runs never mix their files or time each
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import time
@@ -28,13 +29,13 @@ from ..evaluation.features import FeatureExtractor
 from ..evaluation.fid import inception_extractor
 from ..evaluation.hardware import hardware_description
 from ..evaluation.quality import evaluate_quality, feature_dimensions, resolve_metrics
+from ..files import check_writable, claim_files, csv_text, folder_lock, write_bytes, write_json, write_text
 from ..schemas import RESULTS, FileContentError, SchemaError, read_json_file
 from ..techniques.registry import get_technique
 from ..training.config import TrainConfig
 from ..training.trainer import train
-from ..utils import atomic_file, folder_lock, write_csv_atomic, write_json_atomic
 from .contexts import UntrainedContext, VariantContext, slug
-from .settings import RESULTS_FILE, BenchmarkSettings
+from .settings import OUTPUT_FILES, RESULTS_CSV, RESULTS_FILE, BenchmarkSettings
 from .significance import compare_with_baselines, features_path, save_features
 
 
@@ -90,8 +91,9 @@ def save_sample_grid(images: np.ndarray, path: Path, columns: int = 10, min_side
     picture = Image.fromarray(grid[..., 0] if channels == 1 else grid)
     scale = max(1, -(-min_side // height))
     picture = picture.resize((picture.width * scale, picture.height * scale), Image.NEAREST)
-    with atomic_file(path) as temporary:
-        picture.save(temporary, format="PNG")
+    buffer = io.BytesIO()
+    picture.save(buffer, format="PNG")
+    write_bytes(path.parent, path.name, buffer.getvalue())
 
 
 def _flat(row: Mapping[str, Any]) -> dict[str, Any]:
@@ -119,6 +121,9 @@ def run_benchmark(
         metrics = resolve_metrics(settings.quality, feature_dimensions(inception))
         if inception is None and any(metric.family == "inception" for metric in metrics):
             inception = inception_extractor(settings.quality.inception_weights, state.device)
+    if state.is_main_process:  # before any work: a user's results.json or report.md there is never replaced
+        claim_files(output_dir, OUTPUT_FILES)
+        check_writable(output_dir)
     with folder_lock(output_dir, "benchmark", enabled=state.is_main_process):
         previous = load_results(output_dir)
         _check_comparable(previous, settings)
@@ -232,5 +237,5 @@ def _finite_values(row: dict[str, Any]) -> dict[str, Any]:
 
 def _write_results(output_dir: Path, settings: BenchmarkSettings, rows: Sequence[dict[str, Any]]) -> None:
     payload = {"settings": settings.comparable(), "rows": [_finite_values(row) for row in rows]}
-    write_json_atomic(output_dir / RESULTS_FILE, payload)
-    write_csv_atomic(output_dir / "results.csv", [_flat(row) for row in rows])
+    write_json(output_dir, RESULTS_FILE, payload)
+    write_text(output_dir, RESULTS_CSV, csv_text([_flat(row) for row in rows]))

@@ -21,12 +21,17 @@ from ..evaluation.quality import (
     quality_settings_from_arguments,
     resolve_metrics,
 )
+from ..files import check_output_path
 from ..models.transformer import DiTOptimumTransformer2DModel, check_activation_memory
 from ..techniques.registry import TECHNIQUES
 from ..training.config import TrainConfig
 from ..utils import check_positive_integers, check_source, csv_list
 
 RESULTS_FILE = "results.json"
+RESULTS_CSV = "results.csv"
+REPORT_FILE = "report.md"
+# The fixed-name files a run writes into its output folder: a user's file of the same name there is refused up front.
+OUTPUT_FILES = (RESULTS_FILE, RESULTS_CSV, REPORT_FILE)
 DEFAULT_VARIANTS: tuple[str, ...] = ("DiT-XS/4",)
 # Every technique family of the study; the attention types are its simplified ones (shallow, mediated, focused
 # multi-query linear); pruning also with recovery; step caches and combined recipes (the best of those measured in
@@ -137,10 +142,18 @@ class BenchmarkSettings:
 
     def validate(self) -> None:
         """Check every setting, and that each variant's model and batches can be built here, before any work."""
+        check_output_path(self.output_dir, "output_dir")  # '' would silently mean the current folder
         if not self.variants or not self.techniques:
             raise DiTOptimumError("`variants` and `techniques` must each name at least one entry.")
-        for variant in self.variants:
-            parse_preset_name(variant)
+        seen: dict[tuple[str, int], str] = {}
+        for variant in self.variants:  # one model measured twice under two spellings would be two rows of one
+            key = parse_preset_name(variant)
+            if key in seen:
+                raise DiTOptimumError(f"`variants` names one preset twice ({seen[key]!r} and {variant!r}).")
+            seen[key] = variant
+        for name in set(self.techniques):
+            if self.techniques.count(name) > 1:
+                raise DiTOptimumError(f"`techniques` names {name!r} twice.")
         unknown = [name for name in self.techniques if name not in TECHNIQUES]
         if unknown:
             raise DiTOptimumError(f"Unknown `techniques` {unknown}; allowed values: {', '.join(TECHNIQUES)}.")

@@ -8,6 +8,7 @@ technique, and a change counts when the paired ratios of all rounds lie on the s
 
 from __future__ import annotations
 
+import io
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,7 @@ import numpy as np
 from ..evaluation.declarations import all_metrics
 from ..evaluation.intervals import paired_comparison
 from ..evaluation.quality import QualityEvaluation
-from ..utils import atomic_file
+from ..files import write_bytes
 from .contexts import slug
 
 FEATURES_FOLDER = "features"
@@ -33,8 +34,9 @@ def save_features(path: Path, evaluation: QualityEvaluation) -> None:
     """The per-sample features, labels and reference features of one cell (what a paired comparison needs)."""
     arrays = {f"generated/{key}": value for key, value in evaluation.features.items()}
     arrays.update({f"reference/{key}": value for key, value in evaluation.reference.items()})
-    with atomic_file(path) as temporary, temporary.open("wb") as stream:
-        np.savez(stream, labels=evaluation.labels, **arrays)
+    buffer = io.BytesIO()
+    np.savez(buffer, labels=evaluation.labels, **arrays)
+    write_bytes(path.parent, path.name, buffer.getvalue())
 
 
 def _load(path: Path) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], np.ndarray] | None:

@@ -9,6 +9,7 @@ from pathlib import Path
 from ..configs import preset_names
 from ..models.attention import ATTENTION_TYPES
 from ..utils import csv_list
+from .common import output_path
 
 NAME = "architecture"
 HELP = "Parameters, GFLOPs and forward time of every attention type (random weights)."
@@ -36,7 +37,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--output-dir", type=Path, default=Path("benchmark-results/architecture"))
+    parser.add_argument("--output-dir", type=output_path, default=Path("benchmark-results/architecture"))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -45,8 +46,10 @@ def run(args: argparse.Namespace) -> int:
 
     from ..benchmark.architecture import architecture_benchmark, markdown_table
     from ..evaluation.hardware import hardware_description
-    from ..utils import write_json_atomic
+    from ..files import check_writable, claim_files, write_json, write_text
 
+    claim_files(args.output_dir, ["architecture.json", "report.md"])
+    check_writable(args.output_dir)
     console = Console(width=140)
     start = time.perf_counter()
     rows = architecture_benchmark(
@@ -73,11 +76,11 @@ def run(args: argparse.Namespace) -> int:
     console.print(table)
     hardware = hardware_description()
     elapsed = time.perf_counter() - start
-    write_json_atomic(args.output_dir / "architecture.json", {"hardware": hardware, "rows": rows, "wall_s": elapsed})
+    write_json(args.output_dir, "architecture.json", {"hardware": hardware, "rows": rows, "wall_s": elapsed})
     report = (
         "# dit-optimum architecture benchmark\n\nSmall-scale numbers: random weights, forward pass only. "
         f"Hardware: {hardware}. Wall time {elapsed:.0f} s.\n\n" + markdown_table(rows)
     )
-    (args.output_dir / "report.md").write_text(report)
+    write_text(args.output_dir, "report.md", report)
     console.print(f"Wrote {args.output_dir / 'architecture.json'} and report.md ({elapsed:.0f} s).")
     return 0

@@ -6,7 +6,22 @@ import argparse
 from pathlib import Path
 
 from ..errors import DiTOptimumError
-from ..utils import check_save_target
+from ..files import check_output_path, check_save_target
+
+
+def input_path(value: str) -> Path:
+    """argparse ``type`` for a path the command reads: an empty value is a usage error (it would mean '.')."""
+    if not value.strip():
+        raise argparse.ArgumentTypeError("the path is empty: give a file or folder")
+    return Path(value).expanduser()
+
+
+def output_path(value: str) -> Path:
+    """argparse ``type`` for a path the command writes: an empty value is a usage error (it would mean '.')."""
+    try:
+        return check_output_path(value, "path")
+    except DiTOptimumError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def add_overwrite_argument(parser: argparse.ArgumentParser) -> None:
@@ -24,7 +39,7 @@ def check_output(args: argparse.Namespace) -> None:
             f"`output_dir`={str(args.output_dir)!r} is the source pipeline: the result would replace the original. "
             "Choose another folder, or pass --overwrite to replace it."
         )
-    check_save_target(args.output_dir, "model_index.json", args.overwrite, "output_dir")
+    check_save_target(args.output_dir, "model_index.json", args.overwrite, "output_dir", sources=[args.source])
 
 
 def describe_change(before, after, label: str) -> None:

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
-from .common import add_overwrite_argument
+from .common import add_overwrite_argument, output_path
 
 NAME = "convert"
 HELP = "Convert an original DiT checkpoint or a stock diffusers DiT folder."
@@ -14,7 +13,7 @@ HELP = "Convert an original DiT checkpoint or a stock diffusers DiT folder."
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("source_format", choices=["original", "diffusers"])
     parser.add_argument("source", help="checkpoint file (original) or pipeline folder / Hub id (diffusers)")
-    parser.add_argument("output_dir", type=Path)
+    parser.add_argument("output_dir", type=output_path)
     parser.add_argument("--model", dest="model_name", help="preset name to check against, e.g. DiT-XL/2")
     parser.add_argument("--sample-size", type=int, help="input side, if the checkpoint has no pos_embed")
     parser.add_argument("--num-classes", type=int, help="class count (default: class table rows - 1)")

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
+import os
 
 from ..errors import DiTOptimumError
 from ..evaluation.quality import add_quality_arguments, quality_settings_from_arguments
+from .common import output_path
 
 NAME = "evaluate"
 HELP = "FID/sFID/KID, GFLOPs, throughput, latency, peak memory and size of one saved pipeline."
@@ -17,7 +18,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_quality_arguments(parser)
     parser.add_argument("--speed-batch-size", type=int, default=8)
     parser.add_argument("--no-speed", action="store_true", help="quality metrics only")
-    parser.add_argument("--output", type=Path, help="write the result as JSON here")
+    parser.add_argument("--output", type=output_path, help="write the result as JSON here")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -29,6 +30,7 @@ def run(args: argparse.Namespace) -> int:
     from ..evaluation.efficiency import SpeedSettings, efficiency_metrics
     from ..evaluation.hardware import hardware_description
     from ..evaluation.quality import QualitySettings, evaluate_quality
+    from ..files import check_writable
     from ..pipelines.dit import DiTOptimumPipeline
     from ..utils import write_json_atomic
 
@@ -40,8 +42,10 @@ def run(args: argparse.Namespace) -> int:
     )
     settings.validate()
     speed.validate()
-    if args.output is not None and args.output.is_dir():
+    if args.output is not None and os.path.isdir(args.output):
         raise DiTOptimumError(f"`--output`={str(args.output)!r} is a folder; give the path of a JSON file.")
+    if args.output is not None:  # before the evaluation: a read-only or full folder fails now, not after it
+        check_writable(args.output.parent, "--output")
     state = PartialState(cpu=not torch.cuda.is_available())  # one process per GPU under torchrun / accelerate
     pipeline = DiTOptimumPipeline.from_pretrained(args.pipeline).to(state.device)
     pipeline.set_progress_bar_config(disable=True)

@@ -3,17 +3,16 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
-from .common import add_overwrite_argument
+from .common import add_overwrite_argument, input_path, output_path
 
 NAME = "export-space"
 HELP = "Write a Hugging Face Space (Gradio app, pinned requirements, front matter) for a folder of releases."
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("release_dir", type=Path, help="the folder `dit-optimum release` wrote")
-    parser.add_argument("output_dir", type=Path, help="the Space folder to write")
+    parser.add_argument("release_dir", type=input_path, help="the folder `dit-optimum release` wrote")
+    parser.add_argument("output_dir", type=output_path, help="the Space folder to write")
     parser.add_argument("--title", default=None, help="the Space's title")
     add_overwrite_argument(parser)
 

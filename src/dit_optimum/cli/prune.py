@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
-from .common import add_overwrite_argument, check_output, describe_change
+from .common import add_overwrite_argument, check_output, describe_change, output_path
 
 NAME = "prune"
 HELP = "Structurally prune heads, MLP width and blocks of a saved pipeline."
@@ -13,7 +12,7 @@ HELP = "Structurally prune heads, MLP width and blocks of a saved pipeline."
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("source", help="pipeline folder")
-    parser.add_argument("output_dir", type=Path)
+    parser.add_argument("output_dir", type=output_path)
     add_overwrite_argument(parser)
     parser.add_argument("--heads", type=float, default=0.0, help="fraction of attention heads to remove")
     parser.add_argument("--mlp", type=float, default=0.0, help="fraction of MLP hidden units to remove")

@@ -3,23 +3,24 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
-from .common import add_overwrite_argument
+from .common import add_overwrite_argument, input_path, output_path
 
 NAME = "push"
 HELP = "Upload a pipeline folder with its model card to a Hub repository (token from HF_TOKEN or `hf auth login`)."
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("pipeline_dir", type=Path, help="a release folder, or any pipeline folder with --results")
+    parser.add_argument("pipeline_dir", type=input_path, help="a release folder, or any pipeline folder with --results")
     parser.add_argument("repo_id", help="namespace/name")
-    parser.add_argument("--results", type=Path, help="results file with the pipeline's row (default: its own)")
+    parser.add_argument("--results", type=input_path, help="results file with the pipeline's row (default: its own)")
     parser.add_argument("--technique", help="the row of --results that measured this pipeline")
     parser.add_argument("--variant", help="with --technique, when the results hold several variants")
     parser.add_argument("--base-model", help="repo id of the model this one derives from (default: the baseline)")
     parser.add_argument("--private", action="store_true", help="create the repository private")
-    parser.add_argument("--dry-run", type=Path, help="write what would be uploaded into this folder, upload nothing")
+    parser.add_argument(
+        "--dry-run", type=output_path, help="write what would be uploaded into this folder, upload nothing"
+    )
     add_overwrite_argument(parser)
 
 

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from ..errors import DiTOptimumError
 from ..utils import csv_list
-from .common import add_overwrite_argument, check_output, describe_change
+from .common import add_overwrite_argument, check_output, describe_change, output_path
 
 NAME = "quantize"
 HELP = "Quantize (or cast to bf16/fp16) a saved pipeline and save it."
@@ -15,7 +14,7 @@ HELP = "Quantize (or cast to bf16/fp16) a saved pipeline and save it."
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("source", help="pipeline folder")
-    parser.add_argument("output_dir", type=Path)
+    parser.add_argument("output_dir", type=output_path)
     add_overwrite_argument(parser)
     parser.add_argument("--backend", default="torchao", help="torch | torchao | quanto")
     parser.add_argument("--weights", default="int8", help="int8 | int4 | float8 | bf16 | fp16")

@@ -3,21 +3,20 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from ..utils import csv_list
-from .common import add_overwrite_argument
+from .common import add_overwrite_argument, input_path, output_path
 
 NAME = "release"
 HELP = "Write a Hub-ready folder (pipeline + model card + samples + results) for every finished benchmark cell."
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("results_dir", type=Path, help="a benchmark output folder (results.json and models/)")
+    parser.add_argument("results_dir", type=input_path, help="a benchmark output folder (results.json and models/)")
     parser.add_argument("org", help="the Hub user or organisation the repo ids are named under")
     parser.add_argument(
         "--dry-run",
-        type=Path,
+        type=output_path,
         default=None,
         help="write the release folders here and upload nothing (without it: each is uploaded to ORG/<name>)",
     )

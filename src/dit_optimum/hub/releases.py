@@ -3,7 +3,7 @@ and its rows of the results file), rebuilt through the same technique registry t
 
 from __future__ import annotations
 
-import shutil
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -13,11 +13,11 @@ from ..benchmark.runner import load_results
 from ..benchmark.settings import settings_from_results
 from ..errors import DiTOptimumError
 from ..evaluation.size import saved_size_bytes
+from ..files import check_save_target, folder_lock, read_inside, write_bytes, write_json, write_text
 from ..pipelines.dit import DiTOptimumPipeline
 from ..schemas import check_namespace
 from ..techniques.registry import get_technique
 from ..training.config import TrainConfig
-from ..utils import atomic_file, check_save_target, folder_lock, write_json_atomic
 from .cards import RESULTS_FILE, SAMPLE_GRID, model_card, repo_name
 
 
@@ -84,7 +84,9 @@ def release(
             _check_measured(pipeline, row)
             repo_id = f"{org}/{repo_name(variant, row['technique'])}"
             base = None if row["technique"] == "baseline" else f"{org}/{repo_name(variant, 'baseline')}"
-            released.append(_write_release(pipeline, results, row, repo_id, base, results_dir, targets[id(row)]))
+            released.append(
+                _write_release(pipeline, results, row, repo_id, base, results_dir, targets[id(row)], overwrite)
+            )
     return released
 
 
@@ -107,10 +109,11 @@ def _write_release(
     base_model: str | None,
     results_dir: Path,
     folder: Path,
+    overwrite: bool = False,
 ) -> Release:
-    pipeline.save_pretrained(folder, overwrite=True)  # the target was checked above, with the user's choice
-    grid = results_dir / row["sample_grid"] if row.get("sample_grid") else None
-    write_card_files(folder, results, row, repo_id, base_model, grid)
+    pipeline.save_pretrained(folder, overwrite=overwrite)
+    grid = sample_grid_bytes(results_dir, row)
+    write_card_files(folder, results, row, repo_id, base_model, grid, overwrite=overwrite)
     return Release(repo_id, folder, row["variant"], row["technique"])
 
 
@@ -120,20 +123,36 @@ def write_card_files(
     row: dict[str, Any],
     repo_id: str,
     base_model: str | None,
-    grid: Path | None,
+    grid: bytes | None,
+    overwrite: bool = False,
 ) -> None:
     """Beside a saved pipeline: the release's rows of the results (its baseline and itself, and who it is),
-    the sample grid (when ``grid`` exists) and the card, each written atomically."""
+    the sample grid (PNG bytes, when there is one) and the card, each written whole through the write path (a
+    user's file of the same name is replaced only with ``overwrite``)."""
     own_rows = [r for r in results["rows"] if r["variant"] == row["variant"] and r["technique"] == "baseline"]
     if row["technique"] != "baseline":
         own_rows.append(row)
     identity = {"variant": row["variant"], "technique": row["technique"], "repo_id": repo_id, "base_model": base_model}
     own = {"settings": results.get("settings"), "rows": own_rows, "release": identity}
-    write_json_atomic(folder / RESULTS_FILE, own)
-    has_grid = grid is not None and grid.is_file()
-    if has_grid and grid.resolve() != (folder / SAMPLE_GRID).resolve():
-        with atomic_file(folder / SAMPLE_GRID) as temporary:
-            shutil.copyfile(grid, temporary)
-    card = model_card(own, row, repo_id, base_model, SAMPLE_GRID if has_grid else None)
-    with atomic_file(folder / "README.md") as temporary:
-        card.save(temporary)
+    write_json(folder, RESULTS_FILE, own, overwrite=overwrite)
+    if grid is not None:
+        write_bytes(folder, SAMPLE_GRID, grid, overwrite=overwrite)
+    card = model_card(own, row, repo_id, base_model, SAMPLE_GRID if grid is not None else None)
+    write_text(folder, "README.md", str(card), overwrite=overwrite)
+
+
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def sample_grid_bytes(results_dir: Path, row: dict[str, Any]) -> bytes | None:
+    """The row's sample grid (a PNG inside ``results_dir``), or None when the row names none or it is gone; a path
+    outside the folder, a link or a file that is not a PNG is refused naming the field."""
+    relative = row.get("sample_grid")
+    if not relative:
+        return None
+    if isinstance(relative, str) and not os.path.lexists(Path(results_dir) / relative) and ".." not in relative:
+        return None
+    data = read_inside(results_dir, relative, "sample_grid")
+    if not data.startswith(_PNG_SIGNATURE):
+        raise DiTOptimumError(f"`sample_grid`={relative!r} in {str(results_dir)!r} is not a PNG image.")
+    return data

@@ -14,8 +14,8 @@ from huggingface_hub import SpaceCard, SpaceCardData
 from packaging.requirements import Requirement
 
 from ..errors import DiTOptimumError
+from ..files import copy_regular_files, save_directory
 from ..schemas import RELEASE_RESULTS, FileContentError, markdown_text, read_json_file, title_problem
-from ..utils import save_directory
 from .cards import LICENSE, RESULTS_FILE
 
 APP_TEMPLATE = Path(__file__).with_name("templates") / "space_app.py"
@@ -98,5 +98,5 @@ def export_space(
         (staging / "space_config.json").write_text(json.dumps({"title": title, "pipelines": pipelines}, indent=2))
         (staging / "requirements.txt").write_text("\n".join(space_requirements()) + "\n")
         card.save(staging / "README.md")
-        shutil.copytree(package, staging / "dit_optimum", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        copy_regular_files(package, staging / "dit_optimum", skip=("__pycache__",), parameter="package")
     return Path(output_dir)

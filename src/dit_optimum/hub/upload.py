@@ -6,18 +6,20 @@ The token comes from the standard places only (``HF_TOKEN`` or ``hf auth login``
 
 from __future__ import annotations
 
-import shutil
+import os
 import tempfile
 from pathlib import Path
 from typing import Any
 
 from huggingface_hub import HfApi, get_token
+from huggingface_hub import constants as hf_constants
 
 from ..errors import DiTOptimumError
+from ..files import UPLOAD_IGNORE_PATTERNS, copy_regular_files, save_directory
 from ..schemas import RESULTS, FileContentError, SchemaError, check_repo_id, read_json_file
-from ..utils import save_directory
+from ..utils import first_line
 from .cards import RESULTS_FILE, SAMPLE_GRID, pick_row, repo_name
-from .releases import write_card_files
+from .releases import sample_grid_bytes, write_card_files
 
 
 def _read_results(path: Path) -> dict[str, Any]:
@@ -55,15 +57,12 @@ def stage(
     row = pick_row(results_data, source, technique, variant)
     if base_model is None and row["technique"] != "baseline":
         base_model = f"{repo_id.split('/')[0]}/{repo_name(row['variant'], 'baseline')}"
-    shutil.copytree(
-        pipeline_dir,
-        target,
-        dirs_exist_ok=True,
-        ignore=lambda _folder, names: [n for n in names if n.startswith(".") or n in ("README.md", RESULTS_FILE)],
-    )
-    grid = pipeline_dir / SAMPLE_GRID
-    if not grid.is_file() and row.get("sample_grid"):
-        grid = source.parent / row["sample_grid"]
+    # regular files inside the folder only: a link (to a token file, to a folder elsewhere) is never followed
+    copy_regular_files(pipeline_dir, target, skip=("README.md", RESULTS_FILE, SAMPLE_GRID))
+    if os.path.lexists(pipeline_dir / SAMPLE_GRID):
+        grid = sample_grid_bytes(pipeline_dir, {"sample_grid": SAMPLE_GRID})
+    else:
+        grid = sample_grid_bytes(source.parent, row)
     write_card_files(target, results_data, row, repo_id, base_model, grid)
     return target
 
@@ -118,12 +117,21 @@ def upload_folder(
     from .. import __version__
 
     token = require_token()  # checked even with a given `api`: an upload without credentials is refused the same way
+    if api is None and hf_constants.HF_HUB_OFFLINE:
+        raise DiTOptimumError(
+            "Offline mode is on (HF_HUB_OFFLINE=1): nothing was uploaded. Unset it to push, or use --dry-run to "
+            "write what would be uploaded."
+        )
     api = api or HfApi(token=token)
-    api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
-    commit = api.upload_folder(
-        folder_path=str(folder),
-        repo_id=repo_id,
-        repo_type="model",
-        commit_message=f"dit-optimum {__version__}: {repo_id} with the results of {source}",
-    )
+    try:
+        api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+        commit = api.upload_folder(
+            folder_path=str(folder),
+            repo_id=repo_id,
+            repo_type="model",
+            commit_message=f"dit-optimum {__version__}: {repo_id} with the results of {source}",
+            ignore_patterns=UPLOAD_IGNORE_PATTERNS,
+        )
+    except (OSError, ValueError) as error:  # HTTP, network, offline and auth errors of huggingface_hub
+        raise DiTOptimumError(f"Uploading to `repo_id`={repo_id!r} failed: {first_line(error)}") from error
     return str(getattr(commit, "commit_url", commit))

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ..errors import DiTOptimumError, MissingPathError
-from ..utils import first_line
+from ..utils import check_source, first_line
 
 # Module-name suffixes inside a transformer block, by group (MoE experts are batched weights: not targetable).
 LORA_TARGETS: dict[str, tuple[str, ...]] = {
@@ -140,16 +140,22 @@ def lora_file_path(
         return path
     if os.path.lexists(location):
         return location  # a file, or a FIFO or device that read_lora_file refuses by name
-    weight_name = weight_name or _best_guess_weight_name(
-        location, file_extension=".safetensors", local_files_only=hub_options.get("local_files_only")
-    )
-    return _get_model_file(
-        location,
-        weights_name=weight_name or LORA_WEIGHT_NAME_SAFE,
-        subfolder=subfolder,
-        user_agent={"file_type": "attn_procs_weights", "framework": "pytorch"},
-        **hub_options,
-    )
+    check_source(location, "pretrained_model_name_or_path_or_dict")  # a missing local path is not a Hub id
+    try:
+        weight_name = weight_name or _best_guess_weight_name(
+            location, file_extension=".safetensors", local_files_only=hub_options.get("local_files_only")
+        )
+        return _get_model_file(
+            location,
+            weights_name=weight_name or LORA_WEIGHT_NAME_SAFE,
+            subfolder=subfolder,
+            user_agent={"file_type": "attn_procs_weights", "framework": "pytorch"},
+            **hub_options,
+        )
+    except (OSError, ValueError) as error:  # offline, not found, no network: one line naming the repository
+        if isinstance(error, DiTOptimumError):
+            raise
+        raise DiTOptimumError(f"Could not fetch a LoRA from {location!r}: {first_line(error)}") from error
 
 
 def read_lora_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict | None]:

@@ -688,6 +688,12 @@ class DiTOptimumTransformer2DModel(DiTTransformer2DModel, AttentionMixin, PeftAd
         from .lora import LORA_FILE_OPTIONS, load_checked_lora
 
         options = {name: kwargs.pop(name) for name in LORA_FILE_OPTIONS if name in kwargs}
+        name = kwargs.get("adapter_name")
+        if name is not None and name in getattr(self, "peft_config", {}) and not kwargs.get("hotswap"):
+            raise DiTOptimumError(
+                f"`adapter_name`={name!r} is already in use; adapters: {', '.join(self.peft_config)}. Choose another "
+                "name, or remove it first (`delete_adapters`)."
+            )
         state_dict, metadata, _ = load_checked_lora(
             self, pretrained_model_name_or_path_or_dict, prefix, kwargs.pop("metadata", None), **options
         )
@@ -712,7 +718,7 @@ class DiTOptimumTransformer2DModel(DiTTransformer2DModel, AttentionMixin, PeftAd
         from peft.utils import get_peft_model_state_dict
         from safetensors.torch import save_file
 
-        from ..utils import atomic_file
+        from ..files import staged_file
         from .lora import check_finite_lora_tensors, check_lora_file_name
 
         if not safe_serialization:
@@ -729,12 +735,15 @@ class DiTOptimumTransformer2DModel(DiTTransformer2DModel, AttentionMixin, PeftAd
         if upcast_before_saving:
             state = {key: value.float() for key, value in state.items()}
         check_finite_lora_tensors(state, f"Adapter {adapter_name!r}")  # a NaN adapter is not saved
+        from ..files import check_writable
+
         folder = Path(save_directory)
-        if folder.exists() and not folder.is_dir():
+        if os.path.lexists(folder) and not os.path.isdir(folder):
             raise DiTOptimumError(f"`save_directory`={str(folder)!r} is a file; give a folder.")
-        folder.mkdir(parents=True, exist_ok=True)
+        check_writable(folder, "save_directory")  # read-only, full, a name too long: one line naming it
         metadata = {"format": "pt", LORA_ADAPTER_METADATA_KEY: json.dumps(config, indent=2, sort_keys=True)}
-        with atomic_file(folder / (weight_name or LORA_WEIGHT_NAME_SAFE)) as temporary:
+        # the file the caller asked for (replaced like diffusers does), never through a link
+        with staged_file(folder, weight_name or LORA_WEIGHT_NAME_SAFE, "save_directory", overwrite=True) as temporary:
             save_file({key: value.contiguous() for key, value in state.items()}, str(temporary), metadata=metadata)
 
     def save_pretrained(self, save_directory: str | os.PathLike, overwrite: bool = False, **kwargs: Any) -> None:
@@ -751,7 +760,8 @@ class DiTOptimumTransformer2DModel(DiTTransformer2DModel, AttentionMixin, PeftAd
 
         check_no_lora_layers(self)  # peft's `base_layer` keys would not load back
         pop_unsupported_save_options(kwargs)
-        with save_directory_into(save_directory, "config.json", overwrite) as staging:
+        sources = [getattr(self.config, "_name_or_path", None)]
+        with save_directory_into(save_directory, "config.json", overwrite, sources=sources) as staging:
             super().save_pretrained(staging, safe_serialization=True, **kwargs)
 
     def _map_null_label(self, class_labels: torch.LongTensor) -> torch.LongTensor:

@@ -399,7 +399,9 @@ class DiTOptimumPipeline(DiTPipeline, DiTLoraLoaderMixin):
         pop_unsupported_save_options(kwargs)
         if isinstance(self.transformer, torch.nn.Module):
             check_no_lora_layers(self.transformer, pipeline=True)  # before anything is written
-        with save_directory_into(save_directory, "model_index.json", overwrite) as staging:
+        sources = [getattr(self.config, "_name_or_path", None)]
+        sources += [getattr(getattr(c, "config", None), "_name_or_path", None) for c in self.components.values()]
+        with save_directory_into(save_directory, "model_index.json", overwrite, sources=sources) as staging:
             super().save_pretrained(staging, safe_serialization=True, **kwargs)
             index_path = staging / "model_index.json"
             index = json.loads(index_path.read_text())

@@ -7,13 +7,16 @@ not fit the transformer is refused naming it."""
 from __future__ import annotations
 
 import os
+import tempfile
 from collections.abc import Callable
 from typing import Any
 
 import torch
+from diffusers.loaders.lora_base import LORA_WEIGHT_NAME_SAFE
 from diffusers.loaders.lora_pipeline import _LOW_CPU_MEM_USAGE_DEFAULT_LORA, SanaLoraLoaderMixin
 
 from ..errors import DiTOptimumError
+from ..files import check_writable, staged_file
 from ..models.lora import (
     LORA_FILE_OPTIONS,
     check_finite_lora_tensors,
@@ -93,12 +96,21 @@ class DiTLoraLoaderMixin(SanaLoraLoaderMixin):
         tensors = {key: value for key, value in layers.items() if isinstance(value, torch.Tensor)}
         if tensors:
             check_finite_lora_tensors(tensors, "`transformer_lora_layers`")
-        super().save_lora_weights(
-            save_directory,
-            transformer_lora_layers=transformer_lora_layers,
-            is_main_process=is_main_process,
-            weight_name=weight_name,
-            save_function=save_function,
-            safe_serialization=safe_serialization,
-            transformer_lora_adapter_metadata=transformer_lora_adapter_metadata,
-        )
+        if not is_main_process:
+            return
+        name = weight_name or LORA_WEIGHT_NAME_SAFE
+        folder = check_writable(save_directory, "save_directory")
+        # diffusers writes into a fresh folder; the file then takes its place through the package's write path (the
+        # file the caller asked for is replaced, as diffusers does, but never through a link)
+        with tempfile.TemporaryDirectory(prefix=".dit_optimum-lora-", dir=folder) as scratch:
+            super().save_lora_weights(
+                scratch,
+                transformer_lora_layers=transformer_lora_layers,
+                is_main_process=is_main_process,
+                weight_name=name,
+                save_function=save_function,
+                safe_serialization=safe_serialization,
+                transformer_lora_adapter_metadata=transformer_lora_adapter_metadata,
+            )
+            with staged_file(folder, name, "save_directory", overwrite=True) as temporary:
+                os.replace(os.path.join(scratch, name), temporary)

@@ -27,7 +27,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..data import TrainingData
-from ..errors import DiTOptimumError
+from ..errors import DiTOptimumError, OutputPathError
+from ..files import strict_json
 from ..models.transformer import DiTOptimumTransformer2DModel
 from ..schemas import TRAINER_STATE, FileContentError, read_json_file, require_regular_file, validate
 from .config import TrainConfig
@@ -52,6 +53,8 @@ STATE_FILE = "trainer_state.json"  # step, settings, history, input fingerprints
 TENSOR_FILES = ("model.safetensors", "ema.safetensors", "projections.safetensors", "optimizer.safetensors")
 _RNG_FILE = re.compile(r"rng_state_\d+\.safetensors")  # one per process
 _STEP_FOLDER = re.compile(r"step_\d+")
+
+
 @dataclass
 class RunState:
     """What a checkpoint holds: the objects whose state continues the run, and its settings, history and data."""
@@ -66,8 +69,14 @@ class RunState:
     inputs: dict[str, Any]  # the content of data and teacher: data_fingerprint, model_fingerprint
 
 
-def _checkpoint_dirs(output_dir: Path) -> list[Path]:
+def checkpoint_folders(output_dir: Path) -> list[Path]:
+    """The run's finished checkpoint folders (``checkpoints/step_<n>``), oldest first."""
     folder = output_dir / "checkpoints"
+    if folder.is_symlink():  # checkpoints are written, renamed and deleted here: never through a planted link
+        raise OutputPathError(
+            f"{str(folder)!r} is a symbolic link; dit-optimum does not write or delete checkpoints through links. "
+            "Remove it, or train into a new output folder."
+        )
     if not folder.is_dir():
         return []
     found = [p for p in folder.iterdir() if _STEP_FOLDER.fullmatch(p.name) and p.is_dir()]
@@ -82,6 +91,8 @@ def save_checkpoint(accelerator: Accelerator, output_dir: Path, step: int, keep:
     final = output_dir / "checkpoints" / f"step_{step}"
     staging = output_dir / "checkpoints" / f".step_{step}.tmp"
     if accelerator.is_main_process:
+        if staging.is_symlink():  # the trainer's own temporary name: a link planted there is removed, not followed
+            staging.unlink()
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
     accelerator.wait_for_everyone()
@@ -91,7 +102,7 @@ def save_checkpoint(accelerator: Accelerator, output_dir: Path, step: int, keep:
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         os.replace(staging, final)
-        for old in _checkpoint_dirs(output_dir)[:-keep]:
+        for old in checkpoint_folders(output_dir)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
 
@@ -114,7 +125,7 @@ def _write_run_state(folder: Path, step: int, processes: int, run: RunState) -> 
         "optimizer": optimizer,
         "grad_scaler": None if run.scaler is None else run.scaler.state_dict(),
     }
-    (folder / STATE_FILE).write_text(json.dumps(state, indent=2))
+    (folder / STATE_FILE).write_text(strict_json(state, repr(str(folder / STATE_FILE))))  # a fresh staging folder
 
 
 def _write_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
@@ -163,7 +174,7 @@ def resume_point(config: TrainConfig, output_dir: Path) -> tuple[Path | None, di
 
     Refuses foreign files (before reading anything), a damaged state and settings that changed.
     """
-    checkpoints = _checkpoint_dirs(output_dir)
+    checkpoints = checkpoint_folders(output_dir)
     if checkpoints and not config.resume:
         raise DiTOptimumError(
             f"`output_dir`={str(output_dir)!r} already holds checkpoints ({checkpoints[-1].name}): pass resume=True "

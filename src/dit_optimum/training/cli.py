@@ -8,9 +8,11 @@ import json
 import sys
 import typing
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from ..errors import DiTOptimumError
+from .checkpoints import checkpoint_folders
 from .config import TrainConfig
 from .trainer import train
 
@@ -126,7 +128,15 @@ def main(mode: str = "base", argv: Sequence[str] | None = None) -> int:
         raise DiTOptimumError(f"Unknown `mode`={mode!r}; allowed values: {', '.join(MODES)}.")
     args = build_parser(mode).parse_args(argv)
     try:
-        pipeline_dir = train(config_from_args(args, mode))
+        config = config_from_args(args, mode)
+        if config.resume and config.output_dir and not checkpoint_folders(Path(config.output_dir)):
+            # the API's resume=True starts fresh in an empty folder (the benchmark relies on it); a user who typed
+            # --resume meant to continue a run, and a mistyped folder must not silently start over
+            raise DiTOptimumError(
+                f"`--resume`: `--output-dir`={config.output_dir!r} holds no checkpoint to continue from; check the "
+                "folder, or leave out --resume to start a new run."
+            )
+        pipeline_dir = train(config)
     except DiTOptimumError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import functools
+import io
 import json
 import math
 import os
@@ -34,12 +35,13 @@ from tqdm.auto import tqdm
 from ..configs import dit_config
 from ..data import TrainingData, load_training_data
 from ..errors import DiTOptimumError
+from ..files import check_writable, claim_files, folder_lock, record_written, write_json, write_text
 from ..models.transformer import DiTOptimumTransformer2DModel, check_activation_memory
 from ..pipelines.dit import DiTOptimumPipeline
-from ..utils import atomic_file, folder_lock
 from .checkpoints import (
     RunState,
     check_same_content,
+    checkpoint_folders,
     data_fingerprint,
     load_checkpoint,
     model_fingerprint,
@@ -54,6 +56,10 @@ from .diffusion import GaussianDiffusion
 from .distillation import Distillation
 from .ema import EMA
 from .finetune import finish_lora, load_pretrained, prepare_finetune
+
+TRAIN_LOG_NAME = "train_log"  # accelerate's run name: the CSV tracker writes <name>.csv
+TRAIN_LOG_FILE = f"{TRAIN_LOG_NAME}.csv"
+TRAIN_CONFIG_FILE = f"{TRAIN_LOG_NAME}.config.json"
 
 
 class CSVTracker(GeneralTracker):
@@ -83,7 +89,9 @@ class CSVTracker(GeneralTracker):
             header = self.path.read_text().split("\n", 1)[0] if self.path.exists() else ""
             new = not header
             self.columns = header.split(",") if header else list(row)
-        with self.path.open("a", newline="") as stream:
+        # appended in place (never through a link planted at the name), one row per logged step
+        descriptor = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o666)
+        with open(descriptor, "a", newline="") as stream:
             writer = csv.DictWriter(stream, fieldnames=self.columns, extrasaction="ignore")
             if new:
                 writer.writeheader()
@@ -102,10 +110,11 @@ def _truncate_log(path: Path, last_step: int) -> None:
         columns = rows[0].keys() if rows else None
     if columns is None:
         return
-    with path.open("w", newline="") as stream:
-        writer = csv.DictWriter(stream, fieldnames=list(columns))
-        writer.writeheader()
-        writer.writerows(row for row in rows if int(row["step"]) <= last_step)
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(columns))
+    writer.writeheader()
+    writer.writerows(row for row in rows if int(row["step"]) <= last_step)
+    write_text(path.parent, path.name, buffer.getvalue(), overwrite=True)  # the run's own log, resumed
 
 
 def build_model(config: TrainConfig, data: TrainingData) -> DiTOptimumTransformer2DModel:
@@ -151,7 +160,7 @@ def train(config: TrainConfig) -> Path:
     Every option is checked first; the output folder is locked for the whole run, so a second run on it is refused.
     """
     config.validate()
-    output_dir = Path(config.output_dir)
+    output_dir = check_writable(config.output_dir)  # a read-only, full or missing-parent folder fails now
     # accelerate keeps mixed precision in a process-wide singleton: reset it (not the process group) so that each
     # train() in a process may choose its own precision.
     AcceleratorState._reset_state(reset_partial_state=False)
@@ -159,9 +168,13 @@ def train(config: TrainConfig) -> Path:
         # Without a GPU, accelerate only sets up multi-process (gloo) training when told it runs on CPU.
         cpu=not torch.cuda.is_available(),
         mixed_precision=config.mixed_precision,
-        log_with=[CSVTracker("train_log", output_dir)] + (["tensorboard"] if config.tensorboard else []),
+        log_with=[CSVTracker(TRAIN_LOG_NAME, output_dir)] + (["tensorboard"] if config.tensorboard else []),
         project_dir=str(output_dir),
     )
+    if accelerator.is_main_process:
+        # before the lock is taken and any work done: a new run never replaces a user's files of these names, a
+        # resumed one never writes through a link planted at them
+        claim_files(output_dir, (TRAIN_LOG_FILE, TRAIN_CONFIG_FILE), overwrite=bool(checkpoint_folders(output_dir)))
     with folder_lock(output_dir, "training", enabled=accelerator.is_main_process):
         return _train(config, accelerator, output_dir)
 
@@ -240,10 +253,10 @@ def _train(config: TrainConfig, accelerator: Accelerator, output_dir: Path) -> P
         start_step = saved["step"]
     if accelerator.is_main_process:
         remove_staging_folders(output_dir)
-        _truncate_log(output_dir / "train_log.csv", start_step)
-        with atomic_file(output_dir / "train_log.config.json") as path:
-            path.write_text(json.dumps(run.record, indent=2))
-    accelerator.init_trackers("train_log", config=_hyperparameters(settings))
+        _truncate_log(output_dir / TRAIN_LOG_FILE, start_step)
+        write_json(output_dir, TRAIN_CONFIG_FILE, run.record, overwrite=True)  # claimed above, or the run's own
+        record_written(output_dir, [TRAIN_LOG_FILE])  # the tracker appends to it
+    accelerator.init_trackers(TRAIN_LOG_NAME, config=_hyperparameters(settings))
 
     samples, labels = data.samples, data.labels
     progress = tqdm(
@@ -371,12 +384,12 @@ def _save_pipeline(model: DiTOptimumTransformer2DModel, data: TrainingData, pipe
     pipeline.save_pretrained(pipeline_dir)
     statistics = model.routing_statistics()
     if statistics:
-        (pipeline_dir / "routing_statistics.json").write_text(json.dumps(statistics, indent=2))
+        write_json(pipeline_dir, "routing_statistics.json", statistics)
 
 
 def final_loss(output_dir: str | Path, window: int = 5) -> float:
     """Mean logged loss over the last ``window`` log rows of a run."""
-    with (Path(output_dir) / "train_log.csv").open() as stream:
+    with (Path(output_dir) / TRAIN_LOG_FILE).open() as stream:
         rows = list(csv.DictReader(stream))
     values = [float(row["loss"]) for row in rows[-window:]]
     return sum(values) / len(values) if values else math.nan
