@@ -246,7 +246,7 @@ def test_staging_for_upload_copies_regular_files_inside_only(tmp_path, sentinel)
     }
     for name, plant in plants.items():
         plant()
-        with pytest.raises(DiTOptimumError, match=rf"links or special files \({name}\).*nothing was staged"):
+        with pytest.raises(DiTOptimumError, match=rf"or special files \({name}\).*nothing was staged"):
             copy_regular_files(pipe, tmp_path / name.replace("/", "_"))
         assert not (tmp_path / name.replace("/", "_")).exists()
         (pipe / name).unlink()
@@ -393,3 +393,160 @@ def test_a_fifo_in_a_checkpoint_is_refused_instead_of_blocking_the_resume(tmp_pa
     assert train_main("base", [*argv, "--steps", "2", "--resume"]) == 2
     error = capsys.readouterr().err
     assert "Cannot resume from" in error and "step_1/model.safetensors" in error and "FIFO" in error
+
+
+# --- cases an outside tester found -----------------------------------------------------------------------------
+
+
+def test_a_lock_left_by_a_failed_run_is_no_ownership_and_a_hard_linked_lock_is_refused(tmp_path):
+    from dit_optimum.training.cli import main as train_main
+
+    mine = tmp_path / "mine"
+    argv = ["--model", "DiT-XS/4", "--model-config", '{"num_layers": 1}', "--image-size", "8", "--channels", "1"]
+    argv += ["--max-samples", "16", "--batch-size", "8", "--steps", "1", "--output-dir", str(mine)]
+    assert train_main("base", [*argv, "--data", str(tmp_path / "missing")]) == 2  # may leave a lock file behind
+    mine.mkdir(exist_ok=True)
+    (mine / LOCK_FILE).touch()
+    (mine / "train_log.csv").write_text("step,loss\n1,0.5\n")
+    assert train_main("base", argv) == 2
+    assert (mine / "train_log.csv").read_text() == "step,loss\n1,0.5\n"
+
+    user = tmp_path / "user.txt"
+    user.write_text("data")
+    folder = tmp_path / "out"
+    folder.mkdir()
+    os.link(user, folder / LOCK_FILE)
+    with pytest.raises(OutputPathError, match="hard link"), folder_lock(folder):
+        pass
+    assert user.read_text() == "data"
+
+
+def test_hard_links_and_the_token_itself_are_never_staged(tmp_path, monkeypatch):
+    pipe = tmp_path / "pipe"
+    make_pipeline().save_pretrained(pipe)
+    secret = tmp_path / "token"
+    secret.write_text("hf_abcdefghijklmnopqrstuvwxyz")
+    os.link(secret, pipe / "notes.txt")
+    with pytest.raises(DiTOptimumError, match=r"hard\) or special files \(notes\.txt\)"):
+        copy_regular_files(pipe, tmp_path / "a")
+    (pipe / "notes.txt").unlink()
+    (pipe / "vae" / "readme.txt").write_text("token: hf_abcdefghijklmnopqrstuvwxyz\n")
+    monkeypatch.setenv("HF_TOKEN", "hf_abcdefghijklmnopqrstuvwxyz")
+    with pytest.raises(DiTOptimumError, match=r"'vae/readme\.txt' contains this machine's Hugging Face token"):
+        copy_regular_files(pipe, tmp_path / "b")
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_a_folder_without_manifest_loses_no_bin_or_foreign_shard(tmp_path):
+    target = tmp_path / "p"
+    make_pipeline().save_pretrained(target)
+    (target / MANIFEST_FILE).unlink()  # e.g. downloaded: uploads leave the manifest out
+    user = {"transformer/diffusion_pytorch_model.bin": b"x"}
+    for name, data in user.items():
+        (target / name).write_bytes(data)
+    make_pipeline().save_pretrained(target)
+    assert all((target / name).read_bytes() == data for name, data in user.items())
+    other = tmp_path / "other"
+    (other / "transformer").mkdir(parents=True)
+    (other / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
+    (other / "transformer" / "diffusion_pytorch_model-00001-of-00002.safetensors").write_bytes(b"shard")
+    with pytest.raises(DiTOptimumError, match="not an earlier save"):
+        make_pipeline().save_pretrained(other)  # another tool's save is no earlier save of this package
+    make_pipeline().save_pretrained(other, overwrite=True)
+    assert (other / "transformer" / "diffusion_pytorch_model-00001-of-00002.safetensors").read_bytes() == b"shard"
+
+
+def test_lora_saves_never_take_a_users_file_or_a_model_weights_name(tmp_path):
+    from peft import LoraConfig
+
+    model = tiny_model()
+    model.add_adapter(LoraConfig(r=2, target_modules=["to_q", "to_k"]))
+    folder = tmp_path / "lora"
+    folder.mkdir()
+    (folder / "pytorch_lora_weights.safetensors").write_bytes(b"the user's")
+    with pytest.raises(DiTOptimumError, match="did not write: choose a new folder, or pass another `weight_name`"):
+        model.save_lora_adapter(folder)
+    assert (folder / "pytorch_lora_weights.safetensors").read_bytes() == b"the user's"
+    model.save_lora_adapter(folder, weight_name="mine.safetensors")
+    model.save_lora_adapter(folder, weight_name="mine.safetensors")  # its own file: replaced
+    with pytest.raises(DiTOptimumError, match="name of a model's weights file"):
+        model.save_lora_adapter(folder, weight_name="diffusion_pytorch_model.safetensors")
+
+
+def test_evaluate_output_and_space_export_never_replace_their_own_input(tmp_path, capsys):
+    pipe = tmp_path / "p"
+    make_pipeline().save_pretrained(pipe)
+    before = digest(pipe)
+    assert cli(["evaluate", str(pipe), "--output", str(pipe / "model_index.json")]) == 2
+    assert "file of the pipeline being evaluated" in capsys.readouterr().err
+    assert digest(pipe) == before
+    assert cli(["export-space", str(tmp_path), str(pipe)]) == 2  # a pipeline folder is no earlier Space export
+    assert digest(pipe) == before
+
+
+def test_a_save_checks_every_destination_before_the_first_rename(tmp_path):
+    target = tmp_path / "p"
+    make_pipeline().save_pretrained(target)
+    import shutil
+
+    shutil.rmtree(target / "vae")
+    (target / "vae").write_text("a file where a folder goes")
+    before = digest(target)
+    with pytest.raises(OutputPathError, match="'vae' as a file where the save needs a folder"):
+        make_pipeline(num_layers=3).save_pretrained(target)
+    assert digest(target) == before
+    (target / "vae").unlink()
+    (target / MANIFEST_FILE).unlink()
+    (target / MANIFEST_FILE).mkdir()
+    with pytest.raises(OutputPathError, match="manifest"):
+        make_pipeline(num_layers=3).save_pretrained(target)
+
+
+def test_configs_are_renamed_after_their_weights_and_the_manifest_first(tmp_path, monkeypatch):
+    import dit_optimum.files as files
+
+    order = []
+    real = os.replace
+
+    def recording(source, destination, **kwargs):
+        order.append(str(destination))
+        return real(source, destination, **kwargs)
+
+    monkeypatch.setattr(files.os, "replace", recording)
+    make_pipeline().save_pretrained(tmp_path / "p")
+    manifest = str(tmp_path / "p" / MANIFEST_FILE)
+    names = order[order.index(manifest) :]  # the pipeline's commit (the components' own saves went into staging)
+    assert names[-2:] == ["model_index.json", manifest]
+    weights = [i for i, name in enumerate(names) if name == "diffusion_pytorch_model.safetensors"]
+    configs = [i for i, name in enumerate(names) if name.endswith("config.json")]
+    assert len(weights) == 2 and max(weights) < min(configs)
+
+
+def test_checkpoints_a_user_named_like_one_and_a_full_disk(tmp_path, capsys):
+    from dit_optimum.training.cli import main as train_main
+
+    run = tmp_path / "run"
+    argv = ["--model", "DiT-XS/4", "--model-config", '{"num_layers": 1}', "--image-size", "8", "--channels", "1"]
+    argv += ["--max-samples", "16", "--batch-size", "8", "--checkpoint-every", "1", "--keep-checkpoints", "1"]
+    argv += ["--output-dir", str(run)]
+    assert train_main("base", [*argv, "--steps", "1"]) == 0
+    (run / "checkpoints" / "step_0").mkdir()
+    (run / "checkpoints" / "step_0" / "notes.txt").write_text("mine")
+    assert train_main("base", [*argv, "--steps", "3", "--resume"]) == 0
+    assert (run / "checkpoints" / "step_0" / "notes.txt").read_text() == "mine"  # rotation removes only its own
+    (run / "checkpoints" / "step_9").write_text("a file")
+    capsys.readouterr()
+    assert train_main("base", [*argv, "--steps", "4", "--resume"]) == 2
+    assert "step_9, named like checkpoint folders but not folders" in capsys.readouterr().err
+    with small_filesystem(tmp_path / "disk", size_kib=600):
+        assert train_main("base", [*argv[:-1], str(tmp_path / "disk" / "run"), "--steps", "2"]) == 2
+        error = capsys.readouterr().err
+        assert [line for line in error.splitlines() if line.startswith("error:")] == [error.splitlines()[-1]]
+        assert "No space left on device" in error and "Traceback" not in error
+        assert not list((tmp_path / "disk" / "run" / "checkpoints").glob(".step_*"))
+
+
+def test_a_newline_in_a_path_stays_on_the_one_error_line(tmp_path, capsys):
+    assert cli(["convert", "original", str(tmp_path / "miss\ning.pt"), str(tmp_path / "out"), "--num-heads", "4"]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("error: ") and error.count("\n") == 1 and "miss\\ning.pt" in error

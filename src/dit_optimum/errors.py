@@ -11,6 +11,13 @@ class DiTOptimumError(ValueError):
     """Bad input or a bad file, with a message naming the parameter or file and the allowed values."""
 
 
+def error_line(error: BaseException) -> str:
+    """The command line's report of a known failure: ``error: <message>`` on exactly one line (a newline inside a
+    path or value the message quotes is shown as ``\\n``)."""
+    text = str(error).replace("\r", "\\r").replace("\n", "\\n")
+    return f"error: {text}"
+
+
 class MissingPathError(DiTOptimumError, FileNotFoundError):
     """A file or folder the user named does not exist (also a ``FileNotFoundError``)."""
 

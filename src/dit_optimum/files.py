@@ -32,7 +32,8 @@ import socket
 import stat
 import tempfile
 import time
-from collections.abc import Iterable, Iterator, Sequence
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
@@ -49,7 +50,7 @@ UPLOAD_IGNORE_PATTERNS = [".dit_optimum*", "**/.dit_optimum*"]
 # Weight files a save replaces: an old shard or index of the same variant left beside new ones could be loaded later.
 _WEIGHT_FILE = re.compile(
     r"^diffusion_pytorch_model(?P<variant>(?:\.[^.\-]+)?)(?:-\d{5}-of-\d{5})?(?P<variant2>(?:\.[^.\-]+)?)"
-    r"\.(?:safetensors|bin)(?:\.index\.json)?$"
+    r"\.safetensors(?:\.index\.json)?$"
 )
 
 
@@ -136,7 +137,7 @@ def read_manifest(folder: str | os.PathLike) -> set[str] | None:
     """The relative paths the package wrote into ``folder`` (None when it has no manifest). A damaged or hostile
     manifest counts as none: it can only ever make the package more careful."""
     path = Path(folder) / MANIFEST_FILE
-    if not path.is_file() or path.is_symlink():
+    if not os.path.isfile(path) or os.path.islink(path):  # os.path: a name too long is no manifest, not a crash
         return None
     try:
         with open(path, "rb", opener=_read_opener) as stream:
@@ -185,8 +186,15 @@ def _replace_file(target: Path, data: bytes) -> None:
 # --- folders the package owns files in --------------------------------------------------------------------------------
 
 
+_OVERWRITE_ADVICE = "pass overwrite=True (--overwrite) to replace that file (other files are left alone)"
+
+
 def claim_files(
-    folder: str | os.PathLike, names: Iterable[str], overwrite: bool = False, parameter: str = "output_dir"
+    folder: str | os.PathLike,
+    names: Iterable[str],
+    overwrite: bool = False,
+    parameter: str = "output_dir",
+    advice: str = _OVERWRITE_ADVICE,
 ) -> Path:
     """Before long work: refuse if ``folder`` already holds any of ``names`` that the package did not write (a user's
     file of the same name), unless ``overwrite``; refuse links and non-regular files at those names always.
@@ -195,31 +203,28 @@ def claim_files(
     """
     folder = check_output_path(folder, parameter)
     with os_errors(folder, parameter):
-        return _claim_files(folder, names, overwrite, parameter)
+        return _claim_files(folder, names, overwrite, parameter, advice)
 
 
-def _claim_files(folder: Path, names: Iterable[str], overwrite: bool, parameter: str) -> Path:
+def _claim_files(folder: Path, names: Iterable[str], overwrite: bool, parameter: str, advice: str) -> Path:
     if folder.exists() and not folder.is_dir():
         raise DiTOptimumError(f"`{parameter}`={str(folder)!r} is a file, not a folder: choose a folder.")
     if not folder.is_dir():
         return folder
-    owned = read_manifest(folder)
-    if owned is None and os.path.isfile(folder / LOCK_FILE) and not os.path.islink(folder / LOCK_FILE):
-        return folder  # a run of an older version, from before manifests, used this folder: its files are its own
-    owned = owned or set()
+    owned = read_manifest(folder) or set()
     for name in names:
         path = folder / name
         if not os.path.lexists(path):
             continue
-        if path.is_symlink() or not _is_regular_or_missing(path):
+        if path.is_symlink() or not _is_regular_or_missing(path) or os.lstat(path).st_nlink > 1:
             raise OutputPathError(
-                f"`{parameter}`={str(folder)!r} holds {name!r} as a link or special file; dit-optimum will not write "
-                "through it. Remove it or choose another folder."
+                f"`{parameter}`={str(folder)!r} holds {name!r} as a link (symbolic or hard) or special file; "
+                "dit-optimum will not write through it. Remove it or choose another folder."
             )
         if name not in owned and not overwrite:
             raise DiTOptimumError(
                 f"`{parameter}`={str(folder)!r} already holds {name!r}, which dit-optimum did not write: choose a new "
-                "folder, or pass overwrite=True (--overwrite) to replace that file (other files are left alone)."
+                f"folder, or {advice}."
             )
     return folder
 
@@ -243,7 +248,11 @@ def check_writable(folder: str | os.PathLike, parameter: str = "output_dir") -> 
 
 @contextmanager
 def staged_file(
-    folder: str | os.PathLike, name: str, parameter: str = "output_dir", overwrite: bool = False
+    folder: str | os.PathLike,
+    name: str,
+    parameter: str = "output_dir",
+    overwrite: bool = False,
+    advice: str = _OVERWRITE_ADVICE,
 ) -> Iterator[Path]:
     """Yield a new temporary path beside ``folder / name`` for a writer that needs a path (``save_file``,
     ``savefig``); on success it is renamed into place and recorded in the folder's manifest, on error removed.
@@ -257,7 +266,7 @@ def staged_file(
     target = folder / name
     with os_errors(target, parameter):
         folder.mkdir(parents=True, exist_ok=True)
-        claim_files(folder, [name], overwrite, parameter)
+        claim_files(folder, [name], overwrite, parameter, advice)
         _reject_links_below(folder, Path(name), parameter)
         target.parent.mkdir(parents=True, exist_ok=True)
         descriptor, temporary = tempfile.mkstemp(prefix=f".{target.name[:60]}.", suffix=".tmp", dir=target.parent)
@@ -273,6 +282,11 @@ def staged_file(
         with suppress(OSError):
             os.unlink(temporary)
         raise
+
+
+def is_model_file_name(name: str) -> bool:
+    """``name`` is one a model save writes (its weights or config): no other writer may take it."""
+    return name == "config.json" or _WEIGHT_FILE.match(name) is not None or name.startswith("diffusion_pytorch_model")
 
 
 def write_bytes(
@@ -379,7 +393,9 @@ def _check_save_target(
             )
         if not target.is_file() or target.is_symlink():
             raise OutputPathError(f"`{parameter}`={str(target)!r} is not a regular file or folder: choose a folder.")
-    earlier = target.is_dir() and (read_manifest(target) is not None or _is_package_save(target / marker))
+    owned = read_manifest(target) if target.is_dir() else None
+    # an earlier save of this kind: the package wrote its marker there (a release folder is no Space, and the reverse)
+    earlier = target.is_dir() and ((owned is not None and marker in owned) or _is_package_save(target / marker))
     foreign = target.is_dir() and not earlier
     ours = [entry.name for entry in target.iterdir()] if foreign else []
     ours = [name for name in ours if name not in _INTERNAL and not name.startswith(_STAGING_PREFIX)]
@@ -429,21 +445,45 @@ def save_directory(
     shutil.rmtree(staging, ignore_errors=True)
 
 
+def _open_folder(parent: int, name: str, parameter: str, where: Path) -> int:
+    """The subfolder ``name`` of the open folder ``parent`` (created when missing), opened without following a link:
+    a folder swapped for a link after the checks still cannot send a write elsewhere."""
+    with suppress(FileExistsError):
+        os.mkdir(name, 0o777, dir_fd=parent)
+    try:
+        return os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=parent)
+    except OSError as error:
+        if error.errno in (errno.ELOOP, errno.ENOTDIR):
+            raise OutputPathError(
+                f"`{parameter}`: {str(where)!r} is a symbolic link or not a folder; dit-optimum does not write through "
+                "links. Remove it or choose another folder."
+            ) from None
+        raise
+
+
 def _commit(staging: Path, target: Path, marker: str, overwrite: bool, parameter: str) -> None:
     files = sorted(p for p in staging.rglob("*") if p.is_file() and not p.is_symlink())
     files = [p for p in files if p.name not in _INTERNAL]
-    files.sort(key=lambda p: p.name == marker)  # the marker goes last: no reader sees a new index beside old weights
+    # weights before their folder's config, every config before the marker: a reader (or a save killed half-way)
+    # never pairs a new config with old weights
+    files.sort(key=lambda p: (p.name == marker, p.name.endswith("config.json")))
     written = {p.relative_to(staging).as_posix() for p in files}
     with os_errors(target, parameter), _exclusive(target):
         owned = read_manifest(target)
-        for name in written:
+        for name in [*written, MANIFEST_FILE]:  # every destination checked before the first rename
             _reject_links_below(target, Path(name), parameter)
             destination = target / name
             if os.path.lexists(destination) and not _is_regular_or_missing(destination):
                 raise OutputPathError(
-                    f"`{parameter}`={str(target)!r} holds {name!r} as a link or special file; dit-optimum will not "
-                    "write through it. Remove it or choose another folder."
+                    f"`{parameter}`={str(target)!r} holds {name!r} as a link, folder or special file; dit-optimum "
+                    "will not write through it or replace it. Remove it or choose another folder."
                 )
+            for parent in Path(name).parents[:-1]:
+                if os.path.lexists(target / parent) and not os.path.isdir(target / parent):
+                    raise OutputPathError(
+                        f"`{parameter}`={str(target)!r} holds {parent.as_posix()!r} as a file where the save needs a "
+                        "folder. Remove it or choose another folder."
+                    )
         replaced = sorted(n for n in written if (target / n).is_file())
         foreign = [n for n in replaced if owned is not None and n not in owned]
         if foreign and not overwrite:
@@ -454,19 +494,60 @@ def _commit(staging: Path, target: Path, marker: str, overwrite: bool, parameter
             )
         legacy = owned is None and _is_package_save(target / marker)  # an earlier save from before manifests
         stale = _stale_weights(target, written, owned, legacy)
-        umask = _umask()
-        for staged in files:
-            relative = staged.relative_to(staging)
-            destination = target / relative
-            destination.parent.mkdir(parents=True, exist_ok=True)
-            os.chmod(staged, 0o666 & ~umask)
-            os.replace(staged, destination)
-        for name in stale:
-            with suppress(FileNotFoundError):
-                (target / name).unlink()
+        # the manifest first: a save killed half-way leaves files that a rerun knows as the package's own
+        _write_manifest(target, (owned or set()) | written)
+        _move_into(files, staging, target, parameter)
+        root = os.open(target, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+        try:
+            for name in stale:
+                with suppress(FileNotFoundError):
+                    _unlink_below(root, Path(name), parameter, target)
+        finally:
+            os.close(root)
         _write_manifest(target, ((owned or set()) - set(stale)) | written)
     if replaced:
         logger.info("Replaced in %s: %s", target, ", ".join(replaced))
+
+
+def _move_into(files: Sequence[Path], staging: Path, target: Path, parameter: str) -> None:
+    """Rename each staged file into ``target`` through folder descriptors opened without following links. A failure
+    here (a file made immutable, the disk gone) names the file and says the save is incomplete."""
+    umask = _umask()
+    root = os.open(target, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    try:
+        for staged in files:
+            relative = staged.relative_to(staging)
+            opened: list[int] = []
+            try:
+                folder = root
+                for index, part in enumerate(relative.parts[:-1]):
+                    folder = _open_folder(folder, part, parameter, target.joinpath(*relative.parts[: index + 1]))
+                    opened.append(folder)
+                os.chmod(staged, 0o666 & ~umask)
+                os.replace(staged, relative.name, dst_dir_fd=folder)
+            except OSError as error:
+                raise OutputPathError(
+                    f"`{parameter}`={str(target)!r}: writing {relative.as_posix()!r} failed: {_error_text(error)}. The "
+                    "files before it were already replaced, so this save is incomplete: fix the cause and save again."
+                ) from error
+            finally:
+                for descriptor in opened:
+                    os.close(descriptor)
+    finally:
+        os.close(root)
+
+
+def _unlink_below(root: int, relative: Path, parameter: str, target: Path) -> None:
+    opened: list[int] = []
+    try:
+        folder = root
+        for index, part in enumerate(relative.parts[:-1]):
+            folder = _open_folder(folder, part, parameter, target.joinpath(*relative.parts[: index + 1]))
+            opened.append(folder)
+        os.unlink(relative.name, dir_fd=folder)
+    finally:
+        for descriptor in opened:
+            os.close(descriptor)
 
 
 def _is_package_save(marker: Path) -> bool:
@@ -532,6 +613,18 @@ def atomic_file(target: str | os.PathLike, parameter: str = "output") -> Iterato
         raise
 
 
+def write_cache_entry(path: str | os.PathLike, write: Callable[[Path], None]) -> bool:
+    """Write one entry of the package's cache (``DIT_OPTIMUM_CACHE``) whole through ``write(temporary_path)``; a
+    cache that cannot be written (read-only, full) is a warning, not a failure of the work it would have saved."""
+    try:
+        with atomic_file(path, "DIT_OPTIMUM_CACHE") as temporary:
+            write(temporary)
+    except OutputPathError as error:
+        warnings.warn(f"{error} Continuing without caching it.", stacklevel=2)
+        return False
+    return True
+
+
 def record_written(folder: str | os.PathLike, names: Iterable[str]) -> None:
     """Add files written through ``atomic_file`` to ``folder``'s manifest."""
     folder = Path(folder)
@@ -568,10 +661,12 @@ def folder_lock(folder: str | os.PathLike, purpose: str = "run", enabled: bool =
                     "dit-optimum will not follow or truncate it. Remove it and run again."
                 ) from None
             raise
-    if not stat.S_ISREG(os.fstat(descriptor).st_mode):
+    status = os.fstat(descriptor)
+    if not stat.S_ISREG(status.st_mode) or status.st_nlink > 1:  # a hard link would truncate another file
         os.close(descriptor)
         raise OutputPathError(
-            f"`output_dir`={str(folder)!r}: its lock file {LOCK_FILE} is not a regular file; remove it and run again."
+            f"`output_dir`={str(folder)!r}: its lock file {LOCK_FILE} is not a regular file of its own (a special "
+            "file or a hard link); remove it and run again."
         )
     try:
         fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -626,6 +721,26 @@ def read_inside(folder: str | os.PathLike, relative: str, parameter: str, limit:
     return data
 
 
+def _refuse_token_content(source: Path, files: Sequence[str], parameter: str) -> None:
+    """Refuse to stage a file holding the Hugging Face token this machine uses (read in chunks; the token itself is
+    never printed)."""
+    from huggingface_hub import get_token
+
+    token = (get_token() or "").encode()
+    if len(token) < 8:
+        return
+    for relative in files:
+        tail = b""
+        with open(source / relative, "rb", opener=_read_opener) as stream:
+            while chunk := stream.read(1 << 20):
+                if token in tail + chunk:
+                    raise DiTOptimumError(
+                        f"`{parameter}`={str(source)!r}: {relative!r} contains this machine's Hugging Face token; "
+                        "refusing to stage it for upload. Remove the token from it; nothing was staged."
+                    )
+                tail = chunk[-len(token) :]
+
+
 # --- copying a folder for upload --------------------------------------------------------------------------------------
 
 
@@ -655,14 +770,18 @@ def copy_regular_files(
                 relative = (here / name).relative_to(source).as_posix()
                 if name.startswith(".") or name in skip or relative in skip:
                     continue
-                (files if stat.S_ISREG(os.lstat(here / name).st_mode) else refused).append(relative)
+                status = os.lstat(here / name)
+                # a hard link is another name of a file that may live outside the folder (a token file)
+                plain = stat.S_ISREG(status.st_mode) and status.st_nlink == 1
+                (files if plain else refused).append(relative)
     if refused:
         raise DiTOptimumError(
-            f"`{parameter}`={str(source)!r} holds links or special files ({', '.join(refused[:6])}): dit-optimum "
-            "never follows or uploads them. Replace them with the files themselves, or remove them; nothing was "
-            "staged."
+            f"`{parameter}`={str(source)!r} holds links (symbolic or hard) or special files "
+            f"({', '.join(refused[:6])}): dit-optimum never follows or uploads them. Replace them with plain copies, "
+            "or remove them; nothing was staged."
         )
-    with os_errors(target, parameter):
+    _refuse_token_content(source, files, parameter)
+    with os_errors(target, "output_dir"):
         for relative in files:
             destination = target / relative
             destination.parent.mkdir(parents=True, exist_ok=True)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -29,7 +30,16 @@ from ..evaluation.features import FeatureExtractor
 from ..evaluation.fid import inception_extractor
 from ..evaluation.hardware import hardware_description
 from ..evaluation.quality import evaluate_quality, feature_dimensions, resolve_metrics
-from ..files import check_writable, claim_files, csv_text, folder_lock, write_bytes, write_json, write_text
+from ..files import (
+    check_writable,
+    claim_files,
+    csv_text,
+    folder_lock,
+    read_manifest,
+    write_bytes,
+    write_json,
+    write_text,
+)
 from ..schemas import RESULTS, FileContentError, SchemaError, read_json_file
 from ..techniques.registry import get_technique
 from ..training.config import TrainConfig
@@ -55,6 +65,18 @@ def load_results(output_dir: str | Path) -> dict[str, Any]:
         raise DiTOptimumError(
             f"The results file {str(path)!r} is damaged ({error.problem}); move it away to start this folder over."
         ) from None
+
+
+def _earlier_run(output_dir: Path) -> bool:
+    """The folder holds a valid results file of a run from before manifests: its fixed-name files are the run's."""
+    path = output_dir / RESULTS_FILE
+    if read_manifest(output_dir) is not None or not os.path.isfile(path) or os.path.islink(path):
+        return False
+    try:
+        read_json_file(path, RESULTS)
+    except (SchemaError, FileContentError):
+        return False
+    return True
 
 
 def _check_comparable(previous: Mapping[str, Any], settings: BenchmarkSettings) -> None:
@@ -122,7 +144,7 @@ def run_benchmark(
         if inception is None and any(metric.family == "inception" for metric in metrics):
             inception = inception_extractor(settings.quality.inception_weights, state.device)
     if state.is_main_process:  # before any work: a user's results.json or report.md there is never replaced
-        claim_files(output_dir, OUTPUT_FILES)
+        claim_files(output_dir, OUTPUT_FILES, overwrite=_earlier_run(output_dir))
         check_writable(output_dir)
     with folder_lock(output_dir, "benchmark", enabled=state.is_main_process):
         previous = load_results(output_dir)

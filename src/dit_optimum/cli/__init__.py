@@ -10,7 +10,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from ..errors import DiTOptimumError
+from ..errors import DiTOptimumError, error_line
 from . import architecture, benchmark, convert, evaluate, export_space, prune, push, quantize, release
 
 # Each module: NAME, HELP, optional DESCRIPTION, add_arguments(parser), run(args) -> exit code.
@@ -35,7 +35,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.run(args)
     except DiTOptimumError as error:  # known failures: one line; anything else keeps its traceback
-        print(f"error: {error}", file=sys.stderr)
+        print(error_line(error), file=sys.stderr)
         return 2
     finally:
         end_process_group()

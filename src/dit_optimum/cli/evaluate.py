@@ -45,6 +45,13 @@ def run(args: argparse.Namespace) -> int:
     if args.output is not None and os.path.isdir(args.output):
         raise DiTOptimumError(f"`--output`={str(args.output)!r} is a folder; give the path of a JSON file.")
     if args.output is not None:  # before the evaluation: a read-only or full folder fails now, not after it
+        if os.path.lexists(args.output) and os.path.isdir(args.pipeline):  # never a file of the pipeline itself
+            pipeline = os.path.realpath(args.pipeline)
+            if os.path.commonpath([pipeline, os.path.realpath(args.output)]) == pipeline:
+                raise DiTOptimumError(
+                    f"`--output`={str(args.output)!r} is a file of the pipeline being evaluated: writing the result "
+                    "there would replace it. Choose another path."
+                )
         check_writable(args.output.parent, "--output")
     state = PartialState(cpu=not torch.cuda.is_available())  # one process per GPU under torchrun / accelerate
     pipeline = DiTOptimumPipeline.from_pretrained(args.pipeline).to(state.device)

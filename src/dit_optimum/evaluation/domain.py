@@ -24,8 +24,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..errors import DiTOptimumError
+from ..files import write_cache_entry
 from ..schemas import CLASSIFIER_METADATA, read_json_file
-from ..utils import atomic_file
 from .declarations import Metric, declare_metric
 from .features import clean_resize
 from .metrics import frechet_distance, gaussian_statistics
@@ -190,10 +190,11 @@ def domain_classifier(
     accuracy = float(np.mean(predictions(model, images) == labels)) if len(labels) else float("nan")
     metadata = {"num_classes": num_classes, "held_out_accuracy": accuracy, "held_out_samples": len(labels)}
     if use_cache:
-        with atomic_file(path) as temporary:
-            save_file(model.state_dict(), temporary)
-        with atomic_file(path.with_suffix(".json")) as temporary:
-            temporary.write_text(json.dumps(metadata))
+        cached = write_cache_entry(path, lambda temporary: save_file(model.state_dict(), temporary))
+        cached = cached and write_cache_entry(
+            path.with_suffix(".json"), lambda temporary: temporary.write_text(json.dumps(metadata))
+        )
+    if use_cache and cached:
         digest = hashlib.sha256(path.read_bytes()).hexdigest()
     else:
         digest = hashlib.sha256(b"".join(t.numpy().tobytes() for t in model.state_dict().values())).hexdigest()

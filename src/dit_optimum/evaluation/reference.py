@@ -25,7 +25,7 @@ import torch
 
 from ..data import digits_data, list_image_files, load_hub_dataset, load_image, pil_to_tensor, source_kind, warn_files
 from ..errors import DiTOptimumError
-from ..utils import atomic_file
+from ..files import write_cache_entry
 from .features import FeatureExtractor, extract_features
 
 REFERENCE_SPLITS = ("train",)  # digits and image folders have one split
@@ -242,6 +242,10 @@ def real_features(
     if not features:  # an empty set
         features = {kind: np.zeros((0, dim), dtype=np.float32) for kind, dim in extractor.feature_dims.items()}
     if use_cache:
-        with atomic_file(path) as temporary, temporary.open("wb") as stream:
-            np.savez(stream, **features)
+
+        def save(temporary: Path) -> None:
+            with temporary.open("wb") as stream:
+                np.savez(stream, **features)
+
+        write_cache_entry(path, save)
     return features

@@ -13,7 +13,7 @@ from ..benchmark.runner import load_results
 from ..benchmark.settings import settings_from_results
 from ..errors import DiTOptimumError
 from ..evaluation.size import saved_size_bytes
-from ..files import check_save_target, folder_lock, read_inside, write_bytes, write_json, write_text
+from ..files import check_save_target, claim_files, folder_lock, read_inside, write_bytes, write_json, write_text
 from ..pipelines.dit import DiTOptimumPipeline
 from ..schemas import check_namespace
 from ..techniques.registry import get_technique
@@ -72,6 +72,7 @@ def release(
     targets = {id(row): output_dir / repo_name(row["variant"], row["technique"]) for row in rows}
     for target in targets.values():  # every target checked before the first is written
         check_save_target(target, "model_index.json", overwrite, "output_dir")
+        claim_files(target, ("README.md", RESULTS_FILE, SAMPLE_GRID), overwrite)  # the card files: a user's stay
 
     settings = settings_from_results(results.get("settings") or {}, str(results_dir))
     released = []

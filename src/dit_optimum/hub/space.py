@@ -93,7 +93,7 @@ def export_space(
         + ", ".join(f"[{repo}](https://huggingface.co/{repo})" for repo in pipelines)
         + ".",
     )
-    with save_directory(output_dir, "app.py", overwrite, "output_dir") as staging:
+    with save_directory(output_dir, "app.py", overwrite, "output_dir", sources=[release_dir]) as staging:
         shutil.copyfile(APP_TEMPLATE, staging / "app.py")
         (staging / "space_config.json").write_text(json.dumps({"title": title, "pipelines": pipelines}, indent=2))
         (staging / "requirements.txt").write_text("\n".join(space_requirements()) + "\n")

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from ..errors import DiTOptimumError, MissingPathError
+from ..files import is_model_file_name
 from ..utils import check_source, first_line
 
 # Module-name suffixes inside a transformer block, by group (MoE experts are batched weights: not targetable).
@@ -111,6 +112,15 @@ def check_lora_file_name(weight_name: str | None, saving: bool = False) -> None:
         )
     if saving and (os.path.basename(weight_name) != weight_name or weight_name.startswith(".")):
         raise DiTOptimumError(f"`weight_name`={weight_name!r} must be a plain file name (no folder, not hidden).")
+    if saving and is_model_file_name(weight_name):  # it would replace a saved model's weights
+        raise DiTOptimumError(
+            f"`weight_name`={weight_name!r} is the name of a model's weights file; choose another name (default: "
+            "pytorch_lora_weights.safetensors)."
+        )
+
+
+# Advice when a LoRA save meets a file of the same name that the package did not write.
+LORA_SAVE_ADVICE = "pass another `weight_name`, or remove that file first"
 
 
 def lora_file_path(

@@ -719,7 +719,7 @@ class DiTOptimumTransformer2DModel(DiTTransformer2DModel, AttentionMixin, PeftAd
         from safetensors.torch import save_file
 
         from ..files import staged_file
-        from .lora import check_finite_lora_tensors, check_lora_file_name
+        from .lora import LORA_SAVE_ADVICE, check_finite_lora_tensors, check_lora_file_name
 
         if not safe_serialization:
             raise DiTOptimumError("`safe_serialization`=False is not supported: LoRA weights are saved as safetensors.")
@@ -743,7 +743,8 @@ class DiTOptimumTransformer2DModel(DiTTransformer2DModel, AttentionMixin, PeftAd
         check_writable(folder, "save_directory")  # read-only, full, a name too long: one line naming it
         metadata = {"format": "pt", LORA_ADAPTER_METADATA_KEY: json.dumps(config, indent=2, sort_keys=True)}
         # the file the caller asked for (replaced like diffusers does), never through a link
-        with staged_file(folder, weight_name or LORA_WEIGHT_NAME_SAFE, "save_directory", overwrite=True) as temporary:
+        name = weight_name or LORA_WEIGHT_NAME_SAFE  # an earlier save of the package's is replaced; a user's file not
+        with staged_file(folder, name, "save_directory", advice=LORA_SAVE_ADVICE) as temporary:
             save_file({key: value.contiguous() for key, value in state.items()}, str(temporary), metadata=metadata)
 
     def save_pretrained(self, save_directory: str | os.PathLike, overwrite: bool = False, **kwargs: Any) -> None:

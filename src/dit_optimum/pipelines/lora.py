@@ -16,9 +16,10 @@ from diffusers.loaders.lora_base import LORA_WEIGHT_NAME_SAFE
 from diffusers.loaders.lora_pipeline import _LOW_CPU_MEM_USAGE_DEFAULT_LORA, SanaLoraLoaderMixin
 
 from ..errors import DiTOptimumError
-from ..files import check_writable, staged_file
+from ..files import check_writable, claim_files, staged_file
 from ..models.lora import (
     LORA_FILE_OPTIONS,
+    LORA_SAVE_ADVICE,
     check_finite_lora_tensors,
     check_lora_file_name,
     load_checked_lora,
@@ -100,6 +101,7 @@ class DiTLoraLoaderMixin(SanaLoraLoaderMixin):
             return
         name = weight_name or LORA_WEIGHT_NAME_SAFE
         folder = check_writable(save_directory, "save_directory")
+        claim_files(folder, [name], parameter="save_directory", advice=LORA_SAVE_ADVICE)  # before diffusers writes
         # diffusers writes into a fresh folder; the file then takes its place through the package's write path (the
         # file the caller asked for is replaced, as diffusers does, but never through a link)
         with tempfile.TemporaryDirectory(prefix=".dit_optimum-lora-", dir=folder) as scratch:
@@ -112,5 +114,5 @@ class DiTLoraLoaderMixin(SanaLoraLoaderMixin):
                 safe_serialization=safe_serialization,
                 transformer_lora_adapter_metadata=transformer_lora_adapter_metadata,
             )
-            with staged_file(folder, name, "save_directory", overwrite=True) as temporary:
+            with staged_file(folder, name, "save_directory", advice=LORA_SAVE_ADVICE) as temporary:
                 os.replace(os.path.join(scratch, name), temporary)

@@ -14,6 +14,7 @@ import json
 import os
 import re
 import shutil
+import stat
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -28,7 +29,7 @@ from torch import nn
 
 from ..data import TrainingData
 from ..errors import DiTOptimumError, OutputPathError
-from ..files import strict_json
+from ..files import os_errors, strict_json
 from ..models.transformer import DiTOptimumTransformer2DModel
 from ..schemas import TRAINER_STATE, FileContentError, read_json_file, require_regular_file, validate
 from .config import TrainConfig
@@ -79,7 +80,13 @@ def checkpoint_folders(output_dir: Path) -> list[Path]:
         )
     if not folder.is_dir():
         return []
-    found = [p for p in folder.iterdir() if _STEP_FOLDER.fullmatch(p.name) and p.is_dir()]
+    in_the_way = [p.name for p in folder.iterdir() if _STEP_FOLDER.fullmatch(p.name) and not p.is_dir()]
+    if in_the_way:  # a checkpoint of that step could never be renamed into place
+        raise OutputPathError(
+            f"{str(folder)!r} holds {', '.join(in_the_way[:4])}, named like checkpoint folders but not folders; "
+            "remove them, or train into a new output folder."
+        )
+    found = [p for p in folder.iterdir() if _STEP_FOLDER.fullmatch(p.name) and p.is_dir() and not p.is_symlink()]
     return sorted(found, key=lambda p: int(p.name[5:]))
 
 
@@ -96,15 +103,28 @@ def save_checkpoint(accelerator: Accelerator, output_dir: Path, step: int, keep:
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    _write_tensors(staging / f"rng_state_{accelerator.process_index}.safetensors", _rng_state(accelerator.device))
-    if accelerator.is_main_process:
-        _write_run_state(staging, step, accelerator.num_processes, run)
+    try:  # a full or read-only disk: one line naming the folder, the staging folder removed, earlier checkpoints kept
+        with os_errors(staging.parent, "output_dir"):
+            rng = _rng_state(accelerator.device)
+            _write_tensors(staging / f"rng_state_{accelerator.process_index}.safetensors", rng)
+            if accelerator.is_main_process:
+                _write_run_state(staging, step, accelerator.num_processes, run)
+    except OutputPathError:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         os.replace(staging, final)
         for old in checkpoint_folders(output_dir)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+            if _holds_only_checkpoint_files(old):  # a folder of the user's named like a checkpoint stays
+                shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
+
+
+def _holds_only_checkpoint_files(folder: Path) -> bool:
+    names = [path.name for path in folder.iterdir()]
+    known = all(name in (STATE_FILE, *TENSOR_FILES) or _RNG_FILE.fullmatch(name) for name in names)
+    return known and all(stat.S_ISREG(os.lstat(folder / name).st_mode) for name in names)
 
 
 def _write_run_state(folder: Path, step: int, processes: int, run: RunState) -> None:

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ..errors import DiTOptimumError
+from ..errors import DiTOptimumError, error_line
 from .checkpoints import checkpoint_folders
 from .config import TrainConfig
 from .trainer import train
@@ -138,7 +138,7 @@ def main(mode: str = "base", argv: Sequence[str] | None = None) -> int:
             )
         pipeline_dir = train(config)
     except DiTOptimumError as error:
-        print(f"error: {error}", file=sys.stderr)
+        print(error_line(error), file=sys.stderr)
         return 2
     print(f"Saved pipeline to {pipeline_dir}")
     return 0
@@ -163,7 +163,7 @@ def extract_main(argv: Sequence[str] | None = None) -> int:
         data = load_training_data(args.data, args.image_size, args.channels, args.skip_corrupt)
         out = extract_latents(data, args.vae, args.output_dir, args.batch_size, overwrite=args.overwrite)
     except DiTOptimumError as error:
-        print(f"error: {error}", file=sys.stderr)
+        print(error_line(error), file=sys.stderr)
         return 2
     skipped = f" ({data.skipped} unreadable image(s) skipped)" if data.skipped else ""
     print(f"Saved {len(data.labels)} latents to {out}{skipped}")

@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 from ..configs import dit_config
 from ..data import TrainingData, load_training_data
 from ..errors import DiTOptimumError
-from ..files import check_writable, claim_files, folder_lock, record_written, write_json, write_text
+from ..files import check_save_target, check_writable, claim_files, folder_lock, record_written, write_json, write_text
 from ..models.transformer import DiTOptimumTransformer2DModel, check_activation_memory
 from ..pipelines.dit import DiTOptimumPipeline
 from .checkpoints import (
@@ -60,6 +60,7 @@ from .finetune import finish_lora, load_pretrained, prepare_finetune
 TRAIN_LOG_NAME = "train_log"  # accelerate's run name: the CSV tracker writes <name>.csv
 TRAIN_LOG_FILE = f"{TRAIN_LOG_NAME}.csv"
 TRAIN_CONFIG_FILE = f"{TRAIN_LOG_NAME}.config.json"
+PIPELINE_FOLDER = "pipeline"  # the trained pipeline, saved at the end of the run
 
 
 class CSVTracker(GeneralTracker):
@@ -174,7 +175,10 @@ def train(config: TrainConfig) -> Path:
     if accelerator.is_main_process:
         # before the lock is taken and any work done: a new run never replaces a user's files of these names, a
         # resumed one never writes through a link planted at them
-        claim_files(output_dir, (TRAIN_LOG_FILE, TRAIN_CONFIG_FILE), overwrite=bool(checkpoint_folders(output_dir)))
+        resuming = bool(checkpoint_folders(output_dir))
+        claim_files(output_dir, (TRAIN_LOG_FILE, TRAIN_CONFIG_FILE), overwrite=resuming)
+        if not resuming:  # the pipeline folder is written at the end: a user's folder there is refused now
+            check_save_target(output_dir / PIPELINE_FOLDER, "model_index.json", parameter="output_dir")
     with folder_lock(output_dir, "training", enabled=accelerator.is_main_process):
         return _train(config, accelerator, output_dir)
 
@@ -340,7 +344,7 @@ def _train(config: TrainConfig, accelerator: Accelerator, output_dir: Path) -> P
                 save_checkpoint(accelerator, output_dir, done, config.keep_checkpoints, run)
 
     accelerator.wait_for_everyone()
-    pipeline_dir = output_dir / "pipeline"
+    pipeline_dir = output_dir / PIPELINE_FOLDER
     if accelerator.is_main_process:
         final = ema.model
         final.conditioning_embedding.class_embedder.dropout_prob = class_dropout
