@@ -174,7 +174,9 @@ def test_schema_errors_name_the_file_and_the_field_path(tmp_path):
     path = write(tmp_path / "results.json", content)
     error = refused(lambda: read_json_file(path, RESULTS))
     assert isinstance(error, SchemaError) and error.field == "rows[4].class_accuracy"
-    assert str(error) == (f"{str(path)!r}: rows[4].class_accuracy must be a finite number in [-1e+15, 1e+15], got 'x'")
+    assert str(error) == (
+        f"{str(path)!r}: rows[4].class_accuracy must be a finite number in [0, 1] (a share, shown x100 in %), got 'x'"
+    )
     missing = write(tmp_path / "missing.json", release_with(lambda c: c["rows"][1].pop("technique")))
     refused(lambda: read_json_file(missing, RESULTS), r"missing\.json': rows\[1\] needs \"technique\"")
 

@@ -106,3 +106,25 @@ def test_saved_files_follow_the_umask(tmp_path):
     assert modes["model_index.json"] == 0o644
     assert modes["transformer/diffusion_pytorch_model.safetensors"] == 0o644
     assert modes["transformer"] == 0o755
+
+
+def test_a_dpm_solver_pipeline_saves_and_reloads_with_its_infinite_default(tmp_path):
+    """diffusers writes DPM-Solver's `lambda_min_clipped` default as -Infinity: the strict reader must accept
+    diffusers' own infinities in configs (never NaN), and the reloaded pipeline samples the same images."""
+    import torch
+    from diffusers import DPMSolverMultistepScheduler
+
+    pipe = DiTOptimumPipeline(transformer=tiny_model(), vae=None, scheduler=DPMSolverMultistepScheduler())
+    pipe.save_pretrained(tmp_path / "pipe")
+    assert "-Infinity" in (tmp_path / "pipe" / "scheduler" / "scheduler_config.json").read_text()
+    loaded = DiTOptimumPipeline.from_pretrained(tmp_path / "pipe")
+    assert type(loaded.scheduler).__name__ == "DPMSolverMultistepScheduler"
+    images = [
+        p([1, 2], num_inference_steps=3, generator=torch.Generator().manual_seed(0), output_type="np").images
+        for p in (pipe, loaded)
+    ]
+    assert (images[0] == images[1]).all()
+    config = tmp_path / "pipe" / "scheduler" / "scheduler_config.json"
+    config.write_text(config.read_text().replace("-Infinity", "NaN"))
+    with pytest.raises(DiTOptimumError, match=r"scheduler_config\.json"):
+        DiTOptimumPipeline.from_pretrained(tmp_path / "pipe")

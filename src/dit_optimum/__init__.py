@@ -22,7 +22,7 @@ from .models import (
 from .models.block_cache import BlockCacheSchedule
 from .pipelines import DiTOptimumPipeline
 from .registration import register_with_diffusers
-from .techniques import CACHE_METHODS, CalibrationSettings, enable_step_cache, prune, quantize
+from .techniques import CACHE_METHODS, CalibrationSettings, disable_step_cache, enable_step_cache, prune, quantize
 
 register_with_diffusers()  # `import dit_optimum` is what lets diffusers download our repositories from the Hub
 
@@ -47,6 +47,7 @@ __all__ = [
     "SDPAAttnProcessor",
     "count_gflops",
     "count_parameters",
+    "disable_step_cache",
     "dit_config",
     "enable_step_cache",
     "gflops_breakdown",

@@ -397,9 +397,9 @@ def _check_save_target(
     # an earlier save of this kind: the package wrote its marker there (a release folder is no Space, and the reverse)
     earlier = target.is_dir() and ((owned is not None and marker in owned) or _is_package_save(target / marker))
     foreign = target.is_dir() and not earlier
-    ours = [entry.name for entry in target.iterdir()] if foreign else []
-    ours = [name for name in ours if name not in _INTERNAL and not name.startswith(_STAGING_PREFIX)]
-    if foreign and not overwrite and ours:
+    others = [entry.name for entry in target.iterdir()] if foreign else []
+    others = [name for name in others if name not in _INTERNAL and not name.startswith(_STAGING_PREFIX)]
+    if foreign and not overwrite and others:
         raise DiTOptimumError(
             f"`{parameter}`={str(target)!r} already holds files and is not an earlier save (no {marker}): "
             "choose an empty or new folder, or pass overwrite=True (--overwrite) to write into it "

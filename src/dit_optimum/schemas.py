@@ -10,8 +10,10 @@ The schemas, each declared once: the benchmark's results file (``RESULTS``), a r
 (``RELEASE_RESULTS``), a training checkpoint's state (``TRAINER_STATE``), latents metadata (``LATENTS_METADATA``),
 the domain classifier's metadata (``CLASSIFIER_METADATA``), a model or scheduler ``config.json`` (``CONFIG``), a
 pipeline's ``model_index.json`` (``MODEL_INDEX``) and an ``id2label`` file (``ID2LABEL_FILE``). Allowed sets that
-higher layers own (technique names, metric keys, verdicts) are looked up when a file is checked, so this module
-stays importable from every layer.
+higher layers own (technique names, metric keys and ranges, verdicts, the sampling bounds) are looked up when a file
+is checked, so this module stays importable from every layer. A results file holds each cell (variant x technique)
+once, each metric within its declared range (shares in [0, 1], distances and costs >= 0), every interval ordered
+(low <= high) and only sampling settings a pipeline call accepts.
 
 Values rendered into cards, snippets, READMEs and Space configs are checked here too: ``check_repo_id`` (Hub ids,
 with ``huggingface_hub``'s validator), ``MODEL_DTYPES`` and ``markdown_text`` (free text escaped for Markdown).
@@ -153,10 +155,19 @@ def _finite_float(text: str) -> float:
     return value
 
 
-def parse_json(text: str, label: str) -> Any:
-    """Strict JSON: ``NaN``, ``Infinity`` and numbers that overflow are refused, as is nesting too deep to parse."""
+def _infinity_only(token: str) -> Any:
+    if token in ("Infinity", "-Infinity"):
+        return float(token)
+    return _refuse_constant(token)
+
+
+def parse_json(text: str, label: str, infinities: bool = False) -> Any:
+    """Strict JSON: ``NaN``, ``Infinity`` and numbers that overflow are refused, as is nesting too deep to parse.
+    ``infinities`` accepts ``Infinity`` / ``-Infinity`` (diffusers writes them in configs, e.g. DPM-Solver's
+    ``lambda_min_clipped``); the keys that hold them are checked by their readers."""
+    constant = _infinity_only if infinities else _refuse_constant
     try:
-        return json.loads(text, parse_constant=_refuse_constant, parse_float=_finite_float)
+        return json.loads(text, parse_constant=constant, parse_float=_finite_float)
     except RecursionError:
         detail = "nested too deeply"
     except ValueError as error:  # JSONDecodeError, the refusals above, integers with too many digits
@@ -166,11 +177,15 @@ def parse_json(text: str, label: str) -> Any:
 
 
 def read_json_file(
-    path: str | os.PathLike, schema: Schema | None = None, label: str | None = None, max_bytes: int = MAX_JSON_BYTES
+    path: str | os.PathLike,
+    schema: Schema | None = None,
+    label: str | None = None,
+    max_bytes: int = MAX_JSON_BYTES,
+    infinities: bool = False,
 ) -> Any:
     """The strict-JSON content of the regular file ``path``, validated against ``schema`` when given."""
     where = _label(path, label)
-    content = parse_json(read_text_file(path, where, max_bytes), where)
+    content = parse_json(read_text_file(path, where, max_bytes), where, infinities)
     if schema is not None:
         validate(content, schema, where)
     return content
@@ -226,15 +241,19 @@ class Schema:
 
 
 class Json(Schema):
-    """Any JSON value (finite numbers only): for content this package passes through without reading."""
+    """Any JSON value (finite numbers only, or also infinities with ``infinities``; never NaN): for content this
+    package passes through without reading."""
 
     expected = "a JSON value with finite numbers"
+
+    def __init__(self, infinities: bool = False):
+        self.infinities = infinities
 
     def check(self, value: Any, field: str) -> None:
         if value is None or isinstance(value, (str, bool, numbers.Integral)):
             return
         if isinstance(value, numbers.Real):
-            if not math.isfinite(value):
+            if math.isnan(value) or (math.isinf(value) and not self.infinities):
                 self.fail(value, field, "a finite number")
         elif isinstance(value, Mapping):
             for key, item in value.items():
@@ -420,6 +439,67 @@ class Object(Schema):
             schema.check(item, _child(field, key))
 
 
+class Interval(Schema):
+    """A pair ``[low, high]`` of ``bound`` values with ``low <= high`` (a confidence interval, a measured range)."""
+
+    def __init__(self, bound: Schema):
+        self.bound = bound
+        self.expected = f"a list of 2 values [low, high] with low <= high, each {bound.expected}"
+
+    def check(self, value: Any, field: str) -> None:
+        if not isinstance(value, (list, tuple)) or len(value) != 2:
+            self.fail(value, field)
+        for index, item in enumerate(value):
+            self.bound.check(item, _child(field, index))
+        if value[0] > value[1]:
+            where = field or "the top level"
+            raise _Invalid(field, f"{where} must be {self.expected}, got [{value[0]!r}, {value[1]!r}] (low > high)")
+
+
+class Deferred(Schema):
+    """The schema ``build()`` returns, built when first used: for bounds a higher layer owns (the pipeline's largest
+    guidance scale, the scheduler's steps), so that this module stays importable from every layer."""
+
+    def __init__(self, build: Callable[[], Schema]):
+        self._build, self._schema = build, None
+
+    @property
+    def schema(self) -> Schema:
+        if self._schema is None:
+            self._schema = self._build()
+        return self._schema
+
+    @property
+    def expected(self) -> str:  # type: ignore[override]
+        return self.schema.expected
+
+    def check(self, value: Any, field: str) -> None:
+        self.schema.check(value, field)
+
+
+class UniqueRows(List):
+    """A list of ``item`` objects in which the values of ``keys`` (checked by ``item`` first) appear at most once
+    each: ``what`` names such a combination in the error (``cell``)."""
+
+    def __init__(self, item: Schema, keys: tuple[str, ...], what: str, max_items: int = 1_000_000):
+        super().__init__(item, max_items=max_items)
+        self.keys, self.what = keys, what
+
+    def check(self, value: Any, field: str) -> None:
+        super().check(value, field)
+        seen: dict[tuple, int] = {}
+        for index, item in enumerate(value):
+            identity = tuple(item.get(key) for key in self.keys)
+            if identity in seen:
+                where = _child(field, index)
+                raise _Invalid(
+                    where,
+                    f"{where} repeats the {self.what} {' / '.join(map(str, identity))} of "
+                    f"{_child(field, seen[identity])}: each {self.what} ({', '.join(self.keys)}) may appear once",
+                )
+            seen[identity] = index
+
+
 # --- values rendered into cards, snippets, READMEs and Space configs ---------------------------------------------
 
 
@@ -523,10 +603,31 @@ def _variant_problem(name: str) -> str | None:
 COUNT = Int(0)
 POSITIVE = Int(1)
 MEASUREMENT = Number()
-PAIR = List(MEASUREMENT, length=2)
+NON_NEGATIVE = Number(0)
+# A bootstrap interval or a measured range: ordered. Its bounds are not held to the metric's range: quality intervals
+# are re-centred on the estimate (evaluation.intervals), so an accuracy's may reach past 1.
+PAIR = Interval(MEASUREMENT)
 FRACTION = Number(0, 1)
-STEPS = Int(1, 100_000)
-GUIDANCE = Number(0, 1000)
+SHARE = Number(0, 1)
+SHARE.expected = "a finite number in [0, 1] (a share, shown x100 in %)"
+
+
+def _sampling_steps() -> Schema:
+    from .evaluation.sampling import MAX_SAMPLING_STEPS
+
+    return Int(1, MAX_SAMPLING_STEPS)
+
+
+def _guidance_scale() -> Schema:
+    from .pipelines.dit import MAX_GUIDANCE_SCALE
+
+    return Number(1, MAX_GUIDANCE_SCALE)
+
+
+# What a pipeline call accepts: steps within the DDPM schedule the models are trained with, guidance >= 1 (1 disables
+# it) up to the pipeline's bound (float16's largest number).
+STEPS = Deferred(_sampling_steps)
+GUIDANCE = Deferred(_guidance_scale)
 NAME = Str("a string of at most 1000 characters", max_length=1000)
 CLASS_INDEX = Str('a class index (a string of digits, e.g. "0")', pattern=r"\d{1,9}")
 CLASS_NAME = Str("a class name (a string of at most 1000 characters)", max_length=1000)
@@ -602,13 +703,33 @@ HARDWARE = Object(
 COMPARISON = Object(required={"difference": MEASUREMENT, "interval": PAIR, "significant": Bool()})
 
 
+def _metric_range(metric: Any) -> Schema:
+    """The values a metric's stored number may take, read from its declaration: a metric shown in percent
+    (``scale`` 100) is a share in [0, 1]; a Frechet distance and every cost (FLOPs, parameters, bytes, seconds,
+    images per second, memory) is >= 0; another quality statistic (KID, an unbiased estimate that dips below 0 when
+    the two sets match) is any finite number."""
+    if metric.scale == 100:
+        return SHARE
+    if metric.kind == "cost" or metric.frechet:
+        return NON_NEGATIVE
+    return MEASUREMENT
+
+
+def _metric_ranges() -> dict[str, Schema]:
+    from .evaluation.declarations import all_metrics
+
+    return {metric.key: _metric_range(metric) for metric in all_metrics()}
+
+
 def _row_column(key: str) -> Schema:
     # The metric columns (declared in evaluation.declarations) and their companions; any other key: finite JSON.
-    metrics = _metric_keys()
     if key.endswith(("_interval", "_range")):
         return PAIR
-    if key in metrics or key.endswith(("_wall_s", "_speedup", "_ratio")) or key.removesuffix("_real") in metrics:
-        return MEASUREMENT
+    ranges = _metric_ranges()
+    if key in ranges or key.removesuffix("_real") in ranges:
+        return ranges.get(key) or ranges[key.removesuffix("_real")]
+    if key.endswith(("_wall_s", "_speedup", "_ratio")):  # seconds, and ratios of two positive measurements
+        return NON_NEGATIVE
     return ANY_JSON
 
 
@@ -648,14 +769,16 @@ RELEASE_IDENTITY = Object(
     required={"variant": VARIANT, "technique": TECHNIQUE, "repo_id": REPO_ID},
     optional={"base_model": Nullable(REPO_ID)},
 )
+# The rows of a results file: each cell (variant x technique) once (a second row would silently replace the first).
+RESULT_ROWS = UniqueRows(RESULT_ROW, ("variant", "technique"), "cell", max_items=100_000)
 # results.json of a benchmark output folder.
 RESULTS = Object(
-    required={"rows": List(RESULT_ROW, max_items=100_000)},
+    required={"rows": RESULT_ROWS},
     optional={"settings": Nullable(BENCHMARK_SETTINGS), "release": RELEASE_IDENTITY},
 )
 # dit_optimum_results.json of a release folder: the release's rows and who it is.
 RELEASE_RESULTS = Object(
-    required={"rows": List(RESULT_ROW, max_items=100_000), "release": RELEASE_IDENTITY},
+    required={"rows": RESULT_ROWS, "release": RELEASE_IDENTITY},
     optional={"settings": Nullable(BENCHMARK_SETTINGS)},
 )
 
@@ -705,7 +828,12 @@ CLASSIFIER_METADATA = Object(
     required={"num_classes": Int(1, 1_000_000), "held_out_accuracy": FRACTION, "held_out_samples": COUNT}
 )
 # A model's or scheduler's config.json: an object (diffusers checks the keys).
-CONFIG = Object(optional={"_class_name": NAME, "_diffusers_version": NAME}, expected="a JSON object (a config)")
+# (diffusers writes infinities for some defaults, e.g. DPM-Solver's lambda_min_clipped; their readers check them)
+CONFIG = Object(
+    optional={"_class_name": NAME, "_diffusers_version": NAME},
+    extra=Json(infinities=True),
+    expected="a JSON object (a config)",
+)
 _COMPONENT = List(Nullable(Str("a library or class name", pattern=r"[A-Za-z_][A-Za-z0-9_.]{0,199}")), length=2)
 # A pipeline's model_index.json: an object naming its components.
 MODEL_INDEX = Object(
@@ -739,7 +867,7 @@ def read_config_file(path: str | os.PathLike, what: str = "config") -> dict[str,
     """A ``config.json`` (model, VAE) or ``scheduler_config.json``: a JSON object, else an error naming the file."""
     where = repr(str(path))
     try:
-        return read_json_file(path, CONFIG, where)
+        return read_json_file(path, CONFIG, where, infinities=True)
     except SchemaError as error:
         raise DiTOptimumError(f"{where} must hold a JSON object (the {what}): {error.problem}.") from None
     except InvalidJSONError as error:

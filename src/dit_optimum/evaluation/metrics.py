@@ -64,7 +64,7 @@ def frechet_distance(first: GaussianStatistics, second: GaussianStatistics, eps:
         + np.trace(second.covariance)
         - 2 * np.trace(covariance_mean)
     )
-    return float(distance)
+    return max(0.0, float(distance))  # a distance: rounding of two near-identical sets must not go below 0
 
 
 def _polynomial_mmd_unbiased(x: np.ndarray, y: np.ndarray) -> float:

@@ -4,6 +4,8 @@ page. ``demo/app.py`` and every exported Space launch ``build_demo``."""
 
 from __future__ import annotations
 
+import math
+import numbers
 import threading
 import time
 from collections.abc import Sequence
@@ -31,6 +33,9 @@ CARD_COLUMNS = (
     ("size_bytes", "size (MB)"),
 )
 TABLE_HEADERS = ["pipeline", "latency (s)", *(header for _key, header in CARD_COLUMNS)]
+# The page's ranges (its sliders): a request through the API is held to them too.
+STEPS_RANGE = (1, 50)
+GUIDANCE_RANGE = (1.0, 6.0)
 
 
 @dataclass
@@ -114,12 +119,34 @@ class DemoModels:
     def generate(
         self, class_name: str, steps: int, guidance: float, seed: int, chosen: Sequence[str]
     ) -> tuple[list[tuple[Any, str]], list[list[str]]]:
-        """One image per chosen pipeline (same class and seed), and the table of latency and card numbers."""
-        if not chosen:
-            raise DiTOptimumError("Choose at least one pipeline.")
-        if isinstance(seed, float) and seed.is_integer():
-            seed = int(seed)  # a number field may send 3.0
+        """One image per chosen pipeline (same class and seed), and the table of latency and card numbers.
+
+        Every input is checked first, as the page offers it (a request through the API may send anything): ``chosen``
+        among the page's own ``sources`` (never another path or repo id), ``steps`` and ``guidance`` within the
+        sliders' ranges, ``seed`` a torch seed and ``class_name`` one of the page's classes."""
+        chosen = self._check_chosen(chosen)
+        steps = _whole_number(steps)
+        if not (_is_integer(steps) and STEPS_RANGE[0] <= steps <= STEPS_RANGE[1]):
+            raise DiTOptimumError(
+                f"`steps`={steps!r} must be an integer in {STEPS_RANGE[0]}..{STEPS_RANGE[1]} (the page's range)."
+            )
+        if not (
+            isinstance(guidance, numbers.Real)
+            and not isinstance(guidance, bool)
+            and math.isfinite(guidance)
+            and GUIDANCE_RANGE[0] <= guidance <= GUIDANCE_RANGE[1]
+        ):
+            raise DiTOptimumError(
+                f"`guidance`={guidance!r} must be a number in [{GUIDANCE_RANGE[0]:g}, {GUIDANCE_RANGE[1]:g}] (the "
+                "page's range; 1 disables guidance)."
+            )
+        seed = _whole_number(seed)  # a number field may send 3.0
         check_resources(seed=seed, parameter="seed")
+        names = self.class_names()
+        if not isinstance(class_name, str) or (names and class_name not in names):
+            shown = ", ".join(names[:40]) + (", ..." if len(names) > 40 else "")
+            allowed = f"one of the page's classes: {shown}" if names else "a class name or index (a string)"
+            raise DiTOptimumError(f"`class_name`={class_name!r} must be {allowed}.")
         images, table = [], []
         for source in chosen:
             loaded = self.get(source)
@@ -143,6 +170,32 @@ class DemoModels:
             shown = [_card_value(key, loaded.numbers.get(key)) for key, _header in CARD_COLUMNS]
             table.append([source, f"{latency:.3f}", *shown])
         return images, table
+
+    def _check_chosen(self, chosen: Any) -> list[str]:
+        # only the page's own pipelines: an API client could otherwise make the server load any path or repo id
+        allowed = ", ".join(repr(source) for source in self.sources)
+        if isinstance(chosen, (str, bytes)) or not isinstance(chosen, Sequence):
+            raise DiTOptimumError(f"`chosen`={chosen!r} must be a list of the page's pipelines ({allowed}).")
+        if not chosen:
+            raise DiTOptimumError(f"Choose at least one pipeline (`chosen` is empty; allowed: {allowed}).")
+        unknown = [source for source in chosen if not isinstance(source, str) or source not in self.sources]
+        if unknown:
+            raise DiTOptimumError(
+                f"`chosen` names {', '.join(map(repr, unknown[:5]))}, not among the page's pipelines; allowed: "
+                f"{allowed}."
+            )
+        return list(dict.fromkeys(chosen))
+
+
+def _is_integer(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _whole_number(value: Any) -> Any:
+    # a number field or slider may send 3.0 for 3; anything else is left for the check to name
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
 
 
 def _card_value(key: str, value: float | None) -> str:
@@ -171,8 +224,8 @@ def build_demo(sources: Sequence[str], title: str = "dit-optimum: DiT techniques
         )
         with gr.Row():
             class_name = gr.Dropdown(names, value=names[0] if names else None, label="Class", elem_id="class")
-            steps = gr.Slider(1, 50, value=10, step=1, label="Steps", elem_id="steps")
-            guidance = gr.Slider(1.0, 6.0, value=2.0, step=0.5, label="Guidance", elem_id="guidance")
+            steps = gr.Slider(*STEPS_RANGE, value=10, step=1, label="Steps", elem_id="steps")
+            guidance = gr.Slider(*GUIDANCE_RANGE, value=2.0, step=0.5, label="Guidance", elem_id="guidance")
             seed = gr.Number(0, precision=0, label="Seed", elem_id="seed")
         chosen = gr.CheckboxGroup(
             models.sources, value=models.sources[:2], label="Pipelines (repo ids or folders)", elem_id="pipelines"

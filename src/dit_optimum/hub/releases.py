@@ -10,7 +10,7 @@ from typing import Any
 
 from ..benchmark.contexts import VariantContext
 from ..benchmark.runner import load_results
-from ..benchmark.settings import settings_from_results
+from ..benchmark.settings import BenchmarkSettings, settings_from_results
 from ..errors import DiTOptimumError
 from ..evaluation.size import saved_size_bytes
 from ..files import check_save_target, claim_files, folder_lock, read_inside, write_bytes, write_json, write_text
@@ -69,12 +69,12 @@ def release(
         rows = [row for row in rows if row["technique"] in techniques]
     if not rows:
         raise DiTOptimumError(f"{str(results_dir)!r} has no finished cell to release.")
+    settings = _recorded_settings(results.get("settings"), results_dir)
     targets = {id(row): output_dir / repo_name(row["variant"], row["technique"]) for row in rows}
     for target in targets.values():  # every target checked before the first is written
         check_save_target(target, "model_index.json", overwrite, "output_dir")
         claim_files(target, ("README.md", RESULTS_FILE, SAMPLE_GRID), overwrite)  # the card files: a user's stay
 
-    settings = settings_from_results(results.get("settings") or {}, str(results_dir))
     released = []
     with folder_lock(results_dir, "release"):
         contexts: dict[str, VariantContext] = {}
@@ -89,6 +89,23 @@ def release(
                 _write_release(pipeline, results, row, repo_id, base, results_dir, targets[id(row)], overwrite)
             )
     return released
+
+
+# What a results file's `settings` must record for its cells to be rebuilt (``BenchmarkSettings.comparable()``).
+RECORDED_SETTINGS = ("data", "image_size", "channels", "training", "quality", "speed")
+
+
+def _recorded_settings(stored: dict[str, Any] | None, results_dir: Path) -> BenchmarkSettings:
+    # The settings the benchmark measured with; a file that lacks some (none at all, or a key removed) names them.
+    missing = [key for key in RECORDED_SETTINGS if key not in (stored or {})]
+    if missing:
+        where = "records no `settings`" if stored is None else f"lacks `settings.{'`, `settings.'.join(missing)}`"
+        raise DiTOptimumError(
+            f"The results file in {str(results_dir)!r} {where}: a release rebuilds its cells with the settings they "
+            f"were measured with, so `settings` must hold {', '.join(RECORDED_SETTINGS)} (as `dit-optimum benchmark` "
+            "writes them)."
+        )
+    return settings_from_results(stored, str(results_dir))
 
 
 def _check_measured(pipeline: DiTOptimumPipeline, row: dict[str, Any]) -> None:

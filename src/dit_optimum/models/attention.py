@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -29,6 +30,11 @@ from torch import nn
 from ..errors import DiTOptimumError
 
 FOCUSED_VARIANTS: tuple[str, ...] = ("published", "paper")
+# Focusing factors allowed (the paper uses 3). FLatten's own formula, ``x**p / ||x**p||``, leaves float32 at p >= 4
+# (an all-ReLU-zero token: (1e-6)**p squared underflows to 0, giving 0/0) and from p ~ 10 at moderate features
+# (x**p squared overflows once x > 1.8e19**(1/p): 80 at p = 10; the forward of tiny models turned NaN from p = 40).
+# ``focus`` below rescales before the power, so it stays finite for any p; beyond 10 the focusing is an arg-max.
+MIN_FOCUSING_FACTOR, MAX_FOCUSING_FACTOR = 1.0, 10.0
 KV_LAYOUTS: tuple[str, ...] = ("full", "grouped", "single")
 
 
@@ -149,9 +155,16 @@ class MediatedAttnProcessor(DispatchingProcessor):
 
 
 def focus(features: torch.Tensor, power: float, dims: tuple[int, ...] = (-1,)) -> torch.Tensor:
-    """FLatten's focusing function ``||x|| / ||x^p|| * x^p`` on non-negative features, norms over ``dims``."""
-    powered = features**power
-    norm = features.norm(dim=dims, keepdim=True)
+    """FLatten's focusing function ``||x|| / ||x^p|| * x^p`` on positive features, norms over ``dims``.
+
+    Computed on ``y = x / max(x)`` (``||x|| = m ||y||`` and ``y^p / ||y^p|| = x^p / ||x^p||``): the same value, but
+    ``y^p`` lies in (0, 1] with a largest entry of 1, so neither the power nor the norms' squares overflow or vanish
+    in float32 / float16 (``x^p`` directly turns NaN for large features or ``p``). The scale carries no gradient:
+    the result does not depend on it."""
+    scale = features.amax(dim=dims, keepdim=True).detach()
+    unit = features / scale
+    powered = unit**power
+    norm = unit.norm(dim=dims, keepdim=True) * scale
     return powered * (norm / powered.norm(dim=dims, keepdim=True))
 
 
@@ -256,6 +269,37 @@ def resolve_num_kv_heads(attention_type: str, num_heads: int, num_kv_heads: int 
     return num_heads
 
 
+def _shown(value: object, limit: int = 80) -> str:
+    # repr for messages: never fails (a 5000-digit integer's repr raises), never floods (a long list is cut)
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool) and abs(value) >= 10**20:
+        return f"<a {int(value).bit_length()}-bit integer>"
+    if type(value) in (list, tuple) and len(value) <= 1000:  # item by item: a huge integer inside is shown too
+        items = [_shown(item, limit) for item in value[:8]] + (["..."] if len(value) > 8 else [])
+        text = ", ".join(items) + ("," if type(value) is tuple and len(value) == 1 else "")
+        return f"[{text}]" if type(value) is list else f"({text})"
+    try:
+        text = repr(value)
+    except (ValueError, RecursionError):
+        text = f"<{type(value).__name__}>"
+    return text if len(text) <= limit else text[: limit - 5] + " ...>"
+
+
+def check_focusing_factor(value: object) -> float:
+    """A finite ``focusing_factor`` in [1, 10] (the paper uses 3), else ``DiTOptimumError`` naming it."""
+    valid = isinstance(value, numbers.Real) and not isinstance(value, bool)
+    try:
+        valid = valid and MIN_FOCUSING_FACTOR <= float(value) <= MAX_FOCUSING_FACTOR  # NaN compares False
+    except OverflowError:  # an integer beyond any float
+        valid = False
+    if not valid:
+        raise DiTOptimumError(
+            f"`focusing_factor`={_shown(value)} must be a finite number in [{MIN_FOCUSING_FACTOR:g}, "
+            f"{MAX_FOCUSING_FACTOR:g}] (the paper uses 3; larger powers make the focusing an arg-max over channels "
+            "and overflow float32 in FLatten's formula)."
+        )
+    return float(value)
+
+
 @dataclass(frozen=True)
 class AttentionConfig:
     """The attention options of a model (its flat config keys of the same names), validated in one place."""
@@ -285,9 +329,9 @@ class AttentionConfig:
     def validate(self, num_heads: int, head_dim: int, grid_size: int) -> None:
         """Raise ``DiTOptimumError`` naming the parameter and its allowed values for any invalid combination."""
         attention_type = self.attention_type
-        if attention_type not in ATTENTION_SPECS:
+        if not isinstance(attention_type, str) or attention_type not in ATTENTION_SPECS:  # a list is unhashable
             raise DiTOptimumError(
-                f"Unknown `attention_type`={attention_type!r}; allowed values: {', '.join(ATTENTION_TYPES)}."
+                f"Unknown `attention_type`={_shown(attention_type)}; allowed values: {', '.join(ATTENTION_TYPES)}."
             )
         resolve_num_kv_heads(attention_type, num_heads, self.num_kv_heads)
         if self.spec.compressed:
@@ -302,26 +346,24 @@ class AttentionConfig:
             mediators = self.num_mediators
             side = math.isqrt(mediators) if isinstance(mediators, int) and mediators > 0 else 0
             if side * side != mediators or side > grid_size:
-                allowed = [s * s for s in range(1, grid_size + 1)]
+                squares = [s * s for s in range(1, min(grid_size, 6) + 1)]
+                allowed = ", ".join(map(str, squares)) + (f", ..., {grid_size**2}" if grid_size > 6 else "")
                 raise DiTOptimumError(
-                    f"`num_mediators`={mediators!r} must be a square number whose side fits "
+                    f"`num_mediators`={_shown(mediators)} must be a square number whose side fits "
                     f"the {grid_size}x{grid_size} "
-                    f"token grid (mediators are pooled over the grid); allowed values: {allowed}."
+                    f"token grid (mediators are pooled over the grid); allowed values: [{allowed}]."
                 )
         if attention_type in _FOCUSED_TYPES:
-            if not self.focusing_factor >= 1:
+            check_focusing_factor(self.focusing_factor)
+            if not isinstance(self.focused_variant, str) or self.focused_variant not in FOCUSED_VARIANTS:
                 raise DiTOptimumError(
-                    f"`focusing_factor`={self.focusing_factor!r} must be a number >= 1 (the paper uses 3)."
-                )
-            if self.focused_variant not in FOCUSED_VARIANTS:
-                raise DiTOptimumError(
-                    f"Unknown `focused_variant`={self.focused_variant!r}; "
+                    f"Unknown `focused_variant`={_shown(self.focused_variant)}; "
                     f"allowed values: {', '.join(FOCUSED_VARIANTS)}."
                 )
         kernel = self.dwconv_kernel_size
         if kernel is not None and (not isinstance(kernel, int) or kernel < 1 or kernel % 2 == 0):
             raise DiTOptimumError(
-                f"`dwconv_kernel_size`={kernel!r} must be None or an odd positive integer (1, 3, 5, ...)."
+                f"`dwconv_kernel_size`={_shown(kernel)} must be None or an odd positive integer (1, 3, 5, ...)."
             )
 
 

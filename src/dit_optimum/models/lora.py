@@ -26,6 +26,8 @@ LORA_TARGETS: dict[str, tuple[str, ...]] = {
     "adaln": ("norm1.linear",),
 }
 DEFAULT_TARGETS: tuple[str, ...] = ("attention",)
+# The largest LoRA ``lora_alpha`` (the adapter's scale is alpha / rank): beyond it every output overflows.
+MAX_LORA_ALPHA = 1e6
 
 
 def lora_target_modules(model: nn.Module, targets: Sequence[str] = DEFAULT_TARGETS) -> list[str]:
@@ -64,8 +66,8 @@ def lora_config(
     if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
         raise DiTOptimumError(f"LoRA `rank`={rank!r} must be an integer >= 1.")
     alpha = rank if alpha is None else alpha
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha > 0 or alpha == float("inf"):
-        raise DiTOptimumError(f"LoRA `alpha`={alpha!r} must be a finite number > 0.")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < alpha <= MAX_LORA_ALPHA:
+        raise DiTOptimumError(f"LoRA `alpha`={alpha!r} must be a finite number in (0, {MAX_LORA_ALPHA:g}].")
     return LoraConfig(
         r=rank,
         lora_alpha=alpha,
@@ -198,8 +200,15 @@ def read_lora_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], di
         return tensors, None
     try:
         metadata = json.loads(raw)
-    except json.JSONDecodeError as error:
-        raise DiTOptimumError(f"LoRA file {name!r} has adapter metadata that is not valid JSON ({error}).") from None
+    except RecursionError:  # nested thousands of levels deep: json's decoder gives up
+        raise DiTOptimumError(
+            f"LoRA file {name!r} has adapter metadata nested too deeply to read; LoRA metadata is a flat JSON object "
+            "of peft `LoraConfig` options."
+        ) from None
+    except ValueError as error:  # not JSON, or an integer beyond Python's digit limit
+        raise DiTOptimumError(
+            f"LoRA file {name!r} has adapter metadata that is not valid JSON ({first_line(error)})."
+        ) from None
     if not isinstance(metadata, dict):
         raise DiTOptimumError(f"LoRA file {name!r} has adapter metadata that is not a JSON object.")
     return tensors, metadata
@@ -244,35 +253,157 @@ def check_finite_lora_tensors(state_dict: Mapping[str, Any], source: str) -> Non
             )
 
 
+# Adapter metadata: the keyword arguments diffusers passes to peft's ``LoraConfig``. Only options that mean the same at
+# load time as at training time are read; the rest (initialisations that rewrite the base weights, layer replication,
+# quantization-aware or other adapter variants) must be unset, so nothing unchecked reaches peft.
+_METADATA_DEPTH = 8
+_BIAS_VALUES = ("none", "all", "lora_only")
+_INIT_VALUES = (True, False, "gaussian")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_alpha(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value <= MAX_LORA_ALPHA
+
+
+def _is_text_or_none(value: Any) -> bool:
+    return value is None or isinstance(value, str)
+
+
+def _is_names(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(item, str) for item in value)
+
+
+def _is_pattern(value: Any, valid: Any) -> bool:
+    return isinstance(value, Mapping) and all(isinstance(key, str) and valid(item) for key, item in value.items())
+
+
+_METADATA_RULES: dict[str, tuple[Any, str]] = {
+    "r": (lambda v: _is_int(v) and v >= 1, "an integer >= 1, the rank of the file's tensors"),
+    "lora_alpha": (_is_alpha, f"a number in (0, {MAX_LORA_ALPHA:g}]"),
+    "lora_dropout": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < 1, "[0, 1)"),
+    "rank_pattern": (
+        lambda v: _is_pattern(v, lambda r: _is_int(r) and r >= 1),
+        "an object mapping layer-name patterns to integer ranks >= 1",
+    ),
+    "alpha_pattern": (
+        lambda v: _is_pattern(v, _is_alpha),
+        f"an object mapping layer-name patterns to numbers in (0, {MAX_LORA_ALPHA:g}]",
+    ),
+    "target_modules": (lambda v: v is None or isinstance(v, str) or _is_names(v), "null, a name or a list of names"),
+    "modules_to_save": (lambda v: v is None or _is_names(v), "null or a list of layer names"),
+    "use_rslora": (lambda v: isinstance(v, bool), "true or false"),
+    "use_dora": (lambda v: isinstance(v, bool), "true or false"),
+    "lora_bias": (lambda v: isinstance(v, bool), "true or false"),
+    "inference_mode": (lambda v: isinstance(v, bool), "true or false"),
+    "ensure_weight_tying": (lambda v: isinstance(v, bool), "true or false"),
+    "fan_in_fan_out": (lambda v: v is False, "false (this model's layers are nn.Linear)"),
+    "bias": (lambda v: v in _BIAS_VALUES, ", ".join(_BIAS_VALUES)),
+    "init_lora_weights": (
+        lambda v: any(v is item if isinstance(item, bool) else v == item for item in _INIT_VALUES),
+        "true, false, 'gaussian' (the weights come from the file; other initialisations rewrite the base model)",
+    ),
+    "peft_type": (lambda v: v is None or v == "LORA", "'LORA'"),
+    "task_type": (_is_text_or_none, "null or a string"),
+    "peft_version": (_is_text_or_none, "null or a string"),
+    "base_model_name_or_path": (_is_text_or_none, "null or a string"),
+    "revision": (_is_text_or_none, "null or a string"),
+    "megatron_core": (_is_text_or_none, "null or a string"),
+    "auto_mapping": (lambda v: v is None or isinstance(v, Mapping), "null or an object"),
+    "qalora_group_size": (lambda v: _is_int(v) and 1 <= v <= 2**31, "an integer in 1..2**31"),
+}
+
+
+def _lora_config_defaults() -> dict[str, Any]:
+    """The options peft's ``LoraConfig`` takes, with their defaults (what a missing metadata key becomes)."""
+    import dataclasses
+
+    from peft import LoraConfig
+
+    defaults = {}
+    for field in dataclasses.fields(LoraConfig):
+        if field.init:
+            default = field.default
+            if default is dataclasses.MISSING and field.default_factory is not dataclasses.MISSING:
+                default = field.default_factory()
+            defaults[field.name] = default
+    return defaults
+
+
+def _is_unset(value: Any) -> bool:
+    return value is None or value is False or (isinstance(value, (Mapping, list)) and not value)
+
+
+def _shown(value: Any) -> str:
+    try:
+        text = repr(value)
+    except ValueError:  # an integer beyond Python's digit limit
+        return f"<an integer of {value.bit_length()} bits>"
+    return text if len(text) <= 60 else f"{text[:57]}..."
+
+
 def _check_metadata(metadata: Any, prefix: str | None, source: str) -> dict | None:
-    """The adapter metadata for the loader's ``prefix`` (diffusers' layout: ``<prefix>.r``, ...): finite numbers,
-    a positive integer rank."""
+    """The adapter metadata for the loader's ``prefix`` (diffusers' layout: ``<prefix>.r``, ...), checked against
+    what peft's ``LoraConfig`` takes: known keys, values of the right type in finite ranges (``lora_alpha`` > 0,
+    ``lora_dropout`` in [0, 1), integer ranks), unsupported options unset. Raises naming ``source`` and the key."""
     if metadata is None:
         return None
     if not isinstance(metadata, Mapping):
         raise DiTOptimumError(f"{source} has adapter metadata that is not a mapping.")
 
-    def walk(value: Any, where: str) -> None:
+    def walk(value: Any, where: str, depth: int) -> None:
+        if depth > _METADATA_DEPTH:
+            raise DiTOptimumError(
+                f"{source} has adapter metadata nested deeper than {_METADATA_DEPTH} levels at {where}; LoRA metadata "
+                "is a flat object of peft `LoraConfig` options."
+            )
         if isinstance(value, float) and not math.isfinite(value):
             raise DiTOptimumError(f"{source} has a non-finite adapter metadata value {where}={value!r}.")
         if isinstance(value, Mapping):
             for key, item in value.items():
-                walk(item, f"{where}[{key!r}]")
+                walk(item, f"{where}[{key!r}]", depth + 1)
         elif isinstance(value, (list, tuple)):
             for index, item in enumerate(value):
-                walk(item, f"{where}[{index}]")
+                walk(item, f"{where}[{index}]", depth + 1)
 
     for key, value in metadata.items():
-        walk(value, str(key))
-    if prefix is not None:
-        metadata = {key[len(prefix) + 1 :]: value for key, value in metadata.items() if key.startswith(f"{prefix}.")}
-    rank = metadata.get("r")
-    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
-        raise DiTOptimumError(f"{source} has adapter metadata `r`={rank!r}; the LoRA rank is an integer >= 1.")
-    alpha = metadata.get("lora_alpha")
-    if alpha is not None and (isinstance(alpha, bool) or not isinstance(alpha, (int, float))):
-        raise DiTOptimumError(f"{source} has adapter metadata `lora_alpha`={alpha!r}; it must be a number.")
-    return dict(metadata)
+        if not isinstance(key, str):
+            raise DiTOptimumError(f"{source} has an adapter metadata key {key!r} that is not a string.")
+        walk(value, key, 1)
+    start = f"{prefix}." if prefix is not None else ""
+    metadata = {key[len(start) :]: value for key, value in metadata.items() if key.startswith(start)}
+    defaults = _lora_config_defaults()
+    for key, value in metadata.items():
+        shown = f"`{start}{key}`={_shown(value)}"
+        if key not in defaults:
+            raise DiTOptimumError(
+                f"{source} has the adapter metadata key `{start}{key}`, which is not an option of peft's "
+                f"LoraConfig; the options read: {', '.join(_METADATA_RULES)}."
+            )
+        rule = _METADATA_RULES.get(key)
+        if rule is None:
+            if not _is_unset(value):
+                raise DiTOptimumError(
+                    f"{source} has adapter metadata {shown}, which this package's LoRA loader does not support; "
+                    "allowed: unset (null, false or empty)."
+                )
+            continue
+        valid, allowed = rule
+        if not valid(value):
+            raise DiTOptimumError(f"{source} has adapter metadata {shown}; allowed: {allowed}.")
+        if key in ("rank_pattern", "alpha_pattern"):
+            for pattern in value:
+                try:
+                    re.compile(rf"(.*\.)?({pattern})$")  # as peft matches it
+                except (re.error, RecursionError, OverflowError) as error:
+                    raise DiTOptimumError(
+                        f"{source} has adapter metadata `{start}{key}` key {_shown(pattern)} that is not a valid "
+                        f"regular expression ({error}); keys are layer-name patterns such as 'attn1.to_q'."
+                    ) from None
+    return metadata
 
 
 def _adaptable_layers(model: nn.Module) -> dict[str, nn.Module]:
@@ -292,6 +423,8 @@ def _expected_shape(layer: nn.Module, part: str, rank: int) -> tuple[int, ...] |
             "lora_A.weight": (rank, layer.in_features),
             "lora_B.weight": (layer.out_features, rank),
             "lora_B.bias": (layer.out_features,),
+            "lora_magnitude_vector": (layer.out_features,),  # DoRA
+            "lora_magnitude_vector.weight": (layer.out_features,),
         }
     elif isinstance(layer, nn.Conv2d):
         shapes = {
@@ -313,11 +446,13 @@ def check_lora_state_dict(
 ) -> None:
     """Refuse, naming ``source``, a LoRA state dict that does not fit ``model``: non-finite or non-tensor values,
     keys outside ``prefix`` (as the loader strips it) or naming no layer of the model, shapes or ranks that do not
-    match the layers (or the metadata's rank). Nothing is loaded: the model is untouched either way."""
+    match the layers (or the metadata's ``r`` / ``rank_pattern``), a layer without its lora_A / lora_B pair (peft
+    would leave the missing one on the meta device), adapter metadata peft's ``LoraConfig`` would crash on or ignore
+    (``_check_metadata``). Nothing is loaded: the model is untouched either way."""
     from diffusers.utils import convert_unet_state_dict_to_peft
 
     check_finite_lora_tensors(state_dict, source)
-    metadata = _check_metadata(metadata, prefix, source)
+    metadata = _check_metadata(metadata, prefix, source) or None  # none under `prefix`: the ranks of the tensors
     keys = list(state_dict)
     start = f"{prefix}." if prefix is not None else ""
     foreign = [key for key in keys if not key.startswith(start)]
@@ -327,7 +462,7 @@ def check_lora_state_dict(
     layers = _adaptable_layers(model)
     saved_modules = tuple((metadata or {}).get("modules_to_save") or ())
     weights = {_WRAPPER_NAME.sub("", key): value for key, value in model.state_dict().items() if "lora_" not in key}
-    unmatched, ranks = [], {}
+    unmatched, ranks, parts = [], {}, {}
     for key in ours:
         name = key[len(start) :]
         if convert:
@@ -362,6 +497,7 @@ def check_lora_state_dict(
             )
         if rank is not None:
             ranks.setdefault(module, {})[key] = rank
+        parts.setdefault(module, set()).add(part.removesuffix(".weight"))
     if foreign or unmatched:
         bad = foreign + unmatched
         example = f"{start}{_example_layer(layers)}.lora_A.weight"
@@ -383,13 +519,94 @@ def check_lora_state_dict(
             f"{source}: {len(bad)} of {len(keys)} keys name no layer of this model, e.g. "
             f"{', '.join(repr(key) for key in bad[:_SHOWN_KEYS])}; this model's LoRA keys look like {example!r}."
         )
-    expected_rank = (metadata or {}).get("r") if not (metadata or {}).get("rank_pattern") else None
+    _check_complete_layers(parts, metadata, source, start)
+    expected_ranks = _metadata_ranks(metadata, list(parts), source, start)
     for module, found in ranks.items():
         values = set(found.values())
+        expected_rank, said = expected_ranks.get(module, (None, ""))
         if len(values) > 1 or (expected_rank is not None and values != {expected_rank}):
             shown = ", ".join(f"{key!r}: rank {rank}" for key, rank in found.items())
-            wanted = f" (the metadata says rank {expected_rank})" if expected_rank is not None else ""
+            wanted = f" (the metadata's {said} says rank {_shown(expected_rank)})" if expected_rank is not None else ""
             raise DiTOptimumError(f"{source}: the LoRA ranks of layer {module!r} do not match: {shown}{wanted}.")
+
+
+# The parts every adapted layer needs, by the family of its first part (peft leaves a missing one on the meta device)
+_PAIRS = {
+    "lora_A": ("lora_A", "lora_B"),
+    "lora_B": ("lora_A", "lora_B"),
+    "lora_embedding_A": ("lora_embedding_A", "lora_embedding_B"),
+    "lora_embedding_B": ("lora_embedding_A", "lora_embedding_B"),
+}
+# Parts that one layer has only if every layer has them, as the config's flag says (missing ones stay on meta)
+_ALL_OR_NONE = {"lora_B.bias": "lora_bias", "lora_magnitude_vector": "use_dora"}
+
+
+def _check_complete_layers(parts: Mapping[str, set], metadata: Mapping | None, source: str, start: str) -> None:
+    """Every adapted layer has its lora_A and lora_B pair; a bias (``lora_bias``) or DoRA magnitude (``use_dora``)
+    is on every layer or none, as the metadata says."""
+    for module, found in parts.items():
+        needed = {name for part in found for name in _PAIRS.get(part.split(".")[0], ())}
+        if any(part in _ALL_OR_NONE for part in found):
+            needed |= {"lora_A", "lora_B"}
+        missing = sorted(needed - found)
+        if missing:
+            raise DiTOptimumError(
+                f"{source}: layer {module!r} has {', '.join(sorted(found))} but no {' or '.join(missing)} weight; "
+                "every adapted layer needs both its lora_A and lora_B weights (an incomplete file?)."
+            )
+    paired = [module for module, found in parts.items() if "lora_A" in found]
+    both = [module for module in paired if set(_ALL_OR_NONE) <= parts[module]]
+    if both or (metadata is not None and metadata.get("use_dora") and metadata.get("lora_bias")):
+        where = (
+            f"layer {both[0]!r} has" if both else f"its adapter metadata `{start}use_dora` and `{start}lora_bias` say"
+        )
+        raise DiTOptimumError(
+            f"{source}: {where} both a DoRA magnitude and a lora_B bias; peft supports one or the other, not both."
+        )
+    for part, flag in _ALL_OR_NONE.items():
+        having = [module for module in paired if part in parts[module]]
+        if having and len(having) != len(paired):
+            lacking = next(module for module in paired if part not in parts[module])
+            raise DiTOptimumError(
+                f"{source}: {len(having)} of {len(paired)} adapted layers have a {part!r} tensor but layer "
+                f"{lacking!r} does not; a LoRA has it on every layer or none."
+            )
+        if metadata is not None and paired and bool(metadata.get(flag, False)) != bool(having):
+            said = "true" if metadata.get(flag, False) else "false (or unset)"
+            has = "has" if having else "has no"
+            raise DiTOptimumError(
+                f"{source}: its adapter metadata `{start}{flag}` is {said}, but the file {has} {part!r} tensors; "
+                f"allowed: `{start}{flag}`={'true' if having else 'false'} for this file."
+            )
+
+
+def _metadata_ranks(
+    metadata: Mapping | None, modules: Sequence[str], source: str, start: str
+) -> dict[str, tuple[int, str]]:
+    """The rank peft will give each adapted layer from the metadata (``rank_pattern``, else ``r``, else peft's
+    default), with the key that says it; the rank and alpha patterns must each match an adapted layer."""
+    if metadata is None:
+        return {}  # diffusers reads the ranks from the tensors
+    from peft.utils.other import get_pattern_key
+
+    for name in ("rank_pattern", "alpha_pattern"):
+        for pattern in metadata.get(name) or {}:
+            if not any(re.match(rf"(.*\.)?({pattern})$", module) for module in modules):
+                raise DiTOptimumError(
+                    f"{source} has adapter metadata `{start}{name}` key {_shown(pattern)} that matches no layer of "
+                    f"the file; keys are patterns of the adapted layers' names, e.g. "
+                    f"{_shown(min(modules, default='attn1.to_q'))}."
+                )
+    default = metadata.get("r", _lora_config_defaults()["r"])
+    ranks = {}
+    pattern = metadata.get("rank_pattern") or {}
+    for module in modules:
+        key = get_pattern_key(list(pattern), module)
+        if key in pattern:
+            ranks[module] = (pattern[key], f"`{start}rank_pattern`[{key!r}]")
+        else:
+            ranks[module] = (default, f"`{start}r`")
+    return ranks
 
 
 def _describe(layer: nn.Module) -> str:
@@ -428,7 +645,89 @@ def load_checked_lora(
     state_dict, file_metadata, source = read_lora_weights(pretrained_model_name_or_path_or_dict, **options)
     metadata = file_metadata if metadata is None else metadata
     check_lora_state_dict(model, state_dict, prefix, source, metadata)
+    if metadata is not None and not _check_metadata(metadata, prefix, source):
+        metadata = None  # nothing under this prefix: diffusers would build peft's defaults (rank 8), not the file's
     return state_dict, metadata, source
+
+
+# Adapter names and the methods that choose among loaded adapters (set_adapters, fuse_lora, delete_adapters): an
+# unknown name or a weight that matches nothing is refused naming the adapters there are, instead of a silent no-op.
+
+
+def check_adapter_name(name: Any, parameter: str = "adapter_name") -> None:
+    """A name a new adapter can take: a non-empty string without dots that is not an attribute of peft's
+    ``ModuleDict`` of adapters (torch refuses those half-way through injecting the layers)."""
+    if name is None:
+        return
+    if not isinstance(name, str) or not name or "." in name or hasattr(nn.ModuleDict(), name):
+        raise DiTOptimumError(
+            f"`{parameter}`={_shown(name)} is not a valid adapter name; allowed: a non-empty string without '.' "
+            "(e.g. 'style'), not a name of nn.ModuleDict's attributes, or None for diffusers' default_<n>."
+        )
+
+
+def _adapter_names_of(model: nn.Module) -> list[str]:
+    return list(getattr(model, "peft_config", None) or {})
+
+
+def adapters_text(model: nn.Module) -> str:
+    return ", ".join(_adapter_names_of(model)) or "none loaded"
+
+
+def check_adapter_names(model: nn.Module, names: Any, parameter: str = "adapter_names") -> list[str]:
+    """``names`` (one name or a list of them) as a list, each an adapter loaded into ``model``."""
+    listed = [names] if isinstance(names, str) else names
+    if not isinstance(listed, (list, tuple)) or not listed or not all(isinstance(n, str) for n in listed):
+        raise DiTOptimumError(
+            f"`{parameter}`={_shown(names)} must be an adapter name or a non-empty list of them; adapters: "
+            f"{adapters_text(model)}."
+        )
+    unknown = [name for name in listed if name not in _adapter_names_of(model)]
+    if unknown:
+        raise DiTOptimumError(
+            f"No LoRA adapter named {', '.join(repr(n) for n in unknown)} in `{parameter}`; adapters: "
+            f"{adapters_text(model)}."
+        )
+    if len(set(listed)) != len(listed):
+        raise DiTOptimumError(f"`{parameter}`={_shown(names)} names an adapter twice; give each name once.")
+    return list(listed)
+
+
+def _adapted_layer_names(model: nn.Module) -> list[str]:
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return [name for name, module in model.named_modules() if isinstance(module, BaseTunerLayer)]
+
+
+def check_adapter_weights(model: nn.Module, names: Sequence[str], weights: Any, parameter: str = "weights") -> None:
+    """``set_adapters`` weights for the adapters ``names``: None, a number, a per-layer dict, or a list of those
+    with one entry per adapter. A per-layer dict's keys are parts of the adapted layers' names (diffusers matches
+    them as substrings, a layer no key matches keeping weight 1.0): a key that matches no layer is refused, and so
+    are values that are not numbers. (Finite values: ``check_adapter_scales``.)"""
+    listed = weights if isinstance(weights, list) else [weights] * len(names)
+    if len(listed) != len(names):
+        raise DiTOptimumError(
+            f"`{parameter}` has {len(listed)} entries for {len(names)} adapters {list(names)}; give one weight per "
+            "adapter (or one number for all)."
+        )
+    layers = None
+    for name, weight in zip(names, listed, strict=True):
+        if not isinstance(weight, Mapping):
+            continue
+        layers = _adapted_layer_names(model) if layers is None else layers
+        for key, value in weight.items():
+            if not isinstance(key, str) or not any(key in layer for layer in layers):
+                blocks = sorted({".".join(layer.split(".")[:2]) for layer in layers})
+                raise DiTOptimumError(
+                    f"`{parameter}` for adapter {name!r} has the key {_shown(key)}, which matches no adapted layer; "
+                    f"keys are parts of the adapted layers' names, e.g. {', '.join(repr(b) for b in blocks[:3])} or "
+                    f"{_shown(layers[0] if layers else 'transformer_blocks.0.attn1')}."
+                )
+            if isinstance(value, (Mapping, list, tuple)):
+                raise DiTOptimumError(
+                    f"`{parameter}` for adapter {name!r} gives {key!r} the value {_shown(value)}; per-layer weights "
+                    "are numbers."
+                )
 
 
 def check_no_lora_layers(model: nn.Module, pipeline: bool = False) -> None:

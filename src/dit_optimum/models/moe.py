@@ -73,8 +73,11 @@ class MoEFeedForward(nn.Module):
         self.last_stats: dict[str, torch.Tensor] = {}
 
     def capacity(self, num_tokens: int) -> int:
-        """Slots per expert for a batch of ``num_tokens`` tokens."""
-        return max(1, math.ceil(self.capacity_factor * num_tokens * self.top_k / self.num_experts))
+        """Slots per expert for a batch of ``num_tokens`` tokens: at most ``num_tokens`` (a token picks an expert at
+        most once, so more slots would stay empty; a huge factor neither allocates them nor overflows)."""
+        if self.capacity_factor * self.top_k >= self.num_experts:  # every assignment fits
+            return max(1, num_tokens)
+        return max(1, min(num_tokens, math.ceil(self.capacity_factor * num_tokens * self.top_k / self.num_experts)))
 
     def experts(self, slots: torch.Tensor) -> torch.Tensor:
         # slots: (E, C, D) -> (E, C, D), every expert at once

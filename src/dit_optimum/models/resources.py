@@ -94,6 +94,8 @@ def _check_images(config: Mapping[str, Any], count: int, guided: bool, training:
     fits = available // max(1, per_image)
     if count <= fits:
         return
+    if not fits:
+        _check_model_config(config)
     side, patch = config["sample_size"], config["patch_size"]
     purpose = " for training" if training else (" with guidance (two forwards per image)" if guided else "")
     allowed = f"allowed here: 1..{fits}" if fits else "not even one image fits here"
@@ -103,6 +105,28 @@ def _check_images(config: Mapping[str, Any], count: int, guided: bool, training:
         f"needs about {_size(per_image * count)} of activations{purpose}; {_size(available)} are available "
         f"({allowed}): {advice} a smaller image size."
     )
+
+
+def _check_model_config(config: Mapping[str, Any]) -> None:
+    """When not even one image fits, the model config itself may be what is wrong (a key sizing weights too large
+    for the memory, a value out of range): its own validation, run without allocating weights, names that key
+    instead of blaming the batch. A config that validates (or cannot be built at all) leaves the batch message, and
+    so does a built model's config (diffusers' ``FrozenDict``): it validated when built, and its weights, already in
+    memory, are not part of what is available now."""
+    import torch
+    from diffusers.configuration_utils import FrozenDict
+
+    from .transformer import DiTOptimumTransformer2DModel
+
+    if isinstance(config, FrozenDict):
+        return
+    try:
+        with torch.device("meta"):
+            DiTOptimumTransformer2DModel.from_config(dict(config))
+    except DiTOptimumError:
+        raise
+    except Exception:  # not this check's to report: the batch message stands
+        return
 
 
 def _check_image_size(config: Mapping[str, Any], side: int, batch: int, training: bool, parameter: str | None) -> None:

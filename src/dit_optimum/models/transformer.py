@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
+import numbers
 import os
 import re
 from collections import OrderedDict
@@ -27,9 +29,18 @@ from torch import nn
 from ..configs import dit_config
 from ..errors import DiTOptimumError
 from ..schemas import check_component_folder
-from ..utils import check_number, first_line, pop_unsupported_save_options
+from ..utils import first_line, pop_unsupported_save_options
 from ..utils import save_directory as save_directory_into
-from .attention import AttentionConfig, DiTAttention, resolve_num_kv_heads
+from .attention import (
+    ATTENTION_SPECS,
+    ATTENTION_TYPES,
+    FOCUSED_VARIANTS,
+    AttentionConfig,
+    DiTAttention,
+    _shown,
+    check_focusing_factor,
+    resolve_num_kv_heads,
+)
 from .block_cache import BLOCK_SCHEDULE_HOOK, BlockCacheSchedule, apply_block_schedule
 from .moe import MoEFeedForward
 from .resources import check_resources
@@ -40,6 +51,8 @@ logger = logging.getLogger(__name__)
 DIFFUSERS_NULL_CLASS = 1000
 # Set (to the reason) on a model whose quantized form cannot be saved as a diffusers folder.
 UNSERIALIZABLE_ATTRIBUTE = "_dit_optimum_unserializable"
+# Set by the weight loading to the files it read, for from_pretrained's checks (then removed).
+_LOADED_FILES_ATTRIBUTE = "_dit_optimum_loaded_files"
 # The feed-forward activations diffusers' FeedForward implements.
 ACTIVATION_FUNCTIONS: tuple[str, ...] = (
     "gelu",
@@ -49,6 +62,7 @@ ACTIVATION_FUNCTIONS: tuple[str, ...] = (
     "swiglu",
     "linear-silu",
 )
+_GATED_ACTIVATIONS = ("geglu", "geglu-approximate", "swiglu")  # their first projection is twice as wide
 _STOCK_BLOCK_EMBEDDING = re.compile(r"^transformer_blocks\.(\d+)\.norm1\.emb\.(.+)$")
 
 
@@ -69,21 +83,53 @@ _POSITIVE_INTEGERS = (
     "num_mediators",
     "moe_top_k",
     "moe_every",
+    "norm_num_groups",  # a stock DiT key this model does not use: still an integer
 )
 _OPTIONAL_POSITIVE_INTEGERS = ("out_channels", "num_kv_heads", "dwconv_kernel_size", "moe_expert_dim")
 _NON_NEGATIVE_INTEGERS = ("moe_num_experts", "moe_num_shared_experts")
+# Every integer key (and per-layer list entry) is at most this: far beyond any model that fits in memory (the memory
+# check names the key that is too large), small enough that the size arithmetic never overflows a float.
+MAX_CONFIG_INTEGER = 2**31 - 1
 _BOOLEANS = ("attention_bias", "upcast_attention", "norm_elementwise_affine", "original_timestep_embedding")
-# name -> (minimum, maximum, minimum allowed, maximum allowed)
-_NUMBERS: dict[str, tuple[float, float | None, bool, bool]] = {
+# name -> the strings allowed
+_CHOICES: dict[str, tuple[str, ...]] = {
+    "norm_type": ("ada_norm_zero",),
+    "activation_fn": ACTIVATION_FUNCTIONS,
+    "attention_type": ATTENTION_TYPES,
+    "focused_variant": FOCUSED_VARIANTS,
+}
+# name -> (minimum, maximum, minimum allowed, maximum allowed): every number is finite and bounded
+_NUMBERS: dict[str, tuple[float, float, bool, bool]] = {
     "dropout": (0, 1, True, False),
     "class_dropout_prob": (0, 1, True, False),
-    "norm_eps": (0, None, False, True),
-    "mlp_ratio": (0, None, False, True),
-    "focusing_factor": (1, None, True, True),
-    "moe_capacity_factor": (0, None, False, True),
-    "moe_balance_loss_weight": (0, None, True, True),
-    "moe_router_z_loss_weight": (0, None, True, True),
+    # below 1e-12 the epsilon vanishes in float16/float32 sums (1e-320 is 0 in float32: a 0/0 on a constant token)
+    "norm_eps": (1e-12, 1, True, True),
+    "mlp_ratio": (0, 256, False, True),
+    # at num_experts / moe_top_k every assignment fits already: larger factors change nothing (capacity <= tokens)
+    "moe_capacity_factor": (0, 64, False, True),
+    "moe_balance_loss_weight": (0, 100, True, True),
+    "moe_router_z_loss_weight": (0, 100, True, True),
 }
+
+
+def _check_number(name: str, value: Any, bounds: tuple[float, float, bool, bool]) -> None:
+    # No float() of an unchecked value: an integer of 400 digits is out of range, not an OverflowError.
+    minimum, maximum, include_minimum, include_maximum = bounds
+    valid = isinstance(value, numbers.Real) and not isinstance(value, bool)
+    if valid and not isinstance(value, numbers.Integral):
+        try:
+            valid = math.isfinite(float(value))
+        except (OverflowError, ValueError):  # a Fraction beyond any float
+            valid = False
+    if valid:  # exact comparisons: an integer of any size compares with the float bounds without overflowing
+        valid = (value >= minimum if include_minimum else value > minimum) and (
+            value <= maximum if include_maximum else value < maximum
+        )
+    if not valid:
+        low, high = "[" if include_minimum else "(", "]" if include_maximum else ")"
+        raise DiTOptimumError(
+            f"`{name}`={_shown(value)} must be a finite number in {low}{minimum:g}, {maximum:g}{high}."
+        )
 
 
 def _check_config_types(config: Any) -> None:
@@ -92,42 +138,115 @@ def _check_config_types(config: Any) -> None:
         if value is None and name in _OPTIONAL_POSITIVE_INTEGERS:
             continue
         lowest = 0 if name in _NON_NEGATIVE_INTEGERS else 1
-        if not _is_int(value) or value < lowest:
+        if not _is_int(value) or not lowest <= value <= MAX_CONFIG_INTEGER:
             kind = "an integer >= 0" if lowest == 0 else "a positive integer"
             optional = " or None" if name in _OPTIONAL_POSITIVE_INTEGERS else ""
-            raise DiTOptimumError(f"`{name}`={value!r} must be {kind}{optional}.")
+            raise DiTOptimumError(f"`{name}`={_shown(value)} must be {kind} <= {MAX_CONFIG_INTEGER}{optional}.")
     for name in _BOOLEANS:
         if not isinstance(getattr(config, name), bool):
-            raise DiTOptimumError(f"`{name}`={getattr(config, name)!r} must be true or false.")
-    for name, (minimum, maximum, include_minimum, include_maximum) in _NUMBERS.items():
-        check_number(
-            name,
-            getattr(config, name),
-            minimum,
-            maximum,
-            include_minimum=include_minimum,
-            include_maximum=include_maximum,
-        )
+            raise DiTOptimumError(f"`{name}`={_shown(getattr(config, name))} must be true or false.")
+    for name, allowed in _CHOICES.items():
+        value = getattr(config, name)
+        if not isinstance(value, str) or value not in allowed:  # a list or dict: refused, not an unhashable error
+            raise DiTOptimumError(f"Unknown `{name}`={_shown(value)}; allowed values: {', '.join(allowed)}.")
+    for name, bounds in _NUMBERS.items():
+        _check_number(name, getattr(config, name), bounds)
+    check_focusing_factor(config.focusing_factor)  # [1, 10]: the range where focused attention stays meaningful
+
+
+def _parameter_counts(config: Any) -> dict[str, int]:
+    """Float32 values of every weight and buffer a type-checked config builds, by the config keys that size them
+    (a label naming the keys and their values). An upper estimate: K/V heads and compressed widths are counted at
+    the query width. Counted per block from ``layer_heads`` / ``layer_mlp_dims`` and the MoE keys."""
+    heads, head_dim, layers = config.num_attention_heads, config.attention_head_dim, config.num_layers
+    dim, patch = heads * head_dim, config.patch_size
+    base = f"`num_layers`={layers} at width `num_attention_heads` x `attention_head_dim`={heads} x {head_dim}"
+    counts: dict[str, int] = {}
+
+    def add(label: str, count: int) -> None:
+        counts[label] = counts.get(label, 0) + count
+
+    spec = ATTENTION_SPECS[config.attention_type]
+    kernel = (config.dwconv_kernel_size or spec.dwconv_kernel) if spec.dwconv_kernel is not None else None
+    gated = config.activation_fn in _GATED_ACTIVATIONS
+    experts, shared, top_k = config.moe_num_experts, config.moe_num_shared_experts, config.moe_top_k
+    expert_dim = config.moe_expert_dim
+    expert_label = f"`moe_num_experts`={experts}" + (f" x `moe_expert_dim`={expert_dim}" if expert_dim else "")
+    shared_label = f"`moe_num_shared_experts`={shared}" + (f" x `moe_expert_dim`={expert_dim}" if expert_dim else "")
+    attention_label = base if config.layer_heads is None else f"`layer_heads`={_shown(config.layer_heads)}"
+    conv_label = f"`dwconv_kernel_size`={kernel}" if config.dwconv_kernel_size else attention_label
+    if config.layer_mlp_dims is not None:
+        mlp_label = f"`layer_mlp_dims`={_shown(config.layer_mlp_dims)}"
+    else:
+        mlp_label = f"`mlp_ratio`={config.mlp_ratio!r} at width {dim}"
+
+    def block(layer_heads: int, mlp: int, moe: bool, repeat: int) -> None:
+        inner = layer_heads * head_dim
+        add(attention_label, repeat * (4 * dim * inner + 3 * inner + dim))  # q, k, v, out and their biases
+        if kernel:
+            add(conv_label, repeat * inner * (kernel * kernel + 1))
+        if not moe:  # diffusers' FeedForward: in (twice as wide when gated) and out projections
+            add(mlp_label, repeat * ((2 if gated else 1) * (dim + 1) * mlp + mlp * dim + dim))
+            return
+        width = expert_dim or mlp // top_k
+        add(expert_label, repeat * experts * (2 * dim * width + width + 2 * dim + 1))  # router, experts, counts
+        if shared:
+            add(shared_label, repeat * (shared * width * (2 * dim + 1) + dim))
+
+    listed = None if config.moe_layers is None else set(config.moe_layers)
+
+    def is_moe(index: int) -> bool:  # as `is_moe_layer`
+        return experts > 0 and (index in listed if listed is not None else (index + 1) % config.moe_every == 0)
+
+    if config.layer_heads is None and config.layer_mlp_dims is None:  # uniform blocks: no loop over the layers
+        moe_count = 0 if experts == 0 else len(listed) if listed is not None else layers // config.moe_every
+        block(heads, int(dim * config.mlp_ratio), False, layers - moe_count)
+        if moe_count:
+            block(heads, int(dim * config.mlp_ratio), True, moe_count)
+    else:  # the lists hold one entry per layer
+        for index in range(layers):
+            layer_heads = heads if config.layer_heads is None else config.layer_heads[index]
+            mlp = int(dim * config.mlp_ratio) if config.layer_mlp_dims is None else config.layer_mlp_dims[index]
+            block(layer_heads, mlp, is_moe(index), 1)
+    add(base, layers * (6 * dim * dim + 8 * dim))  # adaLN-Zero modulation, norm2
+    add(base, 256 * dim + dim * dim + 2 * dim + 2 * dim * dim + 2 * dim)  # timestep embedder, proj_out_1
+    tokens = (config.sample_size // patch) ** 2
+    add(f"`sample_size` / `patch_size`={config.sample_size} / {patch} ({tokens} tokens)", tokens * dim)
+    add(f"`num_embeds_ada_norm`={config.num_embeds_ada_norm}", (config.num_embeds_ada_norm + 1) * dim)
+    out = config.in_channels if config.out_channels is None else config.out_channels
+    add(
+        f"`patch_size`={patch} with `in_channels`={config.in_channels} / `out_channels`={out}",
+        (config.in_channels + out) * patch * patch * dim + dim + patch * patch * out,
+    )
+    return counts
 
 
 def estimated_parameter_bytes(config: Any) -> int:
-    """Upper estimate of the float32 weights and position table a config builds (before building it)."""
-    dim = config.num_attention_heads * config.attention_head_dim
-    mlp = int(dim * config.mlp_ratio)
-    experts = max(1, config.moe_num_experts + config.moe_num_shared_experts)
-    per_block = 4 * dim * dim + 6 * dim * dim + 2 * dim * mlp * experts
-    tokens = (config.sample_size // config.patch_size) ** 2
-    classes = config.num_embeds_ada_norm + 1
-    total = config.num_layers * per_block + tokens * dim + classes * dim + 4 * dim * dim
-    return 4 * total
+    """Upper estimate of the float32 weights and buffers a config builds (before building it): every key that sizes
+    a weight counts (width, depth, ``layer_heads``, ``layer_mlp_dims``, MoE experts, shared experts and expert
+    width, depthwise kernel, position and class tables)."""
+    return 4 * sum(_parameter_counts(config).values())
 
 
 def estimated_activation_bytes(config: Any, batch_size: int, training: bool = False) -> int:
     """Rough upper estimate of one forward's float32 activations at ``batch_size`` (attention scores included, as
-    the math path materialises them); with ``training`` every block's activations are kept for the backward."""
+    the math path materialises them); with ``training`` every block's activations are kept for the backward.
+    A config not validated yet (a training command's overrides) may raise ``ValueError`` / ``TypeError``: the
+    model's own validation names the key when it is built."""
     dim = config["num_attention_heads"] * config["attention_head_dim"]
     tokens = (config["sample_size"] // config["patch_size"]) ** 2
-    mlp = int(dim * config.get("mlp_ratio", 4.0))
+    try:
+        mlp = int(dim * config.get("mlp_ratio", 4.0))
+        if config.get("layer_mlp_dims"):  # pruned widths: the widest block
+            mlp = max(config["layer_mlp_dims"])
+        experts = config.get("moe_num_experts") or 0
+        if experts:  # per token: the expert slots it may fill (at most one per expert) and any shared experts
+            top_k = config.get("moe_top_k", 2)
+            width = config.get("moe_expert_dim") or mlp // top_k
+            slots = min(experts, math.ceil(config.get("moe_capacity_factor", 1.25) * top_k))
+            mlp = max(mlp, width * (slots + config.get("moe_num_shared_experts", 0)))
+    except OverflowError as error:  # e.g. mlp_ratio=1e308 in unvalidated overrides
+        raise ValueError(f"a model config value out of range ({error})") from error
     per_block = batch_size * tokens * (8 * dim + 2 * mlp) + batch_size * config["num_attention_heads"] * tokens**2
     blocks = 3 * config["num_layers"] if training else 2
     return 4 * per_block * blocks
@@ -139,10 +258,102 @@ def check_activation_memory(config: Any, batch_size: int, parameter: str, traini
     check_resources(config, parameter=parameter, images=batch_size, training=training)
 
 
-def check_finite_weights(module: nn.Module, source: str) -> None:
+# safetensors dtype codes that are not floating point (torch's names), and those of complex numbers
+_SAFETENSORS_NON_FLOAT = {
+    "BOOL": "bool",
+    "U8": "uint8",
+    "I8": "int8",
+    "U16": "uint16",
+    "I16": "int16",
+    "U32": "uint32",
+    "I32": "int32",
+    "U64": "uint64",
+    "I64": "int64",
+    "C64": "complex64",
+    "C128": "complex128",
+}
+
+
+def _model_key(file_key: str) -> str:
+    # a stock diffusers checkpoint's per-block embedder copies load into the shared conditioning embedding
+    match = _STOCK_BLOCK_EMBEDDING.match(file_key)
+    return f"conditioning_embedding.{match.group(2)}" if match else file_key
+
+
+def _safetensors_dtypes(path: str) -> dict[str, str]:
+    """Tensor name -> dtype code from a safetensors file's header (the tensors themselves are not read)."""
+    with open(path, "rb") as stream:
+        size = int.from_bytes(stream.read(8), "little")
+        header = json.loads(stream.read(size))
+    return {name: entry["dtype"] for name, entry in header.items() if name != "__metadata__"}
+
+
+def check_weight_dtypes(module: nn.Module, files: list[str]) -> None:
+    """Refuse a checkpoint holding an integer, bool or complex tensor where ``module`` has a plain floating-point
+    parameter or buffer (loading would cast it to float silently: bools to 0/1, complex numbers without their
+    imaginary part), naming the file and tensor. Quantized checkpoints keep loading: their integer tensors have
+    names of their own (``weight._data``, ``_weight_qdata``) or load into quantized tensor subclasses."""
+    floats = {
+        name: tensor
+        for name, tensor in module.state_dict().items()
+        if type(tensor) in (torch.Tensor, nn.Parameter) and tensor.is_floating_point()
+    }
+    for path in files:
+        if not str(path).endswith(".safetensors"):
+            continue
+        for key, code in _safetensors_dtypes(str(path)).items():
+            if code in _SAFETENSORS_NON_FLOAT and _model_key(key) in floats:
+                raise DiTOptimumError(
+                    f"The weights in {str(path)!r} hold tensor {key!r} as {_SAFETENSORS_NON_FLOAT[code]}, where the "
+                    "model has a floating-point weight: loading would silently cast it to float. A model's weights "
+                    "are stored as float16, bfloat16, float32 or float64 (quantized checkpoints declare a "
+                    "`quantization_config` in config.json); re-save the model from good weights."
+                )
+
+
+def _cast_overflow(name: str, tensor: torch.Tensor, files: list[str], source: str) -> DiTOptimumError | None:
+    """The error for a non-finite ``tensor`` whose values in the file are finite: the cast to the loading dtype
+    overflowed (e.g. float32 weights of 1e30 loaded with ``torch_dtype=torch.float16``); None otherwise."""
+    from safetensors import safe_open
+
+    wanted = {name}
+    if name.startswith("conditioning_embedding."):  # a stock checkpoint: block 0's copy is the one loaded
+        wanted.add(f"transformer_blocks.0.norm1.emb.{name.removeprefix('conditioning_embedding.')}")
+    for path in files:
+        if not str(path).endswith(".safetensors") or not os.path.isfile(path):
+            continue
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                key = next(iter(sorted(wanted.intersection(handle.keys()))), None)
+                stored = None if key is None else handle.get_tensor(key)
+        except Exception:  # an unreadable file: the generic message stands
+            return None
+        if stored is None:
+            continue
+        if not stored.is_floating_point() or stored.shape != tensor.shape or stored.dtype == tensor.dtype:
+            return None
+        values = stored if stored.dtype.itemsize > 1 else stored.float()
+        if not bool(torch.isfinite(values).all()):
+            return None
+        largest = float(values.abs().max().double())
+        target = str(tensor.dtype).replace("torch.", "")
+        wider = "torch.float32 or torch.bfloat16" if largest <= torch.finfo(torch.float32).max else "torch.float64"
+        bad = int((~torch.isfinite(tensor)).sum())
+        return DiTOptimumError(
+            f"The weights in {str(path)!r} are finite, but tensor {name!r} holds values up to {largest:.3g}, beyond "
+            f"the range of {target} (largest {torch.finfo(tensor.dtype).max:.5g}): casting them to {target} (the "
+            f"`torch_dtype` the model was loaded with) turned {bad} of {tensor.numel()} into inf. The file is fine; "
+            f"load it with `torch_dtype`={wider} (loaded from {source!r})."
+        )
+    return None
+
+
+def check_finite_weights(module: nn.Module, source: str, files: list[str] | None = None) -> None:
     """Refuse a module whose floating-point weights or buffers hold NaN or inf, naming ``source`` (the file or folder
     they were loaded from) and the first such tensor. One reduction per tensor (on its device); quantized
-    tensor subclasses are skipped (their integer data cannot be non-finite)."""
+    tensor subclasses are skipped (their integer data cannot be non-finite). ``files`` (the safetensors files
+    loaded; by default ``source``'s ``diffusion_pytorch_model.safetensors`` when it is a folder) tell a damaged file
+    from finite values that overflowed in the cast to a narrower ``torch_dtype``."""
     tensors = [
         (name, tensor)
         for name, tensor in module.state_dict().items()
@@ -159,6 +370,12 @@ def check_finite_weights(module: nn.Module, source: str) -> None:
     if bool(finite.all()):
         return
     name, tensor = tensors[int((~finite).nonzero()[0])]
+    if files is None:
+        default = Path(source) / "diffusion_pytorch_model.safetensors"
+        files = [str(default)] if default.is_file() else [source]
+    overflow = _cast_overflow(name, tensor, files, source)
+    if overflow is not None:
+        raise overflow
     bad = int((~torch.isfinite(tensor)).sum())
     raise DiTOptimumError(
         f"The weights in {source!r} are not finite: tensor {name!r} holds {bad} NaN/inf value(s) of {tensor.numel()} "
@@ -169,12 +386,17 @@ def check_finite_weights(module: nn.Module, source: str) -> None:
 def _check_fits_in_memory(config: Any) -> None:
     import psutil
 
-    needed, available = estimated_parameter_bytes(config), psutil.virtual_memory().available
+    from .resources import _size
+
+    counts = _parameter_counts(config)
+    needed, available = 4 * sum(counts.values()), psutil.virtual_memory().available
     if needed > available:
+        label, largest = max(counts.items(), key=lambda item: item[1])
         raise DiTOptimumError(
             f"This config (num_layers={config.num_layers}, width {config.num_attention_heads}x"
             f"{config.attention_head_dim}, sample_size={config.sample_size}, patch_size={config.patch_size}) needs "
-            f"about {needed / 2**30:.1f} GiB for its weights alone; {available / 2**30:.1f} GiB are available."
+            f"about {_size(needed)} for its weights alone; {_size(available)} are available. The largest part "
+            f"({_size(4 * largest)}) is sized by {label}: use smaller values."
         )
 
 
@@ -393,8 +615,19 @@ class DiTOptimumTransformer2DModel(DiTTransformer2DModel, AttentionMixin, PeftAd
                 f"The weights in {str(where)!r} do not match its config.json ({details}); the folder is "
                 "inconsistent (edited config or mixed files): re-save the model."
             )
-        check_finite_weights(model, _weights_file(where, kwargs.get("variant")))
+        files = model.__dict__.pop(_LOADED_FILES_ATTRIBUTE, None)
+        check_finite_weights(model, _weights_file(where, kwargs.get("variant")), files)
         return (model, info) if wants_info else model
+
+    @classmethod
+    def _load_pretrained_model(cls, model, state_dict, resolved_model_file, *args: Any, **kwargs: Any):
+        """diffusers' weight loading, after refusing integer/bool/complex tensors for float weights (the load would
+        cast them silently); the files read are kept for ``from_pretrained``'s finite-weights check."""
+        files = [str(path) for path in resolved_model_file or [] if isinstance(path, (str, os.PathLike))]
+        check_weight_dtypes(model, files)
+        result = super()._load_pretrained_model(model, state_dict, resolved_model_file, *args, **kwargs)
+        model.__dict__[_LOADED_FILES_ATTRIBUTE] = files
+        return result
 
     @classmethod
     def from_preset(cls, name: str, **kwargs: Any) -> DiTOptimumTransformer2DModel:
@@ -413,15 +646,7 @@ class DiTOptimumTransformer2DModel(DiTTransformer2DModel, AttentionMixin, PeftAd
     def _validate_config(self) -> None:
         """One validation of the whole config, at construction and therefore at every load."""
         config = self.config
-        _check_config_types(config)
-        if config.norm_type != "ada_norm_zero":
-            raise DiTOptimumError(
-                f"`norm_type`={config.norm_type!r} is not supported; allowed values: 'ada_norm_zero'."
-            )
-        if config.activation_fn not in ACTIVATION_FUNCTIONS:
-            raise DiTOptimumError(
-                f"Unknown `activation_fn`={config.activation_fn!r}; allowed values: {', '.join(ACTIVATION_FUNCTIONS)}."
-            )
+        _check_config_types(config)  # every scalar key: its type and range (strings: the allowed values)
         hidden = config.num_attention_heads * config.attention_head_dim
         if hidden % 4:  # the 2-D sin-cos position table splits the width into four sinusoid bands
             raise DiTOptimumError(
@@ -443,32 +668,45 @@ class DiTOptimumTransformer2DModel(DiTTransformer2DModel, AttentionMixin, PeftAd
             if (
                 not isinstance(values, (list, tuple))
                 or len(values) != config.num_layers
-                or any(not _is_int(v) or v < 1 for v in values)
+                or any(not _is_int(v) or not 1 <= v <= MAX_CONFIG_INTEGER for v in values)
             ):
                 raise DiTOptimumError(
-                    f"`{name}` must list one positive integer per layer ({config.num_layers}), got {values!r}."
+                    f"`{name}` must list one positive integer (at most {MAX_CONFIG_INTEGER}) per layer "
+                    f"({config.num_layers}), got {_shown(values)}."
                 )
             if upper is not None and max(values) > upper:
-                raise DiTOptimumError(f"`{name}` entries must be at most num_attention_heads={upper}, got {values}.")
+                raise DiTOptimumError(
+                    f"`{name}` entries must be at most num_attention_heads={upper}, got {_shown(values)}."
+                )
+        self._validate_moe_config()
+        # Before the attention checks (whose allowed values are listed up to the width): a config too large for the
+        # memory is refused naming the key that sizes it, before anything is allocated.
+        _check_fits_in_memory(config)
         self.attention_config = AttentionConfig.from_model_config(config)
         self.attention_config.validate(
             config.num_attention_heads, config.attention_head_dim, config.sample_size // config.patch_size
         )
         group = self.query_heads_per_kv_head
-        self._validate_moe_config()
         grouped = config.layer_heads is not None and self.attention_config.spec.kv_layout == "grouped"
         if grouped and any(heads % group for heads in config.layer_heads):
             raise DiTOptimumError(
                 f"`layer_heads` entries must be multiples of {group} (query heads per K/V head for "
-                f"attention_type={config.attention_type!r}), got {config.layer_heads}."
+                f"attention_type={config.attention_type!r}), got {_shown(config.layer_heads)}."
             )
-        _check_fits_in_memory(config)
 
     def _validate_moe_config(self) -> None:
         config = self.config
         experts = config.moe_num_experts
         if not _is_int(experts) or experts < 0:
-            raise DiTOptimumError(f"`moe_num_experts`={experts!r} must be 0 (dense) or a positive integer.")
+            raise DiTOptimumError(f"`moe_num_experts`={_shown(experts)} must be 0 (dense) or a positive integer.")
+        layers = config.moe_layers  # a list of block indices, checked for a dense model too (a typo is not ignored)
+        if layers is not None and (
+            not isinstance(layers, (list, tuple)) or not all(_is_int(i) and 0 <= i < config.num_layers for i in layers)
+        ):
+            raise DiTOptimumError(
+                f"`moe_layers`={_shown(layers)} is invalid; allowed values: None or a list of block indices in "
+                f"0..{config.num_layers - 1}."
+            )
         if experts == 0:
             return
         checks = [
@@ -478,21 +716,19 @@ class DiTOptimumTransformer2DModel(DiTTransformer2DModel, AttentionMixin, PeftAd
                 1 <= config.moe_every <= config.num_layers,
                 f"1..{config.num_layers}",
             ),
-            (
-                "moe_layers",
-                config.moe_layers is None
-                or (
-                    isinstance(config.moe_layers, (list, tuple))
-                    and all(_is_int(i) and 0 <= i < config.num_layers for i in config.moe_layers)
-                ),
-                f"None or a list of block indices in 0..{config.num_layers - 1}",
-            ),
         ]
         for name, valid, allowed in checks:
             if not valid:
-                raise DiTOptimumError(f"`{name}`={getattr(config, name)!r} is invalid; allowed values: {allowed}.")
+                value = _shown(getattr(config, name))
+                raise DiTOptimumError(f"`{name}`={value} is invalid; allowed values: {allowed}.")
         if config.layer_mlp_dims is not None:
             raise DiTOptimumError("`layer_mlp_dims` (MLP pruning) cannot be combined with MoE (`moe_num_experts` > 0).")
+        mlp = int(config.num_attention_heads * config.attention_head_dim * config.mlp_ratio)
+        if config.moe_expert_dim is None and mlp // config.moe_top_k < 1:
+            raise DiTOptimumError(
+                f"The expert width (the MLP width {mlp} // `moe_top_k`={config.moe_top_k}) is 0: "
+                "set `moe_expert_dim` (a positive integer), a smaller `moe_top_k` or a larger `mlp_ratio`."
+            )
 
     def is_moe_layer(self, index: int) -> bool:
         """Whether block ``index`` has the MoE feed-forward (listed in ``moe_layers``, else every ``moe_every``-th)."""
@@ -671,33 +907,95 @@ class DiTOptimumTransformer2DModel(DiTTransformer2DModel, AttentionMixin, PeftAd
         super().add_adapter(adapter_config, adapter_name=adapter_name)
 
     def set_adapters(self, adapter_names: str | list[str], weights: Any = None) -> None:
-        """diffusers' ``set_adapters``; ``weights`` must be finite numbers (a NaN weight makes every output NaN)."""
+        """diffusers' ``set_adapters``; ``weights`` must be finite numbers (a NaN weight makes every output NaN),
+        one per adapter, and ``adapter_names`` loaded adapters; a per-layer dict key that matches no adapted layer
+        is refused (diffusers would leave those layers at weight 1.0)."""
+        from .lora import check_adapter_names, check_adapter_weights
+
         check_adapter_scales("weights", weights, self.dtype)
+        names = check_adapter_names(self, adapter_names)
+        check_adapter_weights(self, names, weights)
         super().set_adapters(adapter_names, weights)
 
     def fuse_lora(self, lora_scale: float = 1.0, safe_fusing: bool = False, adapter_names: Any = None) -> None:
-        """diffusers' ``fuse_lora``; ``lora_scale`` must be a finite number."""
+        """diffusers' ``fuse_lora``; ``lora_scale`` must be a finite number and ``adapter_names`` (default: the
+        active adapters) loaded adapters (an unknown name would fuse nothing)."""
+        from .lora import check_adapter_names
+
         check_adapter_scales("lora_scale", lora_scale, self.dtype)
+        if adapter_names is not None:
+            check_adapter_names(self, adapter_names)
         super().fuse_lora(lora_scale=lora_scale, safe_fusing=safe_fusing, adapter_names=adapter_names)
+
+    def delete_adapters(self, adapter_names: str | list[str]) -> None:
+        """diffusers' ``delete_adapters``; an ``adapter_names`` entry that names no loaded adapter is refused
+        (diffusers would delete nothing without a word)."""
+        from .lora import check_adapter_names
+
+        check_adapter_names(self, adapter_names)
+        super().delete_adapters(adapter_names)
 
     def load_lora_adapter(self, pretrained_model_name_or_path_or_dict: Any, prefix: str = "transformer", **kwargs):
         """diffusers' ``load_lora_adapter``, through the package's one LoRA reader (``lora.load_checked_lora``):
         safetensors only (a ``.bin`` ``weight_name`` is refused unread), a regular and readable file of finite
         tensors whose keys under ``prefix`` name this model's layers with their shapes; anything else is refused
-        naming the file before the model changes (diffusers would load a foreign LoRA as a silent no-op)."""
-        from .lora import LORA_FILE_OPTIONS, load_checked_lora
+        naming the file before the model changes (diffusers would load a foreign LoRA as a silent no-op).
+
+        The adapter metadata is checked against peft's ``LoraConfig`` (``lora.check_lora_state_dict``). A load that
+        fails anyway leaves no adapter behind; the new layers (their dropout included) follow the model's train /
+        eval mode, so an adapter loaded into a model in eval mode samples deterministically."""
+        from diffusers.utils.peft_utils import get_adapter_name
+
+        from .lora import LORA_FILE_OPTIONS, adapters_text, check_adapter_name, load_checked_lora
 
         options = {name: kwargs.pop(name) for name in LORA_FILE_OPTIONS if name in kwargs}
         name = kwargs.get("adapter_name")
-        if name is not None and name in getattr(self, "peft_config", {}) and not kwargs.get("hotswap"):
+        check_adapter_name(name)
+        hotswap = bool(kwargs.get("hotswap"))
+        if name is not None and name in getattr(self, "peft_config", {}) and not hotswap:
             raise DiTOptimumError(
                 f"`adapter_name`={name!r} is already in use; adapters: {', '.join(self.peft_config)}. Choose another "
                 "name, or remove it first (`delete_adapters`)."
             )
-        state_dict, metadata, _ = load_checked_lora(
+        if hotswap and name not in (getattr(self, "peft_config", None) or {}):
+            raise DiTOptimumError(
+                f"`hotswap`=True replaces a loaded adapter: `adapter_name`={name!r} names none; adapters: "
+                f"{adapters_text(self)}."
+            )
+        state_dict, metadata, source = load_checked_lora(
             self, pretrained_model_name_or_path_or_dict, prefix, kwargs.pop("metadata", None), **options
         )
-        return super().load_lora_adapter(state_dict, prefix=prefix, metadata=metadata, **kwargs)
+        kwargs["adapter_name"] = name if name is not None else get_adapter_name(self)  # diffusers' default name
+        modules = set(self.modules())
+        try:
+            result = super().load_lora_adapter(state_dict, prefix=prefix, metadata=metadata, **kwargs)
+        except Exception as error:
+            if not hotswap:
+                self._remove_failed_adapter(kwargs["adapter_name"], modules)
+            if isinstance(error, DiTOptimumError) or not isinstance(
+                error, (ValueError, TypeError, RuntimeError, KeyError, OverflowError, AttributeError)
+            ):
+                raise
+            raise DiTOptimumError(f"{source} could not be loaded as a LoRA adapter: {first_line(error)}") from error
+        for module in self.modules():  # new peft layers follow the model's mode (a training-mode dropout is random)
+            if module not in modules:
+                module.training = self.training
+        return result
+
+    def _remove_failed_adapter(self, adapter_name: str, modules: set[nn.Module]) -> None:
+        # What a failed load left: the adapter's layers and config; peft's wrappers too if there were none before.
+        from diffusers.utils import recurse_remove_peft_layers
+        from diffusers.utils.peft_utils import delete_adapter_layers
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        if not any(isinstance(module, BaseTunerLayer) for module in modules):
+            recurse_remove_peft_layers(self)
+            if hasattr(self, "peft_config"):
+                del self.peft_config
+            self._hf_peft_config_loaded = None
+            return
+        delete_adapter_layers(self, adapter_name)
+        (getattr(self, "peft_config", None) or {}).pop(adapter_name, None)
 
     def save_lora_adapter(
         self,

@@ -6,6 +6,7 @@ import json
 import math
 import numbers
 import os
+import re
 import threading
 import weakref
 from collections.abc import Mapping, Sequence
@@ -23,8 +24,17 @@ from ..models.autoencoder import IdentityAutoencoder
 from ..models.lora import check_no_lora_layers
 from ..models.resources import check_resources
 from ..models.transformer import DiTOptimumTransformer2DModel, check_finite_weights
-from ..schemas import MODEL_INDEX, FileContentError, SchemaError, check_component_folder, read_json_file
-from ..utils import check_number, check_source, first_line, is_integer, pop_unsupported_save_options
+from ..schemas import (
+    CLASS_NAME,
+    ID2LABEL,
+    MODEL_INDEX,
+    FileContentError,
+    SchemaError,
+    check_component_folder,
+    read_json_file,
+    validate,
+)
+from ..utils import check_source, first_line, is_integer, pop_unsupported_save_options
 from ..utils import save_directory as save_directory_into
 from .lora import DiTLoraLoaderMixin
 
@@ -40,58 +50,280 @@ _CALL_LOCKS_GUARD = threading.Lock()
 MAX_GUIDANCE_SCALE = float(torch.finfo(torch.float16).max)
 
 
-def check_scheduler_config(config: Mapping[str, Any], where: str) -> None:
-    """Refuse a scheduler config that cannot sample: ``num_train_timesteps`` < 1, or betas (``beta_start``,
-    ``beta_end``, ``trained_betas``) that are not finite numbers in [0, 1); the error names ``where`` and the key."""
-    steps = config.get("num_train_timesteps", 1000)
-    if not is_integer(steps) or steps < 1:
-        raise DiTOptimumError(f"The scheduler config ({where}) has `num_train_timesteps`={steps!r}: it must be >= 1.")
-    for key in ("beta_start", "beta_end"):
-        if config.get(key) is not None:
-            try:
-                check_number(key, config[key], 0, 1, include_maximum=False)
-            except DiTOptimumError as error:
-                raise DiTOptimumError(f"The scheduler config ({where}): {error}") from None
-    trained = config.get("trained_betas")
-    if trained is not None:
-        values = np.asarray(trained, dtype=object).reshape(-1) if isinstance(trained, (list, tuple)) else None
-        valid = values is not None and len(values) > 0
-        if valid:
-            try:
-                numbers = np.asarray(values, dtype=np.float64)
-                valid = bool(np.isfinite(numbers).all() and (numbers >= 0).all() and (numbers < 1).all())
-            except (TypeError, ValueError):
-                valid = False
-        if not valid:
-            raise DiTOptimumError(
-                f"The scheduler config ({where}) has invalid `trained_betas`: it must be a non-empty list of finite "
-                "numbers in [0, 1)."
-            )
+# The largest `num_train_timesteps` a scheduler config may give: diffusers builds its tables of that length when it
+# builds the scheduler (10**8 is gigabytes), and DiT checkpoints train with 1000.
+MAX_TRAIN_TIMESTEPS = 100_000
+# A VAE's `scaling_factor` (latents are divided by it before decoding; published VAEs use 0.13-1.6) and the largest
+# `shift_factor` magnitude.
+VAE_SCALING_RANGE = (1e-4, 1e4)
+MAX_VAE_SHIFT = 1e4
+
+_BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
+_PREDICTIONS = ("epsilon", "sample", "v_prediction")
+_SPACINGS = ("leading", "linspace", "trailing")
+_FINAL_SIGMAS = ("zero", "sigma_min")
+_FLAGS = ("clip_sample", "set_alpha_to_one", "thresholding", "rescale_betas_zero_snr", "lower_order_final",
+          "euler_at_final", "use_lu_lambdas", "use_flow_sigmas", "use_dynamic_shifting")  # fmt: skip
+_OPTIONAL_FLAGS = ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas")
+# The values diffusers' schedulers that DiT samples with accept for their choice keys, by class (another class's
+# choice keys are its own business; its numbers are still checked below).
+_SCHEDULER_CHOICES: dict[str, dict[str, tuple[Any, ...]]] = {
+    "DDIMScheduler": {"beta_schedule": _BETA_SCHEDULES, "prediction_type": _PREDICTIONS, "timestep_spacing": _SPACINGS},
+    "DDPMScheduler": {
+        "beta_schedule": (*_BETA_SCHEDULES, "laplace", "sigmoid"),
+        "prediction_type": _PREDICTIONS,
+        "timestep_spacing": _SPACINGS,
+        "variance_type": (
+            "fixed_small",
+            "fixed_small_log",
+            "fixed_large",
+            "fixed_large_log",
+            "learned",
+            "learned_range",
+        ),
+    },
+    "DPMSolverMultistepScheduler": {
+        "beta_schedule": _BETA_SCHEDULES,
+        "prediction_type": (*_PREDICTIONS, "flow_prediction"),
+        "timestep_spacing": _SPACINGS,
+        "algorithm_type": ("dpmsolver++", "sde-dpmsolver++", "dpmsolver", "sde-dpmsolver", "deis"),
+        "solver_type": ("midpoint", "heun", "logrho", "bh1", "bh2"),
+        "final_sigmas_type": _FINAL_SIGMAS,
+        "variance_type": (None, "learned", "learned_range"),
+        "time_shift_type": ("exponential",),
+    },
+    "EulerDiscreteScheduler": {
+        "beta_schedule": _BETA_SCHEDULES,
+        "prediction_type": (*_PREDICTIONS, "original_sample"),
+        "timestep_spacing": _SPACINGS,
+        "interpolation_type": ("linear", "log_linear"),
+        "timestep_type": ("discrete", "continuous"),
+        "final_sigmas_type": _FINAL_SIGMAS,
+    },
+}
 
 
-def check_scheduler(scheduler: Any, where: str = "scheduler") -> None:
-    """``check_scheduler_config`` on a built scheduler, and its ``betas`` / ``alphas_cumprod`` tables finite."""
-    check_scheduler_config(scheduler.config, where)
+def _is_finite(value: Any) -> bool:
+    """A finite real number, not a boolean (an integer too large for a float is not finite here)."""
+    if not isinstance(value, numbers.Real) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
+
+
+def _shown(value: Any) -> str:
+    if isinstance(value, (np.ndarray, torch.Tensor)):  # never read its values (a meta tensor has none)
+        return f"a {type(value).__name__} of shape {tuple(value.shape)} and dtype {value.dtype}"
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _train_steps(config: Mapping[str, Any]) -> int:
+    return config.get("num_train_timesteps", 1000)
+
+
+def _betas_ok(value: Any, config: Mapping[str, Any]) -> bool:
+    if value is None:
+        return True
+    if isinstance(value, torch.Tensor) and value.device.type == "meta":
+        return False  # no values to read
+    if isinstance(value, (np.ndarray, torch.Tensor)) and value.ndim == 1:
+        value = value.tolist()
+    return (
+        isinstance(value, (list, tuple))
+        and len(value) == _train_steps(config)
+        and all(_is_finite(beta) and 0 <= beta < 1 for beta in value)
+    )
+
+
+def _beta_bound_ok(value: Any, config: Mapping[str, Any]) -> bool:
+    # unused (may be null) when the config gives its betas
+    return (value is None and config.get("trained_betas") is not None) or (_is_finite(value) and 0 <= value < 1)
+
+
+def _positive(value: Any, config: Mapping[str, Any]) -> bool:
+    return _is_finite(value) and value > 0
+
+
+def _flag(value: Any, config: Mapping[str, Any]) -> bool:
+    return isinstance(value, bool)
+
+
+# key -> (accepts(value, config), its allowed values in words (a function of the config where they depend on it)),
+# in the order checked: `num_train_timesteps` first, as other keys' bounds depend on it.
+_SCHEDULER_KEYS: dict[str, tuple[Any, Any]] = {
+    "num_train_timesteps": (
+        lambda v, c: is_integer(v) and 1 <= v <= MAX_TRAIN_TIMESTEPS,
+        f"an integer in 1..{MAX_TRAIN_TIMESTEPS} (it must be >= 1; diffusers builds tables of that length)",
+    ),
+    "trained_betas": (
+        _betas_ok,
+        lambda c: f"null or a flat list of {_train_steps(c)} (`num_train_timesteps`) finite numbers in [0, 1)",
+    ),
+    "beta_start": (_beta_bound_ok, "a finite number in [0, 1)"),
+    "beta_end": (_beta_bound_ok, "a finite number in [0, 1)"),
+    "steps_offset": (
+        lambda v, c: is_integer(v) and 0 <= v < _train_steps(c),
+        lambda c: f"an integer in 0..{_train_steps(c) - 1} (below `num_train_timesteps`)",
+    ),
+    "clip_sample_range": (_positive, "a finite number > 0 (samples are clipped to [-range, range])"),
+    "dynamic_thresholding_ratio": (
+        lambda v, c: _is_finite(v) and 0 <= v <= 1,
+        "a finite number in [0, 1] (a quantile)",
+    ),
+    "sample_max_value": (_positive, "a finite number > 0"),
+    "solver_order": (lambda v, c: is_integer(v) and 1 <= v <= 3, "1, 2 or 3"),
+    "flow_shift": (_positive, "a finite number > 0"),
+    "lambda_min_clipped": (
+        lambda v, c: isinstance(v, numbers.Real) and not isinstance(v, bool) and not math.isnan(v) and v < math.inf,
+        "a number below inf (-inf disables clipping)",
+    ),
+    "sigma_min": (lambda v, c: v is None or _positive(v, c), "null or a finite number > 0"),
+    "sigma_max": (lambda v, c: v is None or _positive(v, c), "null or a finite number > 0"),
+    **dict.fromkeys(_FLAGS, (_flag, "true or false")),
+    **dict.fromkeys(_OPTIONAL_FLAGS, (lambda v, c: v is None or isinstance(v, bool), "true, false or null")),
+}
+
+
+def scheduler_config_problem(config: Mapping[str, Any], class_name: str | None = None) -> str | None:
+    """What is wrong with a scheduler config, as "`key`=value; allowed values: ...", or None: every key the DDIM,
+    DDPM, DPM-Solver and Euler schedulers read (their choice keys by ``class_name``, default the config's
+    ``_class_name``) that would fail, allocate without bound or sample NaN or constant images."""
+    for key, (accepts, allowed) in _SCHEDULER_KEYS.items():
+        if key in config and not accepts(config[key], config):
+            allowed = allowed(config) if callable(allowed) else allowed
+            return f"`{key}`={_shown(config[key])}; allowed values: {allowed}"
+    choices = _SCHEDULER_CHOICES.get(class_name or config.get("_class_name"), {})
+    for key, allowed in choices.items():
+        if key in config and (not isinstance(config[key], (str, type(None))) or config[key] not in allowed):
+            shown = ", ".join("null" if value is None else value for value in allowed)
+            return f"`{key}`={_shown(config[key])}; allowed values: {shown}"
+    return None
+
+
+def check_scheduler_config(config: Mapping[str, Any], where: str, class_name: str | None = None) -> None:
+    """Refuse a scheduler config that cannot sample (``scheduler_config_problem``); the error names ``where``, the
+    key and its allowed values."""
+    problem = scheduler_config_problem(config, class_name)
+    if problem:
+        raise DiTOptimumError(f"The scheduler config ({where}) has {problem}.")
+
+
+def _scheduler_problem(scheduler: Any) -> str | None:
+    problem = scheduler_config_problem(scheduler.config, type(scheduler).__name__)
+    if problem:
+        return problem
     for key in ("betas", "alphas_cumprod"):
         table = getattr(scheduler, key, None)
         if torch.is_tensor(table) and table.numel() and not bool(torch.isfinite(table).all()):
-            raise DiTOptimumError(f"The scheduler ({where}) has non-finite `{key}`: check its config's betas.")
+            return f"non-finite `{key}` (check its config's betas)"
+    table = getattr(scheduler, "betas", None)
+    if torch.is_tensor(table) and table.numel() and not bool((table > 0).any()):
+        return "`betas` that are all 0 (the schedule adds no noise: check its config's betas)"
+    return None
 
 
-def _normalize_id2label(id2label: dict[Any, str] | None, num_classes: int) -> dict[str, str] | None:
+def check_scheduler(scheduler: Any, where: str = "scheduler") -> None:
+    """``check_scheduler_config`` on a built scheduler, its ``betas`` / ``alphas_cumprod`` tables finite and its
+    betas not all 0."""
+    problem = _scheduler_problem(scheduler)
+    if problem:
+        raise DiTOptimumError(f"The scheduler ({where}) has {problem}.")
+
+
+def _vae_problem(config: Mapping[str, Any], loaded: bool = True) -> str | None:
+    # `loaded`: a built VAE's config (its scaling_factor must be there); else a saved file (a missing key: default)
+    low, high = VAE_SCALING_RANGE
+    if loaded or "scaling_factor" in config:
+        value = config.get("scaling_factor")
+        if not (_is_finite(value) and low <= value <= high):
+            return (
+                f"`scaling_factor`={_shown(value)}; allowed values: a finite number in [{low:g}, {high:g}] "
+                "(latents are divided by it before decoding)"
+            )
+    value = config.get("shift_factor")
+    if value is not None and not (_is_finite(value) and abs(value) <= MAX_VAE_SHIFT):
+        bound = f"{MAX_VAE_SHIFT:g}"
+        return f"`shift_factor`={_shown(value)}; allowed values: null or a finite number in [-{bound}, {bound}]"
+    if "norm_num_groups" in config:
+        value, channels = config["norm_num_groups"], config.get("block_out_channels")
+        channels = [c for c in channels if is_integer(c)] if isinstance(channels, (list, tuple)) else []
+        if not (is_integer(value) and value >= 1 and all(c % value == 0 for c in channels)):
+            return (
+                f"`norm_num_groups`={_shown(value)}; allowed values: an integer >= 1 that divides every "
+                f"`block_out_channels` entry ({channels})"
+            )
+    return None
+
+
+def check_vae(vae: Any, where: str = "vae") -> None:
+    """Refuse a VAE whose config would decode NaN or fail: ``scaling_factor`` finite in ``VAE_SCALING_RANGE``,
+    ``shift_factor`` null or finite; the error names ``where``, the key and the allowed values."""
+    config = getattr(vae, "config", None)
+    problem = _vae_problem(config if isinstance(config, Mapping) else {})
+    if problem:
+        raise DiTOptimumError(f"The VAE ({where}) has {problem}.")
+
+
+def _class_index(key: Any) -> int | None:
+    """An ``id2label`` key's class index: an integer, an integral finite number or a string of digits; None for
+    anything else (booleans, fractions, other strings)."""
+    if isinstance(key, bool):
+        return None
+    if is_integer(key):
+        return int(key)
+    if isinstance(key, numbers.Real):
+        return int(key) if _is_finite(key) and float(key).is_integer() else None
+    if isinstance(key, str) and re.fullmatch(r"[0-9]+", key.strip(), flags=re.ASCII):
+        try:
+            return int(key.strip())
+        except ValueError:  # more digits than Python converts
+            return None
+    return None
+
+
+def _normalize_id2label(id2label: Mapping[Any, Any] | None, num_classes: int) -> dict[str, str] | None:
     if id2label is None:
         return None
-    normalized = {}
+    if not isinstance(id2label, Mapping):
+        raise DiTOptimumError(
+            f"`id2label` must be a mapping of class index to name (e.g. {{0: 'cat'}}), got {type(id2label).__name__}."
+        )
+    normalized: dict[str, str] = {}
+    keys: dict[int, Any] = {}
+    longest = CLASS_NAME.max_length  # what from_pretrained accepts: never save what would not load
     for key, value in id2label.items():
-        try:
-            index = int(key)
-        except (TypeError, ValueError):
-            raise DiTOptimumError(f"`id2label` keys must be class indices, got {key!r}.") from None
+        index = _class_index(key)
+        if index is None:
+            raise DiTOptimumError(
+                f"`id2label` key {_shown(key)} is not a class index; allowed values: integers or strings of digits "
+                f"in 0..{num_classes - 1} (not booleans or fractions)."
+            )
         if not 0 <= index < num_classes:
             raise DiTOptimumError(
                 f"`id2label` key {index} is outside the model's classes; allowed values: 0..{num_classes - 1}."
             )
-        normalized[str(index)] = str(value)
+        if index in keys:
+            raise DiTOptimumError(
+                f"`id2label` names class {index} twice (keys {keys[index]!r} and {key!r}); give each class one key."
+            )
+        keys[index] = key
+        if isinstance(value, str):
+            name = value
+        elif _is_finite(value):  # a number as a name (JSON files of class names may hold them)
+            name = str(value)
+        else:
+            raise DiTOptimumError(
+                f"`id2label` name of class {index} is {_shown(value)}; allowed values: a string (or a number)."
+            )
+        if len(name) > longest:
+            raise DiTOptimumError(
+                f"`id2label` name of class {index} is {len(name)} characters long; allowed values: names of at most "
+                f"{longest} characters (what a saved pipeline's model_index.json may hold)."
+            )
+        normalized[str(index)] = name
     # DiTPipeline looks classes up by every comma-separated alias: an alias naming two classes would pick one.
     seen: dict[str, str] = {}
     for index, value in normalized.items():
@@ -102,20 +334,36 @@ def _normalize_id2label(id2label: dict[Any, str] | None, num_classes: int) -> di
                     "names must be unique."
                 )
             seen[alias] = index
-    return dict(sorted(normalized.items(), key=lambda item: int(item[0])))
+    normalized = dict(sorted(normalized.items(), key=lambda item: int(item[0])))
+    validate(normalized, ID2LABEL, "`id2label`")  # exactly what from_pretrained reads back from model_index.json
+    return normalized
+
+
+def _saved_config(folder: Path, name: str, file: str) -> tuple[Path, dict[str, Any] | None, str | None]:
+    # A readable local component config and the class model_index.json builds from it (None where unknown).
+    path = folder / name / file
+    try:
+        config = json.loads(path.read_text()) if path.is_file() else None
+        entry = json.loads((folder / "model_index.json").read_text()).get(name)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+        return path, None, None  # diffusers reports an unreadable config naming the file
+    class_name = entry[1] if isinstance(entry, list) and len(entry) == 2 and isinstance(entry[1], str) else None
+    return path, config if isinstance(config, dict) else None, class_name
 
 
 def _check_saved_scheduler(folder: Path) -> None:
-    # Before diffusers builds it (a 0-step config fails there with an IndexError): a readable local config only.
-    path = folder / "scheduler" / "scheduler_config.json"
-    if not path.is_file():
-        return
-    try:
-        config = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return  # diffusers reports an unreadable config naming the file
-    if isinstance(config, dict):
-        check_scheduler_config(config, str(path))
+    # Before diffusers builds it (a 0-step config fails there with an IndexError, 10**8 steps allocate gigabytes).
+    path, config, class_name = _saved_config(folder, "scheduler", "scheduler_config.json")
+    if config is not None:
+        check_scheduler_config(config, str(path), class_name)
+
+
+def _check_saved_vae(folder: Path) -> None:
+    # Before diffusers builds it (norm_num_groups=0 fails there with a ZeroDivisionError); the keys it gives.
+    path, config, _ = _saved_config(folder, "vae", "config.json")
+    problem = None if config is None else _vae_problem(config, loaded=False)
+    if problem:
+        raise DiTOptimumError(f"The VAE config ({path}) has {problem}.")
 
 
 def _check_model_index(folder: Path) -> None:
@@ -158,6 +406,7 @@ class DiTOptimumPipeline(DiTPipeline, DiTLoraLoaderMixin):
         scheduler = DDIMScheduler() if scheduler is None else scheduler
         id2label = _normalize_id2label(id2label, transformer.config.num_embeds_ada_norm)
         check_scheduler(scheduler)
+        check_vae(vae)
         super().__init__(transformer=transformer, vae=vae, scheduler=scheduler, id2label=id2label)
         self.register_to_config(id2label=id2label)
 
@@ -168,13 +417,14 @@ class DiTOptimumPipeline(DiTPipeline, DiTLoraLoaderMixin):
         source = check_source(pretrained_model_name_or_path, "pretrained_model_name_or_path")
         _check_model_index(Path(source))
         _check_saved_scheduler(Path(source))
+        _check_saved_vae(Path(source))
         if kwargs.get("use_safetensors") is None:
             kwargs["use_safetensors"] = True
         try:
             pipeline = super().from_pretrained(source, **kwargs)
         except DiTOptimumError:
             raise
-        except (OSError, ValueError, KeyError, TypeError) as error:
+        except (OSError, ValueError, KeyError, TypeError, NotImplementedError, ArithmeticError) as error:
             raise DiTOptimumError(f"Could not load the pipeline from {source!r}: {first_line(error)}") from error
         for name, component in pipeline.components.items():  # our transformer checked its weights as it loaded
             if isinstance(component, torch.nn.Module) and not isinstance(
@@ -193,6 +443,12 @@ class DiTOptimumPipeline(DiTPipeline, DiTLoraLoaderMixin):
             if lock is None:
                 lock = _CALL_LOCKS[self] = threading.RLock()
             return lock
+
+    def to(self, *args: Any, **kwargs: Any) -> DiTOptimumPipeline:
+        """diffusers' ``to`` (dtype and/or device), holding ``call_lock``: a conversion asked for while another
+        thread samples waits for that call to finish instead of changing its weights mid-call."""
+        with self.call_lock:
+            return super().to(*args, **kwargs)
 
     @property
     def current_timestep(self) -> torch.Tensor | None:
@@ -216,6 +472,22 @@ class DiTOptimumPipeline(DiTPipeline, DiTLoraLoaderMixin):
     def _class_indices(
         self, class_labels: int | str | Sequence[int | str] | torch.Tensor, guided: bool = False
     ) -> list[int]:
+        num_classes = self.transformer.config.num_embeds_ada_norm
+        if isinstance(class_labels, torch.Tensor):
+            problem = None
+            if class_labels.device.type == "meta":
+                problem = "is on the meta device (it holds no values)"
+            elif class_labels.dtype == torch.bool or class_labels.is_floating_point() or class_labels.is_complex():
+                problem = f"has dtype {class_labels.dtype}"
+        elif isinstance(class_labels, np.ndarray):
+            problem = f"has dtype {class_labels.dtype}" if class_labels.dtype.kind in "bfcmMV" else None
+        else:
+            problem = None
+        if problem:
+            raise DiTOptimumError(
+                f"`class_labels` {problem}; allowed values: class indices in 0..{num_classes - 1} as an integer "
+                "tensor or array (on any real device), or a list of indices or names from id2label."
+            )
         if isinstance(class_labels, (torch.Tensor, np.ndarray)):
             count = int(np.prod(class_labels.shape))
         elif isinstance(class_labels, (list, tuple)):
@@ -231,7 +503,6 @@ class DiTOptimumPipeline(DiTPipeline, DiTLoraLoaderMixin):
         elif not isinstance(class_labels, (list, tuple)):
             class_labels = [class_labels]  # one label (checked below like any entry)
         class_labels = list(class_labels)
-        num_classes = self.transformer.config.num_embeds_ada_norm
         indices = []
         for label in class_labels:
             index = self.get_label_ids(label)[0] if isinstance(label, str) else label
@@ -243,8 +514,18 @@ class DiTOptimumPipeline(DiTPipeline, DiTLoraLoaderMixin):
             indices.append(int(index))
         return indices
 
-    def _check_sampling_arguments(self, guidance_scale: float, num_inference_steps: int, output_type: str) -> None:
-        check_scheduler(self.scheduler)  # it may have been replaced since construction
+    def _check_sampling_arguments(
+        self, guidance_scale: Any, num_inference_steps: Any, output_type: Any
+    ) -> tuple[float, int]:
+        """The call's ``guidance_scale`` as a float and ``num_inference_steps`` as an int, once each is checked (and
+        the scheduler and VAE, which may have been replaced or reconfigured since construction)."""
+        problem = _scheduler_problem(self.scheduler)
+        if problem:
+            raise DiTOptimumError(
+                f"The scheduler ({type(self.scheduler).__name__}) cannot set {num_inference_steps!r} timesteps from "
+                f"its config: it has {problem}."
+            )
+        check_vae(self.vae)
         dtype = self.transformer.dtype
         # the guided noise is uncond + scale * (cond - uncond) in the model's dtype: a scale beyond its largest
         # number is inf there, and every image NaN
@@ -252,28 +533,49 @@ class DiTOptimumPipeline(DiTPipeline, DiTLoraLoaderMixin):
         valid = isinstance(guidance_scale, numbers.Real) and not isinstance(guidance_scale, bool)
         try:
             valid = valid and math.isfinite(float(guidance_scale)) and 1 <= float(guidance_scale) <= largest
-        except OverflowError:  # an integer beyond any float
+        except (OverflowError, TypeError, ValueError):  # an integer beyond any float; a Real that is not a float
             valid = False
         if not valid:
             raise DiTOptimumError(
                 f"`guidance_scale`={guidance_scale!r} must be a finite number in [1, {largest:g}] (1 disables "
                 f"guidance; larger values overflow the model's {str(dtype).replace('torch.', '')})."
             )
+        guidance_scale = float(guidance_scale)  # a Fraction or NumPy number multiplies tensors as a float
         if guidance_scale > 1 and self.transformer.null_class_label is None:
             raise DiTOptimumError(
                 "`guidance_scale` > 1 needs a null class, but the model has class_dropout_prob=0; use guidance_scale=1."
             )
         max_steps = self.scheduler.config.num_train_timesteps
-        if (
-            isinstance(num_inference_steps, bool)
-            or not isinstance(num_inference_steps, int)
-            or not 1 <= num_inference_steps <= max_steps
-        ):
+        if not is_integer(num_inference_steps) or not 1 <= num_inference_steps <= max_steps:
             raise DiTOptimumError(
                 f"`num_inference_steps`={num_inference_steps!r} must be an integer in 1..{max_steps}."
             )
-        if output_type not in OUTPUT_TYPES:
+        if not isinstance(output_type, str) or output_type not in OUTPUT_TYPES:
             raise DiTOptimumError(f"Unknown `output_type`={output_type!r}; allowed values: {', '.join(OUTPUT_TYPES)}.")
+        return guidance_scale, int(num_inference_steps)
+
+    def _check_generator(self, generator: Any, batch_size: int, device: torch.device) -> Any:
+        """``generator`` as ``randn_tensor`` takes it: None, one ``torch.Generator``, or a list of one per image; each
+        on the CPU or on the pipeline's device type."""
+        allowed = (
+            f"None, a torch.Generator, or a list of {batch_size} torch.Generators (one per image), each on the cpu "
+            f"or the pipeline's device ({device.type})"
+        )
+        generators = list(generator) if isinstance(generator, (list, tuple)) else [generator]
+        if isinstance(generator, (list, tuple)) and len(generators) != batch_size:
+            raise DiTOptimumError(
+                f"`generator` is a list of {len(generators)} generators for {batch_size} image(s); allowed values: "
+                f"{allowed}."
+            )
+        for item in generators:
+            if item is None and generator is None:
+                continue
+            if not isinstance(item, torch.Generator):
+                what = " holds " if isinstance(generator, (list, tuple)) else "="
+                raise DiTOptimumError(f"`generator`{what}{_shown(item)}; allowed values: {allowed}.")
+            if item.device.type not in ("cpu", device.type):
+                raise DiTOptimumError(f"`generator` is on the {item.device.type} device; allowed values: {allowed}.")
+        return generators if isinstance(generator, (list, tuple)) else generator
 
     def __call__(
         self,
@@ -287,9 +589,10 @@ class DiTOptimumPipeline(DiTPipeline, DiTLoraLoaderMixin):
         """Sample one image per entry of ``class_labels`` (indices or names).
 
         ``guidance_scale`` > 1 enables classifier-free guidance; ``output_type`` is ``"pil"``, ``"np"`` (B, H, W, C
-        in [0, 1]), ``"pt"`` (B, C, H, W in [0, 1]) or ``"latent"`` (the denoised latents, before decoding).
-        Concurrent calls on one pipeline object run one at a time (``call_lock``); samples that come out NaN or inf
-        raise ``DiTOptimumError`` naming the likely causes instead of returning NaN images.
+        in [0, 1]), ``"pt"`` (B, C, H, W in [0, 1]) or ``"latent"`` (the denoised latents, before decoding);
+        ``generator`` is one ``torch.Generator`` or a list of one per image. Concurrent calls on one pipeline object
+        run one at a time (``call_lock``); samples (latents, or decoded images) that come out NaN or inf raise
+        ``DiTOptimumError`` naming the likely causes of this call instead of returning NaN images.
         """
         with self.call_lock:
             return self._sample(class_labels, guidance_scale, generator, num_inference_steps, output_type, return_dict)
@@ -304,10 +607,13 @@ class DiTOptimumPipeline(DiTPipeline, DiTLoraLoaderMixin):
         output_type: str,
         return_dict: bool,
     ) -> ImagePipelineOutput | tuple:
-        self._check_sampling_arguments(guidance_scale, num_inference_steps, output_type)
+        guidance_scale, num_inference_steps = self._check_sampling_arguments(
+            guidance_scale, num_inference_steps, output_type
+        )
         labels = self._class_indices(class_labels, guided=guidance_scale > 1)
         device = self._execution_device
         batch_size = len(labels)
+        generator = self._check_generator(generator, batch_size, device)
         latent_size = self.transformer.config.sample_size
         latent_channels = self.transformer.config.in_channels
         use_guidance = guidance_scale > 1
@@ -331,6 +637,7 @@ class DiTOptimumPipeline(DiTPipeline, DiTLoraLoaderMixin):
                 f"The scheduler ({type(self.scheduler).__name__}) cannot set {num_inference_steps} timesteps from its "
                 f"config: {first_line(error)}"
             ) from error
+        self._check_timesteps(num_inference_steps)
         steps = len(self.scheduler.timesteps)
         for index, t in enumerate(self.progress_bar(self.scheduler.timesteps)):
             self._current_timestep = t
@@ -359,15 +666,17 @@ class DiTOptimumPipeline(DiTPipeline, DiTLoraLoaderMixin):
 
         self._current_timestep = None
         latents = model_input.chunk(2, dim=0)[0] if use_guidance else model_input
-        self._check_finite_samples(latents, guidance_scale)
+        decoded = None
+        if output_type != "latent":
+            scaled = 1 / self.vae.config.scaling_factor * latents  # as the stock pipeline: same bits
+            if not isinstance(self.vae, IdentityAutoencoder):  # a real VAE may run in another dtype than a
+                scaled = scaled.to(self.vae.dtype)  # quantized / half-precision transformer
+            decoded = self.vae.decode(scaled).sample
+        self._check_finite_samples(latents, decoded, guidance_scale)
         if output_type == "latent":
             samples = latents
         else:
-            latents = 1 / self.vae.config.scaling_factor * latents  # as the stock pipeline: same bits
-            if not isinstance(self.vae, IdentityAutoencoder):  # a real VAE may run in another dtype than a
-                latents = latents.to(self.vae.dtype)  # quantized / half-precision transformer
-            samples = self.vae.decode(latents).sample
-            samples = (samples / 2 + 0.5).clamp(0, 1)
+            samples = (decoded / 2 + 0.5).clamp(0, 1)
             if output_type != "pt":
                 samples = samples.cpu().permute(0, 2, 3, 1).float().numpy()
                 if output_type == "pil":
@@ -378,16 +687,60 @@ class DiTOptimumPipeline(DiTPipeline, DiTLoraLoaderMixin):
             return (samples,)
         return ImagePipelineOutput(images=samples)
 
-    def _check_finite_samples(self, latents: torch.Tensor, guidance_scale: float) -> None:
-        # one reduction and one host sync per call, after the loop: NaN images are an error, never a result
-        if bool(torch.isfinite(latents).all()):
+    def _check_timesteps(self, num_inference_steps: int) -> None:
+        # The timesteps index the scheduler's tables: one outside them (a large `steps_offset` with as many steps as
+        # training had) is an IndexError deep inside `step`. Float timesteps (Euler's) are not indices.
+        timesteps, train_steps = self.scheduler.timesteps, self.scheduler.config.num_train_timesteps
+        if not torch.is_tensor(timesteps) or timesteps.is_floating_point() or not timesteps.numel():
             return
-        bad = int((~torch.isfinite(latents)).sum())
-        raise DiTOptimumError(
-            f"The samples are not finite ({bad} of {latents.numel()} latent values are NaN or inf). Likely causes: "
-            f"`guidance_scale`={guidance_scale!r} too large (typical: 1-10), non-finite or diverged transformer "
-            "weights (a training run that diverged), or the scheduler's config (betas, num_train_timesteps)."
-        )
+        low, high = int(timesteps.min()), int(timesteps.max())
+        if low < 0 or high >= train_steps:
+            raise DiTOptimumError(
+                f"The scheduler ({type(self.scheduler).__name__}) set timesteps {low}..{high} for "
+                f"`num_inference_steps`={num_inference_steps}, outside its {train_steps} training steps (0.."
+                f"{train_steps - 1}): lower its config's `steps_offset`="
+                f"{self.scheduler.config.get('steps_offset', 0)!r} or `num_inference_steps`."
+            )
+
+    def _check_finite_samples(self, latents: torch.Tensor, decoded: torch.Tensor | None, guidance_scale: float) -> None:
+        # What the call returns (the latents, and the decoded images before they are clamped to [0, 1]), checked
+        # with one host sync after the loop: NaN images are an error, never a result.
+        finite = torch.isfinite(latents).all()
+        if decoded is not None:
+            finite = finite & torch.isfinite(decoded).all().to(finite.device)
+        if bool(finite):
+            return
+        guided = guidance_scale > 1
+        bad_latents = int((~torch.isfinite(latents)).sum())
+        if bad_latents:
+            adapters = sorted(getattr(self.transformer, "peft_config", None) or {})
+            causes = [f"`guidance_scale`={guidance_scale!r} too large (typical: 1-10)"] if guided else []
+            if adapters:
+                causes.append(
+                    f"the attached LoRA adapter(s) {', '.join(map(repr, adapters))} (their weights or scales: try "
+                    "`set_adapters(..., 0.0)` or `unload_lora_weights()`)"
+                )
+            causes += [
+                "non-finite or diverged transformer weights (a training run that diverged)",
+                "the scheduler's config (betas, num_train_timesteps, thresholding)",
+            ]
+            what = f"The samples are not finite ({bad_latents} of {latents.numel()} latent values are NaN or inf)"
+        else:
+            bad = int((~torch.isfinite(decoded)).sum())
+            causes = [
+                f"the VAE's `scaling_factor`={self.vae.config.scaling_factor!r} (latents are divided by it before "
+                "decoding)",
+                "non-finite VAE weights",
+                f"the VAE's dtype ({str(self.vae.dtype).replace('torch.', '')}) overflowing (try float32)",
+            ]
+            if guided:
+                causes.append(f"latents pushed out of the VAE's range by `guidance_scale`={guidance_scale!r}")
+            what = (
+                f"The decoded samples are not finite ({bad} of {decoded.numel()} values are NaN or inf) although the "
+                "latents are: the VAE produced them"
+            )
+        listed = causes[0] if len(causes) == 1 else ", ".join(causes[:-1]) + f", or {causes[-1]}"
+        raise DiTOptimumError(f"{what}. Likely causes: {listed}.")
 
     def save_pretrained(self, save_directory: str | os.PathLike, overwrite: bool = False, **kwargs: Any) -> None:
         """Save so that plain ``DiffusionPipeline`` loads it; safetensors only.

@@ -6,9 +6,10 @@ not fit the transformer is refused naming it."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -20,6 +21,9 @@ from ..files import check_writable, claim_files, staged_file
 from ..models.lora import (
     LORA_FILE_OPTIONS,
     LORA_SAVE_ADVICE,
+    adapters_text,
+    check_adapter_name,
+    check_adapter_names,
     check_finite_lora_tensors,
     check_lora_file_name,
     load_checked_lora,
@@ -29,7 +33,97 @@ from ..models.lora import (
 
 class DiTLoraLoaderMixin(SanaLoraLoaderMixin):
     """LoRA layers into the pipeline's ``DiTOptimumTransformer2DModel`` (diffusers' transformer-only loader, whose
-    first user was Sana); pickled LoRA files are refused."""
+    first user was Sana); pickled LoRA files are refused. The methods that change the adapters hold the pipeline's
+    ``call_lock`` (when it has one): they wait for a running call instead of changing its model half-way."""
+
+    def _adapter_lock(self) -> contextlib.AbstractContextManager:
+        lock = getattr(self, "call_lock", None)  # DiTOptimumPipeline's per-object re-entrant lock
+        return lock if lock is not None else contextlib.nullcontext()
+
+    def _check_components(self, components: Any, parameter: str) -> None:
+        allowed = list(self._lora_loadable_modules)
+        listed = [components] if isinstance(components, str) else components
+        if (
+            not isinstance(listed, (list, tuple))
+            or not listed
+            or any(not isinstance(c, str) or c not in allowed for c in listed)
+        ):
+            raise DiTOptimumError(
+                f"`{parameter}`={components!r} names no LoRA-loadable component; allowed: {', '.join(allowed)}."
+            )
+
+    def set_adapters(self, adapter_names: str | list[str], adapter_weights: Any = None) -> None:
+        """diffusers' ``set_adapters`` (after any running call): ``adapter_names`` must be loaded adapters and
+        ``adapter_weights`` one entry per adapter; a dict's keys are components (``transformer``) and its per-layer
+        dicts' keys must match adapted layers. diffusers would drop an unknown key with a warning and use weight 1.0
+        (``{"a": 0.0}`` would leave adapter ``a`` at 1.0)."""
+        with self._adapter_lock():
+            components = list(self._lora_loadable_modules)
+            entries = adapter_weights if isinstance(adapter_weights, list) else [adapter_weights]
+            for entry in entries:
+                if isinstance(entry, Mapping) and set(entry) - set(components):
+                    unknown = sorted(map(repr, set(entry) - set(components)))
+                    raise DiTOptimumError(
+                        f"`adapter_weights` has the key(s) {', '.join(unknown)}, which name no LoRA-loadable "
+                        f"component; allowed keys: {', '.join(components)} (to weight adapters by name, pass a list "
+                        f"in the order of `adapter_names`). Adapters: {adapters_text(self.transformer)}."
+                    )
+            names = check_adapter_names(self.transformer, adapter_names)
+            if isinstance(adapter_weights, list) and len(adapter_weights) != len(names):
+                raise DiTOptimumError(
+                    f"`adapter_weights` has {len(adapter_weights)} entries for {len(names)} adapters {names}; give "
+                    "one weight per adapter (or one number for all)."
+                )
+            super().set_adapters(adapter_names, adapter_weights)
+
+    def fuse_lora(
+        self,
+        components: list[str] = ["transformer"],  # noqa: B006 (diffusers' signature)
+        lora_scale: float = 1.0,
+        safe_fusing: bool = False,
+        adapter_names: list[str] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        """diffusers' ``fuse_lora`` (after any running call); ``components`` and ``adapter_names`` must name
+        what the pipeline has (an unknown adapter would fuse nothing)."""
+        with self._adapter_lock():
+            self._check_components(components, "components")
+            if adapter_names is not None:
+                check_adapter_names(self.transformer, adapter_names)
+            super().fuse_lora(
+                components=components,
+                lora_scale=lora_scale,
+                safe_fusing=safe_fusing,
+                adapter_names=adapter_names,
+                **kwargs,
+            )
+
+    def unfuse_lora(self, components: list[str] = ["transformer"], **kwargs: Any) -> None:  # noqa: B006
+        """diffusers' ``unfuse_lora``, after any running call."""
+        with self._adapter_lock():
+            self._check_components(components, "components")
+            super().unfuse_lora(components=components, **kwargs)
+
+    def unload_lora_weights(self) -> None:
+        """diffusers' ``unload_lora_weights``, after any running call."""
+        with self._adapter_lock():
+            super().unload_lora_weights()
+
+    def delete_adapters(self, adapter_names: str | list[str]) -> None:
+        """diffusers' ``delete_adapters`` (after any running call); unknown names are refused naming the adapters
+        there are (the transformer's ``delete_adapters``)."""
+        with self._adapter_lock():
+            super().delete_adapters(adapter_names)
+
+    def enable_lora(self) -> None:
+        """diffusers' ``enable_lora``, after any running call."""
+        with self._adapter_lock():
+            super().enable_lora()
+
+    def disable_lora(self) -> None:
+        """diffusers' ``disable_lora``, after any running call."""
+        with self._adapter_lock():
+            super().disable_lora()
 
     @classmethod
     def lora_state_dict(cls, pretrained_model_name_or_path_or_dict: Any, **kwargs: Any):
@@ -49,7 +143,15 @@ class DiTLoraLoaderMixin(SanaLoraLoaderMixin):
     ) -> None:
         """diffusers' ``load_lora_weights`` (Sana's, transformer only), reading and checking the LoRA with the
         model-level loader's reader (``load_checked_lora``): a file that is unreadable, non-finite, or whose keys or
-        shapes do not fit this pipeline's transformer is refused naming the file, before the model changes."""
+        shapes do not fit this pipeline's transformer is refused naming the file, before the model changes. Waits
+        for a running call (``call_lock``)."""
+        with self._adapter_lock():
+            self._load_lora_weights(pretrained_model_name_or_path_or_dict, adapter_name, hotswap, **kwargs)
+
+    def _load_lora_weights(
+        self, pretrained_model_name_or_path_or_dict: Any, adapter_name: str | None, hotswap: bool, **kwargs: Any
+    ) -> None:
+        check_adapter_name(adapter_name)
         low_cpu_mem_usage = kwargs.pop("low_cpu_mem_usage", _LOW_CPU_MEM_USAGE_DEFAULT_LORA)
         kwargs.pop("return_lora_metadata", None)
         options = {name: kwargs.pop(name) for name in LORA_FILE_OPTIONS if name in kwargs}

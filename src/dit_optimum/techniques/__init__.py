@@ -1,6 +1,12 @@
 """Techniques that turn a baseline DiT pipeline (or transformer) into a cheaper one of the same kind."""
 
-from .caching import CACHE_METHODS, calibrate_block_schedule, calibrate_mag_ratios, enable_step_cache
+from .caching import (
+    CACHE_METHODS,
+    calibrate_block_schedule,
+    calibrate_mag_ratios,
+    disable_step_cache,
+    enable_step_cache,
+)
 from .pruning import IMPORTANCE_CRITERIA, SCOPES, importance_scores, prune, teacher_and_student
 from .quantization import (
     BACKENDS,
@@ -27,6 +33,7 @@ __all__ = [
     "calibrate_block_schedule",
     "calibrate_mag_ratios",
     "compile_for_inference",
+    "disable_step_cache",
     "enable_step_cache",
     "get_technique",
     "importance_scores",

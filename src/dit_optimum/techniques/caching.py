@@ -171,8 +171,18 @@ def enable_step_cache(pipeline: DiTOptimumPipeline, method: str, **options: Any)
             "`pipeline` must be a DiTOptimumPipeline: it sets the cache context of each denoising step "
             "(load releases with DiTOptimumPipeline.from_pretrained)."
         )
-    config = cache_config(pipeline, method, **options)
-    pipeline.transformer.enable_cache(config)
+    with pipeline.call_lock:  # after a call another thread is running (its cache hooks keep per-call state)
+        config = cache_config(pipeline, method, **options)
+        pipeline.transformer.enable_cache(config)
+    return pipeline
+
+
+def disable_step_cache(pipeline: DiTOptimumPipeline) -> DiTOptimumPipeline:
+    """Remove the pipeline's step cache (``transformer.disable_cache()``), after any call another thread is running;
+    returns the pipeline."""
+    lock = getattr(pipeline, "call_lock", None)
+    with lock if lock is not None else contextlib.nullcontext():
+        pipeline.transformer.disable_cache()
     return pipeline
 
 

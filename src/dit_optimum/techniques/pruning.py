@@ -19,6 +19,7 @@ from diffusers import DDPMScheduler
 from ..errors import DiTOptimumError
 from ..models.attention import GROUPED_TYPES, SINGLE_KV_TYPES
 from ..models.moe import MoEFeedForward
+from ..models.resources import check_resources
 from ..models.transformer import DiTOptimumTransformer2DModel
 from ..pipelines.dit import DiTOptimumPipeline
 from .common import rewrap, unwrap
@@ -32,6 +33,67 @@ SCOPES: tuple[str, ...] = ("layer", "global")
 def _check_ratio(name: str, value: float) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
         raise DiTOptimumError(f"`{name}`={value!r} must be a fraction in [0, 1).")
+
+
+# Rows of `data` checked for finite values at a time (an expanded tensor is never materialised whole).
+_CHECK_ROWS = 4096
+
+
+def _check_taylor_inputs(
+    model: DiTOptimumTransformer2DModel, importance: str, data: torch.Tensor | None, labels: torch.Tensor | None
+) -> None:
+    """``data`` / ``labels`` as the Taylor criterion reads them, else an error naming the parameter and what is
+    allowed: float latents (N, in_channels, sample_size, sample_size) of finite values, with N class indices."""
+    if data is None and labels is None:
+        return
+    if importance != "taylor":
+        raise DiTOptimumError(
+            f"`data` / `labels` only feed importance='taylor' (got `importance`={importance!r}); leave them out."
+        )
+    if data is None or labels is None:
+        missing = "labels" if data is not None else "data"
+        raise DiTOptimumError(f"`{missing}` is missing: importance='taylor' with data needs both `data` and `labels`.")
+    config = model.config
+    shape = (config.in_channels, config.sample_size, config.sample_size)
+    expected = f"(N, {', '.join(map(str, shape))}) with N >= 1"
+    if not isinstance(data, torch.Tensor) or not data.is_floating_point():
+        kind = f"a {data.dtype} tensor" if isinstance(data, torch.Tensor) else type(data).__name__
+        raise DiTOptimumError(f"`data` must be a float tensor of latents {expected}, got {kind}.")
+    if data.dim() != 4 or tuple(data.shape[1:]) != shape or len(data) < 1:
+        raise DiTOptimumError(
+            f"`data` has shape {tuple(data.shape)}; the model takes latents {expected} (in_channels, sample_size)."
+        )
+    if data.device.type == "meta" or not all(torch.isfinite(rows).all() for rows in data.split(_CHECK_ROWS)):
+        raise DiTOptimumError(
+            "`data` holds NaN or infinite values (or no values: a meta tensor): the Taylor scores would be NaN and "
+            "the heads removed arbitrary; give finite latents."
+        )
+    classes = config.num_embeds_ada_norm
+    if not isinstance(labels, torch.Tensor) or labels.dtype.is_floating_point or labels.dtype.is_complex:
+        kind = f"a {labels.dtype} tensor" if isinstance(labels, torch.Tensor) else type(labels).__name__
+        raise DiTOptimumError(f"`labels` must be an integer tensor of {len(data)} class indices, got {kind}.")
+    if labels.dtype == torch.bool or labels.dim() != 1 or len(labels) != len(data) or labels.device.type == "meta":
+        raise DiTOptimumError(
+            f"`labels` has shape {tuple(labels.shape)} ({labels.dtype}); it must hold one integer class index per "
+            f"`data` row: shape ({len(data)},)."
+        )
+    low, high = int(labels.min()), int(labels.max())
+    if low < 0 or high >= classes:
+        raise DiTOptimumError(
+            f"`labels` holds {low if low < 0 else high}; allowed values: 0..{classes - 1} (the model's classes)."
+        )
+
+
+def _check_scores(scores: dict[str, list[torch.Tensor] | torch.Tensor], importance: str) -> None:
+    # a NaN score ranks arbitrarily: the groups removed would be arbitrary
+    tensors = [*scores["heads"], *scores["mlp"], scores["blocks"]]
+    if not all(torch.isfinite(tensor).all() for tensor in tensors):
+        cause = "gradients (the data or the loss)" if importance == "taylor" else "weights"
+        raise DiTOptimumError(
+            f"`importance`={importance!r} gives NaN or infinite scores: the model's {cause} are not finite, so "
+            "which groups to remove is undefined; check the model's weights (and `data`), or use another criterion "
+            f"({', '.join(IMPORTANCE_CRITERIA)})."
+        )
 
 
 def _group_norm(weights: Sequence[torch.Tensor], groups: int, order: int) -> torch.Tensor:
@@ -130,6 +192,23 @@ def importance_scores(
     """
     if importance not in IMPORTANCE_CRITERIA:
         raise DiTOptimumError(f"Unknown `importance`={importance!r}; allowed values: {', '.join(IMPORTANCE_CRITERIA)}.")
+    check_resources(seed=seed, parameter="seed")
+    if isinstance(batches, bool) or not isinstance(batches, int) or not 1 <= batches <= 10_000:
+        raise DiTOptimumError(f"`batches`={batches!r} must be an integer in 1..10000.")
+    _check_taylor_inputs(model, importance, data, labels)
+    scores = _importance_scores(model, importance, data, labels, batches, seed)
+    _check_scores(scores, importance)
+    return scores
+
+
+def _importance_scores(
+    model: DiTOptimumTransformer2DModel,
+    importance: str,
+    data: torch.Tensor | None,
+    labels: torch.Tensor | None,
+    batches: int,
+    seed: int,
+) -> dict[str, list[torch.Tensor] | torch.Tensor]:
     blocks = model.transformer_blocks
     dim = model.inner_dim
     if importance == "random":
@@ -262,7 +341,11 @@ def prune(
         _check_ratio(name, value)
     if scope not in SCOPES:
         raise DiTOptimumError(f"Unknown `scope`={scope!r}; allowed values: {', '.join(SCOPES)}.")
+    if importance not in IMPORTANCE_CRITERIA:
+        raise DiTOptimumError(f"Unknown `importance`={importance!r}; allowed values: {', '.join(IMPORTANCE_CRITERIA)}.")
+    check_resources(seed=seed, parameter="seed")
     model = unwrap(pipe_or_model)
+    _check_taylor_inputs(model, importance, data, labels)  # before the model is copied
     model.check_unfused("pruning")
     is_moe = model.config.moe_num_experts > 0
     if is_moe and mlp > 0:

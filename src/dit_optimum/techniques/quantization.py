@@ -20,15 +20,17 @@ from __future__ import annotations
 
 import copy
 import tempfile
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, fields
 
 import torch
 from torch import nn
 
 from ..errors import DiTOptimumError
+from ..models.resources import check_resources
 from ..models.transformer import UNSERIALIZABLE_ATTRIBUTE, DiTOptimumTransformer2DModel
-from ..pipelines.dit import DiTOptimumPipeline
+from ..pipelines.dit import MAX_GUIDANCE_SCALE, DiTOptimumPipeline
+from ..utils import check_number, is_integer
 from .common import rewrap, unwrap
 
 BACKENDS: tuple[str, ...] = ("torch", "torchao", "quanto")
@@ -67,6 +69,49 @@ class CalibrationSettings:
     num_inference_steps: int = 10
     guidance_scale: float = 4.0
     seed: int = 0
+
+
+# The observers' scales settle within a few runs (momentum 0.9): more runs only add time.
+MAX_CALIBRATION_BATCHES = 1000
+
+
+def check_calibration(
+    calibration: CalibrationSettings,
+    config: Mapping,
+    max_steps: int,
+    guided: bool = True,
+) -> CalibrationSettings:
+    """``calibration`` if it is a ``CalibrationSettings`` whose runs this machine can do, before any work: its batch
+    (doubled with guidance) and seed through the package's resource check, the runs and steps bounded (``max_steps``:
+    the scheduler's training timesteps), guidance a finite number in [1, float16's largest]. Each refusal names the
+    field and the allowed values."""
+    if not isinstance(calibration, CalibrationSettings):
+        names = ", ".join(field.name for field in fields(CalibrationSettings))
+        kind = "a dict" if isinstance(calibration, Mapping) else type(calibration).__name__
+        raise DiTOptimumError(
+            f"`calibration` must be a CalibrationSettings (dit_optimum.CalibrationSettings({names})) or None, "
+            f"got {kind}: {calibration!r:.200}."
+        )
+    if not is_integer(calibration.num_batches) or not 1 <= calibration.num_batches <= MAX_CALIBRATION_BATCHES:
+        raise DiTOptimumError(
+            f"`calibration.num_batches`={calibration.num_batches!r} must be an integer in "
+            f"1..{MAX_CALIBRATION_BATCHES} (sampling runs; the activation scales settle within a few)."
+        )
+    steps = calibration.num_inference_steps
+    if not is_integer(steps) or not 1 <= steps <= max_steps:
+        raise DiTOptimumError(
+            f"`calibration.num_inference_steps`={steps!r} must be an integer in 1..{max_steps} (the scheduler's "
+            "training timesteps)."
+        )
+    check_number("calibration.guidance_scale", calibration.guidance_scale, 1, MAX_GUIDANCE_SCALE)
+    check_resources(seed=calibration.seed, parameter="calibration.seed")
+    check_resources(
+        config,
+        images=calibration.batch_size,
+        guided=guided and calibration.guidance_scale > 1,
+        parameter="calibration.batch_size",
+    )
+    return calibration
 
 
 def supported_options() -> list[str]:
@@ -255,6 +300,17 @@ def quantize(
         raise DiTOptimumError(
             "`calibration` only applies to backend='quanto' with activations (torchao scales are dynamic)."
         )
+    if backend == "quanto" and activations is not None:
+        from diffusers import DDIMScheduler
+
+        # a bare model is calibrated through a pipeline with the default scheduler (DDIM, as DiTOptimumPipeline's)
+        scheduler = pipe_or_model.scheduler if is_pipeline else DDIMScheduler()
+        calibration = check_calibration(
+            CalibrationSettings() if calibration is None else calibration,
+            model.config,
+            scheduler.config.num_train_timesteps,
+            guided=model.null_class_label is not None,
+        )
 
     if backend == "torch":
         # Loaded the way diffusers reloads it (e.g. the positional table stays float32), so reloads are identical.
@@ -279,9 +335,7 @@ def quantize(
             rewrap(pipe_or_model, quantized) if is_pipeline else DiTOptimumPipeline(transformer=quantized)
         )
         calibration_pipe.set_progress_bar_config(disable=True)
-        quantized = _quanto_static(
-            quantized, calibration_pipe, weights, activations, keep_float, calibration or CalibrationSettings()
-        )
+        quantized = _quanto_static(quantized, calibration_pipe, weights, activations, keep_float, calibration)
     quantized.eval()
     if compile:
         compile_for_inference(quantized)

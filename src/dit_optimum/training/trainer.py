@@ -365,12 +365,24 @@ def _stop_if_diverged(
     if not steps.numel():
         return
     step = int(steps.min())
+    model = "the model config (--model-config: an extreme value such as a large `focusing_factor` or `mlp_ratio`)"
+    if config.pretrained:
+        model += f", the pretrained weights {config.pretrained!r}"
+    if step == 1:  # the first forward, before any update: the learning rate played no part yet
+        causes = (
+            "The loss was already not finite before the first update, so the learning rate is not the cause. "
+            f"Likely causes: {model}; NaN/inf values in the data; fp16 overflow (--mixed-precision bf16)."
+        )
+    else:
+        causes = (
+            f"Likely causes: the learning rate `learning_rate` (--lr)={config.learning_rate:g} is too high for this "
+            "model and data (try 10x lower, --warmup-steps, or --max-grad-norm 1); "
+            f"{model}; NaN/inf values in the data; fp16 overflow (--mixed-precision bf16)."
+        )
     raise DiTOptimumError(
         f"Training diverged: the loss is not finite (NaN or inf) at step {step}. Stopped without saving the "
         f"pipeline; the checkpoints in {str(output_dir / 'checkpoints')!r} (if any) are from earlier, finite steps and "
-        f"are kept. Likely cause: the learning rate `learning_rate` (--lr)={config.learning_rate:g} is too high for "
-        "this model and data (try 10x lower, --warmup-steps, or --max-grad-norm 1); also check the data for "
-        "NaN/inf values and fp16 overflow (--mixed-precision bf16)."
+        f"are kept. {causes}"
     )
 
 
