@@ -341,3 +341,34 @@ def test_weights_not_finite_in_the_file_are_still_called_damaged_with_a_torch_dt
     save_file(state, tmp_path / WEIGHTS)
     with pytest.raises(DiTOptimumError, match=r"not finite: tensor 'proj_out_2\.weight'.*damaged file"):
         DiTOptimumTransformer2DModel.from_pretrained(tmp_path, torch_dtype=torch.float16)
+
+
+def test_loading_options_and_preset_helpers_refuse_what_they_would_ignore(tmp_path):
+    from dataclasses import replace
+
+    from dit_optimum.benchmark import BenchmarkSettings
+    from dit_optimum.configs import dit_config
+    from dit_optimum.errors import MissingPathError
+
+    tiny_model().save_pretrained(tmp_path / "m")
+    with pytest.raises(DiTOptimumError, match=r"`torch_dtype`='bfloat16' must be a torch\.dtype"):
+        DiTOptimumTransformer2DModel.from_pretrained(tmp_path / "m", torch_dtype="bfloat16")
+    with pytest.raises(MissingPathError, match=r"`subfolder`='nonexistent' does not exist"):
+        DiTOptimumTransformer2DModel.from_pretrained(tmp_path / "m", subfolder="nonexistent")
+    with pytest.raises(DiTOptimumError, match=r"`learn_sigma`='no' must be True or False"):
+        dit_config("DiT-S/2", learn_sigma="no")
+    with pytest.raises(DiTOptimumError, match="Unknown DiT preset"):
+        dit_config("DiT-S/\u0662")  # an Arabic-Indic digit is no patch size
+    settings = BenchmarkSettings(output_dir=str(tmp_path / "b"))
+    for name, value in (("variants", "DiT-S/2"), ("techniques", "baseline")):
+        with pytest.raises(DiTOptimumError, match=rf"`{name}`='.*' must be a tuple of names"):
+            replace(settings, **{name: value}).validate()
+
+
+def test_quantizing_a_fused_model_names_quantizing():
+    from dit_optimum import quantize
+
+    model = tiny_model()
+    model.fuse_qkv_projections()
+    with pytest.raises(DiTOptimumError, match="Quantizing a model with fused QKV projections"):
+        quantize(model, backend="torch", dtype="bfloat16")

@@ -19,7 +19,7 @@ PATCH_SIZES: tuple[int, ...] = (2, 4, 8)
 # The variants of the study this project reproduces (arXiv 2509.17894).
 PAPER_PRESETS: tuple[str, ...] = ("DiT-S/2", "DiT-S/4", "DiT-XS/2", "DiT-XS/4")
 
-_NAME_PATTERN = re.compile(r"^(?:DiT[-_])?(XS|S|B|L|XL)[/_-](\d+)$", re.IGNORECASE)
+_NAME_PATTERN = re.compile(r"^(?:DiT[-_])?(XS|S|B|L|XL)[/_-]([0-9]+)$", re.IGNORECASE)  # ASCII digits only
 
 
 def preset_names() -> list[str]:
@@ -51,6 +51,8 @@ def dit_config(
     other config keys (``attention_type``, ``num_kv_heads``, ...).
     """
     size, patch = parse_preset_name(name)
+    if not isinstance(learn_sigma, bool):  # "no" would be truthy
+        raise DiTOptimumError(f"`learn_sigma`={learn_sigma!r} must be True or False.")
     depth, hidden, heads = DIT_SIZES[size]
     config: dict[str, Any] = {
         "num_layers": depth,

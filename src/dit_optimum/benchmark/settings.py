@@ -143,6 +143,11 @@ class BenchmarkSettings:
     def validate(self) -> None:
         """Check every setting, and that each variant's model and batches can be built here, before any work."""
         check_output_path(self.output_dir, "output_dir")  # '' would silently mean the current folder
+        for name in ("variants", "techniques"):  # a plain string would be read letter by letter
+            value = getattr(self, name)
+            if not isinstance(value, (tuple, list)) or not all(isinstance(item, str) for item in value):
+                example = "DiT-S/2" if name == "variants" else "baseline"
+                raise DiTOptimumError(f"`{name}`={value!r} must be a tuple of names, e.g. {name}=({example!r},).")
         if not self.variants or not self.techniques:
             raise DiTOptimumError("`variants` and `techniques` must each name at least one entry.")
         seen: dict[tuple[str, int], str] = {}

@@ -26,6 +26,7 @@ from torch import nn
 from ..errors import DiTOptimumError
 from ..files import write_cache_entry
 from ..schemas import CLASSIFIER_METADATA, read_json_file
+from .checks import check_features, check_labels
 from .declarations import Metric, declare_metric
 from .features import clean_resize
 from .metrics import frechet_distance, gaussian_statistics
@@ -206,7 +207,8 @@ def domain_classifier(
 
 def class_accuracy(generated: dict[str, np.ndarray], reference: dict[str, np.ndarray], labels: np.ndarray) -> float:
     """Share of samples the classifier assigns to the class they were generated (or labelled) as."""
-    return float(np.mean(generated["domain.logits"].argmax(axis=1) == labels))
+    logits = check_features("generated domain.logits", generated["domain.logits"])
+    return float(np.mean(logits.argmax(axis=1) == check_labels(labels, len(logits))))
 
 
 def domain_frechet_distance(

@@ -23,6 +23,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..errors import DiTOptimumError, MissingPathError
+from ..utils import check_positive_integers
 
 CLEANFID_WEIGHTS_NAME = "inception-2015-12-05.pt"
 CLEANFID_WEIGHTS_URL = (
@@ -142,8 +143,10 @@ def _resizer(size: int):
 
 def clean_resize(images: np.ndarray, size: int) -> torch.Tensor:
     """uint8 images (B, H, W, C) with C 1 or 3 -> float (B, 3, size, size) in [0, 255], clean-fid's resize."""
-    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] not in (1, 3):
-        raise DiTOptimumError(f"`images` must be uint8 (B, H, W, 1 or 3), got {images.dtype} {images.shape}.")
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] not in (1, 3) or 0 in images.shape[1:3]:
+        raise DiTOptimumError(
+            f"`images` must be uint8 (B, H, W, 1 or 3) with H, W >= 1, got {images.dtype} {images.shape}."
+        )
     if images.shape[-1] == 1:
         images = np.repeat(images, 3, axis=-1)
     resize = _resizer(size)
@@ -155,6 +158,12 @@ def to_uint8(images: np.ndarray | torch.Tensor) -> np.ndarray:
     """Pipeline output in [0, 1] ((B, H, W, C) numpy or (B, C, H, W) tensor) -> uint8 (B, H, W, C), as saved PNGs."""
     if isinstance(images, torch.Tensor):
         images = images.detach().float().cpu().permute(0, 2, 3, 1).numpy()
+    images = np.asarray(images)
+    if images.size and not np.isfinite(images).all():
+        raise DiTOptimumError(
+            f"`images` has {int((~np.isfinite(images)).sum())} NaN or infinite values: pipeline output must be "
+            "finite in [0, 1] (check the weights, the scheduler and `guidance_scale`)."
+        )
     return (np.clip(images, 0, 1) * 255).round().astype(np.uint8)
 
 
@@ -170,6 +179,7 @@ def extract_features(
 
     ``progress`` names a progress bar (shown on a terminal only); ``None`` shows none.
     """
+    check_positive_integers(batch_size=batch_size)
     outputs: dict[str, list[np.ndarray]] = {}
     with tqdm(total=len(images), desc=progress, unit="image", disable=True if progress is None else None) as bar:
         for start in range(0, len(images), batch_size):

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import DiTOptimumError
+from .checks import check_bootstrap, check_labels, sample_count
 from .declarations import Statistic
 
 CONFIDENCE = 0.95
@@ -59,8 +60,6 @@ def _percentiles(values: list[float], estimate: float, confidence: float) -> tup
     distinct samples is noisier): the raw percentile range can miss the estimate entirely. Re-centring keeps the
     spread and removes that shift; for unbiased statistics (accuracies) it changes nothing.
     """
-    if not 0 < confidence < 1:
-        raise DiTOptimumError(f"`confidence`={confidence!r} must lie in (0, 1).")
     tail = (1 - confidence) / 2
     low, median, high = np.quantile(np.asarray(values, dtype=np.float64), [tail, 0.5, 1 - tail])
     shift = median - estimate
@@ -77,8 +76,8 @@ def bootstrap_interval(
     seed: int = 0,
 ) -> tuple[float, float]:
     """Bootstrap interval of ``statistic(generated, reference, labels)`` (re-centred percentiles, see above)."""
-    if resamples < 2:
-        raise DiTOptimumError(f"`bootstrap`={resamples!r} resamples: an interval needs at least 2.")
+    check_bootstrap(resamples, confidence, seed)
+    labels = check_labels(labels, sample_count("generated", generated))
     values = [
         statistic(_resample(generated, picked), chosen, labels[picked])
         for picked, chosen in _resamples(len(labels), reference, resamples, seed)
@@ -97,8 +96,10 @@ def paired_comparison(
     seed: int = 0,
 ) -> Comparison:
     """``statistic(candidate) - statistic(baseline)`` with a paired bootstrap interval (same resampled indices)."""
-    if _count(candidate) != _count(baseline) or _count(candidate) != len(labels):
+    check_bootstrap(resamples, confidence, seed)
+    if sample_count("candidate", candidate) != sample_count("baseline", baseline):
         raise DiTOptimumError("A paired comparison needs the same samples (count and order) in both cells.")
+    labels = check_labels(labels, _count(candidate))
     difference = statistic(candidate, reference, labels) - statistic(baseline, reference, labels)
     values = [
         statistic(_resample(candidate, picked), chosen, labels[picked])

@@ -14,6 +14,9 @@ import numpy as np
 from scipy import linalg
 
 from ..errors import DiTOptimumError
+from ..models.resources import check_resources
+from ..utils import check_positive_integers
+from .checks import check_features, check_finite_result
 
 
 @dataclass(frozen=True)
@@ -32,9 +35,7 @@ def minimum_samples_for_frechet(dimension: int) -> int:
 
 def gaussian_statistics(features: np.ndarray, name: str = "features") -> GaussianStatistics:
     """Mean and (unbiased) covariance of (N, D) features; refuses N <= D, where the covariance is singular."""
-    features = np.asarray(features, dtype=np.float64)
-    if features.ndim != 2:
-        raise DiTOptimumError(f"`{name}` must be (N, D), got shape {features.shape}.")
+    features = check_features(name, features, minimum=0)
     count, dimension = features.shape
     needed = minimum_samples_for_frechet(dimension)
     if count < needed:
@@ -42,7 +43,13 @@ def gaussian_statistics(features: np.ndarray, name: str = "features") -> Gaussia
             f"`{name}` has N={count} samples of {dimension}-d features: a Frechet distance (FID/sFID) needs "
             f"N >= {needed} for a full-rank covariance. Use more samples, or KID, which is unbiased at small N."
         )
-    return GaussianStatistics(features.mean(axis=0), np.cov(features, rowvar=False), count)
+    with np.errstate(over="ignore", invalid="ignore"):
+        mean, covariance = features.mean(axis=0), np.cov(features, rowvar=False)
+    if not (np.isfinite(mean).all() and np.isfinite(covariance).all()):
+        raise DiTOptimumError(
+            f"`{name}` is too large for float64 statistics (its covariance overflows): rescale the features."
+        )
+    return GaussianStatistics(mean, covariance, count)
 
 
 def frechet_distance(first: GaussianStatistics, second: GaussianStatistics, eps: float = 1e-6) -> float:
@@ -50,9 +57,12 @@ def frechet_distance(first: GaussianStatistics, second: GaussianStatistics, eps:
     if first.mean.shape != second.mean.shape:
         raise DiTOptimumError(f"Feature dimensions differ: {first.mean.shape} vs {second.mean.shape}.")
     difference = first.mean - second.mean
+    with np.errstate(over="ignore", invalid="ignore"):
+        product = first.covariance @ second.covariance
+    check_finite_result("The product of the two covariances", float(np.abs(product).max(initial=0.0)))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", linalg.LinAlgWarning)
-        covariance_mean = linalg.sqrtm(first.covariance @ second.covariance)
+        covariance_mean = linalg.sqrtm(product)
         if not np.isfinite(covariance_mean).all():
             # Near-singular product: shift both covariances slightly, as the reference implementations do.
             offset = np.eye(len(first.mean)) * eps
@@ -64,7 +74,8 @@ def frechet_distance(first: GaussianStatistics, second: GaussianStatistics, eps:
         + np.trace(second.covariance)
         - 2 * np.trace(covariance_mean)
     )
-    return max(0.0, float(distance))  # a distance: rounding of two near-identical sets must not go below 0
+    distance = check_finite_result("The Frechet distance", distance)
+    return max(0.0, distance)  # a distance: rounding of two near-identical sets must not go below 0
 
 
 def _polynomial_mmd_unbiased(x: np.ndarray, y: np.ndarray) -> float:
@@ -91,21 +102,23 @@ def kernel_inception_distance(
     Subsets hold ``min(subset_size, N_generated, N_reference)`` samples of each set; with that equal to both N
     every subset is the whole set and the estimate is exact.
     """
-    generated = np.asarray(generated, dtype=np.float64)
-    reference = np.asarray(reference, dtype=np.float64)
-    if generated.ndim != 2 or reference.ndim != 2 or generated.shape[1] != reference.shape[1]:
+    check_positive_integers(num_subsets=num_subsets, subset_size=subset_size)
+    check_resources(seed=seed, parameter="seed")
+    generated = check_features("generated features", generated, minimum=0)
+    reference = check_features("reference features", reference, minimum=0)
+    if generated.shape[1] != reference.shape[1]:
         raise DiTOptimumError(f"KID needs (N, D) features of equal D, got {generated.shape} and {reference.shape}.")
     size = min(subset_size, len(generated), len(reference))
     if size < 2:
         raise DiTOptimumError(f"KID needs at least 2 samples in each set, got {len(generated)} and {len(reference)}.")
-    if num_subsets < 1:
-        raise DiTOptimumError(f"`num_subsets`={num_subsets} must be >= 1.")
     rng = np.random.default_rng(seed)
-    values = [
-        _polynomial_mmd_unbiased(
-            generated[rng.choice(len(generated), size, replace=False)],
-            reference[rng.choice(len(reference), size, replace=False)],
-        )
-        for _ in range(num_subsets)
-    ]
-    return float(np.mean(values)), float(np.std(values))
+    with np.errstate(over="ignore", invalid="ignore"):
+        values = [
+            _polynomial_mmd_unbiased(
+                generated[rng.choice(len(generated), size, replace=False)],
+                reference[rng.choice(len(reference), size, replace=False)],
+            )
+            for _ in range(num_subsets)
+        ]
+        mean, spread = float(np.mean(values)), float(np.std(values))
+    return check_finite_result("KID", mean), spread

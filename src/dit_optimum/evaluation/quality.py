@@ -282,7 +282,9 @@ def evaluate_quality(
         reference.update(_prefixed(name, real_features(real, "reference", resolution, extractor, **options)))
         floor.update(_prefixed(name, real_features(real, "floor", resolution, extractor, **options)))
     # labels of the floor images (class accuracy of real images); the Inception metrics only count them
-    floor_labels = real_images(real, "floor", resolution).labels if "domain" in families else np.zeros(len(real.floor))
+    floor_labels = (
+        real_images(real, "floor", resolution).labels if "domain" in families else np.zeros(len(real.floor), np.int64)
+    )
     result: dict[str, Any] = {}
     for metric in metrics:
         value = metric.statistic(generated.features, reference, labels)

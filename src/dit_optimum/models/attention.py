@@ -408,4 +408,6 @@ class DiTAttention(nn.Module, AttentionModuleMixin):
 
     def forward(self, hidden_states: torch.Tensor, grid_size: tuple[int, int]) -> torch.Tensor:
         # hidden_states: (B, N, dim) with N = grid_size[0] * grid_size[1] -> (B, N, dim)
+        if hidden_states.shape[0] == 0:  # a batch of 0 samples attends to nothing: an empty output, as nn.Linear
+            return hidden_states.new_zeros(*hidden_states.shape[:-1], self.to_out[0].out_features)
         return self.processor(self, hidden_states, grid_size)

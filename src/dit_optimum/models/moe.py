@@ -25,13 +25,14 @@ def switch_balance_loss(router_probs: torch.Tensor, expert_index: torch.Tensor, 
     counts = counts.index_add(
         0, expert_index.reshape(-1), torch.ones_like(expert_index.reshape(-1), dtype=counts.dtype)
     )
-    fraction = counts / expert_index.numel()
-    return num_experts * torch.sum(fraction * router_probs.mean(dim=0))
+    # max(1, ...): no tokens route nothing and cost nothing (0, not 0/0)
+    fraction = counts / max(1, expert_index.numel())
+    return num_experts * torch.sum(fraction * router_probs.sum(dim=0) / max(1, len(router_probs)))
 
 
 def router_z_loss(logits: torch.Tensor) -> torch.Tensor:
     """ST-MoE router z-loss: mean squared log-sum-exp of the router logits (keeps logits small)."""
-    return torch.logsumexp(logits, dim=-1).pow(2).mean()
+    return torch.logsumexp(logits, dim=-1).pow(2).sum() / max(1, len(logits))  # no tokens: 0, not 0/0
 
 
 class MoEFeedForward(nn.Module):
@@ -121,12 +122,12 @@ class MoEFeedForward(nn.Module):
 
         balance = switch_balance_loss(probs, expert_index, experts)
         self.aux_loss = self.balance_loss_weight * balance + self.router_z_loss_weight * router_z_loss(logits)
-        load = counts.float() / flat_expert.numel()
+        load = counts.float() / max(1, flat_expert.numel())  # no tokens: zero load, nothing dropped (not NaN)
         self.last_stats = {
             "load": load,
-            "load_entropy": -(load * torch.log(load.clamp_min(1e-12))).sum(),
+            "load_entropy": (-load * torch.log(load.clamp_min(1e-12))).sum(),
             "max_over_mean_load": load.max() * experts,
-            "dropped_fraction": 1 - kept.float().mean(),
+            "dropped_fraction": (~kept).float().sum() / max(1, kept.numel()),
             "balance_loss": balance.detach(),
         }
         if self.training:

@@ -27,7 +27,7 @@ from diffusers.models.normalization import AdaLayerNormZero
 from torch import nn
 
 from ..configs import dit_config
-from ..errors import DiTOptimumError
+from ..errors import DiTOptimumError, MissingPathError
 from ..schemas import check_component_folder
 from ..utils import first_line, pop_unsupported_save_options
 from ..utils import save_directory as save_directory_into
@@ -599,6 +599,13 @@ class DiTOptimumTransformer2DModel(DiTTransformer2DModel, AttentionMixin, PeftAd
         if kwargs.get("use_safetensors") is None:
             kwargs["use_safetensors"] = True
         where = Path(str(pretrained_model_name_or_path)) / (kwargs.get("subfolder") or "")
+        dtype = kwargs.get("torch_dtype")
+        if dtype is not None and not isinstance(dtype, torch.dtype):  # diffusers would ignore a name and load fp32
+            raise DiTOptimumError(f"`torch_dtype`={dtype!r} must be a torch.dtype, e.g. torch.bfloat16, or None.")
+        if kwargs.get("subfolder") and os.path.isdir(str(pretrained_model_name_or_path)) and not where.is_dir():
+            raise MissingPathError(
+                f"`subfolder`={kwargs['subfolder']!r} does not exist in {str(pretrained_model_name_or_path)!r}."
+            )
         check_component_folder(where)  # a local folder: its config a JSON object, its files regular ones
         try:
             model, info = super().from_pretrained(pretrained_model_name_or_path, output_loading_info=True, **kwargs)

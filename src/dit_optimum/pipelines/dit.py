@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import numbers
@@ -41,7 +42,8 @@ from .lora import DiTLoraLoaderMixin
 OUTPUT_TYPES: tuple[str, ...] = ("pil", "np", "pt", "latent")
 # Saved folders name diffusers' own class so that plain `DiffusionPipeline.from_pretrained` resolves them.
 SAVED_PIPELINE_CLASS = "DiTPipeline"
-# One re-entrant lock per pipeline object (kept outside the object so that it still deep-copies and pickles).
+# One re-entrant lock per transformer (or transformer-less pipeline), kept outside the object so that it still
+# deep-copies and pickles.
 _CALL_LOCKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _CALL_LOCKS_GUARD = threading.Lock()
 # The largest guidance scale an option may ask for before any pipeline is built: float16's largest number (a larger
@@ -111,6 +113,22 @@ def _is_finite(value: Any) -> bool:
         return math.isfinite(value)
     except OverflowError:
         return False
+
+
+def _is_faster_cache(model: Any) -> bool:
+    """Whether ``model`` has diffusers' FasterCache on (it assumes guided batches)."""
+    return type(getattr(model, "_cache_config", None)).__name__ == "FasterCacheConfig"
+
+
+def _copied_cache_config(config: Any, memo: dict) -> Any:
+    """A deep copy of a cache config for a deep-copied pipeline: callbacks diffusers filled in when the cache was
+    applied (FasterCache's weight callbacks, closures over the original config and so the original pipeline's
+    timestep) are emptied, so that applying the copy fills in its own."""
+    copied = copy.deepcopy(config, memo)
+    for name, value in list(vars(copied).items()):
+        if callable(value) and ".<locals>." in getattr(value, "__qualname__", "") and "apply_" in value.__qualname__:
+            setattr(copied, name, None)
+    return copied
 
 
 def _shown(value: Any) -> str:
@@ -435,14 +453,37 @@ class DiTOptimumPipeline(DiTPipeline, DiTLoraLoaderMixin):
 
     @property
     def call_lock(self) -> threading.RLock:
-        """The lock each call holds: calls to one pipeline object from several threads (a demo serving two requests)
-        run one after the other, each giving the images it would give alone (the scheduler and cache hooks keep
-        per-call state in the shared object). Re-entrant: hold it around a call to time the call alone."""
+        """The lock each call holds: calls from several threads (a demo serving two requests) run one after the other,
+        each giving the images it would give alone (the scheduler and cache hooks keep per-call state in the shared
+        objects). One lock per transformer, made once: pipelines sharing a transformer (and its cache hooks) wait for
+        each other too. Re-entrant: hold it around a call to time the call alone."""
+        owner = self.__dict__.get("transformer")  # the transformer (the pipeline itself while it has none)
+        key = owner if isinstance(owner, torch.nn.Module) else self
         with _CALL_LOCKS_GUARD:
-            lock = _CALL_LOCKS.get(self)
+            lock = _CALL_LOCKS.get(key)
             if lock is None:
-                lock = _CALL_LOCKS[self] = threading.RLock()
+                lock = _CALL_LOCKS[key] = threading.RLock()
             return lock
+
+    def __deepcopy__(self, memo: dict) -> DiTOptimumPipeline:
+        """A copy carrying the step cache: the cache is taken off for copying (diffusers' cache hooks do not copy)
+        and put back on the original and, with the same config, on the copy (whose PAB / FasterCache timestep
+        callback reads the copy). The copy has its own transformer, scheduler and so its own ``call_lock``."""
+        with self.call_lock:
+            model = self.__dict__.get("transformer")
+            config = getattr(model, "_cache_config", None)
+            if config is not None:
+                model.disable_cache()
+            try:
+                result = type(self).__new__(type(self))
+                memo[id(self)] = result
+                result.__dict__.update(copy.deepcopy(self.__dict__, memo))
+                if config is not None:
+                    result.transformer.enable_cache(_copied_cache_config(config, memo))
+            finally:
+                if config is not None:
+                    model.enable_cache(config)
+            return result
 
     def to(self, *args: Any, **kwargs: Any) -> DiTOptimumPipeline:
         """diffusers' ``to`` (dtype and/or device), holding ``call_lock``: a conversion asked for while another
@@ -595,6 +636,12 @@ class DiTOptimumPipeline(DiTPipeline, DiTLoraLoaderMixin):
         ``DiTOptimumError`` naming the likely causes of this call instead of returning NaN images.
         """
         with self.call_lock:
+            if _is_finite(guidance_scale) and guidance_scale <= 1 and _is_faster_cache(self.transformer):
+                raise DiTOptimumError(
+                    "FasterCache needs `guidance_scale` > 1: it takes part of the batch as the unconditional half of "
+                    "a guided batch. Pass `guidance_scale` > 1, or disable the cache "
+                    "(`disable_step_cache(pipe)`) for unguided sampling."
+                )
             return self._sample(class_labels, guidance_scale, generator, num_inference_steps, output_type, return_dict)
 
     @torch.no_grad()

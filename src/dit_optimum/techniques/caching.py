@@ -7,7 +7,8 @@ options and defaults once. Methods:
 - ``first-block``: FirstBlockCache: later blocks reuse their residual when block 0's output barely moved.
 - ``pab``: Pyramid Attention Broadcast: attention outputs reused every ``skip_range`` steps inside a timestep range.
 - ``faster``: FasterCache: attention reuse with frequency-weighted extrapolation, and the unconditional half of the
-  guided batch skipped on some steps (class labels are the conditional input).
+  guided batch skipped on some steps (class labels are the conditional input); it assumes a guided batch, so a
+  pipeline with it on refuses unguided calls (``guidance_scale`` <= 1).
 - ``taylorseer``: TaylorSeer: attention and MLP outputs predicted by a Taylor expansion between full steps.
 - ``magcache``: MagCache: skips while the accumulated residual-magnitude error stays small; its ratios are
   calibrated on one sampling run of this model.
@@ -109,11 +110,7 @@ def cache_config(pipeline: DiTOptimumPipeline, method: str, **options: Any) -> A
 
     o = resolve_cache_options(method, options)
 
-    def timestep() -> float | torch.Tensor:
-        # PAB and FasterCache ask the pipeline; outside sampling (timing, FLOP counting) there is no timestep, and
-        # one outside every skip range makes them compute everything
-        current = pipeline.current_timestep
-        return math.inf if current is None else current
+    timestep = PipelineTimestep(pipeline)
 
     if method == "first-block":
         return FirstBlockCacheConfig(threshold=o["threshold"])
@@ -162,6 +159,19 @@ def cache_config(pipeline: DiTOptimumPipeline, method: str, **options: Any) -> A
     return calibrate_block_schedule(
         pipeline, o["num_inference_steps"], o["reuse_fraction"], o["max_consecutive"], **calibration
     )
+
+
+class PipelineTimestep:
+    """The callback PAB and FasterCache ask for the current timestep: the pipeline's, or inf outside sampling (timing,
+    FLOP counting), where no timestep is in any skip range and so every block is computed. An object holding the
+    pipeline (not a closure), so that ``copy.deepcopy`` of the pipeline gives its copy a callback reading the copy."""
+
+    def __init__(self, pipeline: DiTOptimumPipeline):
+        self.pipeline = pipeline
+
+    def __call__(self) -> float | torch.Tensor:
+        current = self.pipeline.current_timestep
+        return math.inf if current is None else current
 
 
 def enable_step_cache(pipeline: DiTOptimumPipeline, method: str, **options: Any) -> DiTOptimumPipeline:

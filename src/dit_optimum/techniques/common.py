@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 from ..errors import DiTOptimumError
 from ..models.transformer import DiTOptimumTransformer2DModel, is_quantized
 from ..pipelines.dit import DiTOptimumPipeline
@@ -21,12 +23,13 @@ def unwrap(pipe_or_model, *, float_only: bool = True) -> DiTOptimumTransformer2D
 
 
 def rewrap(pipe_or_model, model: DiTOptimumTransformer2DModel):
-    """A new pipeline around ``model`` sharing the original's VAE, scheduler and labels, or ``model`` itself."""
+    """A new pipeline around ``model`` sharing the original's VAE and labels with a copy of its scheduler (a scheduler
+    keeps per-call state, and the two pipelines' calls do not wait for each other), or ``model`` itself."""
     if not isinstance(pipe_or_model, DiTOptimumPipeline):
         return model
     return DiTOptimumPipeline(
         transformer=model,
         vae=pipe_or_model.vae,
-        scheduler=pipe_or_model.scheduler,
+        scheduler=copy.deepcopy(pipe_or_model.scheduler),
         id2label=pipe_or_model.config.get("id2label"),
     )

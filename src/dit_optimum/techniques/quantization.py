@@ -289,6 +289,8 @@ def quantize(
     """
     is_pipeline = isinstance(pipe_or_model, DiTOptimumPipeline)
     model = unwrap(pipe_or_model)
+    if hasattr(model, "check_unfused"):
+        model.check_unfused("quantizing")  # the fused copy would stay in float beside the quantized weights
     _check_options(backend, weights, activations, model.device)
     dtype = _float_dtype(dtype)
     _check_keep_float(model, keep_float)
