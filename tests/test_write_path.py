@@ -550,3 +550,12 @@ def test_a_newline_in_a_path_stays_on_the_one_error_line(tmp_path, capsys):
     assert cli(["convert", "original", str(tmp_path / "miss\ning.pt"), str(tmp_path / "out"), "--num-heads", "4"]) == 2
     error = capsys.readouterr().err
     assert error.startswith("error: ") and error.count("\n") == 1 and "miss\\ning.pt" in error
+
+
+def test_prune_and_quantize_commands_work_for_a_model_of_fewer_than_four_classes(tmp_path):
+    model = tiny_model(num_embeds_ada_norm=2)
+    DiTOptimumPipeline(transformer=model, scheduler=DDIMScheduler()).save_pretrained(tmp_path / "two")
+    assert cli(["prune", str(tmp_path / "two"), str(tmp_path / "pruned"), "--heads", "0.5"]) == 0
+    argv = ["quantize", str(tmp_path / "two"), str(tmp_path / "bf16"), "--backend", "torch", "--weights", "bf16"]
+    assert cli(argv) == 0
+    assert DiTOptimumPipeline.from_pretrained(tmp_path / "pruned").transformer.config.num_embeds_ada_norm == 2

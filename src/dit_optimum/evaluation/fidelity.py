@@ -25,12 +25,20 @@ def output_difference(reference: torch.Tensor, candidate: torch.Tensor) -> dict[
 def compare_pipelines(
     reference,
     candidate,
-    class_labels: Sequence[int] = (0, 1, 2, 3),
+    class_labels: Sequence[int] | None = None,
     num_inference_steps: int = 10,
-    guidance_scale: float = 4.0,
+    guidance_scale: float | None = None,
     seed: int = 0,
 ) -> dict[str, float]:
-    """Sample the same classes with the same seed from both pipelines and compare the images (``output_type="pt"``)."""
+    """Sample the same classes with the same seed from both pipelines and compare the images (``output_type="pt"``).
+
+    By default four images of the model's classes in turn (a model may have fewer than four), with guidance 4 when
+    the model has a null class and none otherwise."""
+    config = reference.transformer.config
+    if class_labels is None:
+        class_labels = [index % config.num_embeds_ada_norm for index in range(4)]
+    if guidance_scale is None:
+        guidance_scale = 4.0 if reference.transformer.null_class_label is not None else 1.0
     images = []
     for pipe in (reference, candidate):
         generator = torch.Generator().manual_seed(seed)
