@@ -139,15 +139,22 @@ def read_manifest(folder: str | os.PathLike) -> set[str] | None:
     path = Path(folder) / MANIFEST_FILE
     if not os.path.isfile(path) or os.path.islink(path):  # os.path: a name too long is no manifest, not a crash
         return None
-    try:
-        with open(path, "rb", opener=_read_opener) as stream:
-            content = json.loads(stream.read(8 * 1024 * 1024).decode())
-    except (OSError, UnicodeDecodeError, ValueError):
-        return None
+    content = _json_or_none(path, 8 * 1024 * 1024)
     files = content.get("files") if isinstance(content, dict) else None
     if not isinstance(files, list):
         return None
     return {name for name in files if isinstance(name, str) and _is_safe_relative(name)}
+
+
+def _json_or_none(path: Path, max_bytes: int) -> Any:
+    """The JSON content of a file the package reads only to decide how careful to be (a manifest, a save's marker),
+    through the one reader (``schemas.read_json_file``); unreadable, special or invalid counts as none."""
+    from .schemas import read_json_file
+
+    try:
+        return read_json_file(path, max_bytes=max_bytes, infinities=True)
+    except DiTOptimumError:
+        return None
 
 
 def _read_opener(path: str, flags: int) -> int:
@@ -556,11 +563,7 @@ def _is_package_save(marker: Path) -> bool:
     user's ``app.py``, does not make a folder an earlier save whose files may be replaced."""
     if marker.name not in ("model_index.json", "config.json") or marker.is_symlink():
         return False
-    try:
-        with open(marker, "rb", opener=_read_opener) as stream:
-            content = json.loads(stream.read(1024 * 1024).decode())
-    except (OSError, UnicodeDecodeError, ValueError):
-        return False
+    content = _json_or_none(marker, 1024 * 1024)
     if not isinstance(content, dict):
         return False
     components = [value for value in content.values() if isinstance(value, list) and value]
@@ -709,16 +712,9 @@ def read_inside(folder: str | os.PathLike, relative: str, parameter: str, limit:
         current = current / part
         if current.is_symlink():
             raise DiTOptimumError(f"`{parameter}`={relative!r}: {str(current)!r} is a symbolic link; not followed.")
-    try:
-        with open(path, "rb", opener=_read_opener) as stream:
-            if not stat.S_ISREG(os.fstat(stream.fileno()).st_mode):
-                raise DiTOptimumError(f"`{parameter}`={str(path)!r} is not a regular file.")
-            data = stream.read(limit + 1)
-    except OSError as error:
-        raise DiTOptimumError(f"`{parameter}`={str(path)!r} cannot be read: {_error_text(error)}.") from None
-    if len(data) > limit:
-        raise DiTOptimumError(f"`{parameter}`={str(path)!r} is larger than {limit // 2**20} MiB.")
-    return data
+    from .schemas import read_regular_file  # the one reader: regular files only, non-blocking, size-capped
+
+    return read_regular_file(path, f"`{parameter}`={str(path)!r}", limit)
 
 
 def _refuse_token_content(source: Path, files: Sequence[str], parameter: str) -> None:

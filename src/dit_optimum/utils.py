@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import os
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -14,7 +14,6 @@ from .files import (  # noqa: F401  (the write path lives in files.py; these nam
     LOCK_FILE,
     atomic_file,
     check_save_target,
-    csv_text,
     folder_lock,
     save_directory,
     strict_json,
@@ -123,8 +122,3 @@ def write_text_atomic(path: str | Path, text: str) -> None:
 def write_json_atomic(path: str | Path, payload: Any) -> None:
     """Strict JSON (indented; a NaN or infinity is refused naming its field) written atomically."""
     write_text_atomic(path, strict_json(payload, repr(str(path))))
-
-
-def write_csv_atomic(path: str | Path, rows: Sequence[dict[str, Any]]) -> None:
-    """Flat rows as CSV, written atomically; columns are the union of the rows' keys in first-seen order."""
-    write_text_atomic(path, csv_text(rows))

@@ -204,8 +204,8 @@ class DiTLoraLoaderMixin(SanaLoraLoaderMixin):
         name = weight_name or LORA_WEIGHT_NAME_SAFE
         folder = check_writable(save_directory, "save_directory")
         claim_files(folder, [name], parameter="save_directory", advice=LORA_SAVE_ADVICE)  # before diffusers writes
-        # diffusers writes into a fresh folder; the file then takes its place through the package's write path (the
-        # file the caller asked for is replaced, as diffusers does, but never through a link)
+        # diffusers writes into a fresh folder; the file then takes its place through the package's write path (an
+        # earlier LoRA save of the package is replaced; a user's file of that name is refused; never through a link)
         with tempfile.TemporaryDirectory(prefix=".dit_optimum-lora-", dir=folder) as scratch:
             super().save_lora_weights(
                 scratch,
