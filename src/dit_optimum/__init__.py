@@ -5,7 +5,10 @@ provides pipeline components (``["dit_optimum", "DiTOptimumTransformer2DModel"]`
 the package also registers it with diffusers (``registration.py``), so that Hub repositories of it download.
 """
 
-from diffusers import ModelMixin
+from .import_messages import known_import_messages_hidden
+
+with known_import_messages_hidden():  # diffusers imports torchao here, which prints two harmless messages
+    from diffusers import ModelMixin
 
 from .configs import DIT_SIZES, PATCH_SIZES, dit_config, preset_names
 from .errors import DiTOptimumError, MissingPathError
