@@ -569,10 +569,13 @@ _BUILT: dict[str, Path] = {}
 
 
 def lora_folder(fx: Fixtures) -> Path:
-    """A LoRA adapter (random, non-zero) of the probe's tiny model, saved by the package."""
+    """A LoRA adapter (random, non-zero) of the probe's tiny model, saved by the package as a pipeline-level file
+    (keys under ``transformer.``): it loads with ``pipe.load_lora_weights`` and ``transformer.load_lora_adapter``."""
     if "lora" not in _BUILT:
+        from dit_optimum.pipelines.lora import save_lora_weights_of
+
         model = lora_model()
-        model.save_lora_adapter(fx.root / "lora")
+        save_lora_weights_of(model, fx.root / "lora")
         _BUILT["lora"] = fx.root / "lora"
     return _BUILT["lora"]
 

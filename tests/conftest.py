@@ -142,6 +142,18 @@ RELEASED_TECHNIQUES = (
 )
 
 
+@pytest.fixture(autouse=True)
+def restore_active_backend():
+    """diffusers' `set_attention_backend` also sets the process-wide active backend, which `reset_attention_backend`
+    leaves as it is (a documented example calls it): put it back after every test, so that each runs on the default
+    (another backend changes the last bits of every softmax attention)."""
+    from diffusers.models.attention_dispatch import _AttentionBackendRegistry
+
+    active = _AttentionBackendRegistry._active_backend
+    yield
+    _AttentionBackendRegistry.set_active_backend(active)
+
+
 @pytest.fixture(scope="session")
 def results_dir(tmp_path_factory) -> Path:
     """A finished tiny benchmark run (trained models kept) with class accuracy and KID measured."""

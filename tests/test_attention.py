@@ -235,17 +235,6 @@ def test_pruning_refuses_a_fused_model():
         prune(model, heads=0.5)
 
 
-@pytest.fixture
-def restore_active_backend():
-    """diffusers' `set_attention_backend` also sets the process-wide active backend, which `reset_attention_backend`
-    leaves as it is: put it back so that other tests run on the default."""
-    from diffusers.models.attention_dispatch import _AttentionBackendRegistry
-
-    active = _AttentionBackendRegistry._active_backend
-    yield
-    _AttentionBackendRegistry.set_active_backend(active)
-
-
 @pytest.mark.parametrize("attention_type", ["sdpa", "gqa", "mqa", "shallow", "mediated", "focused_gqa"])
 def test_attention_backend_round_trip(attention_type, restore_active_backend):
     model = tiny_model(attention_type=attention_type)

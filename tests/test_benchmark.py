@@ -284,6 +284,13 @@ def test_presets_describe_the_default_and_the_paper_runs():
     assert default.techniques == DEFAULT_TECHNIQUES
 
 
+def test_the_paper_preset_validates_for_a_cost_only_run_and_names_channels_for_a_quality_run():
+    # a cost-only run reads no reference: the preset's 50K reference images are not checked against the digits
+    replace(preset_settings("paper"), speed_only=True).validate()
+    with pytest.raises(DiTOptimumError, match="`channels`=4 is not allowed"):
+        preset_settings("paper").validate()
+
+
 def test_speed_only_run_measures_cost_on_untrained_latent_models(tmp_path):
     def no_training(config):
         raise AssertionError("a speed-only run must not train")

@@ -47,6 +47,12 @@ def test_release_writes_one_hub_ready_folder_per_cell(results_dir, released):
         "base_model": "org/dit-xs4-baseline",
     }
     assert Image.open(int8 / "samples.png").size == Image.open(results_dir / own["rows"][1]["sample_grid"]).size
+    # float32 releases carry fp16 / bf16 weight variants as diffusers repositories do; quantized ones none
+    weights = sorted(path.name for path in (released / "dit-xs4-baseline" / "transformer").glob("*.safetensors"))
+    assert weights == [f"diffusion_pytorch_model{v}.safetensors" for v in (".bf16", ".fp16", "")]
+    assert [path.name for path in (int8 / "transformer").glob("*.safetensors")] == [
+        "diffusion_pytorch_model.safetensors"
+    ]
 
 
 @pytest.mark.parametrize("technique", TECHNIQUES)
@@ -109,13 +115,13 @@ def test_cards_name_hub_datasets_only(tmp_path):
     assert hub_datasets("uoft-cs/cifar10") == ["uoft-cs/cifar10"]
 
 
-def test_the_readme_shows_the_loading_lines_a_card_prints():
+def test_the_docs_show_the_loading_lines_a_card_prints():
     from dit_optimum.hub.cards import loading_code
 
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    page = (Path(__file__).resolve().parents[1] / "docs" / "hub.md").read_text()  # "Loading a release"
     settings = {"num_inference_steps": 10, "guidance_scale": 2.0}
     code = loading_code("my-org/dit-xs4-int8", {"dtype": "bfloat16", "quality_settings": settings})
-    assert f"```python\n{code}\n```" in readme
+    assert f"```python\n{code}\n```" in page
 
 
 class RecordingApi:

@@ -15,6 +15,7 @@ from conftest import MODEL_KINDS, kind_id, model_inputs, tiny_model, tiny_pixel_
 from dit_optimum import DiTOptimumPipeline, quantize
 from dit_optimum.errors import DiTOptimumError
 from dit_optimum.models.lora import LORA_TARGETS, lora_config, lora_target_modules
+from dit_optimum.pipelines.lora import save_lora_weights_of
 
 ALL_TARGETS = list(LORA_TARGETS)
 
@@ -51,9 +52,11 @@ def test_every_kind_adapts_from_the_identity_and_reloads_equal(overrides, tmp_pa
     train_adapter(model)
     adapted = outputs(model)
     assert not torch.allclose(adapted, reference)
-    model.save_lora_adapter(tmp_path)
+    model.save_lora_adapter(tmp_path)  # a model-level file (diffusers' layout: no prefix)
     fresh = tiny_model(**overrides).eval()
-    fresh.load_lora_adapter(tmp_path, weight_name="pytorch_lora_weights.safetensors", adapter_name="default")
+    fresh.load_lora_adapter(
+        tmp_path, prefix=None, weight_name="pytorch_lora_weights.safetensors", adapter_name="default"
+    )
     assert torch.equal(outputs(fresh), adapted)
     fresh.fuse_lora()
     torch.testing.assert_close(outputs(fresh), adapted, atol=1e-5, rtol=1e-5)
@@ -73,11 +76,16 @@ def test_pipeline_lora_methods_and_a_plain_diffusers_pipeline(tmp_path):
     pipe.transformer.add_adapter(lora_config(pipe.transformer, ["attention", "mlp"], rank=2, alpha=4))
     train_adapter(pipe.transformer)
     expected = images(pipe)
-    pipe.transformer.save_lora_adapter(tmp_path / "lora")
-    # the same file through the pipeline-level methods
+    save_lora_weights_of(pipe.transformer, tmp_path / "lora")  # a pipeline-level file (keys under transformer.)
+    pipe.transformer.save_lora_adapter(tmp_path / "model-level")  # a model-level file (no prefix)
+    # the pipeline-level file through the pipeline-level methods
     other = tiny_pixel_pipeline()
     other.load_lora_weights(tmp_path / "lora")
     assert torch.equal(images(other), expected)
+    # the model-level file into a pipeline's transformer, as diffusers loads it
+    model_level = tiny_pixel_pipeline()
+    model_level.transformer.load_lora_adapter(tmp_path / "model-level", prefix=None)
+    assert torch.equal(images(model_level), expected)
     layers = get_peft_model_state_dict(other.transformer, adapter_name="default_0")  # diffusers' default name
     metadata = other.transformer.peft_config["default_0"].to_dict()  # alpha travels in the metadata
     DiTOptimumPipeline.save_lora_weights(
@@ -108,7 +116,7 @@ def test_lora_on_an_int8_base_trains_saves_and_reloads(tmp_path):
     adapted = outputs(base, torch.bfloat16)
     base.save_lora_adapter(tmp_path)
     fresh = quantize(tiny_pixel_pipeline(), backend="torchao", weights="int8").transformer
-    fresh.load_lora_adapter(tmp_path, weight_name="pytorch_lora_weights.safetensors")
+    fresh.load_lora_adapter(tmp_path, weight_name="pytorch_lora_weights.safetensors", prefix=None)
     assert torch.equal(outputs(fresh, torch.bfloat16), adapted)
 
 
@@ -136,7 +144,7 @@ def test_pickled_lora_files_are_refused_unread(tmp_path):
     pipe.transformer.add_adapter(lora_config(pipe.transformer, ["attention"], rank=2))
     with pytest.raises(DiTOptimumError, match="safe_serialization"):
         pipe.transformer.save_lora_adapter(tmp_path / "x", safe_serialization=False)
-    with pytest.raises(DiTOptimumError, match=r"adapter_name`='nope'.*adapters: default"):
+    with pytest.raises(DiTOptimumError, match=r"Adapter name nope not found in the model\. Its adapters: default"):
         pipe.transformer.save_lora_adapter(tmp_path / "x", adapter_name="nope")
 
 

@@ -22,6 +22,7 @@ from conftest import tiny_pixel_pipeline
 from dit_optimum import DiTOptimumPipeline
 from dit_optimum.errors import DiTOptimumError
 from dit_optimum.models.lora import lora_config
+from dit_optimum.pipelines.lora import save_lora_weights_of
 
 NAME = "pytorch_lora_weights.safetensors"
 KEY = "transformer.transformer_blocks.0.attn1.to_q.lora_A.weight"
@@ -40,7 +41,7 @@ def adapted_pipeline():
 @pytest.fixture(scope="module")
 def good(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("good")
-    adapted_pipeline().transformer.save_lora_adapter(folder)
+    save_lora_weights_of(adapted_pipeline().transformer, folder)  # a pipeline-level file: keys under transformer.
     return folder / NAME
 
 
@@ -246,8 +247,8 @@ def test_an_attached_adapter_is_not_saved_as_peft_wrapper_keys_and_the_named_way
     with pytest.raises(DiTOptimumError, match=r"LoRA adapter attached.*`fuse_lora\(\)` then `unload_lora\(\)`"):
         pipe.transformer.save_pretrained(tmp_path / "transformer")
     assert not list(tmp_path.iterdir())  # refused before anything was written
-    # the adapter on its own, then the base without it: both load back
-    pipe.transformer.save_lora_adapter(tmp_path / "lora")
+    # the adapter on its own (a pipeline-level file), then the base without it: both load back
+    save_lora_weights_of(pipe.transformer, tmp_path / "lora")
     pipe.unload_lora_weights()
     pipe.save_pretrained(tmp_path / "base")
     base = DiTOptimumPipeline.from_pretrained(tmp_path / "base")

@@ -74,6 +74,19 @@ def pop_unsupported_save_options(kwargs: dict) -> None:
         raise DiTOptimumError("`push_to_hub` is not supported here: save, then upload the folder.")
 
 
+_VARIANT = re.compile(r"^[A-Za-z0-9_]{1,32}$")
+
+
+def check_variant(variant: Any) -> str | None:
+    """A weights ``variant`` (``"fp16"``, ``"bf16"``, ``"ema"``: the file is ``diffusion_pytorch_model.<variant>.
+    safetensors``) or None; anything else (a path, a dot, an empty name) is refused naming it."""
+    if variant is not None and (not isinstance(variant, str) or not _VARIANT.match(variant)):
+        raise DiTOptimumError(
+            f"`variant`={variant!r} must be None or a name of 1-32 letters, digits or underscores (e.g. 'fp16')."
+        )
+    return variant
+
+
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 

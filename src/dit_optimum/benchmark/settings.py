@@ -180,7 +180,7 @@ class BenchmarkSettings:
             )
         if not self.speed_only:
             source_kind(self.data, "data")
-        self.quality.validate()
+        self.quality.validate(reference=not self.speed_only)  # a cost-only run samples but reads no reference
         self.speed.validate()
         for variant in self.variants:
             self._check_variant(variant)

@@ -57,8 +57,9 @@ class QualitySettings:
     inception_weights: str | None = None
     use_cache: bool = True
 
-    def validate(self) -> None:
-        """Check every setting (and the reference's size) before anything is sampled."""
+    def validate(self, reference: bool = True) -> None:
+        """Check every setting (and, unless ``reference`` is False, the reference's size: a cost-only run reads no
+        reference) before anything is sampled."""
         names = ("reference_samples", "num_samples", "batch_size", "num_inference_steps", "bootstrap")
         check_positive_integers(**{name: getattr(self, name) for name in names})
         if self.num_samples < 2 or self.reference_samples < 2 or self.bootstrap < 2:
@@ -73,7 +74,7 @@ class QualitySettings:
                 f"`num_inference_steps`={self.num_inference_steps} must be at most {MAX_SAMPLING_STEPS} "
                 "(the training timesteps)."
             )
-        available = reference_image_count(self.reference, self.reference_split)
+        available = reference_image_count(self.reference, self.reference_split) if reference else None
         if available is not None and self.reference_samples > available:
             raise DiTOptimumError(
                 f"`reference_samples`={self.reference_samples} is more than the {available} images of "

@@ -140,14 +140,35 @@ def card_numbers(card: ModelCard) -> dict[str, float]:
     return {result.metric_type: result.metric_value for result in card.data.eval_results or []}
 
 
-def loading_code(repo_id: str, row: Mapping[str, Any]) -> str:
+def _comment(text: str) -> str:
+    # free text inside a Python comment of a Markdown code block: one line, printable, no backticks, bounded
+    text = "".join(char if char.isprintable() else " " for char in text).replace("`", "")
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+def _uses_torchao(options: Any) -> bool:
+    if isinstance(options, Mapping):
+        return options.get("backend") == "torchao" or any(_uses_torchao(value) for value in options.values())
+    if isinstance(options, (list, tuple)):
+        return any(_uses_torchao(value) for value in options)
+    return False
+
+
+def loading_code(repo_id: str, row: Mapping[str, Any], needs_package: str | None = "") -> str:
     """The lines a user types to load and sample this release (run as written by the tests). Every value is
-    checked (a Hub id, a torch dtype name, numbers) before it becomes Python source."""
+    checked (a Hub id, a torch dtype name, numbers) before it becomes Python source.
+
+    ``needs_package``: None for a release in diffusers' own format (plain diffusers loads it, no dit-optimum
+    import); a reason (``stock_format_problem``) for one in this package's format, shown above ``import
+    dit_optimum``; "" (the default) for the package format without a stated reason."""
     check_repo_id(repo_id)
     validate(row, _SNIPPET_ROW, "`row`")
     dtype = row.get("dtype", "float32")
     loader = f"DiffusionPipeline.from_pretrained({json.dumps(repo_id)})"
-    if dtype != "float32":
+    technique = TECHNIQUES.get(str(row.get("technique")))
+    # diffusers loads torchao models in bfloat16 unless told otherwise; stock DiTPipeline then decodes bfloat16
+    # latents with the VAE's dtype: the dtype is always named for torchao releases
+    if dtype != "float32" or (technique is not None and _uses_torchao(technique.options)):
         loader = f"DiffusionPipeline.from_pretrained({json.dumps(repo_id)}, torch_dtype=torch.{dtype})"
     steps = int(row.get("quality_settings", {}).get("num_inference_steps", 10))
     guidance = float(row.get("quality_settings", {}).get("guidance_scale", 2.0))
@@ -167,10 +188,15 @@ def loading_code(repo_id: str, row: Mapping[str, Any]) -> str:
                 "# this release samples with a step cache, which is set at run time:",
                 f'enable_step_cache(pipe, "{method}"{arguments})',
             ]
+    package = []  # a release in diffusers' own format loads without dit-optimum (unless it samples with a cache)
+    if needs_package is not None or cache is not None:
+        package.append("import dit_optimum  # noqa: F401  (registers the dit-optimum components with diffusers)")
+    if needs_package:
+        package.insert(0, f"# dit-optimum is needed to load this release: {_comment(needs_package)}")
     return "\n".join(
         [
             "import torch",
-            "import dit_optimum  # noqa: F401  (registers the dit-optimum components with diffusers)",
+            *package,
             imports,
             "",
             f"pipe = {loader}",
@@ -227,9 +253,11 @@ def model_card(
     repo_id: str,
     base_model: str | None = None,
     sample_grid: str | None = SAMPLE_GRID,
+    needs_package: str | None = "",
 ) -> ModelCard:
     """The card of one released cell: ``results`` is a benchmark results file (``settings`` and ``rows``; the
-    row's baseline among them), ``base_model`` the baseline's repository for a derived model."""
+    row's baseline among them), ``base_model`` the baseline's repository for a derived model, ``needs_package``
+    why the release needs dit-optimum to load (None: it is in diffusers' own format; see ``loading_code``)."""
     # every value the card renders is checked (registered technique, dtype, finite numbers, Hub ids) or escaped
     validate(results, RESULTS, "`results`")
     validate(technique_row, RESULT_ROW, "`technique_row`")
@@ -272,7 +300,8 @@ def model_card(
         technique=row["technique"],
         description=markdown_text(row.get("description", "")),
         explanation=explanation,
-        loading_code=loading_code(repo_id, row),
+        loading_code=loading_code(repo_id, row, needs_package),
+        loading_note=_loading_note(needs_package),
         measurement=measurement_line(shown[-1]).strip(),
         results_table=markdown_table(shown),
         floor=floor_lines(shown),
@@ -283,6 +312,20 @@ def model_card(
         reproduce=reproduce_command(settings, row["technique"]),
         results_file=RESULTS_FILE,
         limits=_limits(shown[-1], settings),
+    )
+
+
+def _loading_note(needs_package: str | None) -> str:
+    """The sentence under the card's loading code: which classes the repository holds and what loading needs."""
+    if needs_package is None:
+        return (
+            "The repository holds diffusers' own classes (`DiTPipeline`, `DiTTransformer2DModel`, its VAE and "
+            "scheduler): plain diffusers loads it, dit-optimum is not needed."
+        )
+    reason = f" It needs dit-optimum for: {markdown_text(_comment(needs_package))}." if needs_package else ""
+    return (
+        "`import dit_optimum` registers this package's components with diffusers (install it with `pip install "
+        f"dit-optimum`), so that diffusers downloads and loads the repository.{reason}"
     )
 
 

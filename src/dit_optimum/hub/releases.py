@@ -3,10 +3,13 @@ and its rows of the results file), rebuilt through the same technique registry t
 
 from __future__ import annotations
 
+import copy
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from ..benchmark.contexts import VariantContext
 from ..benchmark.runner import load_results
@@ -14,6 +17,8 @@ from ..benchmark.settings import BenchmarkSettings, settings_from_results
 from ..errors import DiTOptimumError
 from ..evaluation.size import saved_size_bytes
 from ..files import check_save_target, claim_files, folder_lock, read_inside, write_bytes, write_json, write_text
+from ..models.stock import folder_stock_problem
+from ..models.transformer import is_quantized
 from ..pipelines.dit import DiTOptimumPipeline
 from ..schemas import check_namespace
 from ..techniques.registry import get_technique
@@ -130,9 +135,32 @@ def _write_release(
     overwrite: bool = False,
 ) -> Release:
     pipeline.save_pretrained(folder, overwrite=overwrite)
+    save_half_precision_variants(pipeline, folder, overwrite=overwrite)
     grid = sample_grid_bytes(results_dir, row)
     write_card_files(folder, results, row, repo_id, base_model, grid, overwrite=overwrite)
     return Release(repo_id, folder, row["variant"], row["technique"])
+
+
+# The half-precision weight files a float32 release carries beside its float32 ones, as diffusers repositories do:
+# `from_pretrained(repo, variant="fp16", torch_dtype=torch.float16)` downloads only those.
+HALF_PRECISION_VARIANTS: dict[str, torch.dtype] = {"fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def save_half_precision_variants(pipeline: DiTOptimumPipeline, folder: Path, overwrite: bool = False) -> list[str]:
+    """Beside a saved float32 pipeline, its weights cast to float16 and bfloat16 as the ``fp16`` / ``bf16``
+    variants (``diffusion_pytorch_model.fp16.safetensors``, ...), in the same format (stock or package) as the
+    float32 files; the configs they rewrite are the same. A quantized or already half-precision transformer gets
+    none (its weights are what was measured). Returns the variants written."""
+    transformer = pipeline.transformer
+    if is_quantized(transformer) or transformer.dtype != torch.float32:
+        return []
+    for variant, dtype in HALF_PRECISION_VARIANTS.items():
+        half = copy.deepcopy(pipeline)
+        for component in half.components.values():
+            if isinstance(component, torch.nn.Module):  # torch's cast: diffusers' `to` warns about float32 modules
+                torch.nn.Module.to(component, dtype)
+        half.save_pretrained(folder, overwrite=overwrite, variant=variant)
+    return list(HALF_PRECISION_VARIANTS)
 
 
 def write_card_files(
@@ -155,7 +183,9 @@ def write_card_files(
     write_json(folder, RESULTS_FILE, own, overwrite=overwrite)
     if grid is not None:
         write_bytes(folder, SAMPLE_GRID, grid, overwrite=overwrite)
-    card = model_card(own, row, repo_id, base_model, SAMPLE_GRID if grid is not None else None)
+    # the loading line that works for what the folder holds: plain diffusers for diffusers' own classes
+    needs_package = folder_stock_problem(folder)
+    card = model_card(own, row, repo_id, base_model, SAMPLE_GRID if grid is not None else None, needs_package)
     write_text(folder, "README.md", str(card), overwrite=overwrite)
 
 

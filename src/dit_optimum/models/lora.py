@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import DiTOptimumError, MissingPathError
+from ..errors import BadOptionError, DiTOptimumError, MissingPathError
 from ..files import is_model_file_name
 from ..utils import check_source, first_line
 
@@ -378,10 +378,17 @@ def _check_metadata(metadata: Any, prefix: str | None, source: str) -> dict | No
     defaults = _lora_config_defaults()
     for key, value in metadata.items():
         shown = f"`{start}{key}`={_shown(value)}"
-        if key not in defaults:
-            raise DiTOptimumError(
-                f"{source} has the adapter metadata key `{start}{key}`, which is not an option of peft's "
-                f"LoraConfig; the options read: {', '.join(_METADATA_RULES)}."
+        if key not in defaults:  # diffusers' LoraConfig(**metadata) would raise a TypeError: so does this
+            if prefix is None and "." in key and key.split(".", 1)[1] in defaults:
+                raise BadOptionError(
+                    f"{source}: the `LoraConfig` class could not be instantiated from its adapter metadata, whose keys "
+                    f"carry a prefix such as {key.split('.', 1)[0] + '.'!r} (a pipeline-level file, as "
+                    "`pipe.save_lora_weights` writes it): load it with `pipe.load_lora_weights(...)` or "
+                    "`transformer.load_lora_adapter(...)` (default prefix 'transformer')."
+                )
+            raise BadOptionError(
+                f"{source}: the `LoraConfig` class could not be instantiated from its adapter metadata: the key "
+                f"`{start}{key}` is not an option of peft's LoraConfig; the options read: {', '.join(_METADATA_RULES)}."
             )
         rule = _METADATA_RULES.get(key)
         if rule is None:
@@ -507,8 +514,16 @@ def check_lora_state_dict(
             unprefixed = [_ADAPTER_KEY.match(key) for key in keys]
             if prefix is not None and any(match and match["module"] in layers for match in unprefixed):
                 hint = (
-                    f" Its keys lack the {start!r} prefix: load it with "
-                    "`transformer.load_lora_adapter(..., prefix=None)`."
+                    f" Its keys lack the {start!r} prefix (a model-level file, as `save_lora_adapter` writes it): "
+                    "load it with `transformer.load_lora_adapter(..., prefix=None)`."
+                )
+            elif prefix is None and any(
+                (match := _ADAPTER_KEY.match(key.split(".", 1)[-1])) and match["module"] in layers for key in keys
+            ):
+                hint = (
+                    f" Its keys carry a prefix such as {prefixes[0]!r} (a pipeline-level file, as "
+                    "`pipe.save_lora_weights` writes it): load it with `pipe.load_lora_weights(...)` or "
+                    "`transformer.load_lora_adapter(...)` (default prefix 'transformer')."
                 )
             raise DiTOptimumError(
                 f"{source} holds no LoRA weights for this model: its keys start with "

@@ -27,9 +27,9 @@ from diffusers.models.normalization import AdaLayerNormZero
 from torch import nn
 
 from ..configs import dit_config
-from ..errors import DiTOptimumError, MissingPathError
+from ..errors import DiTOptimumError, MissingPathError, ModelFileError, keeping_type
 from ..schemas import check_component_folder
-from ..utils import first_line, pop_unsupported_save_options
+from ..utils import check_variant, first_line, pop_unsupported_save_options
 from ..utils import save_directory as save_directory_into
 from .attention import (
     ATTENTION_SPECS,
@@ -422,6 +422,20 @@ def _weights_file(folder: Path, variant: str | None) -> str:
     return str(folder / name) if (folder / name).is_file() else str(folder)
 
 
+def _no_pickled_fallback(folder: Path, variant: str | None, error: OSError) -> str:
+    """For a folder without its safetensors weights: what diffusers would read next, its pickled ``.bin`` file
+    (which this package never loads), in diffusers' own words, so the message says whether that file is there."""
+    text = str(error)
+    if "Error no file named" not in text or ".safetensors" not in text or not folder.is_dir():
+        return ""
+    from diffusers.utils import WEIGHTS_NAME, _add_variant
+
+    name = _add_variant(WEIGHTS_NAME, variant)
+    if (folder / name).exists():
+        return f" The folder holds {name}, pickled weights, which are not loaded (safetensors only): re-save them."
+    return f" diffusers' pickled fallback finds nothing either: Error no file named {name} found in directory {folder}."
+
+
 def check_adapter_scales(name: str, value: Any, dtype: torch.dtype = torch.float32) -> None:
     """LoRA scales (``lora_scale``, ``set_adapters`` weights, ``lora_alpha``: a number, None, or lists / per-block
     dicts of them) must be finite numbers whose size the weights' ``dtype`` can hold: NaN, inf or a scale that is
@@ -514,6 +528,7 @@ class DiTOptimumTransformer2DModel(DiTTransformer2DModel, AttentionMixin, PeftAd
     _supports_gradient_checkpointing = True
     _skip_layerwise_casting_patterns = ["pos_embed", "norm", "conditioning_embedding"]
     _no_split_modules = ["DiTBlock"]
+    _contiguous_block_inputs = False  # set by `compile_repeated_blocks`
     _repeated_blocks = ["DiTBlock"]  # regional compilation: `compile_repeated_blocks()` compiles one block once
 
     @register_to_config
@@ -593,7 +608,9 @@ class DiTOptimumTransformer2DModel(DiTTransformer2DModel, AttentionMixin, PeftAd
         """diffusers' loader, made strict: safetensors only, and the weights must match the config exactly.
 
         A missing, unreadable or inconsistent file raises ``DiTOptimumError`` naming the folder, instead of a
-        random-initialised or silently truncated model after a warning.
+        random-initialised or silently truncated model after a warning. Where diffusers raises another type the
+        error is that type too: a missing or unreadable file (weights, config, folder) is a ``ModelFileError``, an
+        ``OSError`` as in diffusers, so its variant fallback and callers catching ``OSError`` keep working.
         """
         wants_info = kwargs.pop("output_loading_info", False)
         if kwargs.get("use_safetensors") is None:
@@ -606,13 +623,21 @@ class DiTOptimumTransformer2DModel(DiTTransformer2DModel, AttentionMixin, PeftAd
             raise MissingPathError(
                 f"`subfolder`={kwargs['subfolder']!r} does not exist in {str(pretrained_model_name_or_path)!r}."
             )
-        check_component_folder(where)  # a local folder: its config a JSON object, its files regular ones
+        try:
+            check_component_folder(where)  # a local folder: its config a JSON object, its files regular ones
+        except DiTOptimumError as error:
+            if isinstance(error, OSError):
+                raise
+            raise ModelFileError(str(error)) from error  # a damaged config.json is an OSError in diffusers too
         try:
             model, info = super().from_pretrained(pretrained_model_name_or_path, output_loading_info=True, **kwargs)
         except DiTOptimumError:
             raise
         except (OSError, ValueError, KeyError, TypeError) as error:
-            raise DiTOptimumError(f"Could not load the transformer from {str(where)!r}: {first_line(error)}") from error
+            message = f"Could not load the transformer from {str(where)!r}: {first_line(error)}"
+            if isinstance(error, OSError):
+                message += _no_pickled_fallback(where, kwargs.get("variant"), error)
+            raise keeping_type(error, message) from error  # diffusers' type: an OSError stays an OSError
         problems = {kind: sorted(info.get(kind) or []) for kind in ("missing_keys", "unexpected_keys")}
         problems["mismatched_keys"] = [key for key, *_ in info.get("mismatched_keys") or []]
         problems = {kind: keys for kind, keys in problems.items() if keys}
@@ -632,6 +657,10 @@ class DiTOptimumTransformer2DModel(DiTTransformer2DModel, AttentionMixin, PeftAd
         cast them silently); the files read are kept for ``from_pretrained``'s finite-weights check."""
         files = [str(path) for path in resolved_model_file or [] if isinstance(path, (str, os.PathLike))]
         check_weight_dtypes(model, files)
+        if len(args) >= 2:  # (source, loaded_keys, ...): a quantizer may name stock per-block keys (stock.py)
+            from .stock import map_stock_loaded_keys
+
+            args = (args[0], map_stock_loaded_keys(args[1], kwargs.get("hf_quantizer")), *args[2:])
         result = super()._load_pretrained_model(model, state_dict, resolved_model_file, *args, **kwargs)
         model.__dict__[_LOADED_FILES_ATTRIBUTE] = files
         return result
@@ -818,8 +847,22 @@ class DiTOptimumTransformer2DModel(DiTTransformer2DModel, AttentionMixin, PeftAd
             norm_eps=config.norm_eps,
         )
 
+    @classmethod
+    def load_config(cls, *args: Any, **kwargs: Any) -> Any:
+        """diffusers' ``load_config``; a stock-format config written by this package (``stock.MARKER_KEY``) gives back
+        the model's own class count and label dropout (``stock.restore_stock_config``)."""
+        from .stock import restore_stock_config
+
+        loaded = super().load_config(*args, **kwargs)
+        if isinstance(loaded, tuple):
+            return (restore_stock_config(loaded[0]), *loaded[1:])
+        return restore_stock_config(loaded)
+
     def _fix_state_dict_keys_on_load(self, state_dict: OrderedDict) -> None:
-        """Map a stock diffusers checkpoint (an embedder copy in every block) onto the shared embedding."""
+        """Map a stock diffusers checkpoint (an embedder copy in every block) onto the shared embedding; a stock-format
+        folder saved by this package also gets its label table back to the model's classes and null row."""
+        from .stock import trim_stock_class_table
+
         copies: dict[str, list[torch.Tensor]] = {}
         for key in [key for key in state_dict if _STOCK_BLOCK_EMBEDDING.match(key)]:
             block, name = _STOCK_BLOCK_EMBEDDING.match(key).groups()
@@ -833,19 +876,33 @@ class DiTOptimumTransformer2DModel(DiTTransformer2DModel, AttentionMixin, PeftAd
                 "The checkpoint's per-block timestep/class embedders differ (%s); this model shares block 0's.",
                 ", ".join(sorted(differing)),
             )
+        trim_stock_class_table(self, state_dict)
         super()._fix_state_dict_keys_on_load(state_dict)
 
     def enable_cache(self, config: Any) -> None:
         """diffusers' ``enable_cache`` (FirstBlockCache, TaylorSeer, PAB, FasterCache, MagCache, ...), plus a
-        ``BlockCacheSchedule``, which is also written into the config so that ``save_pretrained`` keeps it. A second
-        cache while one is on is refused naming the first (diffusers' rule, as a ``DiTOptimumError``)."""
+        ``BlockCacheSchedule``, which is also written into the config so that ``save_pretrained`` keeps it.
+
+        A second cache while one is on raises diffusers' ``ValueError`` (its message, naming the first). diffusers'
+        defaults that name other models' modules are fitted to the DiT's (``cache_hooks.fit_cache_config``:
+        TaylorSeer hooks the blocks' ``attn1``, FasterCache splits ``class_labels`` with the guided batch), and a
+        config that hooks no module at all is refused saying what to pass, instead of changing nothing."""
+        from .cache_hooks import fit_cache_config, hooks_on_submodules, no_hook_error
+
         if self.is_cache_enabled:
+            current = type(self._cache_config)
+            origin = " (the model config's `block_cache_schedule`)" if current is BlockCacheSchedule else ""
             raise DiTOptimumError(
-                f"A step cache is already enabled ({type(self._cache_config).__name__}); call "
-                "`disable_cache()` before enabling another."
+                f"Caching has already been enabled with {current}. To apply a new caching technique, please disable "
+                f"the existing one first: call `disable_cache()`; the cache on now is {current.__name__}{origin}."
             )
         if not isinstance(config, BlockCacheSchedule):
-            super().enable_cache(config)
+            fitted = fit_cache_config(config)
+            before = hooks_on_submodules(self)
+            super().enable_cache(fitted)
+            if not hooks_on_submodules(self) - before:  # nothing hooked: the cache would change nothing
+                self.disable_cache()
+                raise no_hook_error(config)
             return
         schedule = BlockCacheSchedule.from_dict(config.to_dict(), len(self.transformer_blocks))  # checks the indices
         apply_block_schedule(self.transformer_blocks, schedule)
@@ -854,6 +911,14 @@ class DiTOptimumTransformer2DModel(DiTTransformer2DModel, AttentionMixin, PeftAd
         HookRegistry.check_if_exists_or_initialize(self).invalidate_child_registries_cache()
         self._cache_config = schedule
         self.register_to_config(block_cache_schedule=schedule.to_dict())
+
+    def compile_repeated_blocks(self, *args: Any, **kwargs: Any) -> None:
+        """diffusers' regional compilation (each ``DiTBlock`` compiled with ``torch.compile(*args, **kwargs)``).
+        The blocks then get contiguous inputs: the patch embedding's output is transposed, and a first block fed that
+        layout would be compiled a second time for the others. Uncompiled, the layout stays stock DiT's, whose last
+        bits it decides (plain diffusers loading gives the same images)."""
+        super().compile_repeated_blocks(*args, **kwargs)
+        self._contiguous_block_inputs = True
 
     def set_attention_backend(self, backend: str) -> None:
         """diffusers' ``set_attention_backend`` for every attention module; an unknown name is refused listing the
@@ -942,14 +1007,25 @@ class DiTOptimumTransformer2DModel(DiTTransformer2DModel, AttentionMixin, PeftAd
         check_adapter_names(self, adapter_names)
         super().delete_adapters(adapter_names)
 
-    def load_lora_adapter(self, pretrained_model_name_or_path_or_dict: Any, prefix: str = "transformer", **kwargs):
-        """diffusers' ``load_lora_adapter``, through the package's one LoRA reader (``lora.load_checked_lora``):
-        safetensors only (a ``.bin`` ``weight_name`` is refused unread), a regular and readable file of finite
-        tensors whose keys under ``prefix`` name this model's layers with their shapes; anything else is refused
-        naming the file before the model changes (diffusers would load a foreign LoRA as a silent no-op).
+    def load_lora_adapter(
+        self,
+        pretrained_model_name_or_path_or_dict: Any,
+        prefix: str | None = "transformer",
+        hotswap: bool = False,
+        **kwargs: Any,
+    ):
+        """diffusers' ``load_lora_adapter`` (same signature and defaults), through the package's one LoRA reader
+        (``lora.load_checked_lora``): safetensors only (a ``.bin`` ``weight_name`` is refused unread), a regular and
+        readable file of finite tensors whose keys under ``prefix`` name this model's layers with their shapes;
+        anything else is refused naming the file before the model changes (diffusers would load a foreign LoRA as a
+        silent no-op).
 
-        The adapter metadata is checked against peft's ``LoraConfig`` (``lora.check_lora_state_dict``). A load that
-        fails anyway leaves no adapter behind; the new layers (their dropout included) follow the model's train /
+        As in diffusers, the default ``prefix="transformer"`` reads the keys and metadata under ``transformer.`` (a
+        pipeline-level file, ``pipe.save_lora_weights``), and ``prefix=None`` reads them as they are (a model-level
+        file, ``save_lora_adapter``); a file whose keys are all of the other kind is refused naming the ``prefix`` to
+        pass. The adapter metadata is checked against peft's ``LoraConfig`` (``lora.check_lora_state_dict``; a key
+        that is no option of it is a ``TypeError`` too, as in diffusers). A load that fails anyway leaves no adapter
+        behind, with diffusers' exception type; the new layers (their dropout included) follow the model's train /
         eval mode, so an adapter loaded into a model in eval mode samples deterministically."""
         from diffusers.utils.peft_utils import get_adapter_name
 
@@ -958,7 +1034,7 @@ class DiTOptimumTransformer2DModel(DiTTransformer2DModel, AttentionMixin, PeftAd
         options = {name: kwargs.pop(name) for name in LORA_FILE_OPTIONS if name in kwargs}
         name = kwargs.get("adapter_name")
         check_adapter_name(name)
-        hotswap = bool(kwargs.get("hotswap"))
+        hotswap = bool(hotswap)
         if name is not None and name in getattr(self, "peft_config", {}) and not hotswap:
             raise DiTOptimumError(
                 f"`adapter_name`={name!r} is already in use; adapters: {', '.join(self.peft_config)}. Choose another "
@@ -975,7 +1051,7 @@ class DiTOptimumTransformer2DModel(DiTTransformer2DModel, AttentionMixin, PeftAd
         kwargs["adapter_name"] = name if name is not None else get_adapter_name(self)  # diffusers' default name
         modules = set(self.modules())
         try:
-            result = super().load_lora_adapter(state_dict, prefix=prefix, metadata=metadata, **kwargs)
+            result = super().load_lora_adapter(state_dict, prefix=prefix, hotswap=hotswap, metadata=metadata, **kwargs)
         except Exception as error:
             if not hotswap:
                 self._remove_failed_adapter(kwargs["adapter_name"], modules)
@@ -983,7 +1059,8 @@ class DiTOptimumTransformer2DModel(DiTTransformer2DModel, AttentionMixin, PeftAd
                 error, (ValueError, TypeError, RuntimeError, KeyError, OverflowError, AttributeError)
             ):
                 raise
-            raise DiTOptimumError(f"{source} could not be loaded as a LoRA adapter: {first_line(error)}") from error
+            message = f"{source} could not be loaded as a LoRA adapter: {first_line(error)}"
+            raise keeping_type(error, message) from error  # the type diffusers raises
         for module in self.modules():  # new peft layers follow the model's mode (a training-mode dropout is random)
             if module not in modules:
                 module.training = self.training
@@ -1012,10 +1089,12 @@ class DiTOptimumTransformer2DModel(DiTTransformer2DModel, AttentionMixin, PeftAd
         safe_serialization: bool = True,
         weight_name: str | None = None,
     ) -> None:
-        """diffusers' ``save_lora_adapter`` (same file name and metadata), safetensors only and written atomically,
-        with keys under ``transformer.`` as pipeline-level LoRA files have them: the file loads with
-        ``pipe.load_lora_weights(folder)`` and with ``transformer.load_lora_adapter(folder, weight_name=...)``
-        (whose default ``prefix`` is ``"transformer"``). It also works on a quantized base, which diffusers' version
+        """diffusers' ``save_lora_adapter``: the file diffusers writes (``pytorch_lora_weights.safetensors``, the
+        adapter's keys and its ``LoraConfig`` as metadata, both without a prefix), safetensors only and written
+        atomically. It loads as diffusers loads it, with ``load_lora_adapter(folder, prefix=None)`` (on this model or
+        a pipeline's ``pipe.transformer``); a pipeline-level file, keys under ``transformer.`` for
+        ``pipe.load_lora_weights``, is written by ``pipe.save_lora_weights`` (or
+        ``pipelines.lora.save_lora_weights_of``). It also works on a quantized base, which diffusers' version
         refuses because it casts the whole model first."""
         import json
 
@@ -1031,12 +1110,11 @@ class DiTOptimumTransformer2DModel(DiTTransformer2DModel, AttentionMixin, PeftAd
         check_lora_file_name(weight_name, saving=True)  # a file its own loader reads: refused before writing
         if adapter_name not in getattr(self, "peft_config", {}):
             adapters = ", ".join(getattr(self, "peft_config", {})) or "none"
-            raise DiTOptimumError(f"No LoRA adapter named `adapter_name`={adapter_name!r}; adapters: {adapters}.")
+            raise DiTOptimumError(f"Adapter name {adapter_name} not found in the model. Its adapters: {adapters}.")
         config = self.peft_config[adapter_name].to_dict()
-        # keys under `transformer.`, as diffusers' pipeline-level files store them (the loaders strip the prefix)
-        config = {f"transformer.{k}": sorted(v) if isinstance(v, set) else v for k, v in config.items()}
-        adapter = get_peft_model_state_dict(self, adapter_name=adapter_name)
-        state = {f"transformer.{key}": value for key, value in adapter.items()}
+        # a model-level file, as diffusers writes it: keys and metadata without a prefix (sets as sorted lists)
+        config = {key: sorted(value) if isinstance(value, set) else value for key, value in config.items()}
+        state = dict(get_peft_model_state_dict(self, adapter_name=adapter_name))
         if upcast_before_saving:
             state = {key: value.float() for key, value in state.items()}
         check_finite_lora_tensors(state, f"Adapter {adapter_name!r}")  # a NaN adapter is not saved
@@ -1052,8 +1130,22 @@ class DiTOptimumTransformer2DModel(DiTTransformer2DModel, AttentionMixin, PeftAd
         with staged_file(folder, name, "save_directory", advice=LORA_SAVE_ADVICE) as temporary:
             save_file({key: value.contiguous() for key, value in state.items()}, str(temporary), metadata=metadata)
 
-    def save_pretrained(self, save_directory: str | os.PathLike, overwrite: bool = False, **kwargs: Any) -> None:
-        """Save as safetensors, each file written whole, other files in the folder left alone (as diffusers does).
+    def save_pretrained(
+        self,
+        save_directory: str | os.PathLike,
+        overwrite: bool = False,
+        stock_format: bool = False,
+        variant: str | None = None,
+        **kwargs: Any,
+    ) -> None:
+        """Save as safetensors, each file written whole, other files in the folder left alone (as diffusers does);
+        ``variant`` (e.g. ``"fp16"``) names the weights file ``diffusion_pytorch_model.<variant>.safetensors``.
+
+        By default in this package's format (one shared conditioning embedding: the size the benchmark measures, and
+        ``DiTOptimumTransformer2DModel.from_pretrained`` loads it). ``stock_format=True`` saves diffusers' own
+        ``DiTTransformer2DModel`` instead (``stock.to_stock_transformer``: an embedding copy per block, the label
+        table padded to 1000 classes), which plain diffusers loads; a model diffusers cannot represent is refused
+        with the reason (``stock.stock_format_problem``). Pipelines pick the stock format by themselves.
 
         Refuses models whose quantized form cannot be reloaded, and a folder holding other files but no
         ``config.json`` (or a file at that path) unless ``overwrite=True``.
@@ -1063,12 +1155,18 @@ class DiTOptimumTransformer2DModel(DiTTransformer2DModel, AttentionMixin, PeftAd
             raise DiTOptimumError(reason)
         self.check_unfused("saving")
         from .lora import check_no_lora_layers
+        from .stock import to_stock_transformer
 
         check_no_lora_layers(self)  # peft's `base_layer` keys would not load back
         pop_unsupported_save_options(kwargs)
+        check_variant(variant)
+        model = to_stock_transformer(self) if stock_format else None
         sources = [getattr(self.config, "_name_or_path", None)]
         with save_directory_into(save_directory, "config.json", overwrite, sources=sources) as staging:
-            super().save_pretrained(staging, safe_serialization=True, **kwargs)
+            if model is None:
+                super().save_pretrained(staging, safe_serialization=True, variant=variant, **kwargs)
+            else:
+                model.save_pretrained(staging, safe_serialization=True, variant=variant, **kwargs)
 
     def _map_null_label(self, class_labels: torch.LongTensor) -> torch.LongTensor:
         # diffusers' DiTPipeline asks for class 1000 as "unconditional"; route it to this model's null class.
@@ -1097,7 +1195,10 @@ class DiTOptimumTransformer2DModel(DiTTransformer2DModel, AttentionMixin, PeftAd
             timestep = timestep.expand(batch)
         class_labels = self._map_null_label(torch.as_tensor(class_labels, device=hidden_states.device).reshape(-1))
 
-        hidden_states = self.pos_embed(hidden_states)  # (B, N, dim)
+        # (B, N, dim), contiguous: every block then sees the same strides (a compiled block is not recompiled)
+        hidden_states = self.pos_embed(hidden_states)  # (B, N, dim), laid out as in stock DiT: the same bits
+        if self._contiguous_block_inputs:  # regionally compiled: one layout for every block, or block 1 recompiles
+            hidden_states = hidden_states.contiguous()
         conditioning = self.conditioning_embedding(timestep, class_labels, hidden_dtype=hidden_states.dtype)  # (B, dim)
         for block in self.transformer_blocks:
             if torch.is_grad_enabled() and self.gradient_checkpointing:

@@ -35,7 +35,7 @@ from ..schemas import (
     read_json_file,
     validate,
 )
-from ..utils import check_source, first_line, is_integer, pop_unsupported_save_options
+from ..utils import check_source, check_variant, first_line, is_integer, pop_unsupported_save_options
 from ..utils import save_directory as save_directory_into
 from .lora import DiTLoraLoaderMixin
 
@@ -403,6 +403,43 @@ def _check_model_index(folder: Path) -> None:
             check_component_folder(folder / name)
 
 
+# Options of a pipeline's `from_pretrained` that also apply to loading one of its components.
+_COMPONENT_OPTIONS = ("cache_dir", "force_download", "proxies", "local_files_only", "token", "revision", "variant",
+                      "use_safetensors", "low_cpu_mem_usage")  # fmt: skip
+
+
+def _component_kwargs(kwargs: Mapping[str, Any], name: str) -> dict[str, Any]:
+    """The pipeline ``from_pretrained`` options for component ``name`` (``torch_dtype`` may be a dict by component,
+    with a ``"default"``, as diffusers takes it)."""
+    options = {key: kwargs[key] for key in _COMPONENT_OPTIONS if key in kwargs}
+    dtype = kwargs.get("torch_dtype")
+    if isinstance(dtype, Mapping):
+        dtype = dtype.get(name, dtype.get("default"))
+    if dtype is not None:
+        options["torch_dtype"] = dtype
+    return options
+
+
+def _names_stock_transformer(source: str, kwargs: Mapping[str, Any]) -> bool:
+    """Whether the pipeline's ``model_index.json`` (a local folder's, or a Hub repository's) names diffusers'
+    ``DiTTransformer2DModel`` as its transformer."""
+    from ..models.stock import STOCK_TRANSFORMER
+
+    if Path(source).is_dir():
+        try:
+            index = json.loads((Path(source) / "model_index.json").read_text())
+        except (OSError, ValueError):
+            return False  # diffusers names the problem
+    else:
+        hub = {key: kwargs[key] for key in _COMPONENT_OPTIONS[:6] if key in kwargs}
+        try:
+            index = DiTPipeline.load_config(source, **hub)
+        except (OSError, ValueError):
+            return False
+    entry = index.get("transformer") if isinstance(index, Mapping) else None
+    return isinstance(entry, (list, tuple)) and tuple(entry) == STOCK_TRANSFORMER
+
+
 class DiTOptimumPipeline(DiTPipeline, DiTLoraLoaderMixin):
     """``DiTPipeline`` that works for any class count (null class from the model config) and in pixel space.
 
@@ -438,6 +475,13 @@ class DiTOptimumPipeline(DiTPipeline, DiTLoraLoaderMixin):
         _check_saved_vae(Path(source))
         if kwargs.get("use_safetensors") is None:
             kwargs["use_safetensors"] = True
+        check_variant(kwargs.get("variant"))
+        if "transformer" not in kwargs and _names_stock_transformer(source, kwargs):
+            # a stock-format folder: diffusers would build its own DiTTransformer2DModel; this package's model gives
+            # back the saved class count (and loads any stock DiT checkpoint the same way)
+            kwargs["transformer"] = DiTOptimumTransformer2DModel.from_pretrained(
+                source, subfolder="transformer", **_component_kwargs(kwargs, "transformer")
+            )
         try:
             pipeline = super().from_pretrained(source, **kwargs)
         except DiTOptimumError:
@@ -789,19 +833,54 @@ class DiTOptimumPipeline(DiTPipeline, DiTLoraLoaderMixin):
         listed = causes[0] if len(causes) == 1 else ", ".join(causes[:-1]) + f", or {causes[-1]}"
         raise DiTOptimumError(f"{what}. Likely causes: {listed}.")
 
-    def save_pretrained(self, save_directory: str | os.PathLike, overwrite: bool = False, **kwargs: Any) -> None:
+    def save_pretrained(
+        self,
+        save_directory: str | os.PathLike,
+        overwrite: bool = False,
+        stock_format: bool | None = None,
+        **kwargs: Any,
+    ) -> None:
         """Save so that plain ``DiffusionPipeline`` loads it; safetensors only.
+
+        Where diffusers' own classes can represent the pipeline (``stock.stock_format_problem`` is None: SDPA
+        attention, uniform blocks, a 4x MLP, no MoE, no saved cache schedule, a diffusers VAE, float weights or
+        torchao / quanto weight-only quantization, a null class and at most 1000 classes), the folder holds
+        ``DiTPipeline`` with ``DiTTransformer2DModel`` (``stock.to_stock_transformer``), the VAE and the scheduler:
+        ``DiffusionPipeline.from_pretrained(path)`` loads it without this package and gives the same images. A model
+        with fewer than 1000 classes is padded to 1000 there (an unknown class id in its padding samples
+        unconditionally); ``DiTOptimumPipeline.from_pretrained`` gives back its own classes. Anything else keeps this
+        package's format (components ``["dit_optimum", ...]``: ``import dit_optimum`` first). ``stock_format=True``
+        refuses a pipeline that cannot be saved in the stock format (with the reason), ``False`` keeps the package
+        format always. ``variant`` (``"fp16"``, ``"bf16"``) names the weights files as diffusers does
+        (``diffusion_pytorch_model.<variant>.safetensors``; cast the pipeline to that dtype first).
 
         As diffusers does, the pipeline's files go into ``save_directory`` and other files there are left alone; each
         file is written whole (temp file, then rename). A folder that holds other files but no ``model_index.json``
         (or a file at that path) is refused unless ``overwrite=True``.
         """
+        from ..models.stock import stock_format_problem, to_stock_transformer
+
         pop_unsupported_save_options(kwargs)
+        check_variant(kwargs.get("variant"))
         if isinstance(self.transformer, torch.nn.Module):
             check_no_lora_layers(self.transformer, pipeline=True)  # before anything is written
+        problem = "the package format was asked for" if stock_format is False else stock_format_problem(self)
+        if stock_format and problem:
+            raise DiTOptimumError(f"This pipeline cannot be saved in diffusers' own format: {problem}.")
+        stock = None
+        if problem is None:
+            if hasattr(self.transformer, "check_unfused"):
+                self.transformer.check_unfused("saving")
+            stock = DiTPipeline(
+                transformer=to_stock_transformer(self.transformer), vae=self.vae, scheduler=self.scheduler
+            )
+            stock.register_to_config(id2label=self.config.get("id2label"))
         sources = [getattr(self.config, "_name_or_path", None)]
         sources += [getattr(getattr(c, "config", None), "_name_or_path", None) for c in self.components.values()]
         with save_directory_into(save_directory, "model_index.json", overwrite, sources=sources) as staging:
+            if stock is not None:  # diffusers' classes only: its own model_index.json
+                stock.save_pretrained(staging, safe_serialization=True, **kwargs)
+                return
             super().save_pretrained(staging, safe_serialization=True, **kwargs)
             index_path = staging / "model_index.json"
             index = json.loads(index_path.read_text())

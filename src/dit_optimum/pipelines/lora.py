@@ -218,3 +218,27 @@ class DiTLoraLoaderMixin(SanaLoraLoaderMixin):
             )
             with staged_file(folder, name, "save_directory", advice=LORA_SAVE_ADVICE) as temporary:
                 os.replace(os.path.join(scratch, name), temporary)
+
+
+def save_lora_weights_of(
+    transformer: Any,
+    save_directory: str | os.PathLike,
+    adapter_name: str = "default",
+    weight_name: str | None = None,
+) -> None:
+    """A pipeline-level LoRA file of ``transformer``'s adapter ``adapter_name``: its keys and ``LoraConfig`` metadata
+    under ``transformer.``, as ``pipe.save_lora_weights`` writes them (safetensors, written atomically). It loads
+    with ``pipe.load_lora_weights(folder)`` and ``pipe.transformer.load_lora_adapter(folder)``;
+    ``transformer.save_lora_adapter`` writes the model-level file (no prefix) instead."""
+    from peft.utils import get_peft_model_state_dict
+
+    if adapter_name not in (getattr(transformer, "peft_config", None) or {}):
+        raise DiTOptimumError(
+            f"Adapter name {adapter_name} not found in the model. Its adapters: {adapters_text(transformer)}."
+        )
+    DiTLoraLoaderMixin.save_lora_weights(
+        save_directory,
+        transformer_lora_layers=get_peft_model_state_dict(transformer, adapter_name=adapter_name),
+        weight_name=weight_name,
+        transformer_lora_adapter_metadata=transformer.peft_config[adapter_name].to_dict(),
+    )

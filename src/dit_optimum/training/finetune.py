@@ -103,9 +103,11 @@ def _is_norm_weight(model: nn.Module, name: str) -> bool:
 
 
 def finish_lora(model: DiTOptimumTransformer2DModel, output_dir: Path) -> DiTOptimumTransformer2DModel:
-    """Save the adapter to ``<output_dir>/lora`` (loadable onto the base pipeline with ``load_lora_weights``) and
-    return ``model`` with it merged and removed, ready to save as a plain pipeline."""
-    model.save_lora_adapter(output_dir / LORA_FOLDER)
+    """Save the adapter to ``<output_dir>/lora`` as a pipeline-level file (loadable onto the base pipeline with
+    ``load_lora_weights``) and return ``model`` with it merged and removed, ready to save as a plain pipeline."""
+    from ..pipelines.lora import save_lora_weights_of
+
+    save_lora_weights_of(model, output_dir / LORA_FOLDER)
     model.fuse_lora()
     model.unload_lora()
     return model
