@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler
+from diffusers import AutoencoderKL, DDIMScheduler, DiffusionPipeline
 from safetensors import safe_open
 
 from conftest import tiny_model, tiny_pixel_pipeline
@@ -335,6 +335,32 @@ def test_the_stock_folder_holds_diffusers_classes_and_the_package_gets_its_class
     assert loaded.config.quantization_config.modules_to_not_convert[1] == "conditioning_embedding"
 
 
+@pytest.mark.parametrize(
+    "marker",
+    [
+        {"num_classes": 5, "class_dropout_prob": 0.1},  # would drop classes 5..9
+        {"num_classes": 20, "class_dropout_prob": 0.1},  # would invent classes 10..19 (copies of the null row)
+        {"num_classes": 10, "class_dropout_prob": 0},  # no null class, but the table has one
+        {"num_classes": 10, "class_dropout_prob": "0.1"},
+        {"num_classes": -1},
+        {"num_classes": True},
+    ],
+)
+def test_an_edited_stock_marker_is_refused_naming_it(saved, marker, tmp_path):
+    root, _, _ = saved
+    folder = tmp_path / "edited"
+    shutil.copytree(root / "fp32", folder)
+    path = folder / "transformer" / "config.json"
+    config = json.loads(path.read_text())
+    path.write_text(json.dumps({**config, MARKER_KEY: marker}))
+    for load in (
+        lambda: DiTOptimumTransformer2DModel.from_pretrained(folder / "transformer"),
+        lambda: DiTOptimumPipeline.from_pretrained(folder),
+    ):
+        with pytest.raises(DiTOptimumError, match=f"`{MARKER_KEY}` records num_classes"):
+            load()
+
+
 def test_a_loaded_stock_folder_saves_again_as_the_same_folder(saved, tmp_path):
     root, _, references = saved
     for name in ("fp32", "quanto-int8"):
@@ -346,6 +372,21 @@ def test_a_loaded_stock_folder_saves_again_as_the_same_folder(saved, tmp_path):
         again = DiTOptimumPipeline.from_pretrained(tmp_path / name)
         again.set_progress_bar_config(disable=True)
         np.testing.assert_array_equal(images(again, 1.0), np.load(references[name]["1.0"][1]))
+
+
+@pytest.mark.parametrize(("dtype", "variant"), [(torch.bfloat16, None), (torch.float16, "fp16")])
+def test_a_pipeline_cast_to_half_precision_gives_the_images_its_saved_folder_gives(dtype, variant, tmp_path):
+    # `.to(dtype)` keeps the (unsaved) position table float32, as diffusers' loader leaves it
+    pipe = latent_pipeline().to(dtype)
+    assert pipe.transformer.pos_embed.pos_embed.dtype == torch.float32
+    assert pipe.transformer.proj_out_2.weight.dtype == dtype
+    pipe.save_pretrained(tmp_path, variant=variant)
+    for loader in (DiTOptimumPipeline, DiffusionPipeline):
+        loaded = loader.from_pretrained(tmp_path, torch_dtype=dtype, variant=variant)
+        loaded.set_progress_bar_config(disable=True)
+        for guidance in (1.0, 4.0):
+            np.testing.assert_array_equal(images(loaded, guidance), images(pipe, guidance), err_msg=loader.__name__)
+    assert pipe.to(torch.float32).transformer.pos_embed.pos_embed.dtype == torch.float32
 
 
 def test_the_transformer_alone_keeps_the_package_format_unless_asked(tmp_path):
@@ -404,6 +445,12 @@ def test_what_stock_diffusers_cannot_represent_keeps_the_package_format_with_a_r
     with pytest.raises(DiTOptimumError, match=r"cannot be saved in diffusers' own format: .*pixel space"):
         tiny_pixel_pipeline().save_pretrained(tmp_path / "refused", stock_format=True)
     assert not (tmp_path / "refused").exists()
+    for flag in (0, 1, "yes"):  # a flag is a bool (0 would have meant "any format")
+        with pytest.raises(DiTOptimumError, match="`stock_format`="):
+            latent_pipeline().save_pretrained(tmp_path / "flag", stock_format=flag)
+        with pytest.raises(DiTOptimumError, match="`stock_format`="):
+            tiny_model().save_pretrained(tmp_path / "flag", stock_format=flag)
+    assert not (tmp_path / "flag").exists()
     latent_pipeline().save_pretrained(tmp_path / "asked", stock_format=False)
     assert json.loads((tmp_path / "asked" / "model_index.json").read_text())["transformer"][0] == "dit_optimum"
     code = loading_code("org/x", {"technique": "attention-mediated"}, folder_stock_problem(tmp_path / "mediated"))

@@ -31,7 +31,7 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from .errors import DiTOptimumError, MissingPathError
+from .errors import DiTOptimumError, MissingPathError, ModelFileError, keeping_type
 
 MAX_JSON_BYTES = 64 * 2**20
 # The float dtypes a released pipeline is loaded in (what the card's snippet and the demo pass as torch_dtype).
@@ -66,6 +66,18 @@ class SchemaError(FileContentError):
     def __init__(self, source: str, field: str, problem: str):
         super().__init__(f"{source}: {problem}", problem)
         self.source, self.field = source, field
+
+
+def file_error(error: DiTOptimumError, message: str) -> DiTOptimumError:
+    """``message`` about a model file ``error`` refused, with the type diffusers raises for it: a file or folder that
+    is missing, unreadable or not parseable as its kind (not a regular file, not JSON, not the JSON object it must
+    be) is a ``ModelFileError``, also an ``OSError`` (a ``MissingPathError`` stays one); a file that parses but holds
+    an invalid value (a field's ``SchemaError``) stays a plain ``DiTOptimumError``, a ``ValueError``."""
+    if isinstance(error, OSError):
+        return keeping_type(error, message)
+    if isinstance(error, SchemaError) and error.field:
+        return DiTOptimumError(message)
+    return ModelFileError(message)
 
 
 def _label(path: str | os.PathLike, label: str | None) -> str:
@@ -864,16 +876,18 @@ SCHEMAS: dict[str, Schema] = {
 
 
 def read_config_file(path: str | os.PathLike, what: str = "config") -> dict[str, Any]:
-    """A ``config.json`` (model, VAE) or ``scheduler_config.json``: a JSON object, else an error naming the file."""
+    """A ``config.json`` (model, VAE) or ``scheduler_config.json``: a JSON object, else an error naming the file
+    (typed by ``file_error``: a damaged file is also an ``OSError``, as in diffusers)."""
     where = repr(str(path))
     try:
         return read_json_file(path, CONFIG, where, infinities=True)
     except SchemaError as error:
-        raise DiTOptimumError(f"{where} must hold a JSON object (the {what}): {error.problem}.") from None
+        raise file_error(error, f"{where} must hold a JSON object (the {what}): {error.problem}.") from None
     except InvalidJSONError as error:
-        raise DiTOptimumError(f"{where} is not a valid JSON file ({error.problem}); the {what} is damaged.") from None
+        message = f"{where} is not a valid JSON file ({error.problem}); the {what} is damaged."
+        raise file_error(error, message) from None
     except FileContentError as error:
-        raise DiTOptimumError(f"{where} is {error.problem}; the {what} is damaged.") from None
+        raise file_error(error, f"{where} is {error.problem}; the {what} is damaged.") from None
 
 
 # The config files diffusers reads from a component folder.
@@ -883,13 +897,16 @@ CONFIG_FILES = ("config.json", "scheduler_config.json")
 def check_component_folder(folder: str | os.PathLike) -> None:
     """A local component folder (transformer, VAE, scheduler) as diffusers will read it: every entry a regular file
     or a folder (a FIFO or device would block the load or read garbage), and its config a JSON object. Hub ids and
-    missing folders are left to the loader."""
+    missing folders are left to the loader. A damaged file is a ``ModelFileError`` (``file_error``)."""
     folder = Path(folder)
     if not folder.is_dir():
         return
     for entry in sorted(folder.iterdir()):
         if not entry.is_dir():
-            require_regular_file(entry)
+            try:
+                require_regular_file(entry)
+            except FileContentError as error:
+                raise file_error(error, str(error)) from None
     for name in CONFIG_FILES:
         if (folder / name).exists():
             read_config_file(folder / name, f"{folder.name or 'model'} config")

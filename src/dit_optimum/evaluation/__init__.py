@@ -11,8 +11,8 @@ from .size import saved_size_bytes
 from .speed import time_forward
 
 _LAZY = {
-    "QualitySettings": ".fid",
-    "evaluate_quality": ".fid",
+    "QualitySettings": ".quality",
+    "evaluate_quality": ".quality",
     "SpeedSettings": ".efficiency",
     "efficiency_metrics": ".efficiency",
 }

@@ -357,11 +357,16 @@ def restore_stock_config(config: dict[str, Any]) -> dict[str, Any]:
         and table == STOCK_NULL_CLASS
         and 1 <= classes <= STOCK_NULL_CLASS
     )
+    # a stock-format model has a null class (row 1000 of the table): its label dropout is in (0, 1)
+    if dropout is not None:
+        number = isinstance(dropout, (int, float)) and not isinstance(dropout, bool)
+        valid = valid and number and 0 < dropout < 1
     if not valid:
         raise DiTOptimumError(
-            f"The transformer config's `{MARKER_KEY}` records num_classes={classes!r} for a stock table of "
-            f"num_embeds_ada_norm={table!r}; allowed: an integer in 1..{STOCK_NULL_CLASS} with a table of "
-            f"{STOCK_NULL_CLASS} (the folder was edited: re-save the model)."
+            f"The transformer config's `{MARKER_KEY}` records num_classes={classes!r} and class_dropout_prob="
+            f"{dropout!r} for a stock table of num_embeds_ada_norm={table!r}; allowed: num_classes an integer in "
+            f"1..{STOCK_NULL_CLASS} with a table of {STOCK_NULL_CLASS}, class_dropout_prob a number in (0, 1) (the "
+            "folder was edited: re-save the model)."
         )
     config = {**config, "num_embeds_ada_norm": classes}
     if dropout is not None:
@@ -385,6 +390,15 @@ def trim_stock_class_table(model: nn.Module, state_dict: dict[str, torch.Tensor]
     classes = config.num_embeds_ada_norm
     if table is None or table.shape[0] != STOCK_NULL_CLASS + 1 or classes == STOCK_NULL_CLASS:
         return
+    # the padding (rows classes..999) is copies of the null row and the last class is not: a marker that does not
+    # match the weights (an edited folder) would drop classes or invent them
+    null = table[STOCK_NULL_CLASS]
+    if not bool((table[classes:STOCK_NULL_CLASS] == null).all()) or torch.equal(table[classes - 1], null):
+        raise DiTOptimumError(
+            f"The transformer config's `{MARKER_KEY}` records num_classes={classes} but the label table's rows do not "
+            f"match it (rows {classes}..{STOCK_NULL_CLASS - 1} must repeat the null row {STOCK_NULL_CLASS}, row "
+            f"{classes - 1} must be a class of its own): the folder was edited; re-save the model."
+        )
     state_dict[_TABLE_KEY] = torch.cat([table[:classes], table[STOCK_NULL_CLASS:]], dim=0)
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import math
 import numbers
 import os
@@ -44,8 +43,6 @@ from .attention import (
 from .block_cache import BLOCK_SCHEDULE_HOOK, BlockCacheSchedule, apply_block_schedule
 from .moe import MoEFeedForward
 from .resources import check_resources
-
-logger = logging.getLogger(__name__)
 
 # diffusers' DiTPipeline always passes 1000 as the unconditional ("null") class.
 DIFFUSERS_NULL_CLASS = 1000
@@ -870,11 +867,18 @@ class DiTOptimumTransformer2DModel(DiTTransformer2DModel, AttentionMixin, PeftAd
             if block == "0":
                 state_dict[f"conditioning_embedding.{name}"] = tensor
             copies.setdefault(name, []).append(tensor)
-        differing = [name for name, tensors in copies.items() if any(not torch.equal(t, tensors[0]) for t in tensors)]
-        if differing:
-            logger.warning(
-                "The checkpoint's per-block timestep/class embedders differ (%s); this model shares block 0's.",
-                ", ".join(sorted(differing)),
+        # float copies only: an integer copy is refused by its dtype (`check_weight_dtypes`), naming the tensor
+        differing = [
+            name
+            for name, tensors in copies.items()
+            if all(t.is_floating_point() for t in tensors) and any(not torch.equal(t, tensors[0]) for t in tensors)
+        ]
+        if differing:  # a DiT trained with diffusers' own class: sharing block 0's would compute another function
+            raise DiTOptimumError(
+                f"The stock DiT checkpoint's per-block timestep/class embedders differ ({', '.join(sorted(differing))}"
+                "): this model shares one embedding, so it cannot hold that checkpoint exactly. Load it with "
+                "diffusers' `DiTTransformer2DModel` (`DiffusionPipeline.from_pretrained`); checkpoints converted "
+                "from the original DiT have equal copies and load here."
             )
         trim_stock_class_table(self, state_dict)
         super()._fix_state_dict_keys_on_load(state_dict)
@@ -911,6 +915,17 @@ class DiTOptimumTransformer2DModel(DiTTransformer2DModel, AttentionMixin, PeftAd
         HookRegistry.check_if_exists_or_initialize(self).invalidate_child_registries_cache()
         self._cache_config = schedule
         self.register_to_config(block_cache_schedule=schedule.to_dict())
+
+    def _apply(self, fn: Any, recurse: bool = True) -> DiTOptimumTransformer2DModel:
+        """``nn.Module._apply`` (``to``, ``half``, ``cuda``, ...), keeping the position table (a buffer computed at
+        construction, never saved) float32 as diffusers' loader leaves it: a model cast with ``.to(torch.bfloat16)``
+        then gives the images its saved folder gives when loaded with ``torch_dtype=torch.bfloat16``."""
+        table = getattr(self.pos_embed, "pos_embed", None)
+        super()._apply(fn, recurse)
+        moved = getattr(self.pos_embed, "pos_embed", None)
+        if table is not None and moved is not None and moved.dtype != table.dtype:
+            self.pos_embed.pos_embed = table.to(moved.device)
+        return self
 
     def compile_repeated_blocks(self, *args: Any, **kwargs: Any) -> None:
         """diffusers' regional compilation (each ``DiTBlock`` compiled with ``torch.compile(*args, **kwargs)``).
@@ -1160,6 +1175,11 @@ class DiTOptimumTransformer2DModel(DiTTransformer2DModel, AttentionMixin, PeftAd
         check_no_lora_layers(self)  # peft's `base_layer` keys would not load back
         pop_unsupported_save_options(kwargs)
         check_variant(variant)
+        if not isinstance(stock_format, bool):
+            raise DiTOptimumError(
+                f"`stock_format`={stock_format!r} is not allowed; allowed values: False (this package's format), "
+                "True (diffusers' DiTTransformer2DModel, or an error saying why not)."
+            )
         model = to_stock_transformer(self) if stock_format else None
         sources = [getattr(self.config, "_name_or_path", None)]
         with save_directory_into(save_directory, "config.json", overwrite, sources=sources) as staging:

@@ -20,7 +20,7 @@ from diffusers import DDIMScheduler, DiTPipeline
 from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 from diffusers.utils.torch_utils import randn_tensor
 
-from ..errors import DiTOptimumError
+from ..errors import DiTOptimumError, ModelFileError, keeping_type
 from ..models.autoencoder import IdentityAutoencoder
 from ..models.lora import check_no_lora_layers
 from ..models.resources import check_resources
@@ -32,6 +32,7 @@ from ..schemas import (
     FileContentError,
     SchemaError,
     check_component_folder,
+    file_error,
     read_json_file,
     validate,
 )
@@ -387,17 +388,18 @@ def _check_saved_vae(folder: Path) -> None:
 def _check_model_index(folder: Path) -> None:
     # A local folder's index must be a JSON object naming components (diffusers fails on others with a TypeError),
     # each component's config a JSON object, and every file there a regular one (a FIFO would block the load).
+    # A missing or damaged file is a ModelFileError (an OSError, as in diffusers), a bad value a ValueError.
     index = folder / "model_index.json"
     if not folder.is_dir():
         return
     if not index.exists():
-        raise DiTOptimumError(f"{str(folder)!r} is not a saved pipeline: it has no model_index.json.")
+        raise ModelFileError(f"{str(folder)!r} is not a saved pipeline: it has no model_index.json.")
     try:
         content = read_json_file(index, MODEL_INDEX)
     except SchemaError as error:
-        raise DiTOptimumError(f"{str(index)!r} does not describe a DiT pipeline ({error.problem}).") from None
+        raise file_error(error, f"{str(index)!r} does not describe a DiT pipeline ({error.problem}).") from None
     except FileContentError as error:
-        raise DiTOptimumError(f"{str(index)!r} is {error.problem}: the pipeline folder is damaged.") from None
+        raise file_error(error, f"{str(index)!r} is {error.problem}: the pipeline folder is damaged.") from None
     for name, entry in content.items():
         if not name.startswith("_") and isinstance(entry, list) and entry[0] is not None:
             check_component_folder(folder / name)
@@ -487,7 +489,8 @@ class DiTOptimumPipeline(DiTPipeline, DiTLoraLoaderMixin):
         except DiTOptimumError:
             raise
         except (OSError, ValueError, KeyError, TypeError, NotImplementedError, ArithmeticError) as error:
-            raise DiTOptimumError(f"Could not load the pipeline from {source!r}: {first_line(error)}") from error
+            # diffusers' exception type kept (an OSError stays one: its variant fallback and callers catch it)
+            raise keeping_type(error, f"Could not load the pipeline from {source!r}: {first_line(error)}") from error
         for name, component in pipeline.components.items():  # our transformer checked its weights as it loaded
             if isinstance(component, torch.nn.Module) and not isinstance(
                 component, (DiTOptimumTransformer2DModel, IdentityAutoencoder)
@@ -864,6 +867,11 @@ class DiTOptimumPipeline(DiTPipeline, DiTLoraLoaderMixin):
         check_variant(kwargs.get("variant"))
         if isinstance(self.transformer, torch.nn.Module):
             check_no_lora_layers(self.transformer, pipeline=True)  # before anything is written
+        if stock_format is not None and not isinstance(stock_format, bool):
+            raise DiTOptimumError(
+                f"`stock_format`={stock_format!r} is not allowed; allowed values: None (diffusers' own format where it "
+                "can hold the pipeline), True (that format or an error), False (this package's format)."
+            )
         problem = "the package format was asked for" if stock_format is False else stock_format_problem(self)
         if stock_format and problem:
             raise DiTOptimumError(f"This pipeline cannot be saved in diffusers' own format: {problem}.")
