@@ -503,8 +503,18 @@ def test_excluded_blocks_are_listed_with_their_reason(capsys):
 
 def test_make_targets_are_what_the_readme_says():
     """`make benchmark` runs the main job and `make test` the test suite (.ci/run calls `make test`)."""
+    # as a user runs them, also when this suite itself runs under `make test` (a nested make would print its
+    # directory and inherit the parent's flags)
+    env = {key: value for key, value in os.environ.items() if key not in ("MAKELEVEL", "MAKEFLAGS", "MFLAGS")}
     dry_runs = {
-        target: subprocess.run(["make", "-n", target], cwd=ROOT, capture_output=True, text=True, check=True)
+        target: subprocess.run(
+            ["make", "--no-print-directory", "-n", target],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            check=True,
+            env=env,
+        )
         .stdout.strip()
         .splitlines()
         for target in ("benchmark", "test", "docs", "setup")
