@@ -95,6 +95,22 @@ def test_distillation_reduces_the_teacher_gap_with_feature_loss(tmp_path):
     assert losses(tmp_path / "student", "feature")[-1] < losses(tmp_path / "student", "feature")[0]
 
 
+def test_feature_distillation_needs_the_teachers_patch_size(tmp_path):
+    # block outputs of patch 2 and patch 4 have other token counts: refused naming both, before any step
+    from dit_optimum import DiTOptimumError, DiTOptimumTransformer2DModel
+    from dit_optimum.training.distillation import Distillation
+
+    sizes = {"sample_size": 8, "in_channels": 1, "num_classes": 10}
+    teacher = DiTOptimumTransformer2DModel.from_preset("DiT-XS/2", num_layers=2, **sizes)
+    DiTOptimumPipeline(transformer=teacher).save_pretrained(tmp_path / "teacher")
+    student = DiTOptimumTransformer2DModel.from_preset("DiT-XS/4", num_layers=1, **sizes)
+    config = tiny_run(tmp_path / "student", teacher=str(tmp_path / "teacher"), feature_blocks=[0])
+    with pytest.raises(DiTOptimumError, match=r"`patch_size`=4 .* `patch_size`=2"):
+        Distillation(config, student)
+    outputs_only = Distillation(tiny_run(tmp_path / "outputs", teacher=str(tmp_path / "teacher")), student)
+    assert outputs_only.student_taps is None
+
+
 def test_diffusion_loss_terms():
     diffusion = GaussianDiffusion()
     x0 = torch.rand(4, 1, 8, 8) * 2 - 1

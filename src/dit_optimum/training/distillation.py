@@ -63,6 +63,13 @@ class Distillation:
         self.teacher_taps: FeatureTaps | None = None
         self.teacher_map: dict[int, int] = {}  # student block -> teacher block of the feature loss
         if config.feature_blocks:
+            patches = (student.config.patch_size, self.teacher.config.patch_size)
+            if patches[0] != patches[1]:  # block outputs are compared token by token
+                raise DiTOptimumError(
+                    f"`feature_blocks` (--feature-blocks) compares block outputs token by token: the student's "
+                    f"`patch_size`={patches[0]} gives other tokens than the teacher's `patch_size`={patches[1]}. Use "
+                    "a teacher of the same patch size, or distill the outputs only (no --feature-blocks)."
+                )
             width, teacher_width = student.inner_dim, self.teacher.inner_dim
             for index in config.feature_blocks:
                 projection = nn.Identity() if width == teacher_width else nn.Linear(width, teacher_width)
