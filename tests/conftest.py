@@ -100,20 +100,27 @@ def tiny_pixel_pipeline(seed: int = 0, channels: int = 1, **overrides):
     return pipeline
 
 
-def tiny_vae(folder, channels: int = 1):
-    """A tiny random AutoencoderKL saved to ``folder`` (for latent extraction and training tests)."""
+def tiny_autoencoder(channels: int = 1, levels: int = 2, seed: int = 0, latent_channels: int = 4, **overrides):
+    """A tiny random AutoencoderKL in eval mode, seeded: ``levels`` blocks of 8 channels, each after the first
+    halving the image side."""
     from diffusers import AutoencoderKL
 
-    torch.manual_seed(0)
-    AutoencoderKL(
+    torch.manual_seed(seed)
+    return AutoencoderKL(
         in_channels=channels,
         out_channels=channels,
-        latent_channels=4,
-        block_out_channels=(8, 8),
+        latent_channels=latent_channels,
+        block_out_channels=(8,) * levels,
         norm_num_groups=4,
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-    ).save_pretrained(folder)
+        down_block_types=("DownEncoderBlock2D",) * levels,
+        up_block_types=("UpDecoderBlock2D",) * levels,
+        **overrides,
+    ).eval()
+
+
+def tiny_vae(folder, channels: int = 1):
+    """A tiny random AutoencoderKL saved to ``folder`` (for latent extraction and training tests)."""
+    tiny_autoencoder(channels).save_pretrained(folder)
     return folder
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, DiffusionPipeline, DiTPipeline
 
-from conftest import stock_model
+from conftest import stock_model, tiny_autoencoder
 from dit_optimum import DiTOptimumPipeline
 from dit_optimum.cli import main
 from dit_optimum.conversion import convert_diffusers_pipeline, convert_original_state_dict, model_from_original
@@ -121,15 +121,4 @@ def test_stock_diffusers_pipeline_converts_and_gives_the_same_images(tmp_path):
 
 
 def _identity_like_vae():
-    from diffusers import AutoencoderKL
-
-    torch.manual_seed(1)
-    return AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        latent_channels=3,
-        block_out_channels=(8,),
-        norm_num_groups=4,
-        down_block_types=("DownEncoderBlock2D",),
-        up_block_types=("UpDecoderBlock2D",),
-    ).eval()
+    return tiny_autoencoder(channels=3, levels=1, seed=1, latent_channels=3)

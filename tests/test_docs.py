@@ -227,20 +227,11 @@ def prepare_benchmark_results(page: Page, path: str) -> Iterator[dict[str, str]]
 def prepare_stock_pipeline(page: Page, path: str) -> Iterator[dict[str, str]]:
     """``setup stock-pipeline PATH``: a tiny stock diffusers DiTPipeline folder (DiTTransformer2DModel with an
     embedder copy in every block, an AutoencoderKL, DDIM), as diffusers itself saves one."""
-    from diffusers import AutoencoderKL, DDIMScheduler, DiTPipeline
+    from diffusers import DDIMScheduler, DiTPipeline
 
-    from conftest import stock_model
+    from conftest import stock_model, tiny_autoencoder
 
-    torch.manual_seed(1)
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        latent_channels=4,
-        block_out_channels=(8,),
-        norm_num_groups=4,
-        down_block_types=("DownEncoderBlock2D",),
-        up_block_types=("UpDecoderBlock2D",),
-    ).eval()
+    vae = tiny_autoencoder(channels=3, levels=1, seed=1)
     transformer = stock_model(num_embeds_ada_norm=1000)
     DiTPipeline(transformer=transformer, vae=vae, scheduler=DDIMScheduler()).save_pretrained(page.workdir / path)
     yield {}

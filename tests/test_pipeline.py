@@ -7,9 +7,9 @@ import json
 import numpy as np
 import pytest
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, DiffusionPipeline, DiTPipeline
+from diffusers import DDIMScheduler, DiffusionPipeline, DiTPipeline
 
-from conftest import tiny_model
+from conftest import tiny_autoencoder, tiny_model
 from dit_optimum import ATTENTION_TYPES, DiTOptimumPipeline, IdentityAutoencoder
 
 ID2LABEL = {0: "zero, null-digit", 1: "one", 7: "seven"}
@@ -85,16 +85,7 @@ def test_output_types():
 
 
 def test_latent_mode_with_a_vae_round_trips(tmp_path):
-    torch.manual_seed(0)
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        latent_channels=4,
-        block_out_channels=(8, 8),
-        norm_num_groups=4,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-    ).eval()
+    vae = tiny_autoencoder(channels=3)
     pipe = DiTOptimumPipeline(transformer=tiny_model(), vae=vae, scheduler=DDIMScheduler())
     assert not pipe.is_pixel_space
     before = sample(pipe)

@@ -10,10 +10,9 @@ import shutil
 from pathlib import Path
 
 import pytest
-import torch
-from diffusers import AutoencoderKL, DDIMScheduler, DiffusionPipeline, DiTPipeline
+from diffusers import DDIMScheduler, DiffusionPipeline, DiTPipeline
 
-from conftest import stock_model
+from conftest import stock_model, tiny_autoencoder
 from dit_optimum import DiTOptimumPipeline
 from dit_optimum.errors import DiTOptimumError, ModelFileError
 
@@ -22,16 +21,7 @@ from dit_optimum.errors import DiTOptimumError, ModelFileError
 def stock_folder(tmp_path_factory) -> Path:
     """A stock ``DiTPipeline`` folder (diffusers' own classes) with tiny components."""
     folder = tmp_path_factory.mktemp("stock") / "pipe"
-    torch.manual_seed(0)
-    vae = AutoencoderKL(
-        in_channels=1,
-        out_channels=1,
-        latent_channels=4,
-        block_out_channels=(8, 8),
-        norm_num_groups=4,
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-    )
+    vae = tiny_autoencoder(channels=1)
     DiTPipeline(transformer=stock_model(), vae=vae, scheduler=DDIMScheduler()).save_pretrained(folder)
     return folder
 

@@ -18,7 +18,7 @@ import torch
 from diffusers import AutoencoderKL, DDIMScheduler, DiffusionPipeline
 from safetensors import safe_open
 
-from conftest import tiny_model, tiny_pixel_pipeline
+from conftest import tiny_autoencoder, tiny_model, tiny_pixel_pipeline
 from dit_optimum import DiTOptimumError, DiTOptimumPipeline, DiTOptimumTransformer2DModel, prune, quantize
 from dit_optimum.hub.cards import loading_code
 from dit_optimum.hub.releases import save_half_precision_variants
@@ -34,17 +34,7 @@ NOT_IMPORTED = "import dit_optimum before calling `from_pretrained`"
 
 
 def tiny_vae() -> AutoencoderKL:
-    torch.manual_seed(0)
-    return AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        latent_channels=4,
-        block_out_channels=(8,),
-        norm_num_groups=4,
-        down_block_types=("DownEncoderBlock2D",),
-        up_block_types=("UpDecoderBlock2D",),
-        sample_size=16,
-    ).eval()
+    return tiny_autoencoder(channels=3, levels=1, sample_size=16)
 
 
 def latent_pipeline(**overrides) -> DiTOptimumPipeline:

@@ -524,37 +524,38 @@ def _move_into(files: Sequence[Path], staging: Path, target: Path, parameter: st
     try:
         for staged in files:
             relative = staged.relative_to(staging)
-            opened: list[int] = []
             try:
-                folder = root
-                for index, part in enumerate(relative.parts[:-1]):
-                    folder = _open_folder(folder, part, parameter, target.joinpath(*relative.parts[: index + 1]))
-                    opened.append(folder)
-                os.chmod(staged, 0o666 & ~umask)
-                os.replace(staged, relative.name, dst_dir_fd=folder)
+                with _parent_folder(root, relative, parameter, target) as folder:
+                    os.chmod(staged, 0o666 & ~umask)
+                    os.replace(staged, relative.name, dst_dir_fd=folder)
             except OSError as error:
                 raise OutputPathError(
                     f"`{parameter}`={str(target)!r}: writing {relative.as_posix()!r} failed: {_error_text(error)}. The "
                     "files before it were already replaced, so this save is incomplete: fix the cause and save again."
                 ) from error
-            finally:
-                for descriptor in opened:
-                    os.close(descriptor)
     finally:
         os.close(root)
 
 
-def _unlink_below(root: int, relative: Path, parameter: str, target: Path) -> None:
+@contextmanager
+def _parent_folder(root: int, relative: Path, parameter: str, target: Path) -> Iterator[int]:
+    """A descriptor of ``relative``'s parent folder below the folder descriptor ``root``, each level opened without
+    following links (``_open_folder``); the levels opened are closed afterwards."""
     opened: list[int] = []
     try:
         folder = root
         for index, part in enumerate(relative.parts[:-1]):
             folder = _open_folder(folder, part, parameter, target.joinpath(*relative.parts[: index + 1]))
             opened.append(folder)
-        os.unlink(relative.name, dir_fd=folder)
+        yield folder
     finally:
         for descriptor in opened:
             os.close(descriptor)
+
+
+def _unlink_below(root: int, relative: Path, parameter: str, target: Path) -> None:
+    with _parent_folder(root, relative, parameter, target) as folder:
+        os.unlink(relative.name, dir_fd=folder)
 
 
 def _is_package_save(marker: Path) -> bool:
