@@ -759,6 +759,9 @@ RESULT_ROW = Object(
         "device": Str("a torch device name (cpu, cuda:0)", pattern=r"[a-z][a-z0-9_]{0,19}(:\d{1,4})?"),
         "hardware": HARDWARE,
         "sampler": IDENTIFIER,
+        "sampling_steps": STEPS,
+        # the pipeline's own recorded sampling defaults (a few-step solver, a step-distilled student), when it has any
+        "sampling_defaults": Object(optional={"num_inference_steps": STEPS, "guidance_scale": GUIDANCE}, extra=None),
         "sample_grid": Str("a PNG in the samples folder", pattern=r"samples/[A-Za-z0-9_][A-Za-z0-9._-]*\.png"),
         "quality_settings": QUALITY_SETTINGS,
         "speed_settings": SPEED_SETTINGS,
@@ -774,6 +777,8 @@ RESULT_ROW = Object(
         "feature_extractors": MapOf(NAME),
         "vs_baseline": MapOf(COMPARISON, key=Str("a declared metric key", choices=_metric_keys)),
         "quality_verdict": Str("a quality verdict", choices=_verdicts),
+        # a baseline too far from its real-vs-real floors to compare with (benchmark.significance.weak_baseline): why
+        "baseline_weak": NAME,
     },
     extra=_row_column,
 )

@@ -207,6 +207,10 @@ def _run_cell(
                 efficiency_metrics(pipeline, settings.speed, reference), speed_wall_s=time.perf_counter() - phase
             )
             row.update(context.trained.get(name, {}))
+            # the steps the cell really sampled with (its own where its pipeline records them): the quality ones
+            row["sampling_steps"] = (row.get("quality_settings") or row["speed_settings"])["num_inference_steps"]
+            if getattr(pipeline, "sampling_defaults", None):  # what a release's loading code must pass to DiTPipeline
+                row["sampling_defaults"] = dict(pipeline.sampling_defaults)
             if quality is not None:
                 save_features(features_path(settings.output_dir, context.variant, name), quality)
                 grid = Path(settings.output_dir) / "samples" / f"{slug(context.variant)}__{slug(name)}.png"

@@ -17,7 +17,7 @@ from .declarations import Metric, declare_metric
 from .flops import count_gflops, count_parameters
 from .inputs import example_inputs
 from .memory import peak_memory_bytes
-from .sampling import MAX_SAMPLING_STEPS, generate_images
+from .sampling import MAX_SAMPLING_STEPS, generate_images, sampling_options
 from .size import saved_size_bytes
 from .speed import interleaved_call_times
 
@@ -57,9 +57,14 @@ def efficiency_metrics(pipeline, settings: SpeedSettings | None = None, referenc
     With a ``reference`` pipeline (the baseline), both are timed round-robin in the same rounds and the paired
     ratios ``forward_speedup``, ``sampling_speedup`` and ``latency_ratio`` are added: on a noisy machine they are
     the numbers to compare, not absolute throughputs measured minutes apart.
+
+    ``pipeline`` samples with its recorded sampling defaults where it has them (``sampling_options``: a few-step
+    solver is timed at its own steps), the ``reference`` with ``settings``' steps and guidance; ``speed_settings``
+    in the result records the candidate's.
     """
     settings = settings or SpeedSettings()
     settings.validate()
+    steps, guidance = sampling_options(pipeline, settings.num_inference_steps, settings.guidance_scale)
     model = pipeline.transformer
     device = pipeline.device
     pipelines = {"candidate": pipeline} if reference is None else {"candidate": pipeline, "reference": reference}
@@ -70,9 +75,12 @@ def efficiency_metrics(pipeline, settings: SpeedSettings | None = None, referenc
 
         return lambda: model(*inputs)
 
+    # (steps, guidance) of each timed pipeline: the candidate's own, the reference at the settings'
+    sampling = {id(pipeline): (steps, guidance)}
+
     def sample_call(pipe, count: int) -> Callable[[], Any]:
-        steps, guidance = settings.num_inference_steps, settings.guidance_scale
-        return lambda: generate_images(pipe, range(count), steps, guidance, seed=0)
+        pipe_steps, pipe_guidance = sampling.get(id(pipe), (settings.num_inference_steps, settings.guidance_scale))
+        return lambda: generate_images(pipe, range(count), pipe_steps, pipe_guidance, seed=0)
 
     def timed(calls: dict[str, Callable[[], Any]]) -> dict[str, list[float]]:
         return interleaved_call_times(calls, device, settings.warmup, settings.repeats)
@@ -100,7 +108,7 @@ def efficiency_metrics(pipeline, settings: SpeedSettings | None = None, referenc
         "forward_peak_memory_bytes": forward_memory,
         "dtype": str(model.dtype).replace("torch.", ""),
         "sampler": type(pipeline.scheduler).__name__,
-        "speed_settings": asdict(settings),
+        "speed_settings": {**asdict(settings), "num_inference_steps": steps, "guidance_scale": guidance},
     }
     if reference is not None:
         for key, times, faster in (

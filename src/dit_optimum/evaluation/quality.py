@@ -30,7 +30,7 @@ from .fid import inception_extractor
 from .intervals import CONFIDENCE, bootstrap_interval
 from .metrics import minimum_samples_for_frechet
 from .reference import RealSplit, real_features, real_images, real_split, reference_image_count
-from .sampling import MAX_SAMPLING_STEPS, sample_features, sample_labels
+from .sampling import MAX_SAMPLING_STEPS, sample_features, sample_labels, sampling_options
 
 
 @dataclass
@@ -241,9 +241,11 @@ def evaluate_quality(
     ``inception`` / ``classifier`` replace the FID Inception network / the domain classifier (tests inject small
     ones); by default they are loaded (Inception, found offline) or trained and cached (the classifier). Under
     several processes each samples a share; the numbers are computed on the main process, the others return only
-    their images.
+    their images. A pipeline with recorded sampling defaults (``sampling_options``) samples with its own steps and
+    guidance; ``quality_settings`` in the result records the ones used.
     """
     settings = settings or QualitySettings()
+    steps, guidance = sampling_options(pipeline, settings.num_inference_steps, settings.guidance_scale)
     state = state or PartialState(cpu=not torch.cuda.is_available())
     metrics = resolve_metrics(settings, feature_dimensions(inception))
     resolution = output_resolution(pipeline)
@@ -268,8 +270,8 @@ def evaluate_quality(
         settings.num_samples,
         extractors,
         batch_size=settings.batch_size,
-        num_inference_steps=settings.num_inference_steps,
-        guidance_scale=settings.guidance_scale,
+        num_inference_steps=steps,
+        guidance_scale=guidance,
         seed=settings.seed,
         keep_images=keep_images,
         state=state,
@@ -313,6 +315,10 @@ def evaluate_quality(
         sampler=type(pipeline.scheduler).__name__,
         feature_extractors={name: f"{e.name}:{e.weights_hash[:12]}" for name, e in extractors.items()},
         processes=state.num_processes,
-        quality_settings={k: v for k, v in asdict(settings).items() if k != "use_cache"},
+        quality_settings={
+            **{k: v for k, v in asdict(settings).items() if k != "use_cache"},
+            "num_inference_steps": steps,
+            "guidance_scale": guidance,
+        },
     )
     return QualityEvaluation(result, generated.features, labels, reference, generated.images)

@@ -32,6 +32,17 @@ class SampleFeatures:
     count: int
 
 
+def sampling_options(pipeline, num_inference_steps: int, guidance_scale: float) -> tuple[int, float]:
+    """The steps and guidance ``pipeline`` is measured with: its recorded ``sampling_defaults`` where it has them (a
+    few-step solver, a step-distilled student samples as it was made to), else the given ones (the run's settings).
+    Quality and speed both sample through this, so a row's numbers are for the same sampling."""
+    recorded = getattr(pipeline, "sampling_defaults", None) or {}
+    return (
+        int(recorded.get("num_inference_steps", num_inference_steps)),
+        float(recorded.get("guidance_scale", guidance_scale)),
+    )
+
+
 def sample_labels(count: int, num_classes: int, start: int = 0) -> list[int]:
     """Balanced class labels: sample ``i`` gets ``i % num_classes``."""
     return [index % num_classes for index in range(start, start + count)]

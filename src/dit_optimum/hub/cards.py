@@ -13,11 +13,13 @@ from typing import Any
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from ..benchmark.report import floor_lines, markdown_deltas, markdown_table, measurement_line
+from ..benchmark.significance import WEAK_BASELINE, WEAK_BASELINE_ADVICE
 from ..errors import DiTOptimumError
 from ..evaluation.declarations import Metric, all_metrics
 from ..evaluation.hardware import hardware_text
 from ..schemas import DTYPE, QUALITY_SETTINGS, RESULT_ROW, RESULTS, Object, check_repo_id, markdown_text, validate
 from ..techniques.registry import TECHNIQUES, sampling_cache
+from ..techniques.solvers import scales_initial_noise
 
 CARD_TEMPLATE = Path(__file__).with_name("templates") / "model_card.md"
 # The results file a release carries next to its pipeline: the benchmark's format, its own rows only.
@@ -29,7 +31,14 @@ PIPELINE_TAG = "unconditional-image-generation"
 TASK_NAME = "Class-conditional image generation"
 DATA_NAMES = {"digits": "scikit-learn digits (8x8, upscaled)"}
 # What the "Use it" snippet reads from a row: each value checked before it becomes Python source.
-_SNIPPET_ROW = Object(optional={"dtype": DTYPE, "quality_settings": QUALITY_SETTINGS})
+_SNIPPET_ROW = Object(
+    optional={
+        "dtype": DTYPE,
+        "quality_settings": QUALITY_SETTINGS,
+        "sampler": RESULT_ROW.optional["sampler"],
+        "sampling_defaults": RESULT_ROW.optional["sampling_defaults"],
+    }
+)
 # Row fields of free text that the card's Markdown shows (the others are numbers or checked names).
 _FREE_TEXT = ("description", "device", "sampler", "quality_verdict")
 
@@ -160,7 +169,12 @@ def loading_code(repo_id: str, row: Mapping[str, Any], needs_package: str | None
 
     ``needs_package``: None for a release in diffusers' own format (plain diffusers loads it, no dit-optimum
     import); a reason (``stock_format_problem``) for one in this package's format, shown above ``import
-    dit_optimum``; "" (the default) for the package format without a stated reason."""
+    dit_optimum``; "" (the default) for the package format without a stated reason.
+
+    A release whose pipeline records its own sampling defaults (row ``sampling_defaults``: a few-step solver, a
+    step-distilled student) gets a comment naming its scheduler (row ``sampler``) and steps above the call, which
+    passes them: plain diffusers' ``DiTPipeline`` ignores the recorded ones. A scheduler that starts from scaled
+    noise (Euler, Heun) loads with ``DiTOptimumPipeline``: the stock pipeline does not scale it."""
     check_repo_id(repo_id)
     validate(row, _SNIPPET_ROW, "`row`")
     dtype = row.get("dtype", "float32")
@@ -173,8 +187,26 @@ def loading_code(repo_id: str, row: Mapping[str, Any], needs_package: str | None
     steps = int(row.get("quality_settings", {}).get("num_inference_steps", 10))
     guidance = float(row.get("quality_settings", {}).get("guidance_scale", 2.0))
     cache = sampling_cache(str(row.get("technique")))
+    sampler = row.get("sampler")
+    recorded = row.get("sampling_defaults") or {}
+    steps = int(recorded.get("num_inference_steps", steps))  # what the benchmark sampled it with, as recorded
+    guidance = float(recorded.get("guidance_scale", guidance))
+    noise_scaled = sampler is not None and scales_initial_noise(sampler)
     imports = "from diffusers import DiffusionPipeline"
     cache_lines = []
+    sampling_lines = []
+    if recorded:
+        what = f"{sampler} at {steps} steps" if sampler else f"{steps} steps"
+        sampling_lines = [
+            f"# this release samples with {what}, guidance {guidance!r} (recorded in its model_index.json; "
+            "diffusers' DiTPipeline ignores the recorded values, so they are passed here)"
+        ]
+    if noise_scaled and cache is None:  # the stock DiTPipeline does not scale the initial noise by the scheduler's
+        loader = loader.replace("DiffusionPipeline.from_pretrained", "DiTOptimumPipeline.from_pretrained")
+        imports = "from dit_optimum import DiTOptimumPipeline"
+        sampling_lines.insert(
+            0, f"# DiTOptimumPipeline scales the initial noise as {sampler} needs (DiTPipeline does not)"
+        )
     if cache is not None:  # the stock DiTPipeline sets no cache context: load this package's pipeline class
         loader = loader.replace("DiffusionPipeline.from_pretrained", "DiTOptimumPipeline.from_pretrained")
         imports = "from dit_optimum import DiTOptimumPipeline"
@@ -189,7 +221,7 @@ def loading_code(repo_id: str, row: Mapping[str, Any], needs_package: str | None
                 f'enable_step_cache(pipe, "{method}"{arguments})',
             ]
     package = []  # a release in diffusers' own format loads without dit-optimum (unless it samples with a cache)
-    if needs_package is not None or cache is not None:
+    if needs_package is not None or cache is not None or noise_scaled:
         package.append("import dit_optimum  # noqa: F401  (registers the dit-optimum components with diffusers)")
     if needs_package:
         package.insert(0, f"# dit-optimum is needed to load this release: {_comment(needs_package)}")
@@ -201,6 +233,7 @@ def loading_code(repo_id: str, row: Mapping[str, Any], needs_package: str | None
             "",
             f"pipe = {loader}",
             *cache_lines,
+            *sampling_lines,
             "generator = torch.Generator().manual_seed(0)",
             f"images = pipe(class_labels=[0, 1, 2, 3], num_inference_steps={steps}, guidance_scale={guidance!r}, "
             "generator=generator).images",
@@ -224,7 +257,7 @@ def reproduce_command(settings: Mapping[str, Any], technique: str) -> str:
     )
 
 
-def _limits(row: Mapping[str, Any], settings: Mapping[str, Any]) -> str:
+def _limits(row: Mapping[str, Any], settings: Mapping[str, Any], baseline: Mapping[str, Any] | None = None) -> str:
     data = DATA_NAMES.get(str(settings.get("data"))) or markdown_text(settings.get("data"))
     training = settings.get("training", {})
     lines = [
@@ -237,6 +270,14 @@ def _limits(row: Mapping[str, Any], settings: Mapping[str, Any]) -> str:
             f"- Quality: N={row['num_samples']} generated vs {row.get('reference_samples')} real images; the "
             "intervals are 95% bootstrap intervals at that N and the floor is the real-vs-real value at the same N. "
             "The domain metrics rank techniques on this data; they are not ImageNet FIDs."
+        )
+    weak = (baseline or row).get("baseline_weak")
+    if weak or row.get("quality_verdict") == WEAK_BASELINE:
+        why = f" ({markdown_text(weak)})" if weak else ""
+        lines.append(
+            f"- Weak baseline: this run's baseline is far from its real-vs-real floors{why}, so the quality "
+            f'comparisons against it say nothing yet and the verdict reads "{WEAK_BASELINE}". To fix: '
+            f"{WEAK_BASELINE_ADVICE}."
         )
     lines.append(
         f"- Speed and memory: measured on {row.get('device')} ({hardware_text(row.get('hardware'))}) in "
@@ -311,7 +352,7 @@ def model_card(
         sample_grid=sample_grid,
         reproduce=reproduce_command(settings, row["technique"]),
         results_file=RESULTS_FILE,
-        limits=_limits(shown[-1], settings),
+        limits=_limits(shown[-1], settings, baseline=shown[0]),
     )
 
 

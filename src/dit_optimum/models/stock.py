@@ -151,6 +151,12 @@ def stock_format_problem(pipeline_or_model: Any) -> str | None:
         reasons.append("pixel space (an identity autoencoder; diffusers' DiTPipeline decodes through a VAE)")
     elif not type(vae).__module__.startswith("diffusers."):
         reasons.append(f"the VAE is a {type(vae).__name__} (not a diffusers class)")
+    scheduler = getattr(pipeline_or_model, "scheduler", None)
+    if float(getattr(scheduler, "init_noise_sigma", 1.0)) != 1:
+        reasons.append(
+            f"the {type(scheduler).__name__} starts from noise scaled by its init_noise_sigma, which diffusers' "
+            "DiTPipeline does not apply (it would sample from the wrong noise)"
+        )
     return "; ".join(reason for reason in reasons if reason) or None
 
 

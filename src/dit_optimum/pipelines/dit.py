@@ -51,6 +51,11 @@ _CALL_LOCKS_GUARD = threading.Lock()
 # scale is inf in a half-precision pipeline's guided noise, so every image would be NaN). A pipeline call allows up
 # to its own dtype's largest number.
 MAX_GUIDANCE_SCALE = float(torch.finfo(torch.float16).max)
+# What a call samples with when neither it nor the pipeline's recorded defaults say: diffusers' DiTPipeline defaults.
+DEFAULT_NUM_INFERENCE_STEPS = 50
+DEFAULT_GUIDANCE_SCALE = 4.0
+# The config keys `set_sampling_defaults` records (written to model_index.json only when recorded).
+SAMPLING_DEFAULT_KEYS = ("num_inference_steps", "guidance_scale")
 
 
 # The largest `num_train_timesteps` a scheduler config may give: diffusers builds its tables of that length when it
@@ -102,6 +107,28 @@ _SCHEDULER_CHOICES: dict[str, dict[str, tuple[Any, ...]]] = {
         "interpolation_type": ("linear", "log_linear"),
         "timestep_type": ("discrete", "continuous"),
         "final_sigmas_type": _FINAL_SIGMAS,
+    },
+    # the few-step solvers (techniques.solvers); solver/algorithm names diffusers maps to its own are accepted
+    "UniPCMultistepScheduler": {
+        "beta_schedule": _BETA_SCHEDULES,
+        "prediction_type": (*_PREDICTIONS, "flow_prediction"),
+        "timestep_spacing": _SPACINGS,
+        "solver_type": ("bh1", "bh2", "midpoint", "heun", "logrho"),
+        "final_sigmas_type": _FINAL_SIGMAS,
+        "time_shift_type": ("exponential", "linear"),
+    },
+    "DEISMultistepScheduler": {
+        "beta_schedule": _BETA_SCHEDULES,
+        "prediction_type": (*_PREDICTIONS, "flow_prediction"),
+        "timestep_spacing": _SPACINGS,
+        "algorithm_type": ("deis", "dpmsolver", "dpmsolver++"),
+        "solver_type": ("logrho", "midpoint", "heun", "bh1", "bh2"),
+        "time_shift_type": ("exponential",),
+    },
+    "HeunDiscreteScheduler": {
+        "beta_schedule": (*_BETA_SCHEDULES, "exp"),
+        "prediction_type": _PREDICTIONS,
+        "timestep_spacing": _SPACINGS,
     },
 }
 
@@ -208,8 +235,8 @@ _SCHEDULER_KEYS: dict[str, tuple[Any, Any]] = {
 
 def scheduler_config_problem(config: Mapping[str, Any], class_name: str | None = None) -> str | None:
     """What is wrong with a scheduler config, as "`key`=value; allowed values: ...", or None: every key the DDIM,
-    DDPM, DPM-Solver and Euler schedulers read (their choice keys by ``class_name``, default the config's
-    ``_class_name``) that would fail, allocate without bound or sample NaN or constant images."""
+    DDPM, DPM-Solver, UniPC, DEIS, Euler and Heun schedulers read (their choice keys by ``class_name``, default the
+    config's ``_class_name``) that would fail, allocate without bound or sample NaN or constant images."""
     for key, (accepts, allowed) in _SCHEDULER_KEYS.items():
         if key in config and not accepts(config[key], config):
             allowed = allowed(config) if callable(allowed) else allowed
@@ -458,6 +485,8 @@ class DiTOptimumPipeline(DiTPipeline, DiTLoraLoaderMixin):
         vae=None,
         scheduler=None,
         id2label: dict[Any, str] | None = None,
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
     ):
         vae = IdentityAutoencoder() if vae is None else vae
         scheduler = DDIMScheduler() if scheduler is None else scheduler
@@ -466,6 +495,46 @@ class DiTOptimumPipeline(DiTPipeline, DiTLoraLoaderMixin):
         check_vae(vae)
         super().__init__(transformer=transformer, vae=vae, scheduler=scheduler, id2label=id2label)
         self.register_to_config(id2label=id2label)
+        self.set_sampling_defaults(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale)
+
+    def set_sampling_defaults(
+        self, num_inference_steps: int | None = None, guidance_scale: float | None = None
+    ) -> None:
+        """Record the steps and guidance this pipeline samples with when a call does not pass them (a solver at few
+        steps, a step-distilled student): exactly these, None leaving that one unrecorded (the call then falls back
+        to diffusers' ``DiTPipeline`` defaults, 50 steps and guidance 4.0). They are saved in ``model_index.json``
+        and come back with ``from_pretrained``; plain diffusers' ``DiTPipeline`` ignores them (pass them there).
+        ``num_inference_steps``: an integer in 1..the scheduler's ``num_train_timesteps``; ``guidance_scale``: a
+        finite number in [1, ``MAX_GUIDANCE_SCALE``] (1 disables guidance; > 1 needs a model with a null class)."""
+        max_steps = self.scheduler.config.num_train_timesteps
+        if num_inference_steps is not None and not (
+            is_integer(num_inference_steps) and 1 <= num_inference_steps <= max_steps
+        ):
+            raise DiTOptimumError(
+                f"`num_inference_steps`={_shown(num_inference_steps)} cannot be a sampling default; allowed values: "
+                f"None (not recorded) or an integer in 1..{max_steps} (the scheduler's `num_train_timesteps`)."
+            )
+        if guidance_scale is not None:
+            if not (_is_finite(guidance_scale) and 1 <= guidance_scale <= MAX_GUIDANCE_SCALE):
+                raise DiTOptimumError(
+                    f"`guidance_scale`={_shown(guidance_scale)} cannot be a sampling default; allowed values: None "
+                    f"(not recorded) or a finite number in [1, {MAX_GUIDANCE_SCALE:g}] (1 disables guidance)."
+                )
+            if guidance_scale > 1 and self.transformer.null_class_label is None:
+                raise DiTOptimumError(
+                    f"`guidance_scale`={guidance_scale!r} cannot be a sampling default: guidance > 1 needs a null "
+                    "class, but the model has class_dropout_prob=0; allowed values: None or 1."
+                )
+        self.register_to_config(
+            num_inference_steps=None if num_inference_steps is None else int(num_inference_steps),
+            guidance_scale=None if guidance_scale is None else float(guidance_scale),
+        )
+
+    @property
+    def sampling_defaults(self) -> dict[str, Any]:
+        """The recorded sampling defaults (``set_sampling_defaults``): only the keys recorded, e.g.
+        ``{"num_inference_steps": 5, "guidance_scale": 2.0}``; ``{}`` when none are."""
+        return {key: self.config[key] for key in SAMPLING_DEFAULT_KEYS if self.config.get(key) is not None}
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs: Any) -> DiTOptimumPipeline:
@@ -668,14 +737,16 @@ class DiTOptimumPipeline(DiTPipeline, DiTLoraLoaderMixin):
     def __call__(
         self,
         class_labels: int | str | Sequence[int | str] | torch.Tensor,
-        guidance_scale: float = 4.0,
+        guidance_scale: float | None = None,
         generator: torch.Generator | list[torch.Generator] | None = None,
-        num_inference_steps: int = 50,
+        num_inference_steps: int | None = None,
         output_type: str = "pil",
         return_dict: bool = True,
     ) -> ImagePipelineOutput | tuple:
         """Sample one image per entry of ``class_labels`` (indices or names).
 
+        ``num_inference_steps`` / ``guidance_scale`` None: the pipeline's recorded ``sampling_defaults``, else
+        diffusers' ``DiTPipeline`` defaults (50 steps, guidance 4.0).
         ``guidance_scale`` > 1 enables classifier-free guidance; ``output_type`` is ``"pil"``, ``"np"`` (B, H, W, C
         in [0, 1]), ``"pt"`` (B, C, H, W in [0, 1]) or ``"latent"`` (the denoised latents, before decoding);
         ``generator`` is one ``torch.Generator`` or a list of one per image. Concurrent calls on one pipeline object
@@ -683,6 +754,7 @@ class DiTOptimumPipeline(DiTPipeline, DiTLoraLoaderMixin):
         ``DiTOptimumError`` naming the likely causes of this call instead of returning NaN images.
         """
         with self.call_lock:
+            num_inference_steps, guidance_scale = self.resolved_sampling(num_inference_steps, guidance_scale)
             if _is_finite(guidance_scale) and guidance_scale <= 1 and _is_faster_cache(self.transformer):
                 raise DiTOptimumError(
                     "FasterCache needs `guidance_scale` > 1: it takes part of the batch as the unconditional half of "
@@ -690,6 +762,16 @@ class DiTOptimumPipeline(DiTPipeline, DiTLoraLoaderMixin):
                     "(`disable_step_cache(pipe)`) for unguided sampling."
                 )
             return self._sample(class_labels, guidance_scale, generator, num_inference_steps, output_type, return_dict)
+
+    def resolved_sampling(self, num_inference_steps: Any = None, guidance_scale: Any = None) -> tuple[Any, Any]:
+        """``(num_inference_steps, guidance_scale)`` a call samples with: the given ones, else the recorded
+        ``sampling_defaults``, else diffusers' DiTPipeline defaults (50, 4.0). Not checked here: the call checks."""
+        defaults = self.sampling_defaults
+        if num_inference_steps is None:
+            num_inference_steps = defaults.get("num_inference_steps", DEFAULT_NUM_INFERENCE_STEPS)
+        if guidance_scale is None:
+            guidance_scale = defaults.get("guidance_scale", DEFAULT_GUIDANCE_SCALE)
+        return num_inference_steps, guidance_scale
 
     @torch.no_grad()
     def _sample(
@@ -732,18 +814,24 @@ class DiTOptimumPipeline(DiTPipeline, DiTLoraLoaderMixin):
                 f"config: {first_line(error)}"
             ) from error
         self._check_timesteps(num_inference_steps)
+        # sigma-parameterised schedulers (Euler, Heun) start from noise of their largest sigma (known once the
+        # timesteps are set); the others' 1 leaves the noise's bits as they are (the stock pipeline scales nothing)
+        if float(getattr(self.scheduler, "init_noise_sigma", 1.0)) != 1:
+            model_input = model_input * self.scheduler.init_noise_sigma
         steps = len(self.scheduler.timesteps)
         for index, t in enumerate(self.progress_bar(self.scheduler.timesteps)):
             self._current_timestep = t
             if use_guidance:
                 half = model_input[: len(model_input) // 2]
                 model_input = torch.cat([half, half], dim=0)
-            model_input = self.scheduler.scale_model_input(model_input, t)
+            # the scaled input goes to the model, the unscaled one to `step` (the same tensor for DDIM / DPM-Solver;
+            # Euler / Heun divide by sqrt(sigma^2 + 1), and their step expects the sample itself)
+            scaled_input = self.scheduler.scale_model_input(model_input, t)
             timesteps = t[None].to(device) if torch.is_tensor(t) else torch.tensor([t], device=device)
             timesteps = timesteps.expand(model_input.shape[0])
             # one call per step (guidance batched): diffusers' cache hooks key their state by this context
             with self.transformer.cache_context("cond_uncond", step_index=index, num_inference_steps=steps, timestep=t):
-                noise_pred = self.transformer(model_input, timestep=timesteps, class_labels=class_tensor).sample
+                noise_pred = self.transformer(scaled_input, timestep=timesteps, class_labels=class_tensor).sample
 
             if use_guidance:
                 eps, rest = noise_pred[:, :latent_channels], noise_pred[:, latent_channels:]
@@ -882,7 +970,8 @@ class DiTOptimumPipeline(DiTPipeline, DiTLoraLoaderMixin):
             stock = DiTPipeline(
                 transformer=to_stock_transformer(self.transformer), vae=self.vae, scheduler=self.scheduler
             )
-            stock.register_to_config(id2label=self.config.get("id2label"))
+            # recorded sampling defaults too (plain diffusers' DiTPipeline ignores them, with a logged notice)
+            stock.register_to_config(id2label=self.config.get("id2label"), **self.sampling_defaults)
         sources = [getattr(self.config, "_name_or_path", None)]
         sources += [getattr(getattr(c, "config", None), "_name_or_path", None) for c in self.components.values()]
         with save_directory_into(save_directory, "model_index.json", overwrite, sources=sources) as staging:
@@ -893,6 +982,9 @@ class DiTOptimumPipeline(DiTPipeline, DiTLoraLoaderMixin):
             index_path = staging / "model_index.json"
             index = json.loads(index_path.read_text())
             index["_class_name"] = SAVED_PIPELINE_CLASS
+            for key in SAMPLING_DEFAULT_KEYS:  # written only when recorded: older readers see the same index
+                if index.get(key, 0) is None:
+                    del index[key]
             for name, value in index.items():
                 # Components name our top-level package, which re-exports them and ModelMixin as diffusers requires.
                 if isinstance(value, list) and len(value) == 2 and str(value[0]).startswith("dit_optimum."):

@@ -18,6 +18,7 @@ from .quantization import (
     recommended_quantization,
 )
 from .registry import TECHNIQUES, Technique, TechniqueContext, get_technique, register_technique
+from .solvers import SOLVERS, Solver, get_solver, solver_scheduler, with_solver
 
 __all__ = [
     "BACKENDS",
@@ -25,9 +26,11 @@ __all__ = [
     "DEFAULT_KEEP_FLOAT",
     "IMPORTANCE_CRITERIA",
     "SCOPES",
+    "SOLVERS",
     "SUPPORTED",
     "TECHNIQUES",
     "CalibrationSettings",
+    "Solver",
     "Technique",
     "TechniqueContext",
     "calibrate_block_schedule",
@@ -35,11 +38,14 @@ __all__ = [
     "compile_for_inference",
     "disable_step_cache",
     "enable_step_cache",
+    "get_solver",
     "get_technique",
     "importance_scores",
     "prune",
     "quantize",
     "recommended_quantization",
     "register_technique",
+    "solver_scheduler",
     "teacher_and_student",
+    "with_solver",
 ]

@@ -23,8 +23,9 @@ def unwrap(pipe_or_model, *, float_only: bool = True) -> DiTOptimumTransformer2D
 
 
 def rewrap(pipe_or_model, model: DiTOptimumTransformer2DModel):
-    """A new pipeline around ``model`` sharing the original's VAE and labels with a copy of its scheduler (a scheduler
-    keeps per-call state, and the two pipelines' calls do not wait for each other), or ``model`` itself."""
+    """A new pipeline around ``model`` sharing the original's VAE, labels and recorded sampling defaults (steps,
+    guidance) with a copy of its scheduler (a scheduler keeps per-call state, and the two pipelines' calls do not
+    wait for each other), or ``model`` itself."""
     if not isinstance(pipe_or_model, DiTOptimumPipeline):
         return model
     return DiTOptimumPipeline(
@@ -32,4 +33,5 @@ def rewrap(pipe_or_model, model: DiTOptimumTransformer2DModel):
         vae=pipe_or_model.vae,
         scheduler=copy.deepcopy(pipe_or_model.scheduler),
         id2label=pipe_or_model.config.get("id2label"),
+        **pipe_or_model.sampling_defaults,
     )
