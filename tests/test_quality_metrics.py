@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from dit_optimum.benchmark.report import baseline_deltas, markdown_deltas, markdown_table, table_columns
 from dit_optimum.benchmark.significance import quality_verdict
@@ -17,6 +18,7 @@ from dit_optimum.evaluation.domain import (
     classifier_cache_path,
     domain_classifier,
     domain_frechet_distance,
+    train_classifier,
 )
 from dit_optimum.evaluation.features import extract_features
 from dit_optimum.evaluation.intervals import bootstrap_interval, paired_comparison
@@ -197,3 +199,18 @@ def test_the_report_marks_changes_outside_the_noise_and_gives_a_verdict():
     assert quality_verdict(better) == "better quality"
     mixed = {**better, "fd_domain": {"difference": 3.0, "interval": [1.0, 5.0], "significant": True}}
     assert quality_verdict(mixed) == "costs quality"
+
+
+def test_the_classifier_trains_at_most_max_steps_batches_however_large_the_fit_set():
+    recipe = ClassifierRecipe()
+    assert recipe.epochs_for(997) == 60  # the digits' fit set: the 60 epochs the recipe was chosen with
+    assert recipe.epochs_for(10_000) == 12  # 157 batches an epoch: 12 epochs stay within 2,000 batches
+    assert recipe.epochs_for(10**6) == 1 and ClassifierRecipe(max_steps=10).epochs_for(640) == 1
+    images = np.random.default_rng(0).integers(0, 255, (40, 8, 8, 1), dtype=np.uint8)
+    labels = np.arange(40) % 2
+    steps = []
+    original = torch.optim.Adam.step
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(torch.optim.Adam, "step", lambda self, *a, **k: steps.append(1) or original(self, *a, **k))
+        train_classifier(images, labels, 2, ClassifierRecipe(epochs=50, batch_size=8, max_steps=12))
+    assert len(steps) == 10  # 5 batches an epoch, 12 // 5 = 2 epochs

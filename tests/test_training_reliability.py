@@ -423,13 +423,16 @@ def test_script_options_come_from_train_config_fields():
     names = {f.name for f in dataclasses.fields(TrainConfig)}
     offered = set()
     for mode in MODES:
-        required = {"distill": ["--teacher", "t"], "lora": ["--pretrained", "p"]}.get(mode, [])
-        args = build_parser(mode).parse_args(["--output-dir", "out", *required])
+        required = {
+            "distill": {"teacher": "t"},
+            "lora": {"pretrained": "p"},
+            "steps": {"pretrained": "p", "student_steps": 4},
+        }.get(mode, {})
+        flags = [part for name, value in required.items() for part in (f"--{name.replace('_', '-')}", str(value))]
+        args = build_parser(mode).parse_args(["--output-dir", "out", *flags])
         config = config_from_args(args, mode)
         offered |= {f.name for f in dataclasses.fields(TrainConfig) if hasattr(args, f.name)}
-        expected = TrainConfig(
-            output_dir="out", **dict(zip(["teacher" if mode == "distill" else "pretrained"], required[1:]))
-        )
+        expected = TrainConfig(output_dir="out", **required)
         for name in names - {"model_overrides", "finetune"}:
             assert getattr(config, name) == getattr(expected, name), (mode, name)
     assert offered == names  # every field is an option of some script

@@ -16,7 +16,9 @@ from ..configs import dit_config
 from ..errors import DiTOptimumError
 from ..models.transformer import DiTOptimumTransformer2DModel
 from ..pipelines.dit import DiTOptimumPipeline
-from ..training.config import TrainConfig
+from ..techniques.registry import get_technique
+from ..training.config import STUDENT_PREDICTIONS, TrainConfig
+from ..training.step_distillation import record_student_defaults, student_scheduler
 from ..training.trainer import final_loss, train
 from .settings import BenchmarkSettings
 
@@ -99,6 +101,20 @@ class VariantContext:
         trained = self._train(name, {}, distill, pretrained=str(start), steps=steps)
         return DiTOptimumPipeline.from_pretrained(trained).to(self.device)
 
+    def trained_path(self, name: str) -> str:
+        if name == "baseline":
+            return self.baseline_path()
+        technique = get_technique(name)
+        folder = self.root / slug(technique.options.get("run_name", name)) / "pipeline"
+        if not (folder / "model_index.json").is_file():
+            technique.build(self)  # trains it (once: later builds load it)
+        if not (folder / "model_index.json").is_file():
+            raise DiTOptimumError(
+                f"Technique {name!r} saves no trained pipeline of its own to train from: name the baseline or a "
+                "training technique (trains=True, with a `run_name`)."
+            )
+        return str(folder)
+
     def _train(self, name: str, model_overrides: Mapping[str, Any], distill: bool, **options: Any) -> Path:
         folder = self.root / slug(name)
         pipeline = folder / "pipeline"
@@ -154,7 +170,9 @@ class UntrainedContext:
         self.trained: dict[str, dict[str, Any]] = {}
         self.vae = sd_vae_architecture() if settings.channels == 4 else None
 
-    def _pipeline(self, model_overrides: Mapping[str, Any]) -> DiTOptimumPipeline:
+    def _pipeline(
+        self, model_overrides: Mapping[str, Any], scheduler: DDIMScheduler | None = None
+    ) -> DiTOptimumPipeline:
         torch.manual_seed(self.settings.training.seed)
         config = dit_config(
             self.variant,
@@ -164,7 +182,9 @@ class UntrainedContext:
             **model_overrides,
         )
         return DiTOptimumPipeline(
-            transformer=DiTOptimumTransformer2DModel(**config).eval(), vae=self.vae, scheduler=DDIMScheduler()
+            transformer=DiTOptimumTransformer2DModel(**config).eval(),
+            vae=self.vae,
+            scheduler=scheduler or DDIMScheduler(),
         ).to(self.device)
 
     def baseline(self) -> DiTOptimumPipeline:
@@ -176,7 +196,19 @@ class UntrainedContext:
     def train(
         self, name: str, model_overrides: Mapping[str, Any] | None = None, *, distill: bool = False, **options: Any
     ) -> DiTOptimumPipeline:
-        return self._pipeline(model_overrides or {})
+        steps = options.get("student_steps")
+        if steps is None:
+            return self._pipeline(model_overrides or {})
+        # a step-distilled student: its teacher's network (a pruned one stays pruned) with its own grid, steps and
+        # no guidance make its cost columns
+        prediction = options.get("student_prediction", STUDENT_PREDICTIONS[0])
+        teacher = options.get("pretrained", "baseline")
+        pipeline = self.baseline() if teacher == "baseline" else get_technique(teacher).build(self)
+        pipeline.scheduler = student_scheduler(DDIMScheduler().config, prediction)
+        return record_student_defaults(pipeline, steps)
+
+    def trained_path(self, name: str) -> str:
+        return name  # nothing is trained here: the technique's name, which `train` builds untrained as `pretrained`
 
     def finetune(self, name: str, pipeline: DiTOptimumPipeline, *, distill: bool = True) -> DiTOptimumPipeline:
         return pipeline  # cost columns do not depend on the weights

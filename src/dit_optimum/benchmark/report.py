@@ -1,7 +1,8 @@
 """The benchmark's outputs: one table (terminal and Markdown) with intervals, the real-vs-real floors, changes
-against each variant's baseline marked where they lie outside the noise, a quality verdict per technique, plots
-(quality vs throughput with its Pareto front, GFLOPs, peak memory) and the per-technique sample grids. Every column
-comes from the metric declarations (``evaluation.declarations``)."""
+against each variant's baseline marked where they lie outside the noise, a quality verdict per technique (or
+"weak baseline" against a baseline far from the real-vs-real floors), plots (quality vs throughput with its Pareto
+front, quality vs sampling steps, GFLOPs, peak memory) and the per-technique sample grids. Every column comes from
+the metric declarations (``evaluation.declarations``)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from ..evaluation.declarations import Metric, all_metrics
 from ..evaluation.hardware import hardware_text
 from ..files import write_bytes, write_text
 from .settings import REPORT_FILE
-from .significance import VERDICTS, speed_change_is_significant
+from .significance import VERDICTS, WEAK_BASELINE, WEAK_BASELINE_ADVICE, speed_change_is_significant
 
 
 def _ok(row: dict[str, Any]) -> bool:
@@ -27,9 +28,23 @@ def shown_metrics(rows: Sequence[dict[str, Any]]) -> list[Metric]:
     return [metric for metric in all_metrics() if any(row.get(metric.key) is not None for row in finished)]
 
 
+def _own_sampling(rows: Sequence[dict[str, Any]]) -> bool:
+    """Whether a finished row samples with its own recorded steps / guidance (a solver, a step-distilled student)."""
+    return any(_ok(row) and row.get("sampling_defaults") for row in rows)
+
+
+def _steps_text(row: dict[str, Any]) -> str:
+    # the steps a cell sampled with, "unguided" where it samples without classifier-free guidance
+    steps = row.get("sampling_steps", row.get("quality_settings", {}).get("num_inference_steps"))
+    guidance = row.get("quality_settings", {}).get("guidance_scale")
+    return "n/a" if steps is None else f"{steps}" + (" unguided" if guidance is not None and guidance <= 1 else "")
+
+
 def table_columns(rows: Sequence[dict[str, Any]]) -> list[str]:
-    """Headers of the results table: variant, technique, then every shown metric."""
-    return ["variant", "technique", *(metric.header for metric in shown_metrics(rows))]
+    """Headers of the results table: variant, technique, the sampling steps (when a cell samples with its own), then
+    every shown metric."""
+    steps = ["steps"] if _own_sampling(rows) else []
+    return ["variant", "technique", *steps, *(metric.header for metric in shown_metrics(rows))]
 
 
 def _with_interval(metric: Metric, row: dict[str, Any], key: str) -> str:
@@ -42,9 +57,14 @@ def _with_interval(metric: Metric, row: dict[str, Any], key: str) -> str:
 
 def table_rows(rows: Sequence[dict[str, Any]]) -> list[list[str]]:
     """Formatted cells of the finished rows (quality values with their 95% interval), in ``table_columns`` order."""
-    metrics = shown_metrics(rows)
+    metrics, own = shown_metrics(rows), _own_sampling(rows)
     return [
-        [row["variant"], row["technique"], *(_with_interval(metric, row, metric.key) for metric in metrics)]
+        [
+            row["variant"],
+            row["technique"],
+            *([_steps_text(row)] if own else []),
+            *(_with_interval(metric, row, metric.key) for metric in metrics),
+        ]
         for row in rows
         if _ok(row)
     ]
@@ -73,7 +93,10 @@ def baseline_deltas(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         if not _ok(row) or base is None:
             continue
         entry: dict[str, Any] = {"variant": row["variant"], "technique": row["technique"]}
-        entry["verdict"] = "(the baseline)" if row is base else row.get("quality_verdict", "n/a")
+        if row is base:
+            entry["verdict"] = "(the baseline, weak)" if base.get("baseline_weak") else "(the baseline)"
+        else:
+            entry["verdict"] = row.get("quality_verdict", "n/a")
         for metric in metrics:
             entry[metric.key] = _change(metric, row, base)
         deltas.append(entry)
@@ -134,7 +157,8 @@ def pareto_front(points: Sequence[tuple[float, float]], higher_is_better: bool =
 
 
 def write_plots(rows: Sequence[dict[str, Any]], folder: Path) -> list[Path]:
-    """PNG plots: quality vs sampling throughput (Pareto front), GFLOPs and peak memory per cell."""
+    """PNG plots: quality vs sampling throughput (Pareto front), quality vs sampling steps (when few-step solver
+    or step-distilled rows exist), GFLOPs and peak memory per cell."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -152,6 +176,9 @@ def write_plots(rows: Sequence[dict[str, Any]], folder: Path) -> list[Path]:
     written = []
     if metric is not None:
         written.append(_pareto_plot(plt, finished, labels, metric, folder / "pareto.png"))
+    stepped = steps_rows(finished)
+    if stepped:
+        written.append(_steps_plot(plt, stepped, folder / "quality_vs_steps.png"))
     for key, filename in (("gflops", "gflops.png"), ("forward_peak_memory_bytes", "memory.png")):
         declared = next(m for m in all_metrics("cost") if m.key == key)
         figure, axis = plt.subplots(figsize=(8, 0.3 * len(finished) + 1.5))
@@ -192,6 +219,73 @@ def _pareto_plot(plt, finished: list[dict[str, Any]], labels: list[str], metric:
     return _save(figure, path)
 
 
+STEP_TECHNIQUE_PREFIXES = ("solver-", "distill-steps-")
+
+
+def steps_rows(finished: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The rows of the quality-vs-steps plot: each baseline and every few-step sampler (``solver-*``) or
+    step-distilled (``distill-steps-*``) row of the same variant; none when no such technique was measured."""
+    stepped = [row for row in finished if str(row["technique"]).startswith(STEP_TECHNIQUE_PREFIXES)]
+    variants = {row["variant"] for row in stepped}
+    baselines = [row for row in finished if row["technique"] == "baseline" and row["variant"] in variants]
+    return baselines + stepped if stepped else []
+
+
+def sampling_steps(row: dict[str, Any]) -> int | None:
+    """The steps a row sampled its quality images with (``sampling_steps``; rows from before that field sampled at
+    the run's ``num_inference_steps``)."""
+    steps = row.get("sampling_steps")
+    return steps if steps is not None else row.get("quality_settings", {}).get("num_inference_steps")
+
+
+def _steps_plot(plt, rows: list[dict[str, Any]], path: Path) -> Path:
+    # One panel per quality metric measured (class accuracy first, with its 95% interval as error bars); one series
+    # per sampler, the step-distilled students as "distilled"; each point labelled with its technique.
+    metrics = [metric for metric in shown_metrics(rows) if metric.kind == "quality"]
+    first = quality_metric(rows)
+    if first is not None:  # the metric every row has leads
+        metrics = [first] + [metric for metric in metrics if metric is not first]
+    several = len({row["variant"] for row in rows}) > 1
+    series: dict[str, list[dict[str, Any]]] = {}
+    for row in rows:
+        if sampling_steps(row) is None:
+            continue
+        name = "distilled" if str(row["technique"]).startswith("distill-steps-") else str(row.get("sampler") or "?")
+        series.setdefault(f"{row['variant']} {name}" if several else name, []).append(row)
+    figure, axes = plt.subplots(1, max(1, len(metrics)), figsize=(6.5 * max(1, len(metrics)), 5), squeeze=False)
+    for axis, metric in zip(axes[0], metrics):
+        for name, members in series.items():
+            members = sorted((row for row in members if row.get(metric.key) is not None), key=sampling_steps)
+            if not members:
+                continue
+            xs = [sampling_steps(row) for row in members]
+            ys = [row[metric.key] * metric.scale for row in members]
+            errors = [[], []]
+            for row, y in zip(members, ys):
+                interval = row.get(f"{metric.key}_interval")
+                low, high = (value * metric.scale for value in interval) if interval else (y, y)
+                errors[0].append(max(0.0, y - low))
+                errors[1].append(max(0.0, high - y))
+            axis.errorbar(xs, ys, yerr=errors, marker="o", capsize=3, label=name)
+            for row, x, y in zip(members, xs, ys):
+                axis.annotate(row["technique"], (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        floors = [row.get(f"{metric.key}_real") for row in rows if row.get(f"{metric.key}_real") is not None]
+        if floors:
+            axis.axhline(floors[0] * metric.scale, color="tab:gray", linestyle="--", label="real vs real (floor)")
+        axis.set_xscale("log", base=2)
+        steps = sorted({sampling_steps(row) for row in rows if sampling_steps(row) is not None})
+        axis.minorticks_off()
+        axis.set_xticks(steps, [str(step) for step in steps])
+        axis.set(
+            xlabel="sampling steps",
+            ylabel=f"{metric.header} ({metric.better} is better)",
+            title=f"{metric.header} vs sampling steps (95% intervals)",
+        )
+        axis.legend(fontsize=8)
+    figure.tight_layout()
+    return _save(figure, path)
+
+
 def _save(figure, path: Path) -> Path:
     buffer = io.BytesIO()
     figure.savefig(buffer, dpi=120, format="png")
@@ -216,6 +310,9 @@ def write_report(
     summary = _verdict_summary(rows)
     if summary:
         parts.append(summary)
+    weak = weak_baseline_lines(rows)
+    if weak:
+        parts.append("## Weak baseline\n\n" + "\n".join(f"- {line}" for line in weak) + "\n")
     parts.append("## Results\n\nQuality numbers carry their 95% bootstrap interval.\n\n" + markdown_table(rows))
     floors = floor_lines(finished)
     if floors:
@@ -245,6 +342,18 @@ def write_report(
             )
         )
     return write_text(output_dir, REPORT_FILE, "\n".join(parts))
+
+
+def weak_baseline_lines(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """One line per variant whose baseline is weak (``baseline_weak``): why, what it means for its verdicts, and
+    what to do."""
+    return [
+        f"{row['variant']}: the baseline is weak ({row['baseline_weak']}), so every verdict against it reads "
+        f'"{WEAK_BASELINE}" instead of a quality change: the comparisons say nothing yet. To fix: '
+        f"{WEAK_BASELINE_ADVICE}."
+        for row in rows
+        if _ok(row) and row["technique"] == "baseline" and row.get("baseline_weak")
+    ]
 
 
 def _verdict_summary(rows: Sequence[dict[str, Any]]) -> str:
@@ -298,6 +407,8 @@ def measurement_line(row: dict[str, Any]) -> str:
             f"N={row.get('reference_samples')} real reference images ({quality.get('reference')}), "
             f"{row.get('sampler')} {quality.get('num_inference_steps')} steps, guidance "
             f"{quality.get('guidance_scale')}; intervals from {quality.get('bootstrap')} bootstrap resamples. "
+            "Cells that record their own sampler, steps and guidance (solvers, step-distilled students: the steps "
+            "column) sample with those, quality and speed alike, on the same seeds and classes. "
         )
     else:
         line += "Cost only: untrained models (weights do not change these columns), no quality metrics. "

@@ -5,14 +5,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..configs import PAPER_PRESETS, dit_config, parse_preset_name, preset_names
-from ..data import source_kind
+from ..configs import PAPER_PRESETS, PATCH_SIZES, dit_config, parse_preset_name, preset_names
+from ..data import list_image_files, source_kind
 from ..errors import DiTOptimumError
 from ..evaluation.efficiency import SpeedSettings
 from ..evaluation.quality import (
@@ -33,16 +35,14 @@ REPORT_FILE = "report.md"
 # The fixed-name files a run writes into its output folder: a user's file of the same name there is refused up front.
 OUTPUT_FILES = (RESULTS_FILE, RESULTS_CSV, REPORT_FILE)
 DEFAULT_VARIANTS: tuple[str, ...] = ("DiT-XS/4",)
-# Every technique family of the study; the attention types are its simplified ones (shallow, mediated, focused
-# multi-query linear); pruning also with recovery; step caches and combined recipes (the best of those measured in
-# BENCHMARKS.md). Others (gqa, mqa, focused, quanto-int4, the other caches, ...): --techniques.
+# The main job's cells, chosen to finish within 15 minutes on 2 CPU cores of either machine kind (BENCHMARKS.md):
+# the baseline, the cheapest of the study's simplified attention types (shallow), post-training quantization and
+# pruning, pruning with recovery, step caches, fewer sampling steps (a solver, progressive step distillation) and
+# combined recipes. `--preset study` adds the study's other trained families (mediated and focused multi-query
+# attention, MoE, knowledge distillation); any registered technique is one `--techniques` away.
 DEFAULT_TECHNIQUES: tuple[str, ...] = (
     "baseline",
     "attention-shallow",
-    "attention-mediated",
-    "attention-focused_mqa",
-    "moe",
-    "distill",
     "bf16",
     "int8",
     "int8-dynamic",
@@ -54,13 +54,27 @@ DEFAULT_TECHNIQUES: tuple[str, ...] = (
     "prune-depth-50-recover",
     "cache-first-block-0.5",
     "cache-taylorseer",
-    "cache-block-schedule",
+    "solver-dpmpp-2m-5",
+    "solver-unipc-5",
+    "distill-steps-4",
+    "distill-steps-2",
     "int8+cache-taylorseer",
     "prune-depth-50-recover+int8+cache-taylorseer",
+    "distill-steps-2+int8",
+    "prune-depth-50-recover+distill-steps-4+int8",
+    "prune-depth-50-recover+distill-steps-2+int8",
 )
-PRESETS: tuple[str, ...] = ("default", "paper")
+# The study's trained families the main job leaves out for time; `--preset study` runs them after the default cells.
+STUDY_TECHNIQUES: tuple[str, ...] = ("attention-mediated", "attention-focused_mqa", "moe", "distill")
+PRESETS: tuple[str, ...] = ("default", "study", "paper")
 # Class count assumed when checking memory before the data is loaded (only the embedding table depends on it).
 _ESTIMATE_CLASSES = 1000
+# The data the default recipe was tuned on: the embedded digits (1,797 images), 16x16 with patch 4 = 16 tokens.
+RECIPE_IMAGES = 1797
+RECIPE_TOKENS = 16
+# A scaled recipe trains at most this many times the default's compute (steps x tokens per image, the batch kept):
+# its baseline then takes about 4-5 minutes on 2 CPU cores, the most the main job's 15 minutes leave it.
+RECIPE_MAX_COMPUTE = 3.0
 
 
 @dataclass
@@ -102,6 +116,35 @@ class TrainingRecipe:
         options["log_every"] = max(1, min(50, steps // 10)) if isinstance(steps, int) else 1
         return TrainConfig(**options)
 
+    def scaled(self, num_images: int, image_size: int, patch_size: int) -> TrainingRecipe:
+        """This recipe scaled from the data it was tuned on (``RECIPE_IMAGES`` images of ``RECIPE_TOKENS`` tokens) to
+        ``num_images`` images of ``(image_size / patch_size)^2`` tokens: more images want more steps (by the square
+        root of the image ratio, never fewer than tuned), and the compute, steps x tokens per image, is capped at
+        ``RECIPE_MAX_COMPUTE`` times the tuned one (more tokens make each step dearer). Steps round to hundreds;
+        recovery steps and checkpoints follow the steps; batch size and learning rate stay as the sweep chose them.
+        The tuned data itself (1,797 images at 16x16, patch 4) gets this recipe unchanged."""
+        check_positive_integers(num_images=num_images, image_size=image_size, patch_size=patch_size)
+        tokens = max(1, image_size // patch_size) ** 2
+        wanted = self.steps * max(1.0, math.sqrt(num_images / RECIPE_IMAGES))
+        budget = self.steps * RECIPE_MAX_COMPUTE * RECIPE_TOKENS / tokens
+        steps = max(100, round(min(wanted, budget) / 100) * 100)
+        if steps == self.steps:
+            return replace(self)
+        factor = steps / self.steps
+        return replace(
+            self,
+            steps=steps,
+            recovery_steps=max(50, round(self.recovery_steps * factor / 50) * 50),
+            checkpoint_every=max(1, steps // 4),
+        )
+
+    def summary(self) -> str:
+        """One line: steps, batch, learning rate, schedule, EMA, precision, recovery steps."""
+        return (
+            f"{self.steps} steps, batch {self.batch_size}, lr {self.learning_rate:g} {self.lr_schedule}, "
+            f"EMA {self.ema_decay}, {self.mixed_precision}, {self.recovery_steps} recovery steps"
+        )
+
 
 @dataclass
 class BenchmarkSettings:
@@ -139,6 +182,8 @@ class BenchmarkSettings:
     )
     grid_size: int = 20
     speed_only: bool = False
+    # how the training recipe was chosen (``scale_recipe``), printed by the command line; not a compared setting
+    recipe_note: str = field(default="", compare=False)
 
     def validate(self) -> None:
         """Check every setting, and that each variant's model and batches can be built here, before any work."""
@@ -239,13 +284,16 @@ def settings_from_results(stored: Mapping[str, Any], output_dir: str) -> Benchma
 
 
 def preset_settings(name: str, **overrides: Any) -> BenchmarkSettings:
-    """``default``: the embedded CPU run (DiT-XS/4 on digits, small N); ``paper``: DiT-S/2, S/4, XS/2, XS/4 on
-    256 px latents with every registered technique, 50K samples and 250 steps as in DiT, for user-supplied data
-    (``extract_features.py`` latents) and GPUs."""
+    """``default``: the embedded CPU run (DiT-XS/4 on digits, small N); ``study``: the same with the study's other
+    trained families too (``STUDY_TECHNIQUES``); ``paper``: DiT-S/2, S/4, XS/2, XS/4 on 256 px latents with every
+    registered technique, 50K samples and 250 steps as in DiT, for user-supplied data (``extract_features.py``
+    latents) and GPUs."""
     if name not in PRESETS:
         raise DiTOptimumError(f"Unknown `preset`={name!r}; allowed values: {', '.join(PRESETS)}.")
-    if name == "default":
+    if name in ("default", "study"):
         settings = BenchmarkSettings()
+        if name == "study":
+            settings.techniques = DEFAULT_TECHNIQUES + STUDY_TECHNIQUES
     else:
         settings = BenchmarkSettings(
             variants=PAPER_PRESETS,
@@ -280,7 +328,10 @@ def preset_settings(name: str, **overrides: Any) -> BenchmarkSettings:
 def add_benchmark_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``dit-optimum benchmark`` options; ``settings_from_arguments`` turns them into settings."""
     parser.add_argument(
-        "--preset", default="default", help="default | paper (DiT-S/2, S/4, XS/2, XS/4, every technique)"
+        "--preset",
+        default="default",
+        help="default | study (+ mediated and focused attention, MoE, distillation) | paper (DiT-S/2, S/4, XS/2, "
+        "XS/4, every technique)",
     )
     parser.add_argument(
         "--variants", type=csv_list, help=f"comma-separated presets; allowed: {', '.join(preset_names())}"
@@ -315,6 +366,62 @@ def _pretrained_pipelines(entries: list[str]) -> dict[str, str]:
             raise DiTOptimumError(f"`--pretrained` entry {entry!r} must be VARIANT=PIPELINE, e.g. DiT-S/2=./dit-s2.")
         pretrained[variant] = path
     return pretrained
+
+
+def training_images(data: str) -> int | None:
+    """How many images ``data`` holds, where that is known without loading it (the digits, an image folder's files);
+    None for latents folders and ``datasets`` ids."""
+    kind = source_kind(data, "data")
+    if kind == "digits":
+        return RECIPE_IMAGES
+    if kind == "folder":
+        return len(list_image_files(Path(data).expanduser()).images)
+    return None
+
+
+def recipe_variant(image_size: int, variant: str = DEFAULT_VARIANTS[0]) -> str:
+    """``variant`` with the patch that gives images of ``image_size`` the tokens the recipe was tuned at
+    (``RECIPE_TOKENS``: 16x16 with patch 4), or the nearest allowed patch: 32x32 images train DiT-XS/8, as cheap
+    per step as the tuned default, instead of DiT-XS/4 at four times the tokens."""
+    size, patch = parse_preset_name(variant)
+    wanted = image_size / math.isqrt(RECIPE_TOKENS)
+    fitting = [allowed for allowed in PATCH_SIZES if image_size % allowed == 0]  # a patch must tile the image
+    if fitting:
+        patch = min(fitting, key=lambda allowed: (abs(math.log2(allowed / wanted)), allowed))
+    return f"DiT-{size}/{patch}"
+
+
+def choose_recipe_variant(settings: BenchmarkSettings) -> str:
+    """Replace the default variant by ``recipe_variant`` for the run's image size (no ``--variants`` given), in
+    place; returns what changed, for the command line to print ("" when nothing did). A ``--pretrained`` baseline
+    names its variant: then nothing changes."""
+    if settings.variants != DEFAULT_VARIANTS or settings.pretrained:
+        return ""
+    chosen = recipe_variant(settings.image_size)
+    if chosen == settings.variants[0]:
+        return ""
+    settings.variants = (chosen,)
+    settings.validate()
+    return f"variant {chosen} for {settings.image_size}x{settings.image_size} images (--variants chooses another)"
+
+
+def scale_recipe(settings: BenchmarkSettings) -> str:
+    """Scale ``settings.training`` (the default recipe) to the data's image count and the variants' tokens per image
+    (``TrainingRecipe.scaled``; the variant with the smallest patch, the dearest, sets it), in place; returns how
+    the recipe was chosen, for the command line to print."""
+    count = training_images(settings.data)
+    if count is None:
+        return "the default recipe: the image count of this data is known only once loaded"
+    patch = min(parse_preset_name(variant)[1] for variant in settings.variants)
+    tokens = max(1, settings.image_size // patch) ** 2
+    scaled = settings.training.scaled(count, settings.image_size, patch)
+    if scaled == settings.training:
+        return f"the default recipe: {count:,} images of {tokens} tokens, the data it was tuned on or smaller"
+    settings.training = scaled
+    return (
+        f"scaled to {count:,} images of {tokens} tokens (the default, 1,600 steps, was tuned on {RECIPE_IMAGES:,} "
+        f"images of {RECIPE_TOKENS}); --train-steps / --train-batch-size / --learning-rate override it"
+    )
 
 
 def settings_from_arguments(args: argparse.Namespace) -> BenchmarkSettings:
@@ -353,6 +460,13 @@ def settings_from_arguments(args: argparse.Namespace) -> BenchmarkSettings:
             "`--reference` (real images) of the dataset to reproduce, e.g. ImageNet 256."
         )
     settings.validate()
+    if args.preset in ("default", "study") and not settings.speed_only:
+        variant_note = choose_recipe_variant(settings) if args.variants is None else ""
+        given = [args.train_steps, args.train_batch_size, args.learning_rate]
+        recipe_note = "as given on the command line" if any(v is not None for v in given) else scale_recipe(settings)
+        settings.recipe_note = "; ".join(note for note in (recipe_note, variant_note) if note)
+        if args.recovery_steps is not None:  # an explicit option wins over the scaling
+            settings.training = replace(settings.training, recovery_steps=args.recovery_steps)
     if not settings.speed_only:  # impossible metric / N combinations fail before the first cell
         resolve_metrics(settings.quality)
     return settings

@@ -22,7 +22,19 @@ from ..files import write_bytes
 from .contexts import slug
 
 FEATURES_FOLDER = "features"
-VERDICTS = ("costs quality", "no significant change", "better quality")
+WEAK_BASELINE = "weak baseline"
+VERDICTS = ("costs quality", "no significant change", "better quality", WEAK_BASELINE)
+# When is a baseline too far from real data for any comparison with it to mean something: per quality metric with a
+# real-vs-real floor, the factor of the floor past which the baseline is weak (below it for a metric where higher is
+# better, above it where lower is). Declared here once; the report, the command line and the model cards read it.
+WEAK_BASELINE_FACTORS: dict[str, float] = {
+    "class_accuracy": 0.8,  # below 80% of the real images' class accuracy: it does not draw its classes
+    "fd_domain": 3.0,  # above 3x the real-vs-real Frechet distance: its images are not yet the data's
+}
+WEAK_BASELINE_ADVICE = (
+    "train the baseline longer (`--train-steps`, e.g. twice as many) or load a trained one "
+    "(`--pretrained VARIANT=PIPELINE`), then rerun into a new output folder"
+)
 
 
 def features_path(output_dir: str | Path, variant: str, technique: str) -> Path:
@@ -48,15 +60,47 @@ def _load(path: Path) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], np.
         return generated, reference, stored["labels"]
 
 
+def weak_baseline(row: dict[str, Any]) -> str | None:
+    """Why a baseline row is too far from its real-vs-real floors for comparisons with it to mean something
+    (``WEAK_BASELINE_FACTORS``; every metric with a value and a floor is read), or None when it is not weak."""
+    reasons = []
+    for metric in all_metrics("quality"):
+        factor = WEAK_BASELINE_FACTORS.get(metric.key)
+        value, floor = row.get(metric.key), row.get(f"{metric.key}_real")
+        if factor is None or value is None or floor is None:
+            continue
+        if metric.better == "higher" and value < factor * floor:
+            reasons.append(
+                f"{metric.header} {metric.shown(value)} is below {100 * factor:g}% of the real-vs-real floor "
+                f"{metric.shown(floor)}"
+            )
+        elif metric.better == "lower" and value > factor * floor:
+            reasons.append(
+                f"{metric.header} {metric.shown(value)} is above {factor:g}x the real-vs-real floor "
+                f"{metric.shown(floor)}"
+            )
+    return "; ".join(reasons) or None
+
+
 def compare_with_baselines(rows: Sequence[dict[str, Any]], output_dir: str | Path, resamples: int) -> None:
     """Add ``vs_baseline`` (per quality metric: difference, 95% interval, significant) and ``quality_verdict`` to
-    every finished row whose cell and baseline stored features, in place."""
+    every finished row whose cell and baseline stored features, in place. A weak baseline (``weak_baseline``) gets
+    ``baseline_weak`` (why), and every finished row of its variant the verdict ``weak baseline``."""
     baselines = {row["variant"]: row for row in rows if row.get("status") == "ok" and row["technique"] == "baseline"}
+    for base in baselines.values():
+        base.pop("baseline_weak", None)  # read again from this run's numbers
+        reason = weak_baseline(base)
+        if reason:
+            base["baseline_weak"] = reason
     metrics = all_metrics("quality")
     for row in rows:
         base = baselines.get(row["variant"])
         if row.get("status") != "ok" or base is None:
             continue
+        if base.get("baseline_weak"):  # also where no features allow a paired comparison
+            row["quality_verdict"] = WEAK_BASELINE
+        elif row.get("quality_verdict") == WEAK_BASELINE:  # an earlier run's, against a baseline since replaced
+            del row["quality_verdict"]
         candidate = _load(features_path(output_dir, row["variant"], row["technique"]))
         reference_cell = _load(features_path(output_dir, row["variant"], "baseline"))
         if candidate is None or reference_cell is None or len(candidate[2]) != len(reference_cell[2]):
@@ -77,7 +121,7 @@ def compare_with_baselines(rows: Sequence[dict[str, Any]], output_dir: str | Pat
                 "significant": result.significant,
             }
         row["vs_baseline"] = comparisons
-        row["quality_verdict"] = quality_verdict(comparisons)
+        row["quality_verdict"] = WEAK_BASELINE if base.get("baseline_weak") else quality_verdict(comparisons)
 
 
 def quality_verdict(comparisons: dict[str, dict[str, Any]]) -> str:

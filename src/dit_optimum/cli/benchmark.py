@@ -38,6 +38,7 @@ def run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from ..benchmark import run_benchmark, write_report
+    from ..benchmark.report import weak_baseline_lines
     from ..benchmark.settings import settings_from_arguments
     from ..techniques.registry import TECHNIQUES
 
@@ -54,6 +55,9 @@ def run(args: argparse.Namespace) -> int:
         f"Benchmark: {cells} cells ({', '.join(settings.variants)} x {len(settings.techniques)} techniques) "
         f"-> {settings.output_dir}"
     )
+    if not settings.speed_only:
+        note = f" ({settings.recipe_note})" if settings.recipe_note else ""
+        console.print(f"Training recipe: {settings.training.summary()}{note}", highlight=False)
 
     def report_cell(row) -> None:
         status = "ok" if row["status"] == "ok" else f"FAILED ({row['error']})"
@@ -66,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     elapsed = time.perf_counter() - start
     notes = [f"Command: `dit-optimum {' '.join(args.argv)}`" if args.argv else "Command: `dit-optimum benchmark`"]
-    if args.preset == "default" and settings.data == "digits" and not settings.speed_only:
+    if args.preset in ("default", "study") and settings.data == "digits" and not settings.speed_only:
         notes.append(
             f"Small-scale numbers: DiT-XS/4 trained for {settings.training.steps} steps (the small-data recipe) on "
             "the 1,797 8x8 scikit-learn digits (upscaled to 16x16) and scored on a CPU with the domain metrics, which "
@@ -77,6 +81,8 @@ def run(args: argparse.Namespace) -> int:
     notes.append(f"Wall time of this run: {elapsed:.0f} s (cells finished in earlier runs were skipped).")
     report = write_report(rows, settings.output_dir, notes=notes)
     print_table(console, rows, f"dit-optimum benchmark ({settings.output_dir})")
+    for line in weak_baseline_lines(rows):
+        console.print(f"[bold red]Weak baseline[/] {line}", highlight=False)
     failed = [row for row in rows if row.get("status") != "ok"]
     console.print(f"Wrote {report} and {settings.output_dir}/results.json ({elapsed:.0f} s; {len(failed)} failed).")
     return 1 if failed else 0

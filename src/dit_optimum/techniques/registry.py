@@ -18,6 +18,7 @@ from ..pipelines.dit import DiTOptimumPipeline
 from .caching import enable_cache_recipe
 from .pruning import prune
 from .quantization import quantize
+from .solvers import SOLVERS, with_solver
 
 
 class TechniqueContext(Protocol):
@@ -40,6 +41,10 @@ class TechniqueContext(Protocol):
     def finetune(self, name: str, pipeline: DiTOptimumPipeline, *, distill: bool = True) -> DiTOptimumPipeline:
         """Fine-tune ``pipeline`` (e.g. a pruned baseline) on the variant's data for the recipe's recovery steps,
         distilling from the baseline when ``distill``; trained once, then loaded."""
+
+    def trained_path(self, name: str) -> str:
+        """Where the pipeline of technique ``name`` (``"baseline"`` or a training technique) is saved, trained first
+        if need be: the teacher a technique trains from (``pretrained=``)."""
 
 
 @dataclass(frozen=True)
@@ -125,19 +130,33 @@ def sampling_cache(name: str) -> dict[str, Any] | None:
     return dict(technique.options["cache"]) if technique is not None and "cache" in technique.options else None
 
 
+def solver_sampling(context: TechniqueContext, solver: str, num_inference_steps: int) -> DiTOptimumPipeline:
+    """The trained baseline sampling with another ODE solver at fewer steps (its scheduler replaced, built from the
+    baseline's noise schedule; the step count recorded in the pipeline), no retraining."""
+    return with_solver(context.baseline(), solver, num_inference_steps)
+
+
 def stacked(
     context: TechniqueContext,
     base: str,
     quantization: Mapping[str, Any] | None = None,
     cache: Mapping[str, Any] | None = None,
+    solver: Mapping[str, Any] | None = None,
 ) -> DiTOptimumPipeline:
-    """Techniques applied in turn: the pipeline of technique ``base`` (trained once, then loaded), quantized with
-    ``quantization`` (``quantize`` options), then sampling with ``cache`` (calibrated on the quantized model). The
-    step-cache techniques are the baseline with a cache; the combined recipes stack more."""
+    """Techniques applied in turn: the pipeline of technique ``base`` (trained once, then loaded), sampling with
+    ``solver`` (``{"solver": name, "num_inference_steps": n}``, ``with_solver``), quantized with ``quantization``
+    (``quantize`` options), then sampling with ``cache`` (calibrated on the quantized model, at the pipeline's
+    recorded steps where it has them). The step-cache techniques are the baseline with a cache; the combined recipes
+    stack more."""
     pipeline = get_technique(base).build(context)
+    if solver is not None:
+        pipeline = with_solver(pipeline, **solver)
     if quantization is not None:
-        pipeline = quantize(pipeline, **quantization)
+        pipeline = quantize(pipeline, **quantization)  # it samples as its base did (`rewrap` keeps the defaults)
     if cache is not None:
+        steps = pipeline.sampling_defaults.get("num_inference_steps")
+        if steps is not None and "num_inference_steps" in cache:  # calibrated at the steps it will sample with
+            cache = {**cache, "num_inference_steps": steps}
         pipeline = enable_cache_recipe(pipeline, cache)
     return pipeline
 
@@ -231,6 +250,29 @@ for _part in ("heads", "mlp", "depth"):
         trains=True,
     )
 
+# Fewer steps with a better solver: the baseline (trained for DDIM, sampled by the benchmark at 10 steps) with its
+# scheduler replaced; solvers.SOLVERS declares each solver's scheduler and options. 3-5 steps.
+SOLVER_TECHNIQUES: dict[str, tuple[str, int]] = {
+    "solver-dpmpp-2m-5": ("dpmpp-2m", 5),
+    "solver-dpmpp-2m-3": ("dpmpp-2m", 3),
+    "solver-dpmpp-3m-5": ("dpmpp-3m", 5),
+    "solver-unipc-5": ("unipc", 5),
+    "solver-unipc-3": ("unipc", 3),
+    "solver-deis-5": ("deis", 5),
+    "solver-euler-5": ("euler", 5),
+    "solver-heun-3": ("heun", 3),
+}
+for _name, (_solver, _steps) in SOLVER_TECHNIQUES.items():
+    _declared = SOLVERS[_solver]
+    _calls = _declared.evaluations(_steps)
+    register_technique(
+        _name,
+        solver_sampling,
+        f"{_declared.description}: diffusers {_declared.scheduler}, {_steps} steps"
+        + (f" ({_calls} network evaluations)" if _calls != _steps else ""),
+        {"solver": _solver, "num_inference_steps": _steps},
+    )
+
 # Combined recipes: techniques that stack (their parts are the registered techniques above).
 _INT8 = {"backend": "torchao", "weights": "int8"}
 _BF16 = {"backend": "torch", "weights": "bf16"}
@@ -244,6 +286,10 @@ _STACKS: dict[str, tuple[dict[str, Any], str]] = {
     "int8+cache-block-schedule": (
         {"base": "baseline", "quantization": _INT8, "cache": _CACHES["cache-block-schedule"][0]},
         "baseline, int8 weight-only, calibrated block reuse schedule",
+    ),
+    "int8+solver-dpmpp-2m-5": (
+        {"base": "baseline", "solver": {"name": "dpmpp-2m", "num_inference_steps": 5}, "quantization": _INT8},
+        "baseline sampled with DPM-Solver++ 2M at 5 steps, int8 weight-only",
     ),
     "prune-depth-50-recover+int8": (
         {"base": "prune-depth-50-recover", "quantization": _INT8},
@@ -260,3 +306,96 @@ _STACKS: dict[str, tuple[dict[str, Any], str]] = {
 }
 for _name, (_options, _description) in _STACKS.items():
     register_technique(_name, stacked, _description, _options, trains=TECHNIQUES[_options["base"]].trains)
+
+
+# --- step distillation (issue 19): progressive distillation with the guidance distilled in -----------------------
+# One round's trainer settings (the recipe's others stay), chosen on the default cell (DiT-XS/4 digits, N=300): a
+# v-prediction student at 4 steps reached class accuracy 0.96 after 150 steps and 0.963 after 300 (baseline at 10
+# guided steps 0.97 [0.947, 0.987]); an eps-prediction one 0.61 after 80 (v: 0.91). The first round's teacher is
+# guided at the benchmark's baseline guidance.
+STEP_DISTILLATION_ROUND: dict[str, Any] = {"steps": 300, "learning_rate": 5e-4}
+BASELINE_GUIDANCE_SCALE = 2.0
+
+
+def step_distilled(
+    context: TechniqueContext,
+    run_name: str,
+    student_steps: int,
+    teacher: str | None = None,
+    teacher_guidance_scale: float = 1.0,
+    **options: Any,
+) -> DiTOptimumPipeline:
+    """A student, initialised from ``teacher`` (a training technique's name; None: the baseline), trained to reach in
+    one unguided DDIM step what the teacher reaches in two (guided at ``teacher_guidance_scale``): it samples at
+    ``student_steps`` steps, one forward each, as its saved scheduler and sampling defaults say. Rounds chain: a
+    student of ``2 N`` steps is the teacher of ``N`` (trained once, then loaded). ``options``: trainer settings
+    replacing ``STEP_DISTILLATION_ROUND``'s."""
+    return context.train(
+        run_name,
+        {},
+        pretrained=context.trained_path(teacher or "baseline"),
+        student_steps=student_steps,
+        teacher_guidance_scale=teacher_guidance_scale,
+        **{**STEP_DISTILLATION_ROUND, **options},
+    )
+
+
+register_technique(
+    "distill-steps-4",
+    step_distilled,
+    "progressive distillation: 4 unguided DDIM steps learned from the baseline's 8 guided ones (guidance 2.0)",
+    {"run_name": "distill-steps-4", "student_steps": 4, "teacher_guidance_scale": BASELINE_GUIDANCE_SCALE},
+    trains=True,
+)
+register_technique(
+    "distill-steps-2",
+    step_distilled,
+    "progressive distillation: 2 unguided DDIM steps learned from distill-steps-4's 4",
+    {"run_name": "distill-steps-2", "student_steps": 2, "teacher": "distill-steps-4"},
+    trains=True,
+)
+register_technique(
+    "prune-depth-50-recover+distill-steps-4",
+    step_distilled,
+    "half the blocks pruned and recovered, then progressively distilled to 4 unguided DDIM steps (guidance 2.0)",
+    {
+        "run_name": "prune-depth-50-recover+distill-steps-4",
+        "student_steps": 4,
+        "teacher": "prune-depth-50-recover",
+        "teacher_guidance_scale": BASELINE_GUIDANCE_SCALE,
+    },
+    trains=True,
+)
+register_technique(
+    "prune-depth-50-recover+distill-steps-2",
+    step_distilled,
+    "half the blocks pruned and recovered, progressively distilled to 2 unguided DDIM steps (from its 4-step student)",
+    {
+        "run_name": "prune-depth-50-recover+distill-steps-2",
+        "student_steps": 2,
+        "teacher": "prune-depth-50-recover+distill-steps-4",
+    },
+    trains=True,
+)
+_STEP_STACKS: dict[str, tuple[str, str]] = {
+    "distill-steps-4+int8": ("distill-steps-4", "4-step distilled student, int8 weight-only"),
+    "distill-steps-2+int8": ("distill-steps-2", "2-step distilled student, int8 weight-only"),
+    "prune-depth-50-recover+distill-steps-4+int8": (
+        "prune-depth-50-recover+distill-steps-4",
+        "half the blocks pruned and recovered, distilled to 4 unguided steps, int8 weight-only",
+    ),
+    "prune-depth-50-recover+distill-steps-2+int8": (
+        "prune-depth-50-recover+distill-steps-2",
+        "half the blocks pruned and recovered, distilled to 2 unguided steps, int8 weight-only",
+    ),
+}
+for _name, (_base, _description) in _STEP_STACKS.items():
+    register_technique(_name, stacked, _description, {"base": _base, "quantization": _INT8}, trains=True)
+# Whether a step cache still pays over a few steps (measured in BENCHMARKS.md, "Fewer sampling steps").
+register_technique(
+    "distill-steps-4+cache-taylorseer",
+    stacked,
+    "4-step distilled student sampling with the TaylorSeer step cache",
+    {"base": "distill-steps-4", "cache": _TAYLORSEER},
+    trains=True,
+)

@@ -1,4 +1,4 @@
-"""Training with accelerate: base DiT, mixture of experts and knowledge distillation.
+"""Training with accelerate: base DiT, mixture of experts, knowledge distillation and step distillation.
 
 Data loaders live in ``dit_optimum.data``; ``extract_latents`` prepares latents for latent-space training.
 """

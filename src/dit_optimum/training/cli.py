@@ -1,4 +1,5 @@
-"""Command line shared by scripts/train.py, train_moe.py, distill.py, train_lora.py and extract_features.py."""
+"""Command line shared by scripts/train.py, train_moe.py, distill.py, distill_steps.py, train_lora.py and
+extract_features.py."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from .checkpoints import checkpoint_folders
 from .config import TrainConfig
 from .trainer import train
 
-MODES = ("base", "moe", "distill", "lora")
+MODES = ("base", "moe", "distill", "lora", "steps")
 
 
 def _ints(value: str) -> list[int]:
@@ -65,6 +66,7 @@ DESCRIPTIONS = {
     "moe": "Train a mixture-of-experts DiT.",
     "distill": "Distill a teacher DiT pipeline into a student.",
     "lora": "Fine-tune a pretrained DiT pipeline on new data and classes (LoRA, biases only, or full).",
+    "steps": "Step-distill a pretrained DiT pipeline: a student that samples in --student-steps unguided DDIM steps.",
 }
 _PARSERS = {int: int, float: float, str: str, list[int]: _ints, list[str]: _names}
 
@@ -123,7 +125,7 @@ def config_from_args(args: argparse.Namespace, mode: str) -> TrainConfig:
 
 
 def main(mode: str = "base", argv: Sequence[str] | None = None) -> int:
-    """Parse arguments for ``mode`` (base, moe, distill, lora), train, and print where the pipeline was saved."""
+    """Parse arguments for ``mode`` (base, moe, distill, lora, steps), train, and print where the pipeline was saved."""
     if mode not in MODES:
         raise DiTOptimumError(f"Unknown `mode`={mode!r}; allowed values: {', '.join(MODES)}.")
     args = build_parser(mode).parse_args(argv)

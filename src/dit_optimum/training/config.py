@@ -23,6 +23,10 @@ MIXED_PRECISION = ("no", "bf16", "fp16")
 LR_SCHEDULES = ("constant", "cosine")
 # What a fine-tune of a `pretrained` pipeline trains: every weight, LoRA adapters, or biases (and affine norms) only.
 FINETUNE_MODES = ("full", "lora", "bias_norm")
+# What a step-distilled student predicts (its saved DDIM scheduler's `prediction_type`); the first is the default.
+STUDENT_PREDICTIONS = ("v_prediction", "epsilon")
+# The trainer's noise schedule length (GaussianDiffusion): a step-distillation grid halves it evenly.
+TRAIN_TIMESTEPS = 1000
 # Model config keys the trainer sets from the data, with the option that sets them.
 DERIVED_MODEL_KEYS = {
     "sample_size": "--image-size (the side of the data)",
@@ -108,11 +112,25 @@ class TrainConfig:
     alpha: float = option(0.5, "weight of the diffusion loss (1 - alpha: teacher)", modes=("distill",))
     feature_blocks: list[int] = option(list, "student blocks for the feature loss, e.g. 0,3", modes=("distill",))
     feature_weight: float = option(1.0, "weight of the feature loss", modes=("distill",))
-    pretrained: str | None = option(None, "the pipeline to adapt (folder or Hub id)", modes=("lora",), required=True)
+    pretrained: str | None = option(
+        None, "the pipeline to adapt, or to step-distill (folder or Hub id)", modes=("lora", "steps"), required=True
+    )
     finetune: str = option("full", "what trains: full | lora | bias_norm", modes=("lora",), cli_default="lora")
     lora_rank: int = option(8, "LoRA rank", modes=("lora",))
     lora_alpha: float | None = option(None, "LoRA scale alpha / rank (default: rank)", modes=("lora",))
     lora_targets: list[str] = option(lambda: ["attention"], "comma-separated: attention, mlp, adaln", modes=("lora",))
+    student_steps: int | None = option(
+        None,
+        "step distillation: the student's DDIM steps; the `pretrained` teacher takes twice as many",
+        modes=("steps",),
+        required=True,
+    )
+    teacher_guidance_scale: float = option(
+        1.0, "guidance of the teacher's steps, learned by the unguided student (1: none)", modes=("steps",)
+    )
+    student_prediction: str = option(
+        STUDENT_PREDICTIONS[0], "what the student predicts: v_prediction | epsilon", modes=("steps",)
+    )
 
     def validate(self) -> None:
         """Refuse any setting that cannot work, naming it and what is allowed; ``train`` calls this before anything
@@ -123,6 +141,7 @@ class TrainConfig:
         self._validate_model()
         self._validate_distillation()
         self._validate_finetune()
+        self._validate_step_distillation()
         self._validate_resources()
 
     def _validate_names(self) -> None:
@@ -243,6 +262,44 @@ class TrainConfig:
         targets = self.lora_targets
         if not isinstance(targets, list) or not targets or any(t not in LORA_TARGETS for t in targets):
             raise DiTOptimumError(f"`lora_targets`={targets!r} must be a non-empty list of: {', '.join(LORA_TARGETS)}.")
+
+    def _validate_step_distillation(self) -> None:
+        from ..pipelines.dit import MAX_GUIDANCE_SCALE
+
+        steps = self.student_steps
+        if steps is None:
+            if self.teacher_guidance_scale != 1:
+                raise DiTOptimumError(
+                    f"`teacher_guidance_scale`={self.teacher_guidance_scale!r} is a step-distillation setting: set "
+                    "`student_steps` too, or leave it at 1."
+                )
+            return
+        allowed = [n for n in range(1, TRAIN_TIMESTEPS // 2 + 1) if TRAIN_TIMESTEPS % (2 * n) == 0]
+        if not is_integer(steps) or steps not in allowed:
+            raise DiTOptimumError(
+                f"`student_steps`={steps!r} must be an integer >= 1 whose double divides the {TRAIN_TIMESTEPS} "
+                f"training timesteps (each student step is two teacher steps on one grid); allowed values: "
+                f"{', '.join(map(str, allowed))} (None: ordinary training)."
+            )
+        if self.pretrained is None:
+            raise DiTOptimumError(
+                "`student_steps` needs `pretrained` (--pretrained): the teacher pipeline the student starts from."
+            )
+        if self.teacher is not None:
+            raise DiTOptimumError(
+                "`student_steps` and `teacher` cannot be combined: step distillation's teacher is `pretrained`."
+            )
+        if self.finetune != "full":
+            raise DiTOptimumError(
+                f"`student_steps` trains every weight of the student: `finetune`={self.finetune!r} is not allowed "
+                "with it; allowed values: full."
+            )
+        check_number("teacher_guidance_scale", self.teacher_guidance_scale, 1, MAX_GUIDANCE_SCALE)
+        if self.student_prediction not in STUDENT_PREDICTIONS:
+            raise DiTOptimumError(
+                f"Unknown `student_prediction`={self.student_prediction!r}; allowed values: "
+                f"{', '.join(STUDENT_PREDICTIONS)}."
+            )
 
     def _validate_resources(self) -> None:
         """The image side, bounded by this machine before any data is read (``check_resources``, as the Python API

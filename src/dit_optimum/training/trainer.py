@@ -3,10 +3,11 @@
 Read top to bottom: ``train`` checks the ``TrainConfig`` (``config.py``), locks the output folder, finds the
 checkpoint to resume (``checkpoints.py``: foreign files and changed settings refused before reading any weights),
 builds data, the model (fresh, or a pretrained one prepared by ``finetune.py``: LoRA, biases, full), the teacher
-(``distillation.py``), optimizer, EMA and logging, then loops: sample a global batch (a permutation fixed by seed and
-epoch, split across processes), noise it, take the DiT loss (+ MoE auxiliary loss, + distillation terms), step,
-update the EMA, log, and checkpoint atomically every ``checkpoint_every`` steps. The result is saved as a pipeline
-that ``DiffusionPipeline.from_pretrained`` loads.
+(``distillation.py``; or, with ``student_steps``, the pretrained pipeline whose two DDIM steps the student learns to
+take in one, ``step_distillation.py``), optimizer, EMA and logging, then loops: sample a global batch (a permutation
+fixed by seed and epoch, split across processes), noise it, take the DiT loss (or the step-distillation loss; + MoE
+auxiliary loss, + distillation terms), step, update the EMA, log, and checkpoint atomically every
+``checkpoint_every`` steps. The result is saved as a pipeline that ``DiffusionPipeline.from_pretrained`` loads.
 """
 
 from __future__ import annotations
@@ -56,6 +57,7 @@ from .diffusion import GaussianDiffusion
 from .distillation import Distillation
 from .ema import EMA
 from .finetune import finish_lora, load_pretrained, prepare_finetune
+from .step_distillation import StepDistillation, record_student_defaults
 
 TRAIN_LOG_NAME = "train_log"  # accelerate's run name: the CSV tracker writes <name>.csv
 TRAIN_LOG_FILE = f"{TRAIN_LOG_NAME}.csv"
@@ -213,9 +215,13 @@ def _train(config: TrainConfig, accelerator: Accelerator, output_dir: Path) -> P
     if config.gradient_checkpointing:
         model.enable_gradient_checkpointing()
     distillation = Distillation(config, model) if config.teacher else None
-    inputs["teacher"] = model_fingerprint(distillation.teacher if distillation else None)
+    # step distillation: the `pretrained` pipeline is also the frozen teacher whose two steps the student learns
+    step_distillation = StepDistillation(config, model) if config.student_steps else None
+    teacher = distillation.teacher if distillation else step_distillation.teacher if step_distillation else None
+    inputs["teacher"] = model_fingerprint(teacher)
     if saved is not None:
-        check_same_content("teacher", config.teacher, saved["inputs"].get("teacher"), inputs["teacher"], checkpoint)
+        teacher_name = config.teacher or (config.pretrained if step_distillation else None)
+        check_same_content("teacher", teacher_name, saved["inputs"].get("teacher"), inputs["teacher"], checkpoint)
     projections = distillation.projections if distillation else nn.ModuleDict()
 
     # The trainer draws label dropout itself (seeded), so teacher and student see the same labels and a resumed
@@ -238,6 +244,8 @@ def _train(config: TrainConfig, accelerator: Accelerator, output_dir: Path) -> P
         unwrapped.compile()  # after the EMA copy: the averaged model stays a plain module
     if distillation is not None:
         distillation.to(accelerator.device)
+    if step_distillation is not None:
+        step_distillation.to(accelerator.device)
     diffusion = GaussianDiffusion()
 
     settings = config.settings()
@@ -285,6 +293,8 @@ def _train(config: TrainConfig, accelerator: Accelerator, output_dir: Path) -> P
             indices = _global_batch_indices(len(samples), step, config.batch_size, config.seed)
             generator = torch.Generator().manual_seed(config.seed * 7_919 + step * 131)
             t = torch.randint(0, diffusion.num_timesteps, (len(indices),), generator=generator)
+            if step_distillation is not None:  # the student's grid points, each equally often
+                t = step_distillation.student_timesteps(t, diffusion.num_timesteps)
             noise = torch.randn((len(indices), *samples.shape[1:]), generator=generator)
             dropped = torch.rand(len(indices), generator=generator) < class_dropout
             y = labels[indices]
@@ -298,9 +308,11 @@ def _train(config: TrainConfig, accelerator: Accelerator, output_dir: Path) -> P
                 output = model(x_t, t, y).sample
                 terms = diffusion.losses(output.float(), x0, x_t, t, noise)
                 loss = terms["loss"].mean()
+                extra: dict[str, torch.Tensor] = {}
+                if step_distillation is not None:  # the teacher's two-step target replaces the diffusion loss
+                    loss, extra = step_distillation.loss(output, x_t, t, y)
                 if has_moe:
                     loss = loss + unwrapped.moe_aux_loss()
-                extra: dict[str, torch.Tensor] = {}
                 if distillation is not None:
                     loss, extra = distillation.loss(loss, output, x_t, t, y, projections)
 
@@ -350,7 +362,7 @@ def _train(config: TrainConfig, accelerator: Accelerator, output_dir: Path) -> P
         final.conditioning_embedding.class_embedder.dropout_prob = class_dropout
         if config.finetune == "lora":  # the adapter on its own in <output_dir>/lora, merged into the pipeline
             final = finish_lora(final, output_dir)
-        _save_pipeline(final, data, pipeline_dir)
+        _save_pipeline(final, data, pipeline_dir, step_distillation)
     accelerator.end_training()
     return pipeline_dir
 
@@ -392,11 +404,20 @@ def _hyperparameters(settings: dict[str, Any]) -> dict[str, Any]:
     return {name: value if isinstance(value, scalar) else json.dumps(value) for name, value in settings.items()}
 
 
-def _save_pipeline(model: DiTOptimumTransformer2DModel, data: TrainingData, pipeline_dir: Path) -> None:
+def _save_pipeline(
+    model: DiTOptimumTransformer2DModel,
+    data: TrainingData,
+    pipeline_dir: Path,
+    step_distillation: StepDistillation | None = None,
+) -> None:
     vae = load_vae(data.vae) if data.vae else None
+    # a step-distilled student samples with the DDIM config it was trained for, at its steps, unguided
+    scheduler = step_distillation.scheduler if step_distillation else DDIMScheduler()
     pipeline = DiTOptimumPipeline(
-        transformer=model.eval(), vae=vae, scheduler=DDIMScheduler(), id2label=data.id2label or None
+        transformer=model.eval(), vae=vae, scheduler=scheduler, id2label=data.id2label or None
     )
+    if step_distillation is not None:
+        record_student_defaults(pipeline, step_distillation.steps)
     pipeline.save_pretrained(pipeline_dir)
     statistics = model.routing_statistics()
     if statistics:
