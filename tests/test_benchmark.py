@@ -85,7 +85,7 @@ def test_every_registered_technique_builds_a_working_pipeline(name):
     elif name == "bf16":
         assert model.dtype == torch.bfloat16
     elif "distill-steps-" in name:  # a step-distillation round from its declared teacher (the stand-in trains none)
-        student = get_technique(name.removesuffix("+int8"))
+        student = get_technique(options.get("base", name))  # a stack's student is its base
         request = context.requests[-1]
         steps = request[3]["student_steps"]
         assert request[0] == student.options["run_name"] and student.name.endswith(f"distill-steps-{steps}")
