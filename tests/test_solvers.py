@@ -381,3 +381,33 @@ def test_a_sigma_scaled_solver_is_not_saved_in_the_stock_format_where_diffusers_
     euler.save_pretrained(tmp_path / "auto")  # the package's format instead
     index = json.loads((tmp_path / "auto" / "model_index.json").read_text())
     assert index["transformer"][0] == "dit_optimum" and index["scheduler"][1] == "EulerDiscreteScheduler"
+
+
+def test_a_folder_whose_defaults_no_longer_fit_its_scheduler_is_not_written(tmp_path):
+    pipe = latent_pipeline()
+    pipe.set_sampling_defaults(num_inference_steps=900)
+    pipe.scheduler = DDIMScheduler(num_train_timesteps=100)  # replaced after the defaults were recorded
+    with pytest.raises(DiTOptimumError, match=r"Not saved: .*num_inference_steps.*1\.\.100"):
+        pipe.save_pretrained(tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    pipe.set_sampling_defaults(num_inference_steps=50)
+    pipe.save_pretrained(tmp_path / "out")
+    assert DiTOptimumPipeline.from_pretrained(tmp_path / "out").sampling_defaults == {"num_inference_steps": 50}
+
+
+@pytest.mark.parametrize(
+    "call, pattern",
+    [
+        (lambda pipe: with_solver(pipe, ["unipc"], 5), r"Unknown solver \['unipc'\]; allowed values: dpmpp-2m"),
+        (
+            lambda pipe: with_solver(pipe, "dpmpp-2m", 5, foo=1),
+            r"takes no option 'foo'; allowed values: .*solver_order",
+        ),
+        (lambda pipe: with_solver(pipe, "dpmpp-2m", 5, algorithm_type="bogus"), "cannot be built with options"),
+        (lambda pipe: with_solver(pipe, "dpmpp-2m", 5, prediction_type="v_prediction"), "noise schedule or prediction"),
+        (lambda pipe: with_solver(pipe, "dpmpp-2m", None), r"`num_inference_steps`=None; allowed values"),
+    ],
+)
+def test_with_solver_refuses_what_would_sample_something_else(call, pattern):
+    with pytest.raises(DiTOptimumError, match=pattern):
+        call(latent_pipeline())

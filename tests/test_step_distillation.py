@@ -211,3 +211,13 @@ def test_cost_only_students_carry_their_scheduler_and_sampling_defaults():
         batches = count_forwards(pipeline)
         pipeline([0, 1], output_type="np")
         assert batches == [2] * steps
+
+
+def test_a_run_never_writes_into_the_model_it_reads(tmp_path):
+    teacher = tmp_path / "teacher"
+    teacher.mkdir()
+    for output in (teacher, teacher / "round"):
+        config = TrainConfig(output_dir=str(output), pretrained=str(teacher), student_steps=4)
+        with pytest.raises(DiTOptimumError, match=r"`output_dir`=.* is inside `pretrained`"):
+            config.validate()
+    assert sorted(teacher.iterdir()) == []  # nothing written

@@ -306,3 +306,10 @@ def test_the_results_table_shows_each_cells_steps_when_one_samples_with_its_own(
     assert columns[:3] == ["variant", "technique", "steps"]
     assert [row[2] for row in cells] == ["10", "2 unguided"]
     assert "| DiT-XS/4 | distill-steps-2 | 2 unguided | 95.0 [90.0, 100.0] |" in markdown_table([base, student])
+
+
+def test_a_data_folder_without_images_is_refused_naming_it(tmp_path):
+    (tmp_path / "data" / "0").mkdir(parents=True)
+    options = ("--data", str(tmp_path / "data"), "--image-size", "32", "--output-dir", str(tmp_path / "out"))
+    with pytest.raises(DiTOptimumError, match=r"`data`=.*data' holds no images"):
+        settings_from_arguments(_arguments(*options))

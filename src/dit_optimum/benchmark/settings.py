@@ -412,6 +412,8 @@ def scale_recipe(settings: BenchmarkSettings) -> str:
     count = training_images(settings.data)
     if count is None:
         return "the default recipe: the image count of this data is known only once loaded"
+    if count == 0:
+        raise DiTOptimumError(f"`data`={settings.data!r} holds no images (PNG, JPEG, ... in class folders).")
     patch = min(parse_preset_name(variant)[1] for variant in settings.variants)
     tokens = max(1, settings.image_size // patch) ** 2
     scaled = settings.training.scaled(count, settings.image_size, patch)

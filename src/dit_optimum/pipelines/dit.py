@@ -955,6 +955,13 @@ class DiTOptimumPipeline(DiTPipeline, DiTLoraLoaderMixin):
         check_variant(kwargs.get("variant"))
         if isinstance(self.transformer, torch.nn.Module):
             check_no_lora_layers(self.transformer, pipeline=True)  # before anything is written
+        try:  # recorded defaults still valid for the scheduler and model now there (one may have been replaced)
+            self.set_sampling_defaults(**self.sampling_defaults)
+        except DiTOptimumError as error:
+            raise DiTOptimumError(
+                f"Not saved: the pipeline's recorded sampling defaults {self.sampling_defaults} no longer fit it "
+                f"({error}); record new ones with `set_sampling_defaults(...)` first."
+            ) from error
         if stock_format is not None and not isinstance(stock_format, bool):
             raise DiTOptimumError(
                 f"`stock_format`={stock_format!r} is not allowed; allowed values: None (diffusers' own format where it "

@@ -83,11 +83,41 @@ SOLVERS: dict[str, Solver] = {
 }
 
 
+# The noise schedule and what the network predicts belong to the trained model: a solver option may not change them.
+MODEL_SCHEDULE_KEYS = (
+    "num_train_timesteps",
+    "beta_start",
+    "beta_end",
+    "beta_schedule",
+    "trained_betas",
+    "prediction_type",
+    "rescale_betas_zero_snr",
+)
+
+
 def get_solver(name: str) -> Solver:
     """The solver declared as ``name``; an unknown name raises, listing the allowed ones."""
-    if name not in SOLVERS:
+    if not isinstance(name, str) or name not in SOLVERS:
         raise DiTOptimumError(f"Unknown solver {name!r}; allowed values: {', '.join(SOLVERS)}.")
     return SOLVERS[name]
+
+
+def _check_options(cls: type, options: dict[str, Any]) -> None:
+    """Refuse options the scheduler class does not take (diffusers would drop them silently) and options that would
+    change the model's noise schedule or prediction type (the images would be wrong, not merely different)."""
+    accepted = [key for key in inspect.signature(cls.__init__).parameters if key != "self"]
+    unknown = [key for key in options if key not in accepted]
+    if unknown:
+        raise DiTOptimumError(
+            f"{cls.__name__} takes no option {', '.join(map(repr, unknown))}; allowed values: "
+            f"{', '.join(key for key in accepted if key not in MODEL_SCHEDULE_KEYS)}."
+        )
+    fixed = [key for key in options if key in MODEL_SCHEDULE_KEYS]
+    if fixed:
+        raise DiTOptimumError(
+            f"Solver option(s) {', '.join(map(repr, fixed))} would change the trained model's noise schedule or "
+            "prediction type; they come from the pipeline's scheduler config: save the model with them instead."
+        )
 
 
 def solver_scheduler(config: Any, name: str, **options: Any):
@@ -102,7 +132,11 @@ def solver_scheduler(config: Any, name: str, **options: Any):
         # the x0 clipping the schedule samples with (DDIM's clip_sample: pixel-space data in [-1, 1]), as
         # thresholding bounded by the clipping range (its quantile is clamped to [1, range]: for range 1, clipping)
         clipping = {"thresholding": True, "sample_max_value": float(schedule.get("clip_sample_range", 1.0))}
-    return cls.from_config(schedule, **{**clipping, **solver.options, **options})
+    _check_options(cls, options)
+    try:
+        return cls.from_config(schedule, **{**clipping, **solver.options, **options})
+    except (ValueError, TypeError, KeyError, NotImplementedError) as error:  # a value diffusers' scheduler refuses
+        raise DiTOptimumError(f"Solver {name!r} cannot be built with options {options!r}: {error}") from error
 
 
 def with_solver(
@@ -117,6 +151,10 @@ def with_solver(
     and step count. ``options`` change the solver's scheduler options."""
     if not isinstance(pipeline, DiTOptimumPipeline):
         raise DiTOptimumError(f"`pipeline` must be a DiTOptimumPipeline, got {type(pipeline).__name__}.")
+    if num_inference_steps is None:  # None would leave the step count unrecorded (a call would then take 50)
+        raise DiTOptimumError(
+            "`num_inference_steps`=None; allowed values: an integer in 1..the scheduler's num_train_timesteps."
+        )
     scheduler = solver_scheduler(pipeline.scheduler.config, name, **options)
     solved = DiTOptimumPipeline(
         transformer=pipeline.transformer,

@@ -152,6 +152,15 @@ class TrainConfig:
                 raise DiTOptimumError(f"`{name}`={value!r} must be a non-empty path or name.")
         if os.path.exists(self.output_dir) and not os.path.isdir(self.output_dir):
             raise DiTOptimumError(f"`output_dir`={str(self.output_dir)!r} is a file: choose a folder.")
+        for name in ("pretrained", "teacher"):  # a run writes checkpoints and a pipeline: never into its source
+            source = getattr(self, name)
+            if isinstance(source, (str, os.PathLike)) and str(source) and os.path.isdir(source):
+                output, folder = os.path.realpath(self.output_dir), os.path.realpath(source)
+                if output == folder or output.startswith(folder + os.sep):
+                    raise DiTOptimumError(
+                        f"`output_dir`={str(self.output_dir)!r} is inside `{name}`={str(source)!r}: the run would "
+                        "write its checkpoints and pipeline into the model it reads; choose a folder outside it."
+                    )
         for name in ("skip_corrupt", "ema_warmup", "gradient_checkpointing", "compile", "resume", "tensorboard"):
             if not isinstance(getattr(self, name), bool):
                 raise DiTOptimumError(f"`{name}`={getattr(self, name)!r} must be True or False.")
