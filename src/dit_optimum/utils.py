@@ -34,6 +34,13 @@ def check_positive_integers(**values: Any) -> None:
             raise DiTOptimumError(f"`{name}`={value!r} must be a positive integer.")
 
 
+def public_config(config: Any) -> dict[str, Any]:
+    """A diffusers config's own keys, without its bookkeeping ones (``_class_name``, ``_name_or_path``,
+    ``_use_default_values``: ``from_config`` resets every key that last one names, so a changed config built from
+    it would silently lose its changes)."""
+    return {key: value for key, value in dict(config).items() if not key.startswith("_")}
+
+
 def is_integer(value: Any) -> bool:
     """An integer (Python or NumPy), not a boolean."""
     import numbers

@@ -170,9 +170,7 @@ class UntrainedContext:
         self.trained: dict[str, dict[str, Any]] = {}
         self.vae = sd_vae_architecture() if settings.channels == 4 else None
 
-    def _pipeline(
-        self, model_overrides: Mapping[str, Any], scheduler: DDIMScheduler | None = None
-    ) -> DiTOptimumPipeline:
+    def _pipeline(self, model_overrides: Mapping[str, Any]) -> DiTOptimumPipeline:
         torch.manual_seed(self.settings.training.seed)
         config = dit_config(
             self.variant,
@@ -184,7 +182,7 @@ class UntrainedContext:
         return DiTOptimumPipeline(
             transformer=DiTOptimumTransformer2DModel(**config).eval(),
             vae=self.vae,
-            scheduler=scheduler or DDIMScheduler(),
+            scheduler=DDIMScheduler(),
         ).to(self.device)
 
     def baseline(self) -> DiTOptimumPipeline:

@@ -401,7 +401,7 @@ def choose_recipe_variant(settings: BenchmarkSettings) -> str:
     if chosen == settings.variants[0]:
         return ""
     settings.variants = (chosen,)
-    settings.validate()
+    settings._check_variant(chosen)  # the rest was validated with the default variant
     return f"variant {chosen} for {settings.image_size}x{settings.image_size} images (--variants chooses another)"
 
 

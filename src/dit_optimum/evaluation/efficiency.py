@@ -75,12 +75,10 @@ def efficiency_metrics(pipeline, settings: SpeedSettings | None = None, referenc
 
         return lambda: model(*inputs)
 
-    # (steps, guidance) of each timed pipeline: the candidate's own, the reference at the settings'
-    sampling = {id(pipeline): (steps, guidance)}
-
     def sample_call(pipe, count: int) -> Callable[[], Any]:
-        pipe_steps, pipe_guidance = sampling.get(id(pipe), (settings.num_inference_steps, settings.guidance_scale))
-        return lambda: generate_images(pipe, range(count), pipe_steps, pipe_guidance, seed=0)
+        # the candidate at its own steps and guidance, the reference at the settings'
+        own = (steps, guidance) if pipe is pipeline else (settings.num_inference_steps, settings.guidance_scale)
+        return lambda: generate_images(pipe, range(count), *own, seed=0)
 
     def timed(calls: dict[str, Callable[[], Any]]) -> dict[str, list[float]]:
         return interleaved_call_times(calls, device, settings.warmup, settings.repeats)

@@ -143,6 +143,19 @@ def _is_finite(value: Any) -> bool:
         return False
 
 
+def _valid_steps(value: Any, max_steps: int) -> bool:
+    """An integer step count in 1..``max_steps`` (the scheduler's ``num_train_timesteps``)."""
+    return is_integer(value) and 1 <= value <= max_steps
+
+
+def _valid_guidance(value: Any, largest: float) -> bool:
+    """A finite guidance scale in [1, ``largest``] (1 disables guidance), not a boolean."""
+    try:
+        return _is_finite(value) and 1 <= float(value) <= largest
+    except (TypeError, ValueError):  # a Real that is not convertible to a float
+        return False
+
+
 def _is_faster_cache(model: Any) -> bool:
     """Whether ``model`` has diffusers' FasterCache on (it assumes guided batches)."""
     return type(getattr(model, "_cache_config", None)).__name__ == "FasterCacheConfig"
@@ -507,15 +520,13 @@ class DiTOptimumPipeline(DiTPipeline, DiTLoraLoaderMixin):
         ``num_inference_steps``: an integer in 1..the scheduler's ``num_train_timesteps``; ``guidance_scale``: a
         finite number in [1, ``MAX_GUIDANCE_SCALE``] (1 disables guidance; > 1 needs a model with a null class)."""
         max_steps = self.scheduler.config.num_train_timesteps
-        if num_inference_steps is not None and not (
-            is_integer(num_inference_steps) and 1 <= num_inference_steps <= max_steps
-        ):
+        if num_inference_steps is not None and not _valid_steps(num_inference_steps, max_steps):
             raise DiTOptimumError(
                 f"`num_inference_steps`={_shown(num_inference_steps)} cannot be a sampling default; allowed values: "
                 f"None (not recorded) or an integer in 1..{max_steps} (the scheduler's `num_train_timesteps`)."
             )
         if guidance_scale is not None:
-            if not (_is_finite(guidance_scale) and 1 <= guidance_scale <= MAX_GUIDANCE_SCALE):
+            if not _valid_guidance(guidance_scale, MAX_GUIDANCE_SCALE):
                 raise DiTOptimumError(
                     f"`guidance_scale`={_shown(guidance_scale)} cannot be a sampling default; allowed values: None "
                     f"(not recorded) or a finite number in [1, {MAX_GUIDANCE_SCALE:g}] (1 disables guidance)."
@@ -687,12 +698,7 @@ class DiTOptimumPipeline(DiTPipeline, DiTLoraLoaderMixin):
         # the guided noise is uncond + scale * (cond - uncond) in the model's dtype: a scale beyond its largest
         # number is inf there, and every image NaN
         largest = torch.finfo(dtype if dtype.is_floating_point else torch.float32).max
-        valid = isinstance(guidance_scale, numbers.Real) and not isinstance(guidance_scale, bool)
-        try:
-            valid = valid and math.isfinite(float(guidance_scale)) and 1 <= float(guidance_scale) <= largest
-        except (OverflowError, TypeError, ValueError):  # an integer beyond any float; a Real that is not a float
-            valid = False
-        if not valid:
+        if not _valid_guidance(guidance_scale, largest):
             raise DiTOptimumError(
                 f"`guidance_scale`={guidance_scale!r} must be a finite number in [1, {largest:g}] (1 disables "
                 f"guidance; larger values overflow the model's {str(dtype).replace('torch.', '')})."
@@ -703,7 +709,7 @@ class DiTOptimumPipeline(DiTPipeline, DiTLoraLoaderMixin):
                 "`guidance_scale` > 1 needs a null class, but the model has class_dropout_prob=0; use guidance_scale=1."
             )
         max_steps = self.scheduler.config.num_train_timesteps
-        if not is_integer(num_inference_steps) or not 1 <= num_inference_steps <= max_steps:
+        if not _valid_steps(num_inference_steps, max_steps):
             raise DiTOptimumError(
                 f"`num_inference_steps`={num_inference_steps!r} must be an integer in 1..{max_steps}."
             )

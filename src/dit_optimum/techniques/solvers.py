@@ -16,6 +16,7 @@ import diffusers
 
 from ..errors import DiTOptimumError
 from ..pipelines.dit import DiTOptimumPipeline
+from ..utils import public_config
 
 
 @dataclass(frozen=True)
@@ -124,8 +125,7 @@ def solver_scheduler(config: Any, name: str, **options: Any):
     """Solver ``name``'s diffusers scheduler with the noise schedule of scheduler ``config`` (e.g. the trained
     pipeline's DDIM config: betas, training steps, prediction type), the solver's options and ``options`` on top."""
     solver = get_solver(name)
-    # diffusers resets the keys named in `_use_default_values`: only the public keys are the schedule
-    schedule = {key: value for key, value in dict(config).items() if not key.startswith("_")}
+    schedule = public_config(config)
     cls = getattr(diffusers, solver.scheduler)
     clipping = {}
     if schedule.get("clip_sample") and "thresholding" in inspect.signature(cls.__init__).parameters:

@@ -32,6 +32,7 @@ from ..errors import DiTOptimumError, OutputPathError
 from ..files import os_errors, strict_json
 from ..models.transformer import DiTOptimumTransformer2DModel
 from ..schemas import TRAINER_STATE, FileContentError, read_json_file, require_regular_file, validate
+from ..utils import public_config
 from .config import TrainConfig
 from .ema import EMA
 
@@ -343,7 +344,7 @@ def model_fingerprint(model: DiTOptimumTransformer2DModel | None) -> dict[str, A
     if model is None:
         return None
     state = model.state_dict()
-    config = {key: value for key, value in model.config.items() if not key.startswith("_")}  # _name_or_path: where
+    config = public_config(model.config)  # not _name_or_path: where it was loaded from
     text = json.dumps({"config": config, "keys": sorted(state)}, sort_keys=True, default=str)
     return {"sha256": _digest((state[name] for name in sorted(state)), text)}
 

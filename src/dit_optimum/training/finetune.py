@@ -16,6 +16,7 @@ from ..errors import DiTOptimumError
 from ..models.lora import lora_config
 from ..models.transformer import DiTOptimumTransformer2DModel, is_quantized
 from ..pipelines.dit import DiTOptimumPipeline
+from ..utils import public_config
 from .config import TrainConfig
 
 CLASS_TABLE = "conditioning_embedding.class_embedder.embedding_table"
@@ -60,7 +61,7 @@ def resize_class_table(
     """A copy of ``model`` for a new class set of ``num_classes``: a class keeps the row of the base class of the
     same name (by index when neither side has names), others start from the mean of the base classes, and the null
     class (guidance) keeps its row and moves to the end."""
-    config = {key: value for key, value in model.config.items() if not key.startswith("_")}
+    config = public_config(model.config)
     resized = DiTOptimumTransformer2DModel.from_config({**config, "num_embeds_ada_norm": num_classes})
     state = {key: value for key, value in model.state_dict().items() if key != f"{CLASS_TABLE}.weight"}
     missing, unexpected = resized.load_state_dict(state, strict=False)

@@ -25,6 +25,7 @@ from diffusers import DDIMScheduler
 from ..errors import DiTOptimumError
 from ..models.transformer import DiTOptimumTransformer2DModel
 from ..pipelines.dit import DiTOptimumPipeline
+from ..utils import public_config
 from .config import STUDENT_PREDICTIONS, TrainConfig
 
 # The teacher and student must agree on these (input space, classes, network size).
@@ -36,7 +37,7 @@ def student_scheduler(
 ) -> DDIMScheduler:
     """The DDIM scheduler a student samples with: the teacher's noise schedule on the trailing grid, predicting
     ``prediction_type``, without clipping the predicted image (the target it learned may leave [-1, 1])."""
-    config = {key: value for key, value in dict(teacher_config).items() if not key.startswith("_")}
+    config = public_config(teacher_config)
     config.update(timestep_spacing="trailing", prediction_type=prediction_type, clip_sample=False, thresholding=False)
     return DDIMScheduler.from_config(config)
 
