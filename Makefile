@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -c constraints.txt -e ".[dev,fid,demo,docs]"
+	$(BIN)/pip install --quiet -c constraints.txt -e ".[dev,fid,demo,docs,openvino,onnxruntime]"
 	# the tests' local Hub server (olah), in its own environment: its web stack must not move the project's pins
 	$(PYTHON) -m venv $(VENV)-olah
 	$(VENV)-olah/bin/pip install --quiet olah==0.5.4

@@ -514,7 +514,7 @@ def test_make_targets_are_what_the_readme_says():
     assert dry_runs["test"][-1].strip() == ".venv/bin/python -m pytest -q tests"
     assert dry_runs["docs"][-1].strip().endswith(".venv/bin/mkdocs build --strict")
     makefile = (ROOT / "Makefile").read_text()
-    assert '-e ".[dev,fid,demo,docs]"' in makefile
+    assert '-e ".[dev,fid,demo,docs,openvino,onnxruntime]"' in makefile
     assert "make test" in (ROOT / ".ci" / "run").read_text()
 
 

@@ -7,6 +7,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
+from ..models.runtimes import paused
 from ..models.transformer import is_quantized, outside_sampling
 from .inputs import example_inputs
 
@@ -37,7 +38,8 @@ def gflops_breakdown(model: nn.Module, sample_size: int | None = None, batch_siz
         model = _float_twin(model)
     sample, timestep, labels = example_inputs(model, batch_size, sample_size)
     counter = FlopCounterMode(display=False)
-    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), counter, outside_sampling(model):
+    # torch's forward (an exported runtime's graph is invisible to the counter; it computes the same operations)
+    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), counter, outside_sampling(model), paused(model):
         model(sample, timestep=timestep, class_labels=labels)
     per_module = {name: sum(counts.values()) for name, counts in counter.get_flop_counts().items()}
     attention = projections = 0

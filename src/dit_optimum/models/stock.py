@@ -82,6 +82,9 @@ def transformer_config_problem(config: Any) -> str | None:
         )
     elif layer_mlp_dims is None and ratio != STOCK_MLP_RATIO:
         reasons.append(f"mlp_ratio={ratio!r} (diffusers' DiT blocks have an MLP 4x the width)")
+    runtime = _get(config, "runtime")
+    if runtime is not None:
+        reasons.append(f"runtime={runtime!r} (an exported graph saved beside the weights; diffusers' DiT runs torch)")
     experts = _get(config, "moe_num_experts", 0)
     if experts:
         reasons.append(f"a mixture-of-experts feed-forward (moe_num_experts={experts!r})")

@@ -43,6 +43,7 @@ from .attention import (
 from .block_cache import BLOCK_SCHEDULE_HOOK, BlockCacheSchedule, apply_block_schedule
 from .moe import MoEFeedForward
 from .resources import check_resources
+from .runtimes import ExportedRuntime, check_exportable, make_runtime
 
 # diffusers' DiTPipeline always passes 1000 as the unconditional ("null") class.
 DIFFUSERS_NULL_CLASS = 1000
@@ -520,6 +521,8 @@ class DiTOptimumTransformer2DModel(DiTTransformer2DModel, AttentionMixin, PeftAd
       balance / router z-loss weights.
     - ``block_cache_schedule``: a per-step block reuse schedule (``BlockCacheSchedule.to_dict()``), enabled at
       construction, so that a release saved with ``enable_cache(schedule)`` samples with it after loading.
+    - ``runtime``: ``{"backend": "openvino" | "onnxruntime", "precision": ...}`` (``runtimes.RUNTIMES``): forwards
+      without gradients run an exported graph of the whole forward, saved beside the weights (``enable_runtime``).
     """
 
     _supports_gradient_checkpointing = True
@@ -569,6 +572,7 @@ class DiTOptimumTransformer2DModel(DiTTransformer2DModel, AttentionMixin, PeftAd
         moe_balance_loss_weight: float = 0.01,
         moe_router_z_loss_weight: float = 0.0,
         block_cache_schedule: dict[str, Any] | None = None,
+        runtime: dict[str, str] | None = None,
     ):
         # Skip DiTTransformer2DModel.__init__ (it would build stock blocks); the class stays one for isinstance checks.
         ModelMixin.__init__(self)
@@ -597,8 +601,14 @@ class DiTOptimumTransformer2DModel(DiTTransformer2DModel, AttentionMixin, PeftAd
         self.norm_out = nn.LayerNorm(self.inner_dim, elementwise_affine=False, eps=1e-6)
         self.proj_out_1 = nn.Linear(self.inner_dim, 2 * self.inner_dim)
         self.proj_out_2 = nn.Linear(self.inner_dim, patch_size * patch_size * self.out_channels)
+        if block_cache_schedule is not None and runtime is not None:
+            raise DiTOptimumError(
+                "The config has both `block_cache_schedule` and `runtime`: a runtime runs the whole forward as one "
+                "graph, so a step cache cannot skip blocks inside it; drop one of them."
+            )
         if block_cache_schedule is not None:  # a saved reuse schedule is part of the model: on from the start
             self.enable_cache(BlockCacheSchedule.from_dict(block_cache_schedule, num_layers))
+        self._runtime = None if runtime is None else make_runtime(runtime)  # its graph: loaded or exported on use
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs: Any):
@@ -646,6 +656,8 @@ class DiTOptimumTransformer2DModel(DiTTransformer2DModel, AttentionMixin, PeftAd
             )
         files = model.__dict__.pop(_LOADED_FILES_ATTRIBUTE, None)
         check_finite_weights(model, _weights_file(where, kwargs.get("variant")), files)
+        if model._runtime is not None and where.is_dir():  # a local folder: its saved graph, when it matches
+            model._runtime.load(model, where)
         return (model, info) if wants_info else model
 
     @classmethod
@@ -893,6 +905,11 @@ class DiTOptimumTransformer2DModel(DiTTransformer2DModel, AttentionMixin, PeftAd
         config that hooks no module at all is refused saying what to pass, instead of changing nothing."""
         from .cache_hooks import fit_cache_config, hooks_on_submodules, no_hook_error
 
+        if self._runtime is not None:
+            raise DiTOptimumError(
+                f"A step cache cannot be enabled on a model that runs with {self._runtime.describe()} (its forward is "
+                "one exported graph, inside which no block can be skipped): call `disable_runtime()` first."
+            )
         if self.is_cache_enabled:
             current = type(self._cache_config)
             origin = " (the model config's `block_cache_schedule`)" if current is BlockCacheSchedule else ""
@@ -926,6 +943,46 @@ class DiTOptimumTransformer2DModel(DiTTransformer2DModel, AttentionMixin, PeftAd
         if table is not None and moved is not None and moved.dtype != table.dtype:
             self.pos_embed.pos_embed = table.to(moved.device)
         return self
+
+    @property
+    def runtime(self) -> ExportedRuntime | None:
+        """The exported runtime that runs forwards without gradients (``enable_runtime``), or None (torch)."""
+        return self._runtime
+
+    def enable_runtime(self, backend: str, precision: str) -> None:
+        """Run forwards without gradients through ``backend`` (``"openvino"``: ``"bf16"``, ``"f32"``, ``"int8"``;
+        ``"onnxruntime"``: ``"fp32"``; ``runtimes.RUNTIMES``), exported now from the current weights and recorded
+        in the config, so that ``save_pretrained`` writes the graph beside the weights and ``from_pretrained`` runs
+        it again without exporting. Training (gradients on) still runs torch. Refused on a model with a step cache,
+        LoRA layers, torch quantization, non-float32 weights, a compiled forward, or off the CPU."""
+        runtime = make_runtime({"backend": backend, "precision": precision})
+        if self._runtime is not None:
+            raise DiTOptimumError(
+                f"This model already runs with {self._runtime.describe()}: call `disable_runtime()` first."
+            )
+        check_exportable(self)
+        runtime.export(self)
+        self._runtime = runtime
+        self.register_to_config(runtime=runtime.spec)
+
+    def disable_runtime(self) -> None:
+        """Run every forward in torch again (the config's ``runtime`` is cleared)."""
+        self._runtime = None
+        self.register_to_config(runtime=None)
+
+    def _runs_graph(self, hidden_states: torch.Tensor, cross_attention_kwargs: Any) -> bool:
+        # The exported graph takes inference forwards of the configured shape; anything else runs torch (which
+        # raises its own errors for a wrong shape).
+        return (
+            self._runtime is not None
+            and not torch.is_grad_enabled()
+            and not self.__dict__.get("_runtime_paused", False)
+            and not cross_attention_kwargs
+            and hidden_states.ndim == 4
+            and hidden_states.shape[0] > 0
+            and tuple(hidden_states.shape[1:])
+            == (self.config.in_channels, self.config.sample_size, self.config.sample_size)
+        )
 
     def compile_repeated_blocks(self, *args: Any, **kwargs: Any) -> None:
         """diffusers' regional compilation (each ``DiTBlock`` compiled with ``torch.compile(*args, **kwargs)``).
@@ -1185,6 +1242,8 @@ class DiTOptimumTransformer2DModel(DiTTransformer2DModel, AttentionMixin, PeftAd
         with save_directory_into(save_directory, "config.json", overwrite, sources=sources) as staging:
             if model is None:
                 super().save_pretrained(staging, safe_serialization=True, variant=variant, **kwargs)
+                if self._runtime is not None:  # its graph beside the weights, so a reload does not export again
+                    self._runtime.save(self, Path(staging))
             else:
                 model.save_pretrained(staging, safe_serialization=True, variant=variant, **kwargs)
 
@@ -1208,6 +1267,9 @@ class DiTOptimumTransformer2DModel(DiTTransformer2DModel, AttentionMixin, PeftAd
         ``timestep`` and ``class_labels`` are (B,) tensors (a scalar timestep is broadcast). The conditioning
         embedding is computed once and shared by every block.
         """
+        if self._runs_graph(hidden_states, cross_attention_kwargs):
+            output = self._runtime.run(self, hidden_states, timestep, class_labels)
+            return Transformer2DModelOutput(sample=output) if return_dict else (output,)
         batch = hidden_states.shape[0]
         height, width = hidden_states.shape[-2] // self.patch_size, hidden_states.shape[-1] // self.patch_size
         timestep = torch.as_tensor(timestep, device=hidden_states.device)

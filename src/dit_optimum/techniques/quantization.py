@@ -289,6 +289,11 @@ def quantize(
     """
     is_pipeline = isinstance(pipe_or_model, DiTOptimumPipeline)
     model = unwrap(pipe_or_model)
+    if getattr(model, "runtime", None) is not None:
+        raise DiTOptimumError(
+            f"This model runs with {model.runtime.describe()}, which chooses its own precision: quantize before "
+            "`enable_runtime`, or call `disable_runtime()` first."
+        )
     if hasattr(model, "check_unfused"):
         model.check_unfused("quantizing")  # the fused copy would stay in float beside the quantized weights
     _check_options(backend, weights, activations, model.device)

@@ -14,10 +14,12 @@ from typing import Any, Protocol
 
 from ..errors import DiTOptimumError
 from ..models.attention import ATTENTION_TYPES
+from ..models.runtimes import runtime_declaration
 from ..pipelines.dit import DiTOptimumPipeline
 from .caching import enable_cache_recipe
 from .pruning import prune
 from .quantization import quantize
+from .runtimes import FORWARD_PATHS, apply_path, fastest_path, with_runtime
 from .solvers import SOLVERS, with_solver
 
 
@@ -72,9 +74,12 @@ def register_technique(
     *,
     trains: bool = False,
 ) -> Technique:
-    """Add a technique under ``name`` (names are unique); ``options`` are passed to ``apply`` as keywords."""
+    """Add a technique under ``name`` (names are unique); ``options`` are passed to ``apply`` as keywords. A stack
+    (``apply=stacked``) whose parts do not compose is refused here, before anything is built."""
     if name in TECHNIQUES:
         raise DiTOptimumError(f"A technique named {name!r} is already registered.")
+    if apply is stacked:
+        check_stack(dict(options or {}))
     technique = Technique(name, apply, description, dict(options or {}), trains)
     TECHNIQUES[name] = technique
     return technique
@@ -136,23 +141,66 @@ def solver_sampling(context: TechniqueContext, solver: str, num_inference_steps:
     return with_solver(context.baseline(), solver, num_inference_steps)
 
 
+# The parts of a stack in the order they apply; what each forward-path part composes with is declared by it
+# (a runtime: ``RuntimeDeclaration.composes_with``; the measured choice takes its candidates' rule).
+STACK_ORDER: tuple[str, ...] = ("base", "solver", "quantization", "runtime", "fastest", "cache")
+
+
+def check_stack(parts: Mapping[str, Any]) -> None:
+    """Refuse a stack whose parts do not compose (a runtime runs the whole forward as one graph: no torch
+    quantization or step cache with it; a measured choice among runtimes likewise), naming the parts."""
+    unknown = set(parts) - set(STACK_ORDER)
+    if unknown:
+        raise DiTOptimumError(f"Unknown stack parts {sorted(unknown)}; allowed values: {', '.join(STACK_ORDER)}.")
+    given = {name for name, value in parts.items() if value is not None}
+    if "runtime" in given:
+        declaration = runtime_declaration(parts["runtime"].get("backend"))
+        refused = sorted(given - {"runtime", *declaration.composes_with})
+        if refused:
+            raise DiTOptimumError(
+                f"The {declaration.backend} runtime does not compose with {', '.join(refused)} (it composes with "
+                f"{', '.join(declaration.composes_with)}): its graph is the whole forward, with its own precision."
+            )
+    if "fastest" in given and given & {"quantization", "runtime"}:
+        raise DiTOptimumError("`fastest` chooses the forward path itself: drop `quantization` / `runtime`.")
+
+
+def fastest_candidates(with_cache: bool) -> list[str]:
+    """The forward paths a measured choice may pick in a stack: with a step cache, only torch paths (a runtime's
+    graph holds the whole forward)."""
+    from .runtimes import available_paths
+
+    return available_paths("quantization") if with_cache else available_paths()
+
+
 def stacked(
     context: TechniqueContext,
     base: str,
     quantization: Mapping[str, Any] | None = None,
     cache: Mapping[str, Any] | None = None,
     solver: Mapping[str, Any] | None = None,
+    runtime: Mapping[str, Any] | None = None,
+    fastest: Mapping[str, Any] | None = None,
 ) -> DiTOptimumPipeline:
-    """Techniques applied in turn: the pipeline of technique ``base`` (trained once, then loaded), sampling with
-    ``solver`` (``{"solver": name, "num_inference_steps": n}``, ``with_solver``), quantized with ``quantization``
-    (``quantize`` options), then sampling with ``cache`` (calibrated on the quantized model, at the pipeline's
-    recorded steps where it has them). The step-cache techniques are the baseline with a cache; the combined recipes
-    stack more."""
+    """Techniques applied in turn (``STACK_ORDER``): the pipeline of technique ``base`` (trained once, then loaded),
+    sampling with ``solver`` (``{"solver": name, "num_inference_steps": n}``, ``with_solver``), quantized with
+    ``quantization`` (``quantize`` options) or run by ``runtime`` (``with_runtime`` options) or by the forward path
+    that ``fastest`` (``{"batch_size": n}``) measures as fastest on this machine, then sampling with ``cache``
+    (calibrated on the quantized model, at the pipeline's recorded steps where it has them). The step-cache
+    techniques are the baseline with a cache; the combined recipes stack more."""
+    check_stack({"base": base, "solver": solver, "quantization": quantization, "runtime": runtime,
+                 "fastest": fastest, "cache": cache})  # fmt: skip
     pipeline = get_technique(base).build(context)
     if solver is not None:
         pipeline = with_solver(pipeline, **solver)
     if quantization is not None:
         pipeline = quantize(pipeline, **quantization)  # it samples as its base did (`rewrap` keeps the defaults)
+    if runtime is not None:
+        pipeline = with_runtime(pipeline, **runtime)
+    if fastest is not None:
+        choice = fastest_path(pipeline, candidates=fastest_candidates(cache is not None), **fastest)
+        print(f"  {choice.summary()}", flush=True)
+        pipeline = apply_path(pipeline, choice.name)
     if cache is not None:
         steps = pipeline.sampling_defaults.get("num_inference_steps")
         if steps is not None and "num_inference_steps" in cache:  # calibrated at the steps it will sample with
@@ -399,3 +447,28 @@ register_technique(
     {"base": "distill-steps-4", "cache": _TAYLORSEER},
     trains=True,
 )
+
+
+# --- exported CPU runtimes (issue 20): the transformer's whole forward as one OpenVINO / ONNX Runtime graph ---------
+# Each runtime composes with a trained base and a solver, not with torch quantization or a step cache
+# (RuntimeDeclaration.composes_with); the names match FORWARD_PATHS.
+for _name, (_part, _options) in FORWARD_PATHS.items():
+    if _part == "runtime":
+        register_technique(
+            _name,
+            stacked,
+            f"the baseline run by {_options['backend']} at {_options['precision']} (exported graph, saved beside the "
+            "weights)",
+            {"base": "baseline", "runtime": _options},
+        )
+# The forward path measured fastest on the machine the benchmark runs on (torch precisions and the runtimes), on the
+# step-reduced stacks: the best stack is the best of each CPU, not of the one a table was written on.
+FASTEST = {"batch_size": 16}  # the benchmark's sampling batch (SpeedSettings.batch_size); the students are unguided
+for _base in ("distill-steps-2", "prune-depth-50-recover+distill-steps-4", "prune-depth-50-recover+distill-steps-2"):
+    register_technique(
+        f"{_base}+fastest",
+        stacked,
+        f"{TECHNIQUES[_base].description}; the forward path measured fastest on this machine",
+        {"base": _base, "fastest": FASTEST},
+        trains=True,
+    )
