@@ -759,6 +759,8 @@ RESULT_ROW = Object(
         "device": Str("a torch device name (cpu, cuda:0)", pattern=r"[a-z][a-z0-9_]{0,19}(:\d{1,4})?"),
         "hardware": HARDWARE,
         "sampler": IDENTIFIER,
+        # what ran the transformer's forward: "torch", or an exported runtime and its precision ("openvino bf16")
+        "runtime": Str("torch or a runtime and its precision", pattern=r"torch|[a-z]{1,20} [a-z0-9]{1,10}"),
         "sampling_steps": STEPS,
         # the pipeline's own recorded sampling defaults (a few-step solver, a step-distilled student), when it has any
         "sampling_defaults": Object(optional={"num_inference_steps": STEPS, "guidance_scale": GUIDANCE}, extra=None),

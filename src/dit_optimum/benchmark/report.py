@@ -40,11 +40,17 @@ def _steps_text(row: dict[str, Any]) -> str:
     return "n/a" if steps is None else f"{steps}" + (" unguided" if guidance is not None and guidance <= 1 else "")
 
 
+def _other_runtimes(rows: Sequence[dict[str, Any]]) -> bool:
+    """Whether a finished row's transformer ran in something other than torch (an exported runtime)."""
+    return any(_ok(row) and row.get("runtime", "torch") != "torch" for row in rows)
+
+
 def table_columns(rows: Sequence[dict[str, Any]]) -> list[str]:
-    """Headers of the results table: variant, technique, the sampling steps (when a cell samples with its own), then
-    every shown metric."""
+    """Headers of the results table: variant, technique, the runtime (when a cell runs another than torch), the
+    sampling steps (when a cell samples with its own), then every shown metric."""
+    runtime = ["runtime"] if _other_runtimes(rows) else []
     steps = ["steps"] if _own_sampling(rows) else []
-    return ["variant", "technique", *steps, *(metric.header for metric in shown_metrics(rows))]
+    return ["variant", "technique", *runtime, *steps, *(metric.header for metric in shown_metrics(rows))]
 
 
 def _with_interval(metric: Metric, row: dict[str, Any], key: str) -> str:
@@ -57,11 +63,12 @@ def _with_interval(metric: Metric, row: dict[str, Any], key: str) -> str:
 
 def table_rows(rows: Sequence[dict[str, Any]]) -> list[list[str]]:
     """Formatted cells of the finished rows (quality values with their 95% interval), in ``table_columns`` order."""
-    metrics, own = shown_metrics(rows), _own_sampling(rows)
+    metrics, own, runtimes = shown_metrics(rows), _own_sampling(rows), _other_runtimes(rows)
     return [
         [
             row["variant"],
             row["technique"],
+            *([str(row.get("runtime", "torch"))] if runtimes else []),
             *([_steps_text(row)] if own else []),
             *(_with_interval(metric, row, metric.key) for metric in metrics),
         ]
@@ -74,7 +81,8 @@ def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
     """The results table in Markdown."""
     columns = table_columns(rows)
     lines = ["| " + " | ".join(columns) + " |"]
-    lines.append("|" + "|".join("---" if i < 2 else "---:" for i in range(len(columns))) + "|")
+    text_columns = 3 if _other_runtimes(rows) else 2
+    lines.append("|" + "|".join("---" if i < text_columns else "---:" for i in range(len(columns))) + "|")
     lines.extend("| " + " | ".join(cells) + " |" for cells in table_rows(rows))
     return "\n".join(lines) + "\n"
 

@@ -45,8 +45,9 @@ DEFAULT_TECHNIQUES: tuple[str, ...] = (
     "attention-shallow",
     "bf16",
     "int8",
-    "int8-dynamic",
-    "quanto-int8",
+    "openvino",
+    "openvino-int8",
+    "onnxruntime",
     "prune-heads-50",
     "prune-mlp-50",
     "prune-depth-50",
@@ -60,12 +61,22 @@ DEFAULT_TECHNIQUES: tuple[str, ...] = (
     "distill-steps-2",
     "int8+cache-taylorseer",
     "prune-depth-50-recover+int8+cache-taylorseer",
-    "distill-steps-2+int8",
+    "distill-steps-2+fastest",
     "prune-depth-50-recover+distill-steps-4+int8",
     "prune-depth-50-recover+distill-steps-2+int8",
+    "prune-depth-50-recover+distill-steps-2+fastest",
 )
-# The study's trained families the main job leaves out for time; `--preset study` runs them after the default cells.
-STUDY_TECHNIQUES: tuple[str, ...] = ("attention-mediated", "attention-focused_mqa", "moe", "distill")
+# The study's trained families and the slower precisions that the main job leaves out for time; `--preset study`
+# runs them after the default cells.
+STUDY_TECHNIQUES: tuple[str, ...] = (
+    "attention-mediated",
+    "attention-focused_mqa",
+    "moe",
+    "distill",
+    "int8-dynamic",
+    "quanto-int8",
+    "openvino-f32",
+)
 PRESETS: tuple[str, ...] = ("default", "study", "paper")
 # Class count assumed when checking memory before the data is loaded (only the embedding table depends on it).
 _ESTIMATE_CLASSES = 1000

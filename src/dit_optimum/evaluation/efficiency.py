@@ -106,6 +106,7 @@ def efficiency_metrics(pipeline, settings: SpeedSettings | None = None, referenc
         "forward_peak_memory_bytes": forward_memory,
         "dtype": str(model.dtype).replace("torch.", ""),
         "sampler": type(pipeline.scheduler).__name__,
+        "runtime": model.runtime.describe() if getattr(model, "runtime", None) is not None else "torch",
         "speed_settings": {**asdict(settings), "num_inference_steps": steps, "guidance_scale": guidance},
     }
     if reference is not None:

@@ -37,6 +37,7 @@ _SNIPPET_ROW = Object(
         "quality_settings": QUALITY_SETTINGS,
         "sampler": RESULT_ROW.optional["sampler"],
         "sampling_defaults": RESULT_ROW.optional["sampling_defaults"],
+        "runtime": RESULT_ROW.optional["runtime"],
     }
 )
 # Row fields of free text that the card's Markdown shows (the others are numbers or checked names).
@@ -223,6 +224,14 @@ def loading_code(repo_id: str, row: Mapping[str, Any], needs_package: str | None
     package = []  # a release in diffusers' own format loads without dit-optimum (unless it samples with a cache)
     if needs_package is not None or cache is not None or noise_scaled:
         package.append("import dit_optimum  # noqa: F401  (registers the dit-optimum components with diffusers)")
+    runtime = str(row.get("runtime") or "torch")
+    if runtime != "torch":  # the exported graph is saved in transformer/; its runtime is an extra
+        backend = runtime.split()[0]
+        package.insert(
+            0,
+            f"# its transformer runs with {runtime} (the graph saved in transformer/, no export at load): "
+            f"pip install 'dit-optimum[{backend}]'",
+        )
     if needs_package:
         package.insert(0, f"# dit-optimum is needed to load this release: {_comment(needs_package)}")
     return "\n".join(
