@@ -135,7 +135,7 @@ def test_changed_weights_are_exported_again_before_the_next_forward():
     assert relative_error(after, forward_torch(model, inputs)) < 1e-5
     model.load_state_dict(tiny_model(seed=5).state_dict())
     assert relative_error(forward(model, inputs), forward_torch(model, inputs)) < 1e-5
-    with pytest.raises(DiTOptimumError, match=r"float32 is exported"):
+    with pytest.raises(DiTOptimumError, match=r"float32 weights are exported"):
         model.to(torch.bfloat16)
         forward(model, (inputs[0].bfloat16(), *inputs[1:]))
 
@@ -178,7 +178,7 @@ def test_what_a_runtime_refuses_names_the_reason(tmp_path):
         running.enable_cache(__import__("diffusers").FirstBlockCacheConfig(threshold=0.2))
     with pytest.raises(DiTOptimumError, match=r"chooses its own precision"):
         quantize(running, backend="torch", weights="bf16")
-    with pytest.raises(DiTOptimumError, match=r"float32 is exported"):
+    with pytest.raises(DiTOptimumError, match=r"float32 weights are exported"):
         tiny_model().to(torch.bfloat16).enable_runtime("openvino", "bf16")
     # diffusers' own format cannot hold the graph: the pipeline keeps the package format, saying why
     pipeline = with_runtime(tiny_pixel_pipeline(), "onnxruntime", "fp32")
@@ -269,3 +269,77 @@ def test_the_fastest_path_is_measured_cached_and_applied(tmp_path, monkeypatch):
     assert applied.transformer.runtime.describe() == "openvino int8"
     with pytest.raises(DiTOptimumError, match=r"Unknown forward path 'fp8'"):
         apply_path(model, "fp8")
+
+
+def test_inputs_torch_refuses_are_refused_the_same_way_and_data_edits_are_seen(tmp_path):
+    model = tame_model()
+    inputs = model_inputs(model)
+    model.enable_runtime("onnxruntime", "fp32")
+    before = forward(model, inputs)
+    next(model.parameters()).data.mul_(0)  # through .data: no version counter moves
+    assert relative_error(forward(model, inputs), forward_torch(model, inputs)) < 1e-5
+    assert not torch.allclose(forward(model, inputs), before)
+    for labels in (torch.tensor([11, 11, 11]), torch.tensor([-1, -1, -1])):
+        with pytest.raises(IndexError):  # torch's own error, as without a runtime
+            forward(model, (inputs[0], inputs[1], labels))
+    with pytest.raises((RuntimeError, IndexError)):
+        forward(model, (inputs[0], inputs[1], torch.tensor([1.7, 2.2, 3.9])))
+    with pytest.raises(RuntimeError, match=r"Double|double"):
+        forward(model, (inputs[0].double(), inputs[1], inputs[2]))
+    # the graph written by a save matches the weights, whatever edited them
+    model.save_pretrained(tmp_path)
+    manifest = json.loads((tmp_path / "runtime.json").read_text())
+    assert manifest["weights_sha256"] == runtime_module.weights_digest(model)
+
+
+def test_hostile_manifests_and_loads_that_cannot_run_the_graph(tmp_path, caplog):
+    model = tame_model()
+    model.enable_runtime("onnxruntime", "fp32")
+    model.save_pretrained(tmp_path)
+    (tmp_path / "runtime.json").write_text("[" * 30000 + "]" * 30000)
+    with caplog.at_level(logging.WARNING):
+        loaded = DiTOptimumTransformer2DModel.from_pretrained(tmp_path)
+    assert "runtime.json is not readable JSON (RecursionError)" in caplog.text
+    inputs = model_inputs(model)
+    assert relative_error(forward(loaded, inputs), forward_torch(model, inputs)) < 1e-5
+    with pytest.raises(DiTOptimumError, match=r"without `torch_dtype`=torch.bfloat16.*`runtime=None`"):
+        DiTOptimumTransformer2DModel.from_pretrained(tmp_path, torch_dtype=torch.bfloat16)
+    in_torch = DiTOptimumTransformer2DModel.from_pretrained(tmp_path, runtime=None, torch_dtype=torch.bfloat16)
+    assert in_torch.runtime is None and in_torch.dtype == torch.bfloat16
+
+
+def test_openvino_keeps_a_bounded_number_of_compiled_batch_sizes():
+    model = tame_model()
+    model.enable_runtime("openvino", "f32")
+    for batch in range(1, runtime_module.MAX_COMPILED_SHAPES + 4):
+        forward(model, model_inputs(model, batch=min(batch, 6)) if batch <= 6 else _batch(model, batch))
+    assert len(model.runtime._compiled) == runtime_module.MAX_COMPILED_SHAPES
+
+
+def _batch(model, batch):
+    generator = torch.Generator().manual_seed(batch)
+    sample = torch.randn(batch, 4, model.config.sample_size, model.config.sample_size, generator=generator)
+    return sample, torch.full((batch,), 300), torch.zeros(batch, dtype=torch.long)
+
+
+def test_forward_path_choices_refuse_runtime_models_and_damaged_cache_entries(tmp_path, monkeypatch):
+    monkeypatch.setenv("DIT_OPTIMUM_CACHE", str(tmp_path))
+    model = tiny_model()
+    running = with_runtime(model, "onnxruntime", "fp32")
+    for call in (lambda: apply_path(running, "fp32"), lambda: fastest_path(running, batch_size=2)):
+        with pytest.raises(DiTOptimumError, match=r"call `disable_runtime\(\)`"):
+            call()
+    for bad, message in (("fp32", r"must be a list"), ([["fp32"]], r"allowed values"), (["fp32", "fp32"], "distinct")):
+        with pytest.raises(DiTOptimumError, match=message):
+            fastest_path(model, candidates=bad)
+    with pytest.raises(DiTOptimumError, match=r"`use_cache`='no' must be True or False"):
+        fastest_path(model, use_cache="no")
+    first = fastest_path(model, batch_size=1, candidates=["fp32", "onnxruntime"], rounds=1)
+    (entry,) = (tmp_path / "forward_paths").iterdir()
+    stored = json.loads(entry.read_text())
+    slowest = max(stored["seconds"], key=stored["seconds"].get)
+    for damaged in ({**stored, "name": ["fp32"]}, {**stored, "name": slowest},
+                    {**stored, "seconds": {k: str(v) for k, v in stored["seconds"].items()}}):  # fmt: skip
+        entry.write_text(json.dumps(damaged))
+        again = fastest_path(model, batch_size=1, candidates=["fp32", "onnxruntime"], rounds=1)
+        assert not again.cached and again.name in first.seconds

@@ -42,6 +42,8 @@ MANIFEST_FORMAT = 1
 INPUT_NAMES = ("hidden_states", "timestep", "class_labels")
 # The largest manifest read (it lists a few digests): a bigger file is not one this package wrote.
 MAX_MANIFEST_BYTES = 65536
+# Batch sizes kept compiled at once (OpenVINO, about 0.3 s each to compile): a server seeing many sizes stays bounded.
+MAX_COMPILED_SHAPES = 8
 
 
 @dataclass(frozen=True)
@@ -112,9 +114,11 @@ def import_runtime_package(backend: str) -> Any:
         return importlib.import_module(declaration.package)
     except ImportError as error:
         raise DiTOptimumError(
-            f"This model runs its forward with {backend} (config `runtime`), which is not installed: "
-            f"pip install 'dit-optimum[{declaration.extra}]'; or load it with `runtime=None` "
-            f"(e.g. DiTOptimumTransformer2DModel.from_pretrained(path, runtime=None)) to run it in torch."
+            f"The {backend} runtime is not installed: pip install 'dit-optimum[{declaration.extra}]'. A saved model "
+            "whose config names it loads in torch with `runtime=None`: "
+            "DiTOptimumTransformer2DModel.from_pretrained(path, runtime=None), or for a pipeline "
+            "DiTOptimumPipeline.from_pretrained(path, transformer=DiTOptimumTransformer2DModel.from_pretrained(path, "
+            'subfolder="transformer", runtime=None)).'
         ) from error
 
 
@@ -128,9 +132,18 @@ def weights_digest(model: nn.Module) -> str:
     return digest.hexdigest()
 
 
+# Elements of each tensor summed into the per-forward stamp: an edit through ``.data`` (an EMA update, older training
+# code) bumps no version counter, but changes these sums unless it spares every sampled element.
+_STAMP_SAMPLES = 64
+
+
 def _stamp(model: nn.Module) -> tuple:
-    # Cheap per-forward check that no tensor was replaced or changed in place since the export.
-    return tuple((t.data_ptr(), t._version) for t in (*model.parameters(), *model.buffers()))
+    """Cheap per-forward check that no tensor was replaced or changed since the export: storage, version counter
+    and a strided sample of each tensor's values (bytes, so NaN compares equal to itself)."""
+    tensors = [t.detach() for t in (*model.parameters(), *model.buffers())]
+    identity = tuple((t.data_ptr(), t._version) for t in tensors)
+    samples = [t.reshape(-1)[:: max(1, t.numel() // _STAMP_SAMPLES)].double().sum() for t in tensors if t.numel()]
+    return identity, torch.stack(samples).numpy().tobytes() if samples else b""
 
 
 class _Forward(nn.Module):
@@ -232,7 +245,8 @@ class ExportedRuntime:
         from ..files import staged_file, write_json
 
         with self._lock:
-            self._ensure_graph(model)
+            if self._graph is None or weights_digest(model) != self._source_digest:  # a full check before writing
+                self.export(model)
             with tempfile.TemporaryDirectory() as scratch:
                 self._save(Path(scratch))
                 digests = {}
@@ -261,7 +275,8 @@ class ExportedRuntime:
                     self._stamp = _stamp(model)
                 return True
             except Exception as error:  # the backends' parsers raise their own types
-                problem = f"it could not be read ({type(error).__name__}: {str(error).splitlines()[0]})"
+                lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+                problem = f"it could not be read ({type(error).__name__}: {' '.join(lines[:3])[:300]})"
         if problem != "no saved graph":
             logger.warning(
                 "The %s graph saved in %s is not used: %s. It is exported again from the weights before the first "
@@ -276,13 +291,15 @@ class ExportedRuntime:
         import json
 
         manifest_path = folder / MANIFEST_NAME
+        if manifest_path.is_symlink():
+            return f"{MANIFEST_NAME} is a symbolic link (the graph's files are read from the folder itself only)"
         if not manifest_path.is_file():
             return "no saved graph"
         try:
             if manifest_path.stat().st_size > MAX_MANIFEST_BYTES:
                 return f"{MANIFEST_NAME} is larger than {MAX_MANIFEST_BYTES} bytes"
             manifest = json.loads(manifest_path.read_text())
-        except (OSError, ValueError) as error:
+        except (OSError, ValueError, RecursionError) as error:
             return f"{MANIFEST_NAME} is not readable JSON ({type(error).__name__})"
         if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
             return f"{MANIFEST_NAME} is not a format-{MANIFEST_FORMAT} manifest"
@@ -350,8 +367,12 @@ class OpenVINORuntime(ExportedRuntime):
         return str(compiled.get_property("INFERENCE_PRECISION_HINT"))
 
     def _compiled_for(self, batch: int) -> Any:
-        request = self._compiled.get(batch)
-        if request is None:
+        request = self._compiled.pop(batch, None)
+        if request is not None:
+            self._compiled[batch] = request  # most recently used last
+        else:
+            while len(self._compiled) >= MAX_COMPILED_SHAPES:  # the least recently used batch size goes
+                self._compiled.pop(next(iter(self._compiled)))
             graph = self._graph.clone()
             graph.reshape({name: [batch, *graph.input(name).get_partial_shape()[1:]] for name in INPUT_NAMES})
             hint = "f32" if self.precision == "f32" else "bf16"
@@ -431,7 +452,10 @@ def check_exportable(model: nn.Module) -> None:
         problems.append(f"the model is on {model.device} (the runtimes here run on the CPU)")
     dtypes = {p.dtype for p in model.parameters()}
     if dtypes - {torch.float32}:
-        problems.append(f"its weights are {sorted(map(str, dtypes))} (float32 is exported; the runtime casts)")
+        problems.append(
+            f"its weights are {sorted(map(str, dtypes))} (float32 weights are exported; the runtime chooses its "
+            "compute precision: cast back with .float(), or `disable_runtime()` to run torch at that dtype)"
+        )
     if getattr(model, "_compiled_call_impl", None) is not None:
         problems.append("its forward is compiled with torch.compile")
     if problems:

@@ -656,8 +656,15 @@ class DiTOptimumTransformer2DModel(DiTTransformer2DModel, AttentionMixin, PeftAd
             )
         files = model.__dict__.pop(_LOADED_FILES_ATTRIBUTE, None)
         check_finite_weights(model, _weights_file(where, kwargs.get("variant")), files)
-        if model._runtime is not None and where.is_dir():  # a local folder: its saved graph, when it matches
-            model._runtime.load(model, where)
+        if model._runtime is not None:
+            if model.dtype != torch.float32:
+                raise DiTOptimumError(
+                    f"{str(where)!r} runs with {model._runtime.describe()}, exported from float32 weights: load it "
+                    f"without `torch_dtype`={model.dtype} (the runtime chooses its compute precision), or with "
+                    "`runtime=None` to run it in torch at that dtype."
+                )
+            if where.is_dir():  # a local folder: its saved graph, when it matches
+                model._runtime.load(model, where)
         return (model, info) if wants_info else model
 
     @classmethod
@@ -970,19 +977,40 @@ class DiTOptimumTransformer2DModel(DiTTransformer2DModel, AttentionMixin, PeftAd
         self._runtime = None
         self.register_to_config(runtime=None)
 
-    def _runs_graph(self, hidden_states: torch.Tensor, cross_attention_kwargs: Any) -> bool:
-        # The exported graph takes inference forwards of the configured shape; anything else runs torch (which
-        # raises its own errors for a wrong shape).
-        return (
-            self._runtime is not None
-            and not torch.is_grad_enabled()
-            and not self.__dict__.get("_runtime_paused", False)
-            and not cross_attention_kwargs
-            and hidden_states.ndim == 4
-            and hidden_states.shape[0] > 0
-            and tuple(hidden_states.shape[1:])
-            == (self.config.in_channels, self.config.sample_size, self.config.sample_size)
-        )
+    def _runs_graph(
+        self, hidden_states: torch.Tensor, timestep: Any, class_labels: Any, cross_attention_kwargs: Any
+    ) -> bool:
+        """Whether this forward runs the exported graph: an inference forward of float32 inputs of the configured
+        shape with one timestep (or one per sample) and valid integer class labels. Anything else runs torch, which
+        raises its own errors for what it refuses (a wrong dtype or shape, an unknown class)."""
+        if self._runtime is not None and self.dtype != torch.float32 and not torch.is_grad_enabled():
+            check_exportable(self)  # cast after enable_runtime: refused, naming what to do
+        if (
+            self._runtime is None
+            or torch.is_grad_enabled()
+            or self.__dict__.get("_runtime_paused", False)
+            or cross_attention_kwargs
+            or not isinstance(hidden_states, torch.Tensor)
+            or hidden_states.dtype != torch.float32
+            or hidden_states.ndim != 4
+            or hidden_states.shape[0] == 0
+            or tuple(hidden_states.shape[1:])
+            != (self.config.in_channels, self.config.sample_size, self.config.sample_size)
+        ):
+            return False
+        batch = hidden_states.shape[0]
+        try:
+            timestep = torch.as_tensor(timestep)
+            labels = torch.as_tensor(class_labels).reshape(-1)
+        except (TypeError, ValueError, RuntimeError):
+            return False
+        if timestep.numel() not in (1, batch) or labels.numel() != batch or labels.is_floating_point():
+            return False
+        if labels.dtype == torch.bool or labels.is_complex() or timestep.is_complex():
+            return False
+        mapped = self._map_null_label(labels.long())
+        rows = self.conditioning_embedding.class_embedder.embedding_table.num_embeddings
+        return bool(mapped.min() >= 0 and mapped.max() < rows)
 
     def compile_repeated_blocks(self, *args: Any, **kwargs: Any) -> None:
         """diffusers' regional compilation (each ``DiTBlock`` compiled with ``torch.compile(*args, **kwargs)``).
@@ -1267,7 +1295,7 @@ class DiTOptimumTransformer2DModel(DiTTransformer2DModel, AttentionMixin, PeftAd
         ``timestep`` and ``class_labels`` are (B,) tensors (a scalar timestep is broadcast). The conditioning
         embedding is computed once and shared by every block.
         """
-        if self._runs_graph(hidden_states, cross_attention_kwargs):
+        if self._runs_graph(hidden_states, timestep, class_labels, cross_attention_kwargs):
             output = self._runtime.run(self, hidden_states, timestep, class_labels)
             return Transformer2DModelOutput(sample=output) if return_dict else (output,)
         batch = hidden_states.shape[0]

@@ -68,14 +68,23 @@ def apply_path(pipe_or_model: DiTOptimumPipeline | Any, name: str) -> DiTOptimum
     """The pipeline (or transformer) with forward path ``name`` of ``FORWARD_PATHS`` applied."""
     from .quantization import quantize
 
-    if name not in FORWARD_PATHS:
+    if not isinstance(name, str) or name not in FORWARD_PATHS:
         raise DiTOptimumError(f"Unknown forward path {name!r}; allowed values: {', '.join(FORWARD_PATHS)}.")
+    _check_torch_forward(unwrap(pipe_or_model), "apply_path")
     part, options = FORWARD_PATHS[name]
     if part == "runtime":
         return with_runtime(pipe_or_model, **options)
     if not options:  # fp32: the model as it is, in a pipeline of its own
         return rewrap(pipe_or_model, copy.deepcopy(unwrap(pipe_or_model)))
     return quantize(pipe_or_model, **options)
+
+
+def _check_torch_forward(model: Any, caller: str) -> None:
+    if getattr(model, "runtime", None) is not None:
+        raise DiTOptimumError(
+            f"`{caller}` starts from a model that runs torch; this one runs with {model.runtime.describe()}: call "
+            "`disable_runtime()` on (a copy of) its transformer first."
+        )
 
 
 @dataclass(frozen=True)
@@ -131,11 +140,16 @@ def fastest_path(
         raise DiTOptimumError(f"`batch_size`={batch_size!r} must be a positive integer.")
     if not is_integer(rounds) or rounds < 1:
         raise DiTOptimumError(f"`rounds`={rounds!r} must be a positive integer.")
+    _check_torch_forward(model, "fastest_path")
+    if not isinstance(use_cache, bool):
+        raise DiTOptimumError(f"`use_cache`={use_cache!r} must be True or False.")
+    if candidates is not None and (isinstance(candidates, (str, bytes)) or not isinstance(candidates, Sequence)):
+        raise DiTOptimumError(f"`candidates`={candidates!r} must be a list of forward path names.")
     names = list(candidates) if candidates is not None else available_paths()
-    unknown = [name for name in names if name not in FORWARD_PATHS]
-    if unknown or not names:
+    unknown = [name for name in names if not isinstance(name, str) or name not in FORWARD_PATHS]
+    if unknown or not names or len(set(names)) != len(names):
         raise DiTOptimumError(
-            f"`candidates`={names!r} must be a non-empty list of forward paths; allowed values: "
+            f"`candidates`={names!r} must be a non-empty list of distinct forward paths; allowed values: "
             f"{', '.join(FORWARD_PATHS)}."
         )
     if model.device.type != "cpu":
@@ -204,21 +218,21 @@ def _choice_path(key: str):
 
 def _read_choice(key: str, measured: Mapping[str, Any]) -> PathChoice | None:
     path = _choice_path(key)
-    try:
+    try:  # a damaged entry is measured again, never trusted
         if not path.is_file() or path.is_symlink() or path.stat().st_size > 1 << 20:
             return None
         data = json.loads(path.read_text())
-        seconds = {str(k): float(v) for k, v in data["seconds"].items()}
-        name = data["name"]
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        return None  # a damaged entry is measured again
-    valid = (
-        data.get("measured") == measured
-        and set(seconds) == set(measured["candidates"])
-        and name in seconds
-        and all(value > 0 and value == value and value != float("inf") for value in seconds.values())
-    )
-    return PathChoice(name, seconds, dict(measured), cached=True) if valid else None
+    except (OSError, ValueError, RecursionError):
+        return None
+    seconds = data.get("seconds") if isinstance(data, dict) else None
+    if not isinstance(seconds, dict) or data.get("measured") != measured or set(seconds) != set(measured["candidates"]):
+        return None
+    if not all(type(value) in (int, float) and 0 < value < float("inf") for value in seconds.values()):
+        return None
+    name = data.get("name")
+    if not isinstance(name, str) or name not in seconds or seconds[name] != min(seconds.values()):
+        return None
+    return PathChoice(name, {key: float(value) for key, value in seconds.items()}, dict(measured), cached=True)
 
 
 def _write_choice(key: str, choice: PathChoice) -> None:
