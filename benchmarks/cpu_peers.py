@@ -1,5 +1,5 @@
 """The package's forward paths against the CPU runtimes a user could pick instead, DiT-S/2 (256 tokens, batch 8),
-one transformer forward, the same weights, interleaved rounds in one process.
+one transformer forward, the same weights, interleaved rounds in one process (a new random order each round).
 
     .venv/bin/python benchmarks/cpu_peers.py [--rounds 7] [--batch-size 8] [--skip-compile]
 
@@ -18,8 +18,10 @@ import argparse
 import copy
 import io
 import json
+import random
 import re
 import statistics
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -28,7 +30,6 @@ import torch
 from dit_optimum import DiTOptimumTransformer2DModel, quantize
 from dit_optimum.evaluation.flops import count_gflops
 from dit_optimum.evaluation.hardware import hardware_description
-from dit_optimum.evaluation.speed import interleaved_call_times
 from dit_optimum.models.runtimes import INPUT_NAMES
 from dit_optimum.techniques.quantization import compile_for_inference
 from dit_optimum.techniques.runtimes import apply_path, fastest_path, with_runtime
@@ -136,13 +137,24 @@ def main() -> None:
     builders[f"dit-optimum: fastest_path's choice ({choice.name})"] = lambda: path_call(model, choice.name, inputs)
     calls, outputs, build_seconds = {}, {}, {}
     with torch.no_grad():
-        for name, build in builders.items():
-            seconds = interleaved_call_times({name: lambda build=build, name=name: calls.__setitem__(name, build())},
-                                             "cpu", 0, 1)[name][0]  # fmt: skip
+        for name, build in builders.items():  # timed whole: building, exporting or compiling (first call)
+            start = time.perf_counter()
+            calls[name] = build()
             outputs[name] = calls[name]().float()
-            build_seconds[name] = seconds
-            print(f"built {name} in {seconds:.1f} s", flush=True)
-    rounds = interleaved_call_times(calls, "cpu", warmup=1, repeats=args.rounds)
+            build_seconds[name] = time.perf_counter() - start
+            print(f"built {name} in {build_seconds[name]:.1f} s", flush=True)
+        # every path once per round, in a new random order each round: what one path leaves behind (busy threads,
+        # caches) falls on a different neighbour each time
+        rounds: dict[str, list[float]] = {name: [] for name in calls}
+        order = random.Random(0)
+        for round_index in range(args.rounds + 1):
+            names = list(calls)
+            order.shuffle(names)
+            for name in names:
+                start = time.perf_counter()
+                calls[name]()
+                if round_index:  # the first round warms up
+                    rounds[name].append(time.perf_counter() - start)
     reference_name = "peer: torch fp32 eager"
     reference = outputs[reference_name]
     rows = []

@@ -420,6 +420,9 @@ class ONNXRuntimeSession(ExportedRuntime):
         if session is None:
             options = self.package.SessionOptions()
             options.intra_op_num_threads = torch.get_num_threads()
+            # no busy-waiting between runs: in a sampling loop torch runs the scheduler step and the VAE in between,
+            # on the same cores
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
             session = self._compiled[0] = self.package.InferenceSession(
                 graph, options, providers=["CPUExecutionProvider"]
             )
