@@ -343,3 +343,30 @@ def test_forward_path_choices_refuse_runtime_models_and_damaged_cache_entries(tm
         entry.write_text(json.dumps(damaged))
         again = fastest_path(model, batch_size=1, candidates=["fp32", "onnxruntime"], rounds=1)
         assert not again.cached and again.name in first.seconds
+
+
+def test_the_card_line_loads_a_runtime_release_and_samples(tmp_path):
+    import subprocess
+    import sys
+
+    from dit_optimum.hub.cards import loading_code
+
+    pipeline = with_runtime(tiny_pixel_pipeline(), "openvino", "f32")
+    pipeline.save_pretrained(tmp_path / "org" / "dit-openvino")
+    code = loading_code(
+        "org/dit-openvino",
+        {"technique": "openvino", "runtime": "openvino f32", "dtype": "float32"},
+        needs_package=stock_format_problem(pipeline),
+    )
+    assert "its transformer runs with openvino f32" in code and "pip install 'dit-optimum[openvino]'" in code
+    probe = "\nprint(type(pipe.transformer.runtime).__name__, pipe.transformer.runtime._graph is not None)"
+    result = subprocess.run(
+        [sys.executable, "-c", code + probe],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"},
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip().endswith("OpenVINORuntime True") and (tmp_path / "sample.png").is_file()
