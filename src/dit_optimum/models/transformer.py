@@ -606,9 +606,11 @@ class DiTOptimumTransformer2DModel(DiTTransformer2DModel, AttentionMixin, PeftAd
                 "The config has both `block_cache_schedule` and `runtime`: a runtime runs the whole forward as one "
                 "graph, so a step cache cannot skip blocks inside it; drop one of them."
             )
+        self._runtime = None
         if block_cache_schedule is not None:  # a saved reuse schedule is part of the model: on from the start
             self.enable_cache(BlockCacheSchedule.from_dict(block_cache_schedule, num_layers))
-        self._runtime = None if runtime is None else make_runtime(runtime)  # its graph: loaded or exported on use
+        if runtime is not None:  # its graph: loaded by from_pretrained, or exported at the first forward
+            self._runtime = make_runtime(runtime)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs: Any):
