@@ -370,3 +370,39 @@ def test_the_card_line_loads_a_runtime_release_and_samples(tmp_path):
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip().endswith("OpenVINORuntime True") and (tmp_path / "sample.png").is_file()
+
+
+def test_benchmark_cells_with_runtimes_record_them_and_release_without_half_precision_files(tmp_path, monkeypatch):
+    from conftest import TinyFeatureExtractor
+    from dit_optimum.benchmark import run_benchmark
+    from dit_optimum.benchmark.report import markdown_table
+    from dit_optimum.hub.releases import save_half_precision_variants
+    from dit_optimum.hub.space import release_runtime_extras, space_requirements
+    from test_benchmark import tiny_settings
+
+    monkeypatch.setenv("DIT_OPTIMUM_CACHE", str(tmp_path / "cache"))
+    rows = run_benchmark(
+        tiny_settings(tmp_path / "bench", ("baseline", "openvino", "onnxruntime")), TinyFeatureExtractor()
+    )
+    assert [(row["status"], row["runtime"]) for row in rows] == [
+        ("ok", "torch"),
+        ("ok", "openvino bf16"),
+        ("ok", "onnxruntime fp32"),
+    ]
+    base, openvino, onnx = rows
+    assert base["peak_memory_bytes"] is not None
+    # a runtime keeps its buffers outside torch between calls: its memory is not measured rather than near zero
+    assert openvino.get("peak_memory_bytes") is None and onnx.get("forward_peak_memory_bytes") is None
+    assert onnx["size_bytes"] > 1.9 * base["size_bytes"] and onnx["fid"] == pytest.approx(base["fid"], rel=1e-3)
+    table = markdown_table(rows)
+    assert "| variant | technique | runtime |" in table and "| openvino bf16 |" in table
+
+    pipeline = with_runtime(tiny_pixel_pipeline(), "openvino", "f32")
+    pipeline.save_pretrained(tmp_path / "releases" / "dit-openvino")
+    assert save_half_precision_variants(pipeline, tmp_path / "releases" / "dit-openvino") == []
+    assert not list((tmp_path / "releases").rglob("*.fp16.safetensors"))
+    assert release_runtime_extras(tmp_path / "releases") == ["openvino"]
+    assert any(line.startswith("openvino==") for line in space_requirements(["openvino"]))
+    # the pipeline's loader takes the transformer's runtime override: None runs torch
+    in_torch = DiTOptimumPipeline.from_pretrained(tmp_path / "releases" / "dit-openvino", runtime=None)
+    assert in_torch.transformer.runtime is None

@@ -61,8 +61,10 @@ def run(args: argparse.Namespace) -> int:
 
     def report_cell(row) -> None:
         status = "ok" if row["status"] == "ok" else f"FAILED ({row['error']})"
-        console.print(
-            f"  {row['variant']} / {row['technique']}: {status} in {row['cell_wall_s']:.0f} s", highlight=False
+        console.print(  # an error's text is not markup: "dit-optimum[openvino]" must print as written
+            f"  {row['variant']} / {row['technique']}: {status} in {row['cell_wall_s']:.0f} s",
+            highlight=False,
+            markup=False,
         )
 
     rows = run_benchmark(settings, on_cell=report_cell)

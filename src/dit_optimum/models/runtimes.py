@@ -49,13 +49,16 @@ MAX_COMPILED_SHAPES = 8
 @dataclass(frozen=True)
 class RuntimeDeclaration:
     """One backend: its precisions, the Python package it needs (and the extra that installs it), the files its
-    graph saves as, and which technique parts stack with it (``composes_with``; the rest are refused)."""
+    graph saves as (``weight_files``: those holding its weights, which the size counts; OpenVINO's XML topology names
+    nodes by a per-process trace counter, so its bytes vary between exports of one model), and which technique parts
+    stack with it (``composes_with``; the rest are refused)."""
 
     backend: str
     precisions: tuple[str, ...]
     package: str
     extra: str
     files: tuple[str, ...]
+    weight_files: tuple[str, ...]
     description: str
     composes_with: tuple[str, ...] = ("base", "solver")
 
@@ -75,6 +78,7 @@ RUNTIMES: dict[str, RuntimeDeclaration] = {
         "openvino",
         "openvino",
         ("openvino_model.xml", "openvino_model.bin"),
+        ("openvino_model.bin",),
         "OpenVINO CPU plugin (`openvino.convert_model`); bf16 runs in bfloat16 where the CPU has it (AMX, AVX-512 "
         "BF16), else float32; int8 is NNCF int8 weight compression with bf16 (or float32) compute",
     ),
@@ -83,6 +87,7 @@ RUNTIMES: dict[str, RuntimeDeclaration] = {
         ("fp32",),
         "onnxruntime",
         "onnxruntime",
+        ("model.onnx",),
         ("model.onnx",),
         "ONNX Runtime CPU execution provider (`torch.onnx.export`, opset 18), float32",
     ),
@@ -115,10 +120,8 @@ def import_runtime_package(backend: str) -> Any:
     except ImportError as error:
         raise DiTOptimumError(
             f"The {backend} runtime is not installed: pip install 'dit-optimum[{declaration.extra}]'. A saved model "
-            "whose config names it loads in torch with `runtime=None`: "
-            "DiTOptimumTransformer2DModel.from_pretrained(path, runtime=None), or for a pipeline "
-            "DiTOptimumPipeline.from_pretrained(path, transformer=DiTOptimumTransformer2DModel.from_pretrained(path, "
-            'subfolder="transformer", runtime=None)).'
+            "whose config names it loads in torch with `runtime=None`: DiTOptimumPipeline.from_pretrained(path, "
+            "runtime=None), or DiTOptimumTransformer2DModel.from_pretrained(path, runtime=None)."
         ) from error
 
 

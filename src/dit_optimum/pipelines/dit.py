@@ -550,7 +550,8 @@ class DiTOptimumPipeline(DiTPipeline, DiTLoraLoaderMixin):
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs: Any) -> DiTOptimumPipeline:
         """diffusers' loader (safetensors only); a missing, unreadable or inconsistent folder raises
-        ``DiTOptimumError`` naming it and the file, never a raw traceback from deep inside."""
+        ``DiTOptimumError`` naming it and the file, never a raw traceback from deep inside. ``runtime=`` overrides the
+        transformer's exported runtime (``None``: run it in torch; ``{"backend": ..., "precision": ...}``)."""
         source = check_source(pretrained_model_name_or_path, "pretrained_model_name_or_path")
         _check_model_index(Path(source))
         _check_saved_scheduler(Path(source))
@@ -558,6 +559,11 @@ class DiTOptimumPipeline(DiTPipeline, DiTLoraLoaderMixin):
         if kwargs.get("use_safetensors") is None:
             kwargs["use_safetensors"] = True
         check_variant(kwargs.get("variant"))
+        if "runtime" in kwargs and "transformer" not in kwargs:  # the transformer's runtime, overridden (None: torch)
+            runtime = kwargs.pop("runtime")
+            kwargs["transformer"] = DiTOptimumTransformer2DModel.from_pretrained(
+                source, subfolder="transformer", runtime=runtime, **_component_kwargs(kwargs, "transformer")
+            )
         if "transformer" not in kwargs and _names_stock_transformer(source, kwargs):
             # a stock-format folder: diffusers would build its own DiTTransformer2DModel; this package's model gives
             # back the saved class count (and loads any stock DiT checkpoint the same way)

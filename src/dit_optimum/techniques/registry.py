@@ -153,6 +153,9 @@ def check_stack(parts: Mapping[str, Any]) -> None:
     if unknown:
         raise DiTOptimumError(f"Unknown stack parts {sorted(unknown)}; allowed values: {', '.join(STACK_ORDER)}.")
     given = {name for name, value in parts.items() if value is not None}
+    for name in given & {"solver", "quantization", "runtime", "fastest", "cache"}:
+        if not isinstance(parts[name], Mapping):
+            raise DiTOptimumError(f"Stack part `{name}`={parts[name]!r} must be a mapping of its options.")
     if "runtime" in given:
         declaration = runtime_declaration(parts["runtime"].get("backend"))
         refused = sorted(given - {"runtime", *declaration.composes_with})
