@@ -101,6 +101,7 @@ def package_paths(model: DiTOptimumTransformer2DModel, inputs: tuple) -> dict[st
         "dit-optimum: openvino-int8": lambda: runtime_call("openvino", "int8"),
         "dit-optimum: openvino-f32": lambda: runtime_call("openvino", "f32"),
         "dit-optimum: onnxruntime": lambda: runtime_call("onnxruntime", "fp32"),
+        "dit-optimum: onnxruntime-int8": lambda: runtime_call("onnxruntime", "int8"),
     }
 
 

@@ -76,6 +76,7 @@ STUDY_TECHNIQUES: tuple[str, ...] = (
     "int8-dynamic",
     "quanto-int8",
     "openvino-f32",
+    "onnxruntime-int8",
 )
 PRESETS: tuple[str, ...] = ("default", "study", "paper")
 # Class count assumed when checking memory before the data is loaded (only the embedding table depends on it).

@@ -39,6 +39,7 @@ FORWARD_PATHS: dict[str, tuple[str, dict[str, Any]]] = {
     "openvino-f32": ("runtime", {"backend": "openvino", "precision": "f32"}),
     "openvino-int8": ("runtime", {"backend": "openvino", "precision": "int8"}),
     "onnxruntime": ("runtime", {"backend": "onnxruntime", "precision": "fp32"}),
+    "onnxruntime-int8": ("runtime", {"backend": "onnxruntime", "precision": "int8"}),
 }
 CHOICE_FORMAT = 1
 # Config keys that do not change what one forward costs on a path (the path under test replaces the runtime).
