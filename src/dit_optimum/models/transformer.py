@@ -962,8 +962,9 @@ class DiTOptimumTransformer2DModel(DiTTransformer2DModel, AttentionMixin, PeftAd
         """Run forwards without gradients through ``backend`` (``"openvino"``: ``"bf16"``, ``"f32"``, ``"int8"``;
         ``"onnxruntime"``: ``"fp32"``, ``"int8"``; ``runtimes.RUNTIMES``), exported now from the current weights and
         recorded in the config, so that ``save_pretrained`` writes the graph beside the weights and
-        ``from_pretrained`` runs it again without exporting. Training (gradients on) still runs torch. Refused on a model with a step cache,
-        LoRA layers, torch quantization, non-float32 weights, a compiled forward, or off the CPU."""
+        ``from_pretrained`` runs it again without exporting. Training (gradients on) still runs torch. Refused on a
+        model with a step cache, LoRA layers, torch quantization, non-float32 weights, a compiled forward, or off the
+        CPU."""
         runtime = make_runtime({"backend": backend, "precision": precision})
         if self._runtime is not None:
             raise DiTOptimumError(
