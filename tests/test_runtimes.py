@@ -376,21 +376,28 @@ def test_the_card_line_loads_a_runtime_release_and_samples(tmp_path):
 def test_benchmark_cells_with_runtimes_record_them_and_release_without_half_precision_files(tmp_path, monkeypatch):
     from conftest import TinyFeatureExtractor
     from dit_optimum.benchmark import run_benchmark
-    from dit_optimum.benchmark.report import markdown_table
+    from dit_optimum.benchmark.report import markdown_table, write_report
     from dit_optimum.hub.releases import save_half_precision_variants
     from dit_optimum.hub.space import release_runtime_extras, space_requirements
+    from dit_optimum.techniques.registry import Technique
     from test_benchmark import tiny_settings
 
     monkeypatch.setenv("DIT_OPTIMUM_CACHE", str(tmp_path / "cache"))
-    rows = run_benchmark(
-        tiny_settings(tmp_path / "bench", ("baseline", "openvino", "onnxruntime")), TinyFeatureExtractor()
+    measured = {"base": "prune-depth-50", "fastest": {"batch_size": 2}}
+    monkeypatch.setitem(
+        TECHNIQUES, "prune-depth-50+fastest", Technique("prune-depth-50+fastest", stacked, "", measured)
     )
-    assert [(row["status"], row["runtime"]) for row in rows] == [
-        ("ok", "torch"),
-        ("ok", "openvino bf16"),
-        ("ok", "onnxruntime fp32"),
-    ]
-    base, openvino, onnx = rows
+    techniques = ("baseline", "openvino", "onnxruntime", "prune-depth-50+fastest")
+    rows = run_benchmark(tiny_settings(tmp_path / "bench", techniques), TinyFeatureExtractor())
+    assert [row["status"] for row in rows] == ["ok"] * 4
+    assert [row["runtime"] for row in rows[:3]] == ["torch", "openvino bf16", "onnxruntime fp32"]
+    choice = rows[3]["forward_path_choice"]  # the path taken and why: every candidate's measured speed
+    assert choice["batch_size"] == 2 and choice["speedups"][choice["name"]] == max(choice["speedups"].values())
+    part, options = FORWARD_PATHS[choice["name"]]
+    assert rows[3]["runtime"] == (f"{options['backend']} {options['precision']}" if part == "runtime" else "torch")
+    report = write_report(rows, tmp_path / "bench").read_text()
+    assert "## Forward paths measured on this machine" in report and f"**{choice['name']}** at batch 2" in report
+    base, openvino, onnx = rows[:3]
     assert base["peak_memory_bytes"] is not None
     # a runtime keeps its buffers outside torch between calls: its memory is not measured rather than near zero
     assert openvino.get("peak_memory_bytes") is None and onnx.get("forward_peak_memory_bytes") is None

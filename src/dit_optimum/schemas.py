@@ -762,6 +762,15 @@ RESULT_ROW = Object(
         # what ran the transformer's forward: "torch", or an exported runtime and its precision ("openvino bf16")
         "runtime": Str("torch or a runtime and its precision", pattern=r"torch|[a-z]{1,20} [a-z0-9]{1,10}"),
         "sampling_steps": STEPS,
+        # a measured forward-path choice (`+fastest` stacks): the path taken, each candidate's speed against fp32
+        "forward_path_choice": Object(
+            required={
+                "name": Str("a forward path name", pattern=r"[a-z0-9][a-z0-9-]{0,39}"),
+                "speedups": MapOf(Number(0), Str("a forward path name", pattern=r"[a-z0-9][a-z0-9-]{0,39}"), 50),
+                "batch_size": POSITIVE,
+                "cached": Bool(),
+            }
+        ),
         # the pipeline's own recorded sampling defaults (a few-step solver, a step-distilled student), when it has any
         "sampling_defaults": Object(optional={"num_inference_steps": STEPS, "guidance_scale": GUIDANCE}, extra=None),
         "sample_grid": Str("a PNG in the samples folder", pattern=r"samples/[A-Za-z0-9_][A-Za-z0-9._-]*\.png"),

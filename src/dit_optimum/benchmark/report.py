@@ -332,6 +332,13 @@ def write_report(
         "median ratio, and it is bold when every round's ratio lies on the same side of 1 (the baseline's own row "
         "measures the noise). The verdict reads every quality metric.\n\n" + markdown_deltas(rows)
     )
+    choices = forward_path_lines(finished)
+    if choices:
+        parts.append(
+            "## Forward paths measured on this machine\n\nThe `+fastest` cells run the forward path that timed "
+            "fastest here (one forward of the cell's model at its sampling batch, every candidate interleaved; speed "
+            "against torch fp32):\n\n" + "\n".join(f"- {line}" for line in choices) + "\n"
+        )
     if failed:
         parts.append(
             "## Failed cells (retried on the next run)\n\n"
@@ -350,6 +357,22 @@ def write_report(
             )
         )
     return write_text(output_dir, REPORT_FILE, "\n".join(parts))
+
+
+def forward_path_lines(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """One line per row whose forward path was chosen by measurement: the path taken and every candidate's speed."""
+    lines = []
+    for row in rows:
+        choice = row.get("forward_path_choice")
+        if not choice:
+            continue
+        ratios = ", ".join(f"{name} {ratio:.2f}x" for name, ratio in choice["speedups"].items())
+        origin = " (cached measurement)" if choice.get("cached") else ""
+        lines.append(
+            f"{row['variant']} / {row['technique']}: **{choice['name']}** at batch {choice['batch_size']}{origin}: "
+            f"{ratios}"
+        )
+    return lines
 
 
 def weak_baseline_lines(rows: Sequence[dict[str, Any]]) -> list[str]:

@@ -211,6 +211,8 @@ def _run_cell(
             row["sampling_steps"] = (row.get("quality_settings") or row["speed_settings"])["num_inference_steps"]
             if getattr(pipeline, "sampling_defaults", None):  # what a release's loading code must pass to DiTPipeline
                 row["sampling_defaults"] = dict(pipeline.sampling_defaults)
+            if getattr(pipeline, "forward_path_choice", None):  # a measured choice: the path and every candidate
+                row["forward_path_choice"] = dict(pipeline.forward_path_choice)
             if quality is not None:
                 save_features(features_path(settings.output_dir, context.variant, name), quality)
                 grid = Path(settings.output_dir) / "samples" / f"{slug(context.variant)}__{slug(name)}.png"

@@ -204,6 +204,7 @@ def stacked(
         choice = fastest_path(pipeline, candidates=fastest_candidates(cache is not None), **fastest)
         print(f"  {choice.summary()}", flush=True)
         pipeline = apply_path(pipeline, choice.name)
+        pipeline.forward_path_choice = choice.to_dict()  # the benchmark row records it (why this path)
     if cache is not None:
         steps = pipeline.sampling_defaults.get("num_inference_steps")
         if steps is not None and "num_inference_steps" in cache:  # calibrated at the steps it will sample with

@@ -103,6 +103,15 @@ class PathChoice:
         reference = self.seconds.get("fp32", next(iter(self.seconds.values())))
         return {name: reference / seconds for name, seconds in self.seconds.items()}
 
+    def to_dict(self) -> dict[str, Any]:
+        """What a benchmark row records of the choice (``forward_path_choice``)."""
+        return {
+            "name": self.name,
+            "speedups": self.speedups(),
+            "batch_size": self.measured["batch_size"],
+            "cached": self.cached,
+        }
+
     def summary(self) -> str:
         ratios = ", ".join(f"{name} {ratio:.2f}x" for name, ratio in self.speedups().items())
         origin = "cached measurement" if self.cached else "measured"
