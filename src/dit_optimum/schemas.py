@@ -746,6 +746,7 @@ def _row_column(key: str) -> Schema:
 
 
 # One row of the benchmark: a cell (variant x technique), finished ("ok") or "failed" with its error.
+_FORWARD_PATH_NAME = Str("a forward path or runtime name", pattern=r"[a-z0-9][a-z0-9-]{0,39}")
 RESULT_ROW = Object(
     required={
         "variant": VARIANT,
@@ -765,8 +766,8 @@ RESULT_ROW = Object(
         # a measured forward-path choice (`+fastest` stacks): the path taken, each candidate's speed against fp32
         "forward_path_choice": Object(
             required={
-                "name": Str("a forward path name", pattern=r"[a-z0-9][a-z0-9-]{0,39}"),
-                "speedups": MapOf(Number(0), Str("a forward path name", pattern=r"[a-z0-9][a-z0-9-]{0,39}"), 50),
+                "name": _FORWARD_PATH_NAME,
+                "speedups": MapOf(Number(0), _FORWARD_PATH_NAME, 50),
                 "batch_size": POSITIVE,
                 "cached": Bool(),
             }
@@ -810,14 +811,32 @@ RELEASE_RESULTS = Object(
     optional={"settings": Nullable(BENCHMARK_SETTINGS)},
 )
 
-_FINGERPRINT = Object(required={"sha256": Str("a SHA-256 hex digest", pattern=r"[0-9a-f]{64}")})
+SHA256 = Str("a SHA-256 hex digest", pattern=r"[0-9a-f]{64}")
+_FINGERPRINT = Object(required={"sha256": SHA256})
 _DATA_FINGERPRINT = Object(
     required={
         "samples": COUNT,
         "shape": List(COUNT, max_items=8),
         "classes": COUNT,
-        "sha256": Str("a SHA-256 hex digest", pattern=r"[0-9a-f]{64}"),
+        "sha256": SHA256,
     }
+)
+# runtime.json beside an exported runtime's graph (models/runtimes.py): what it is, and the digests of the weights it
+# was exported from and of its files.
+RUNTIME_MANIFEST = Object(
+    required={
+        "format": Int(1, 1),
+        "backend": _FORWARD_PATH_NAME,
+        "precision": _FORWARD_PATH_NAME,
+        "weights_sha256": SHA256,
+        "files_sha256": MapOf(SHA256, Str("a file name", pattern=r"[A-Za-z0-9_.-]{1,100}"), 16),
+    },
+    optional={"exported_with": MapOf(Nullable(NAME), max_items=16)},
+)
+# A cached forward-path measurement (techniques/runtimes.py, DIT_OPTIMUM_CACHE/forward_paths): the path measured
+# fastest, each candidate's median seconds, and what was measured (compared whole with the current measurement).
+FORWARD_PATH_CHOICE = Object(
+    required={"name": _FORWARD_PATH_NAME, "seconds": MapOf(Number(0), _FORWARD_PATH_NAME, 50), "measured": Json()}
 )
 # trainer_state.json of a training checkpoint.
 TRAINER_STATE = Object(

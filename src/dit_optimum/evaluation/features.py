@@ -9,7 +9,6 @@ dimension (``feature_dims``). Tests inject a tiny one.
 from __future__ import annotations
 
 import functools
-import hashlib
 import importlib.util
 import os
 import platform
@@ -22,6 +21,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .. import files
 from ..errors import DiTOptimumError, MissingPathError
 from ..utils import check_positive_integers
 
@@ -77,18 +77,14 @@ def find_inception_weights(path: str | os.PathLike | None = None) -> Path:
 
 
 @functools.lru_cache(maxsize=8)
-def _file_sha256(path: str, size: int, mtime_ns: int) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as stream:
-        for block in iter(lambda: stream.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+def _memoised_file_sha256(path: str, size: int, mtime_ns: int) -> str:
+    return files.file_sha256(path)
 
 
 def file_sha256(path: str | os.PathLike) -> str:
     """SHA-256 of a file (memoised per path, size and modification time)."""
     stat = Path(path).stat()
-    return _file_sha256(str(path), stat.st_size, stat.st_mtime_ns)
+    return _memoised_file_sha256(str(path), stat.st_size, stat.st_mtime_ns)
 
 
 class InceptionFeatures(nn.Module):

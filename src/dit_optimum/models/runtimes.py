@@ -264,7 +264,7 @@ class ExportedRuntime:
                 **self.spec,
                 "weights_sha256": self._source_digest,
                 "files_sha256": digests,
-                "exported_with": {self.declaration.package: _version(self.declaration.package)},
+                "exported_with": {self.declaration.package: package_version(self.declaration.package)},
             }
             write_json(folder, MANIFEST_NAME, manifest, parameter="save_directory", overwrite=True)
 
@@ -292,7 +292,8 @@ class ExportedRuntime:
         return False
 
     def _saved_graph_problem(self, model: nn.Module, folder: Path) -> str | None:
-        import json
+        from ..files import file_sha256
+        from ..schemas import RUNTIME_MANIFEST, FileContentError, read_json_file
 
         manifest_path = folder / MANIFEST_NAME
         if manifest_path.is_symlink():
@@ -300,26 +301,22 @@ class ExportedRuntime:
         if not manifest_path.is_file():
             return "no saved graph"
         try:
-            if manifest_path.stat().st_size > MAX_MANIFEST_BYTES:
-                return f"{MANIFEST_NAME} is larger than {MAX_MANIFEST_BYTES} bytes"
-            manifest = json.loads(manifest_path.read_text())
-        except (OSError, ValueError, RecursionError) as error:
-            return f"{MANIFEST_NAME} is not readable JSON ({type(error).__name__})"
-        if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
-            return f"{MANIFEST_NAME} is not a format-{MANIFEST_FORMAT} manifest"
-        if {"backend": manifest.get("backend"), "precision": manifest.get("precision")} != self.spec:
-            return f"it is a {manifest.get('backend')} {manifest.get('precision')} graph, not {self.describe()}"
-        files = manifest.get("files_sha256")
-        if not isinstance(files, dict) or set(files) != set(self.declaration.files):
+            manifest = read_json_file(manifest_path, RUNTIME_MANIFEST, MANIFEST_NAME, MAX_MANIFEST_BYTES)
+        except FileContentError as error:
+            return str(error).rstrip(".")
+        if {"backend": manifest["backend"], "precision": manifest["precision"]} != self.spec:
+            return f"it is a {manifest['backend']} {manifest['precision']} graph, not {self.describe()}"
+        files = manifest["files_sha256"]
+        if set(files) != set(self.declaration.files):
             return f"{MANIFEST_NAME} does not list the graph's files {list(self.declaration.files)}"
         for name in self.declaration.files:
             path = folder / name
             if path.is_symlink() or not path.is_file():
                 return f"{name} is missing or not a regular file"
-            if _file_sha256(path) != files[name]:
+            if file_sha256(path) != files[name]:
                 return f"{name} does not match its digest in {MANIFEST_NAME} (edited or damaged)"
         digest = weights_digest(model)
-        if manifest.get("weights_sha256") != digest:
+        if manifest["weights_sha256"] != digest:
             return "it was exported from other weights than the folder's"
         self._source_digest = digest
         return None
@@ -365,12 +362,8 @@ class OpenVINORuntime(ExportedRuntime):
     def _load(self, folder: Path) -> Any:
         return self.package.Core().read_model(str(folder / "openvino_model.xml"), str(folder / "openvino_model.bin"))
 
-    def compute_precision(self) -> str:
-        """The precision the plugin runs the graph in on this CPU (bf16 falls back to f32 without bf16 units)."""
-        compiled = self._compiled_for(1)
-        return str(compiled.get_property("INFERENCE_PRECISION_HINT"))
-
-    def _compiled_for(self, batch: int) -> Any:
+    def _request_for(self, batch: int) -> Any:
+        """The infer request of the graph compiled for ``batch`` (compiled now if need be, least recently used out)."""
         request = self._compiled.pop(batch, None)
         if request is not None:
             self._compiled[batch] = request  # most recently used last
@@ -384,11 +377,10 @@ class OpenVINORuntime(ExportedRuntime):
                 graph, "CPU", {"INFERENCE_PRECISION_HINT": hint, "PERFORMANCE_HINT": "LATENCY"}
             )
             request = self._compiled[batch] = compiled.create_infer_request()
-        return request.get_compiled_model()
+        return request
 
     def _infer(self, inputs: list, batch: int) -> Any:
-        self._compiled_for(batch)
-        request = self._compiled[batch]
+        request = self._request_for(batch)
         request.infer(dict(zip(INPUT_NAMES, inputs)))
         return request.get_output_tensor(0).data
 
@@ -517,15 +509,8 @@ def _quantize_dynamic_int8(graph: bytes) -> bytes:
         logging.getLogger().removeFilter(advice)
 
 
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as stream:
-        for chunk in iter(lambda: stream.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _version(package: str) -> str | None:
+def package_version(package: str) -> str | None:
+    """The installed version of ``package``, or None when it is not installed."""
     try:
         return importlib.metadata.version(package)
     except importlib.metadata.PackageNotFoundError:

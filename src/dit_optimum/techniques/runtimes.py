@@ -21,9 +21,9 @@ from typing import Any
 import torch
 
 from ..errors import DiTOptimumError
-from ..models.runtimes import RUNTIMES, runtime_declaration
+from ..models.runtimes import RUNTIMES, package_version, runtime_declaration
 from ..pipelines.dit import DiTOptimumPipeline
-from ..utils import is_integer
+from ..utils import is_integer, public_config
 from .common import rewrap, unwrap
 
 logger = logging.getLogger(__name__)
@@ -164,13 +164,13 @@ def fastest_path(
         )
     if model.device.type != "cpu":
         raise DiTOptimumError(f"`fastest_path` measures CPU paths; the model is on {model.device}.")
-    measured = _what_is_measured(model, batch_size, names, rounds)
+    config = {key: value for key, value in public_config(model.config).items() if key not in _NOT_TIMED}
+    measured = _what_is_measured(config, batch_size, names, rounds)
     key = hashlib.sha256(json.dumps(measured, sort_keys=True).encode()).hexdigest()[:32]
     if use_cache:
         cached = _read_choice(key, measured)
         if cached is not None:
             return cached
-    config = {k: v for k, v in model.config.items() if not k.startswith("_") and k not in _NOT_TIMED}
     float_model = type(model).from_config(config).eval()  # random weights: speed does not depend on them
     generator = torch.Generator().manual_seed(0)
     sample = torch.randn(batch_size, config["in_channels"], config["sample_size"], config["sample_size"],
@@ -196,24 +196,16 @@ def fastest_path(
     return choice
 
 
-def _what_is_measured(model: Any, batch_size: int, names: Sequence[str], rounds: int) -> dict[str, Any]:
+def _what_is_measured(config: Mapping[str, Any], batch_size: int, names: Sequence[str], rounds: int) -> dict[str, Any]:
     from ..evaluation.hardware import hardware_description
 
-    versions = {}
-    for package in ("torch", "torchao", *(d.package for d in RUNTIMES.values())):
-        try:
-            import importlib.metadata
-
-            versions[package] = importlib.metadata.version(package)
-        except importlib.metadata.PackageNotFoundError:
-            versions[package] = None
+    packages = ("torch", "torchao", *(declaration.package for declaration in RUNTIMES.values()))
     hardware = hardware_description()
-    config = {k: v for k, v in sorted(model.config.items()) if not k.startswith("_") and k not in _NOT_TIMED}
     return {
         "format": CHOICE_FORMAT,
         "machine": f"{hardware['cpu']}, {hardware['threads']} threads",
-        "versions": versions,
-        "config": json.loads(json.dumps(config, default=str)),
+        "versions": {package: package_version(package) for package in packages},
+        "config": json.loads(json.dumps(dict(sorted(config.items())), default=str)),
         "batch_size": batch_size,
         "candidates": list(names),
         "rounds": rounds,
@@ -227,20 +219,23 @@ def _choice_path(key: str):
 
 
 def _read_choice(key: str, measured: Mapping[str, Any]) -> PathChoice | None:
+    from ..schemas import FORWARD_PATH_CHOICE, FileContentError, read_json_file
+
     path = _choice_path(key)
+    if not path.is_file() or path.is_symlink():
+        return None
     try:  # a damaged entry is measured again, never trusted
-        if not path.is_file() or path.is_symlink() or path.stat().st_size > 1 << 20:
-            return None
-        data = json.loads(path.read_text())
-    except (OSError, ValueError, RecursionError):
+        data = read_json_file(path, FORWARD_PATH_CHOICE, max_bytes=1 << 20)
+    except FileContentError:
         return None
-    seconds = data.get("seconds") if isinstance(data, dict) else None
-    if not isinstance(seconds, dict) or data.get("measured") != measured or set(seconds) != set(measured["candidates"]):
+    seconds, name = data["seconds"], data["name"]
+    if data["measured"] != measured or set(seconds) != set(measured["candidates"]):
         return None
-    if not all(type(value) in (int, float) and 0 < value < float("inf") for value in seconds.values()):
-        return None
-    name = data.get("name")
-    if not isinstance(name, str) or name not in seconds or seconds[name] != min(seconds.values()):
+    if (
+        not all(value > 0 for value in seconds.values())
+        or name not in seconds
+        or seconds[name] != min(seconds.values())
+    ):
         return None
     return PathChoice(name, {key: float(value) for key, value in seconds.items()}, dict(measured), cached=True)
 
