@@ -198,7 +198,7 @@ def main() -> None:
     tag = re.sub(r"[^a-z0-9]+", "_", result["hardware"]["cpu"].lower()).strip("_")[:40]
     output = args.output or RESULTS / f"cpu_peers_{tag}.json"
     output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(result, indent=2) + "\n")
+    output.write_text(json.dumps(result, indent=2, allow_nan=False) + "\n")  # a NaN is an error, not a token
     print(f"\n{result['hardware']['cpu']}, {result['hardware']['threads']} threads; {args.variant}, "
           f"{result['tokens_per_image']} tokens, batch {args.batch_size}, {gflop:.1f} GFLOP per forward, "
           f"{args.rounds} interleaved rounds; bf16 matmul roofline {roofline['bf16']:.0f} GFLOP/s")  # fmt: skip
