@@ -126,6 +126,21 @@ def test_a_baseline_replaced_by_a_sound_one_loses_its_weak_marks(compared, tmp_p
     assert "baseline_weak" not in weak_base and "quality_verdict" not in bf16
 
 
+def test_rows_scored_by_another_classifier_than_their_baseline_get_no_verdict(compared, tmp_path):
+    """A resumed run whose domain classifier was trained again scores new cells in another feature space: pairing
+    them with the baseline's features would be noise presented as a verdict."""
+    good_base, good_bf16 = compared[3], compared[4]
+    good_base["feature_extractors"] = {"domain": "domain_classifier:aaaaaaaaaaaa"}
+    good_bf16["feature_extractors"] = {"domain": "domain_classifier:bbbbbbbbbbbb"}
+    compare_with_baselines(compared, tmp_path, resamples=50)
+    assert "quality_verdict" not in good_bf16 and "vs_baseline" not in good_bf16
+    assert "not comparable" in good_bf16["comparison_problem"] and "bbbbbbbbbbbb" in good_bf16["comparison_problem"]
+    validate({"rows": compared}, RESULTS, "results")
+    good_bf16["feature_extractors"] = dict(good_base["feature_extractors"])  # scored alike again: compared again
+    compare_with_baselines(compared, tmp_path, resamples=50)
+    assert good_bf16["quality_verdict"] == "no significant change" and "comparison_problem" not in good_bf16
+
+
 @pytest.mark.parametrize(
     ("accuracy", "fd", "weak"),
     [

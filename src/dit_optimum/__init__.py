@@ -23,6 +23,7 @@ from .models import (
     SDPAAttnProcessor,
 )
 from .models.block_cache import BlockCacheSchedule
+from .optimizer import QualityBudget, optimize
 from .pipelines import DiTOptimumPipeline
 from .registration import register_with_diffusers
 from .techniques import CACHE_METHODS, CalibrationSettings, disable_step_cache, enable_step_cache, prune, quantize
@@ -47,6 +48,7 @@ __all__ = [
     "MediatedAttnProcessor",
     "MissingPathError",
     "ModelMixin",
+    "QualityBudget",
     "SDPAAttnProcessor",
     "count_gflops",
     "count_parameters",
@@ -54,6 +56,7 @@ __all__ = [
     "dit_config",
     "enable_step_cache",
     "gflops_breakdown",
+    "optimize",
     "preset_names",
     "prune",
     "quantize",

@@ -791,6 +791,8 @@ RESULT_ROW = Object(
         "quality_verdict": Str("a quality verdict", choices=_verdicts),
         # a baseline too far from its real-vs-real floors to compare with (benchmark.significance.weak_baseline): why
         "baseline_weak": NAME,
+        # a row whose features cannot be paired with its baseline's (benchmark.significance.compare_with_baselines): why
+        "comparison_problem": Str(max_length=10_000),
     },
     extra=_row_column,
 )
@@ -837,6 +839,42 @@ RUNTIME_MANIFEST = Object(
 # fastest, each candidate's median seconds, and what was measured (compared whole with the current measurement).
 FORWARD_PATH_CHOICE = Object(
     required={"name": _FORWARD_PATH_NAME, "seconds": MapOf(Number(0), _FORWARD_PATH_NAME, 50), "measured": Json()}
+)
+# search.json of an optimize output folder (optimize/search.py): what the search was asked, on which machine, the
+# time it has spent, and every candidate tried in order, with what was measured and why it was kept or dropped.
+SEARCH_STAGES = ("cost", "build", "screen", "full")
+SEARCH_STATUSES = ("kept", "dropped", "failed")
+SEARCH_CANDIDATE = Object(
+    required={
+        "name": NAME,
+        "candidate": Object(
+            required={"base": TECHNIQUE, "path": _FORWARD_PATH_NAME},
+            optional={"solver": Nullable(List(ANY_JSON, length=2)), "cache": Nullable(MapOf(ANY_JSON, max_items=32))},
+            extra=None,
+        ),
+        "status": Str("a candidate status", choices=SEARCH_STATUSES),
+        "stage": Str("a search stage", choices=SEARCH_STAGES),
+        "reason": Str(max_length=100_000),
+        "wall_s": NON_NEGATIVE,
+    },
+    optional={
+        "predicted": Nullable(NON_NEGATIVE),
+        "score": Nullable(NON_NEGATIVE),
+        "screen": ANY_JSON,
+        "quality": ANY_JSON,
+        "cost": ANY_JSON,
+    },
+)
+SEARCH_LOG = Object(
+    required={
+        "format": Int(1, 1),
+        "search": ANY_JSON,
+        "settings": ANY_JSON,
+        "machine": ANY_JSON,
+        "elapsed_s": NON_NEGATIVE,
+        "candidates": List(SEARCH_CANDIDATE, max_items=100_000),
+    },
+    optional={"stopped": NAME, "chosen": Nullable(NAME), "baseline": ANY_JSON},
 )
 # trainer_state.json of a training checkpoint.
 TRAINER_STATE = Object(

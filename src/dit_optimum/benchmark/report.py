@@ -339,6 +339,21 @@ def write_report(
             "fastest here (one forward of the cell's model at its sampling batch, every candidate interleaved; speed "
             "against torch fp32):\n\n" + "\n".join(f"- {line}" for line in choices) + "\n"
         )
+    searches = optimize_lines(finished)
+    if searches:
+        parts.append(
+            "## The optimizer's choice\n\nThe `optimized` cells searched the registry's stacks on this run's "
+            "baseline (`dit-optimum optimize`); their rows above are measured like every other cell:\n\n"
+            + "\n".join(f"- {line}" for line in searches)
+            + "\n"
+        )
+    problems = [row for row in finished if row.get("comparison_problem")]
+    if problems:
+        parts.append(
+            "## Cells not compared with their baseline\n\n"
+            + "\n".join(f"- {row['variant']} / {row['technique']}: {row['comparison_problem']}" for row in problems)
+            + "\n"
+        )
     if failed:
         parts.append(
             "## Failed cells (retried on the next run)\n\n"
@@ -357,6 +372,22 @@ def write_report(
             )
         )
     return write_text(output_dir, REPORT_FILE, "\n".join(parts))
+
+
+def optimize_lines(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """One line per row made by the optimizer: the stack it chose, how much it tried and where its report is."""
+    lines = []
+    for row in rows:
+        search = row.get("optimize")
+        if not isinstance(search, dict) or "chosen" not in search:
+            continue
+        lines.append(
+            f"{row['variant']} / {row['technique']}: chose **{search['chosen']}** ({search.get('target')}; "
+            f"{search.get('candidates_tried')} candidates tried, {search.get('candidates_kept')} within the budget, "
+            f"in {search.get('search_s', 0):.0f} s; stopped: {search.get('stopped')})"
+            + (f"; its search: [{search['report']}]({search['report']})" if search.get("report") else "")
+        )
+    return lines
 
 
 def forward_path_lines(rows: Sequence[dict[str, Any]]) -> list[str]:

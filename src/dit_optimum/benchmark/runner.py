@@ -29,7 +29,7 @@ from ..evaluation.efficiency import efficiency_metrics
 from ..evaluation.features import FeatureExtractor
 from ..evaluation.fid import inception_extractor
 from ..evaluation.hardware import hardware_description
-from ..evaluation.quality import evaluate_quality, feature_dimensions, resolve_metrics
+from ..evaluation.quality import QualityEvaluation, evaluate_quality, feature_dimensions, resolve_metrics
 from ..files import (
     check_writable,
     claim_files,
@@ -102,8 +102,8 @@ def _with_defaults(stored: Any, defaults: Any) -> Any:
     return {**{key: value for key, value in defaults.items() if key not in stored}, **filled}
 
 
-def save_sample_grid(images: np.ndarray, path: Path, columns: int = 10, min_side: int = 64) -> None:
-    """uint8 images (B, H, W, C) as one PNG grid (nearest-upscaled so tiny images stay visible), written atomically."""
+def sample_grid_png(images: np.ndarray, columns: int = 10, min_side: int = 64) -> bytes:
+    """uint8 images (B, H, W, C) as the bytes of one PNG grid, nearest-upscaled so tiny images stay visible."""
     count, height, width, channels = images.shape
     rows = -(-count // columns)
     grid = np.zeros((rows * height, columns * width, channels), dtype=np.uint8)
@@ -115,7 +115,12 @@ def save_sample_grid(images: np.ndarray, path: Path, columns: int = 10, min_side
     picture = picture.resize((picture.width * scale, picture.height * scale), Image.NEAREST)
     buffer = io.BytesIO()
     picture.save(buffer, format="PNG")
-    write_bytes(path.parent, path.name, buffer.getvalue())
+    return buffer.getvalue()
+
+
+def save_sample_grid(images: np.ndarray, path: Path, columns: int = 10, min_side: int = 64) -> None:
+    """``sample_grid_png`` of ``images``, written atomically to ``path``."""
+    write_bytes(path.parent, path.name, sample_grid_png(images, columns, min_side))
 
 
 def _flat(row: Mapping[str, Any]) -> dict[str, Any]:
@@ -175,6 +180,38 @@ def run_benchmark(
     return rows
 
 
+def measure_pipeline(
+    pipeline: Any,
+    settings: BenchmarkSettings,
+    reference: Any,
+    scorers: tuple[FeatureExtractor | None, TrainedClassifier | None],
+    state: PartialState,
+    keep_images: int = 0,
+) -> tuple[dict[str, Any], QualityEvaluation | None]:
+    """The benchmark's measurement of one built pipeline: its quality (unless ``speed_only``) and its cost, timed
+    round-robin with ``reference`` (the baseline) in the same rounds. Returns the row's numbers (``quality_wall_s``
+    and ``speed_wall_s`` included) and the quality evaluation (per-sample features for the paired comparison)."""
+    row: dict[str, Any] = {}
+    quality = None
+    if not settings.speed_only:
+        phase = time.perf_counter()
+        inception, classifier = scorers
+        quality = evaluate_quality(pipeline, settings.quality, inception, classifier, keep_images, state=state)
+        row.update(quality.metrics, quality_wall_s=time.perf_counter() - phase)
+    if state.is_main_process:
+        phase = time.perf_counter()
+        # the baseline is re-timed with every candidate, interleaved with it: paired ratios survive a noisy machine
+        reference.set_progress_bar_config(disable=True)
+        row.update(efficiency_metrics(pipeline, settings.speed, reference), speed_wall_s=time.perf_counter() - phase)
+        # the steps the pipeline really sampled with (its own where it records them): the quality ones
+        row["sampling_steps"] = (row.get("quality_settings") or row["speed_settings"])["num_inference_steps"]
+        if getattr(pipeline, "sampling_defaults", None):  # what a release's loading code must pass to DiTPipeline
+            row["sampling_defaults"] = dict(pipeline.sampling_defaults)
+        if getattr(pipeline, "forward_path_choice", None):  # a measured choice: the path and every candidate
+            row["forward_path_choice"] = dict(pipeline.forward_path_choice)
+    return row, quality
+
+
 def _run_cell(
     settings: BenchmarkSettings,
     context: VariantContext | UntrainedContext,
@@ -187,32 +224,18 @@ def _run_cell(
     start = time.perf_counter()
     row: dict[str, Any] = {"variant": context.variant, "technique": name, "description": technique.description}
     try:
+        context.scorers = scorers  # a technique that measures while it builds (the optimizer) scores alike
         pipeline = technique.build(context).to(state.device)
         pipeline.set_progress_bar_config(disable=True)
         row["build_wall_s"] = time.perf_counter() - start  # training included, when the cell trains
-        quality = None
-        if not settings.speed_only:
-            phase = time.perf_counter()
-            inception, classifier = scorers
-            quality = evaluate_quality(
-                pipeline, settings.quality, inception, classifier, keep_images=settings.grid_size, state=state
-            )
-            row.update(quality.metrics, quality_wall_s=time.perf_counter() - phase)
+        measured, quality = measure_pipeline(
+            pipeline, settings, context.baseline(), scorers, state, keep_images=settings.grid_size
+        )
+        row.update(measured)
         if state.is_main_process:
-            phase = time.perf_counter()
-            # the baseline is re-timed in every cell, interleaved with it: paired ratios survive a noisy machine
-            reference = context.baseline()
-            reference.set_progress_bar_config(disable=True)
-            row.update(
-                efficiency_metrics(pipeline, settings.speed, reference), speed_wall_s=time.perf_counter() - phase
-            )
             row.update(context.trained.get(name, {}))
-            # the steps the cell really sampled with (its own where its pipeline records them): the quality ones
-            row["sampling_steps"] = (row.get("quality_settings") or row["speed_settings"])["num_inference_steps"]
-            if getattr(pipeline, "sampling_defaults", None):  # what a release's loading code must pass to DiTPipeline
-                row["sampling_defaults"] = dict(pipeline.sampling_defaults)
-            if getattr(pipeline, "forward_path_choice", None):  # a measured choice: the path and every candidate
-                row["forward_path_choice"] = dict(pipeline.forward_path_choice)
+            if getattr(pipeline, "search_summary", None):  # an optimizer's pipeline: what it searched and chose
+                row["optimize"] = dict(pipeline.search_summary)
             if quality is not None:
                 save_features(features_path(settings.output_dir, context.variant, name), quality)
                 grid = Path(settings.output_dir) / "samples" / f"{slug(context.variant)}__{slug(name)}.png"

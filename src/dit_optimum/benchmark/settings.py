@@ -37,9 +37,10 @@ OUTPUT_FILES = (RESULTS_FILE, RESULTS_CSV, REPORT_FILE)
 DEFAULT_VARIANTS: tuple[str, ...] = ("DiT-XS/4",)
 # The main job's cells, chosen to finish within 15 minutes on 2 CPU cores of either machine kind (BENCHMARKS.md):
 # the baseline, the cheapest of the study's simplified attention types (shallow), post-training quantization and
-# pruning, pruning with recovery, step caches, fewer sampling steps (a solver, progressive step distillation) and
-# combined recipes. `--preset study` adds the study's other trained families (mediated and focused multi-query
-# attention, MoE, knowledge distillation); any registered technique is one `--techniques` away.
+# pruning, pruning with recovery, step caches, fewer sampling steps (a solver, progressive step distillation),
+# combined recipes, and the optimizer's choice (`optimized`: a search over the registry's stacks, reusing these
+# cells). `--preset study` adds the study's other trained families (mediated and focused multi-query attention, MoE,
+# knowledge distillation); any registered technique is one `--techniques` away.
 DEFAULT_TECHNIQUES: tuple[str, ...] = (
     "baseline",
     "attention-shallow",
@@ -65,6 +66,7 @@ DEFAULT_TECHNIQUES: tuple[str, ...] = (
     "prune-depth-50-recover+distill-steps-4+int8",
     "prune-depth-50-recover+distill-steps-2+int8",
     "prune-depth-50-recover+distill-steps-2+fastest",
+    "optimized",
 )
 # The study's trained families and the slower precisions that the main job leaves out for time; `--preset study`
 # runs them after the default cells.

@@ -85,7 +85,8 @@ def weak_baseline(row: dict[str, Any]) -> str | None:
 def compare_with_baselines(rows: Sequence[dict[str, Any]], output_dir: str | Path, resamples: int) -> None:
     """Add ``vs_baseline`` (per quality metric: difference, 95% interval, significant) and ``quality_verdict`` to
     every finished row whose cell and baseline stored features, in place. A weak baseline (``weak_baseline``) gets
-    ``baseline_weak`` (why), and every finished row of its variant the verdict ``weak baseline``."""
+    ``baseline_weak`` (why), and every finished row of its variant the verdict ``weak baseline``. A row scored by
+    other feature extractors than its baseline (``feature_extractors``) gets ``comparison_problem`` instead."""
     baselines = {row["variant"]: row for row in rows if row.get("status") == "ok" and row["technique"] == "baseline"}
     for base in baselines.values():
         base.pop("baseline_weak", None)  # read again from this run's numbers
@@ -101,27 +102,54 @@ def compare_with_baselines(rows: Sequence[dict[str, Any]], output_dir: str | Pat
             row["quality_verdict"] = WEAK_BASELINE
         elif row.get("quality_verdict") == WEAK_BASELINE:  # an earlier run's, against a baseline since replaced
             del row["quality_verdict"]
+        row.pop("comparison_problem", None)
+        if row.get("feature_extractors") != base.get("feature_extractors"):
+            # features of two different networks (a classifier trained again between runs) share no space: a paired
+            # comparison of them would be noise presented as a verdict
+            row.pop("vs_baseline", None)
+            if row.get("quality_verdict") != WEAK_BASELINE:
+                row.pop("quality_verdict", None)
+            row["comparison_problem"] = (
+                f"scored with {row.get('feature_extractors')}, its baseline with {base.get('feature_extractors')}: "
+                "not comparable; run both again into a new output folder"
+            )
+            continue
         candidate = _load(features_path(output_dir, row["variant"], row["technique"]))
         reference_cell = _load(features_path(output_dir, row["variant"], "baseline"))
         if candidate is None or reference_cell is None or len(candidate[2]) != len(reference_cell[2]):
             continue
-        comparisons = {}
-        for metric in metrics:
-            if row.get(metric.key) is None or base.get(metric.key) is None:
-                continue
-            if not all(kind in candidate[0] for kind in metric.features):
-                continue
-            count = min(resamples, metric.max_resamples or resamples)
-            result = paired_comparison(
-                metric.statistic, candidate[0], reference_cell[0], reference_cell[1], candidate[2], count
-            )
-            comparisons[metric.key] = {
-                "difference": result.difference,
-                "interval": [result.low, result.high],
-                "significant": result.significant,
-            }
+        keys = [
+            metric.key for metric in metrics if row.get(metric.key) is not None and base.get(metric.key) is not None
+        ]
+        comparisons = paired_comparisons(candidate[0], candidate[2], reference_cell, resamples, keys)
         row["vs_baseline"] = comparisons
         row["quality_verdict"] = WEAK_BASELINE if base.get("baseline_weak") else quality_verdict(comparisons)
+
+
+def paired_comparisons(
+    generated: dict[str, np.ndarray],
+    labels: np.ndarray,
+    baseline: tuple[dict[str, np.ndarray], dict[str, np.ndarray], np.ndarray],
+    resamples: int,
+    keys: Sequence[str] | None = None,
+) -> dict[str, dict[str, Any]]:
+    """Per quality metric (of ``keys``, default all whose features both hold): the candidate's difference to the
+    baseline on the same samples (``generated`` features and ``labels`` against the baseline's ``(generated,
+    reference, labels)``), its 95% paired-bootstrap interval and whether it excludes 0."""
+    comparisons = {}
+    for metric in all_metrics("quality"):
+        if keys is not None and metric.key not in keys:
+            continue
+        if not all(kind in generated and kind in baseline[0] for kind in metric.features):
+            continue
+        count = min(resamples, metric.max_resamples or resamples)
+        result = paired_comparison(metric.statistic, generated, baseline[0], baseline[1], labels, count)
+        comparisons[metric.key] = {
+            "difference": result.difference,
+            "interval": [result.low, result.high],
+            "significant": result.significant,
+        }
+    return comparisons
 
 
 def quality_verdict(comparisons: dict[str, dict[str, Any]]) -> str:

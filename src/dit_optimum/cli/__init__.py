@@ -1,6 +1,7 @@
 """The ``dit-optimum`` command: a dispatcher over one small module per subcommand (its arguments and its run).
 
-``benchmark`` is the main job; ``evaluate``, ``architecture``, ``convert``, ``quantize`` and ``prune`` work on
+``benchmark`` is the main job; ``optimize`` searches for the best pipeline within a quality budget;
+``evaluate``, ``architecture``, ``convert``, ``quantize`` and ``prune`` work on
 single pipelines; ``release``, ``push`` and ``export-space`` take results to the Hub.
 """
 
@@ -11,10 +12,10 @@ import sys
 from collections.abc import Sequence
 
 from ..errors import DiTOptimumError, error_line
-from . import architecture, benchmark, convert, evaluate, export_space, prune, push, quantize, release
+from . import architecture, benchmark, convert, evaluate, export_space, optimize, prune, push, quantize, release
 
 # Each module: NAME, HELP, optional DESCRIPTION, add_arguments(parser), run(args) -> exit code.
-COMMANDS = (benchmark, evaluate, architecture, convert, quantize, prune, release, push, export_space)
+COMMANDS = (benchmark, optimize, evaluate, architecture, convert, quantize, prune, release, push, export_space)
 
 
 def build_parser() -> argparse.ArgumentParser:

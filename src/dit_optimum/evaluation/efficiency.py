@@ -104,13 +104,13 @@ def efficiency_metrics(pipeline, settings: SpeedSettings | None = None, referenc
         "forward_images_per_s": settings.forward_batch_size / forward_s["candidate"],
         "sampling_images_per_s": settings.batch_size / sampling_s["candidate"],
         "latency_s": latency_s["candidate"],
-        "peak_memory_bytes": sampling_memory,
-        "forward_peak_memory_bytes": forward_memory,
         "dtype": str(model.dtype).replace("torch.", ""),
         "sampler": type(pipeline.scheduler).__name__,
         "runtime": model.runtime.describe() if getattr(model, "runtime", None) is not None else "torch",
         "speed_settings": {**asdict(settings), "num_inference_steps": steps, "guidance_scale": guidance},
     }
+    if sampling_memory is not None:  # a runtime's memory is left out (n/a), never stored as null
+        result.update(peak_memory_bytes=sampling_memory, forward_peak_memory_bytes=forward_memory)
     if reference is not None:
         for key, times, faster in (
             ("forward_speedup", forward_times, True),

@@ -46,6 +46,8 @@ CACHE_METHODS: dict[str, dict[str, Any]] = {
 # what calibrating methods sample with (also options of those methods)
 CALIBRATION_DEFAULTS: dict[str, Any] = {"guidance_scale": 2.0, "calibration_images": 8, "seed": 0}
 _CALIBRATED = ("magcache", "block-schedule")
+# the methods a saved pipeline carries (written into the transformer's config); the others are enabled at run time
+SAVED_CACHE_METHODS = ("block-schedule",)
 _TAYLORSEER_MODULES = [r"transformer_blocks\.\d+\.(attn1|ff)"]  # DiT names its attention attn1: match it
 
 

@@ -58,6 +58,9 @@ class Technique:
     description: str
     options: dict[str, Any] = field(default_factory=dict)
     trains: bool = False
+    # trained from scratch under the whole recipe (attention types, MoE, a distilled student): minutes per model,
+    # against seconds for what starts from a trained model (a recovery, a step-distillation round)
+    from_scratch: bool = False
 
     def build(self, context: TechniqueContext) -> DiTOptimumPipeline:
         return self.apply(context, **self.options)
@@ -73,6 +76,7 @@ def register_technique(
     options: Mapping[str, Any] | None = None,
     *,
     trains: bool = False,
+    from_scratch: bool = False,
 ) -> Technique:
     """Add a technique under ``name`` (names are unique); ``options`` are passed to ``apply`` as keywords. A stack
     (``apply=stacked``) whose parts do not compose is refused here, before anything is built."""
@@ -80,7 +84,7 @@ def register_technique(
         raise DiTOptimumError(f"A technique named {name!r} is already registered.")
     if apply is stacked:
         check_stack(dict(options or {}))
-    technique = Technique(name, apply, description, dict(options or {}), trains)
+    technique = Technique(name, apply, description, dict(options or {}), trains or from_scratch, from_scratch)
     TECHNIQUES[name] = technique
     return technique
 
@@ -220,21 +224,21 @@ for _attention in ATTENTION_TYPES[1:]:
         train_with_overrides,
         f"{_attention} attention, trained from scratch with the baseline's recipe",
         {"run_name": f"attention-{_attention}", "attention_type": _attention},
-        trains=True,
+        from_scratch=True,
     )
 register_technique(
     "moe",
     train_with_overrides,
     "mixture of experts: 4 experts, top-2, expert width = MLP / 2 (dense-equal active compute), balance loss",
     {"run_name": "moe", "moe_num_experts": 4, "moe_top_k": 2},
-    trains=True,
+    from_scratch=True,
 )
 register_technique(
     "distill",
     distill_student,
     "half-depth student distilled from the baseline (output + last-block feature loss, alpha 0.5)",
     {"run_name": "distill"},
-    trains=True,
+    from_scratch=True,
 )
 register_technique("bf16", quantized, "bfloat16 weights and compute", {"backend": "torch", "weights": "bf16"})
 register_technique(
@@ -287,20 +291,25 @@ _CACHES: dict[str, tuple[dict[str, Any], str]] = {
 }
 for _name, (_cache, _description) in _CACHES.items():
     register_technique(_name, stacked, _description, {"base": "baseline", "cache": _cache})
-for _part in ("heads", "mlp", "depth"):
-    register_technique(
-        f"prune-{_part}-50",
-        pruned,
-        f"structured pruning of 50% of the {_part} (L1 importance, per layer, no fine-tuning)",
-        {_part: 0.5},
-    )
-    register_technique(
-        f"prune-{_part}-50-recover",
-        pruned_and_recovered,
-        f"50% of the {_part} pruned, then fine-tuned (recovery steps) with distillation from the unpruned baseline",
-        {"run_name": f"prune-{_part}-50-recover", _part: 0.5},
-        trains=True,
-    )
+# The structured pruning fractions registered per part (each with and without recovery); blocks can go furthest.
+PRUNING_FRACTIONS: dict[str, tuple[float, ...]] = {"heads": (0.5,), "mlp": (0.5,), "depth": (0.5, 0.75)}
+for _part, _fractions in PRUNING_FRACTIONS.items():
+    for _fraction in _fractions:
+        _percent = round(100 * _fraction)
+        register_technique(
+            f"prune-{_part}-{_percent}",
+            pruned,
+            f"structured pruning of {_percent}% of the {_part} (L1 importance, per layer, no fine-tuning)",
+            {_part: _fraction},
+        )
+        register_technique(
+            f"prune-{_part}-{_percent}-recover",
+            pruned_and_recovered,
+            f"{_percent}% of the {_part} pruned, then fine-tuned (recovery steps) with distillation from the unpruned "
+            "baseline",
+            {"run_name": f"prune-{_part}-{_percent}-recover", _part: _fraction},
+            trains=True,
+        )
 
 # Fewer steps with a better solver: the baseline (trained for DDIM, sampled by the benchmark at 10 steps) with its
 # scheduler replaced; solvers.SOLVERS declares each solver's scheduler and options. 3-5 steps.
@@ -392,43 +401,43 @@ def step_distilled(
     )
 
 
-register_technique(
-    "distill-steps-4",
-    step_distilled,
-    "progressive distillation: 4 unguided DDIM steps learned from the baseline's 8 guided ones (guidance 2.0)",
-    {"run_name": "distill-steps-4", "student_steps": 4, "teacher_guidance_scale": BASELINE_GUIDANCE_SCALE},
-    trains=True,
-)
-register_technique(
-    "distill-steps-2",
-    step_distilled,
-    "progressive distillation: 2 unguided DDIM steps learned from distill-steps-4's 4",
-    {"run_name": "distill-steps-2", "student_steps": 2, "teacher": "distill-steps-4"},
-    trains=True,
-)
-register_technique(
-    "prune-depth-50-recover+distill-steps-4",
-    step_distilled,
-    "half the blocks pruned and recovered, then progressively distilled to 4 unguided DDIM steps (guidance 2.0)",
-    {
-        "run_name": "prune-depth-50-recover+distill-steps-4",
-        "student_steps": 4,
-        "teacher": "prune-depth-50-recover",
-        "teacher_guidance_scale": BASELINE_GUIDANCE_SCALE,
-    },
-    trains=True,
-)
-register_technique(
-    "prune-depth-50-recover+distill-steps-2",
-    step_distilled,
-    "half the blocks pruned and recovered, progressively distilled to 2 unguided DDIM steps (from its 4-step student)",
-    {
-        "run_name": "prune-depth-50-recover+distill-steps-2",
-        "student_steps": 2,
-        "teacher": "prune-depth-50-recover+distill-steps-4",
-    },
-    trains=True,
-)
+# The progressive-distillation chains: each base's students at these steps, each round halving its teacher's (the
+# first round's teacher is the base at 8 guided steps). Registered as `<base>+distill-steps-<n>` ("distill-steps-<n>"
+# for the baseline's).
+STUDENT_STEPS: tuple[int, ...] = (4, 2, 1)
+STUDENT_BASES: dict[str, str] = {
+    "baseline": "the baseline",
+    "prune-depth-50-recover": "half the blocks pruned and recovered",
+    "prune-depth-75-recover": "three quarters of the blocks pruned and recovered",
+}
+
+
+def student_name(base: str, steps: int) -> str:
+    """The registered name of ``base``'s step-distilled student at ``steps`` steps."""
+    return f"distill-steps-{steps}" if base == "baseline" else f"{base}+distill-steps-{steps}"
+
+
+for _base, _what in STUDENT_BASES.items():
+    for _index, _steps in enumerate(STUDENT_STEPS):
+        _first = _index == 0
+        _teacher = _base if _first else student_name(_base, STUDENT_STEPS[_index - 1])
+        register_technique(
+            student_name(_base, _steps),
+            step_distilled,
+            f"{_what}, progressively distilled to {_steps} unguided DDIM step{'s' if _steps > 1 else ''} "
+            + (
+                f"(from its {2 * _steps} guided ones, guidance {BASELINE_GUIDANCE_SCALE})"
+                if _first
+                else f"(from its {STUDENT_STEPS[_index - 1]}-step student)"
+            ),
+            {
+                "run_name": student_name(_base, _steps),
+                "student_steps": _steps,
+                **({} if _teacher == "baseline" else {"teacher": _teacher}),
+                **({"teacher_guidance_scale": BASELINE_GUIDANCE_SCALE} if _first else {}),
+            },
+            trains=True,
+        )
 _STEP_STACKS: dict[str, tuple[str, str]] = {
     "distill-steps-4+int8": ("distill-steps-4", "4-step distilled student, int8 weight-only"),
     "distill-steps-2+int8": ("distill-steps-2", "2-step distilled student, int8 weight-only"),

@@ -1,0 +1,239 @@
+"""`optimize`: the search space comes from the registry's declarations, the budget is the benchmark's paired test, the
+search is anytime and resumable, and its pipeline, card, report and log are what it says it chose."""
+
+import json
+import subprocess
+import sys
+from dataclasses import replace
+
+import pytest
+
+from conftest import TinyFeatureExtractor
+from dit_optimum import DiTOptimumError, DiTOptimumPipeline
+from dit_optimum.benchmark import run_benchmark
+from dit_optimum.benchmark.contexts import VariantContext
+from dit_optimum.benchmark.report import write_report
+from dit_optimum.cli import main
+from dit_optimum.evaluation.domain import ClassifierRecipe, domain_classifier
+from dit_optimum.evaluation.reference import real_split
+from dit_optimum.optimizer import QualityBudget, SearchSettings, optimize, search_space
+from dit_optimum.optimizer import search as search_module
+from dit_optimum.optimizer.space import Candidate, is_student, search_bases
+from dit_optimum.schemas import RESULTS, SEARCH_LOG, read_json_file
+from dit_optimum.techniques.caching import SAVED_CACHE_METHODS
+from dit_optimum.techniques.registry import TECHNIQUES, check_stack
+from test_benchmark import tiny_settings
+
+PATHS = ("fp32", "bf16")
+BASES = ("baseline", "prune-depth-50-recover")
+
+
+def test_the_space_is_every_legal_stack_of_declared_parts():
+    candidates = search_space()
+    names = [candidate.name for candidate in candidates]
+    assert len(names) == len(set(names)) > 100
+    for candidate in candidates:
+        check_stack(candidate.stack())  # never an illegal stack
+        if is_student(candidate.base):  # a student samples at its own steps: no solver on top
+            assert candidate.solver is None
+        if candidate.cache is not None:
+            assert dict(candidate.cache)["method"] in SAVED_CACHE_METHODS and candidate.path in ("fp32", "bf16", "int8")
+    bases = search_bases()
+    # trained from scratch (minutes) or not a trained pipeline of its own: not a base unless already trained
+    assert "attention-shallow" not in bases and "moe" not in bases and "optimized" not in bases
+    assert {"baseline", "prune-depth-75-recover", "prune-depth-75-recover+distill-steps-1"} <= set(bases)
+    assert "attention-shallow" in search_bases(trained=["attention-shallow"])
+    assert {candidate.path for candidate in search_space(paths=["fp32"])} == {"fp32"}
+    assert Candidate.from_dict(json.loads(json.dumps(candidates[7].to_dict()))) == candidates[7]
+
+
+def test_the_budget_is_the_paired_test_in_the_metrics_own_units():
+    worse = {"difference": -0.02, "interval": [-0.04, -0.005], "significant": True}
+    unsure = {"difference": -0.01, "interval": [-0.03, 0.01], "significant": False}
+    better_fd = {"difference": -5.0, "interval": [-9.0, -1.0], "significant": True}
+    default = QualityBudget.parse(None)
+    assert default.judge({"class_accuracy": unsure, "fd_domain": better_fd}, {})[0]
+    accepted, why = default.judge({"class_accuracy": worse}, {})
+    assert not accepted and "significantly worse" in why and "-2" in why
+    # a maximum drop is judged at the worse end of the interval: 3 points lost is possible here
+    points = QualityBudget.parse("class_accuracy=2")
+    assert not points.judge({"class_accuracy": unsure}, {"class_accuracy": 0.97})[0]
+    assert QualityBudget.parse({"class_accuracy": 3}).judge({"class_accuracy": unsure}, {"class_accuracy": 0.97})[0]
+    # distances in percent of the baseline's value: +9 on 100 is within 10%, not within 5%
+    fd = {"difference": 4.0, "interval": [-1.0, 9.0], "significant": False}
+    assert QualityBudget.parse("fd_domain=10").judge({"fd_domain": fd}, {"fd_domain": 100.0})[0]
+    assert not QualityBudget.parse("fd_domain=5").judge({"fd_domain": fd}, {"fd_domain": 100.0})[0]
+    assert "FD_domain at most 10 % higher" in QualityBudget.parse("fd_domain=10").describe()
+    for bad, message in (("accuracy=1", "Unknown metric 'accuracy'"), ("class_accuracy", "METRIC=DROP"),
+                         ("fd_domain=-1", "finite number >= 0"), ("fd_domain=nan", "finite number")):  # fmt: skip
+        with pytest.raises(DiTOptimumError, match=message):
+            QualityBudget.parse(bad)
+
+
+def test_search_settings_are_checked_naming_the_parameter():
+    for settings, message in (
+        (SearchSettings(target="speed"), "Unknown `target`='speed'; allowed values: sampling, latency, size, memory"),
+        (SearchSettings(time_budget_s=float("nan")), "`time_budget_s`"),
+        (SearchSettings(max_size=1.5), "`max_size`=1.5"),
+        (SearchSettings(screen_samples=-1), "`screen_samples`"),
+        (SearchSettings(slack=0.5), "`slack`"),
+    ):
+        with pytest.raises(DiTOptimumError, match=message.replace("(", r"\(").replace(")", r"\)")):
+            settings.validate()
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """A tiny trained DiT-XS/4 baseline on 8x8 digits, the benchmark settings it was trained with, and scorers."""
+    folder = tmp_path_factory.mktemp("optimize")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("DIT_OPTIMUM_CACHE", str(folder / "cache"))
+        settings = tiny_settings(folder / "bench", ("baseline",))
+        settings.quality = replace(settings.quality, num_samples=20, metrics=("class_accuracy", "kid"))
+        baseline = VariantContext(settings, "DiT-XS/4").baseline_path()
+        classifier = domain_classifier(real_split("digits", "train", 40, 20), 8, ClassifierRecipe(epochs=1))
+    return folder, settings, baseline, (TinyFeatureExtractor(), classifier)
+
+
+def _optimize(tiny_run, output, monkeypatch, **options):
+    folder, settings, baseline, (inception, classifier) = tiny_run
+    monkeypatch.setenv("DIT_OPTIMUM_CACHE", str(folder / "cache"))
+    options = {"bases": BASES, "paths": PATHS, "time_budget": 300.0, "screen_samples": 10, **options}
+    return optimize(baseline, "digits", output_dir=output, quality=settings.quality, speed=settings.speed,
+                    training=settings.training, inception=inception, classifier=classifier, **options)  # fmt: skip
+
+
+def test_optimize_writes_the_chosen_pipeline_card_report_and_log(tiny_run, tmp_path, monkeypatch):
+    lines = []
+    result = _optimize(tiny_run, tmp_path / "out", monkeypatch, echo=lines.append)
+    out = tmp_path / "out"
+    log = read_json_file(out / "search.json", SEARCH_LOG)
+    assert log["chosen"] == result.search.candidate.name and log["stopped"] == result.search.stopped
+    tried = [record["name"] for record in log["candidates"]]
+    assert tried == [record["name"] for record in result.search.records] and len(tried) >= 1
+    for record in log["candidates"]:  # every candidate says how far it got and why
+        assert record["status"] in ("kept", "dropped", "failed") and record["reason"]
+        assert Candidate.from_dict(record["candidate"]).base in BASES
+        if record["stage"] == "full":
+            assert record["quality"]["num_samples"] == 20 and "verdict" in record["quality"]
+    # the row is the benchmark's: quality with N and intervals, paired verdict, speed against the baseline
+    row = result.row
+    assert row["technique"] == "optimized" and row["num_samples"] == 20 and row["quality_verdict"]
+    assert set(row["vs_baseline"]) == {"class_accuracy", "kid"} and len(row["sampling_speedup_range"]) == 2
+    assert row["optimize"]["chosen"] == result.search.candidate.name
+    read_json_file(out / "results.json", RESULTS)
+    report = (out / "report.md").read_text()
+    assert all(f"`{name}`" in report for name in tried) and "## Candidates tried" in report
+    assert result.search.budget.describe() in report
+    card = (out / "pipeline" / "README.md").read_text()
+    assert "optimized" in card and "dit-optimum" in card
+    # loaded with no other argument, the pipeline samples as it was judged (steps and guidance recorded)
+    loaded = DiTOptimumPipeline.from_pretrained(out / "pipeline")
+    judged = row["quality_settings"]
+    assert loaded.sampling_defaults == {
+        "num_inference_steps": judged["num_inference_steps"],
+        "guidance_scale": judged["guidance_scale"],
+    }
+    assert any("chosen:" in line for line in lines)
+
+
+def test_the_cards_loading_line_runs_in_a_fresh_process(tiny_run, tmp_path, monkeypatch):
+    result = _optimize(tiny_run, tmp_path / "out", monkeypatch)
+    card = (result.pipeline_dir / "README.md").read_text()
+    code = (
+        card.split("```python\n", 1)[1]
+        .split("```", 1)[0]
+        .replace("dit-optimum/dit-optimized", str(result.pipeline_dir))
+    )
+    code = code.replace('images[0].save("sample.png")', "print(len(images))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip().endswith("4")
+
+
+def test_a_killed_search_resumes_where_it_stopped(tiny_run, tmp_path, monkeypatch):
+    original = search_module._try
+    calls = []
+
+    def dies_on_the_second(candidate, *args, **kwargs):
+        calls.append(candidate.name)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return original(candidate, *args, **kwargs)
+
+    monkeypatch.setattr(search_module, "_try", dies_on_the_second)
+    with pytest.raises(KeyboardInterrupt):
+        _optimize(tiny_run, tmp_path / "out", monkeypatch)
+    first = read_json_file(tmp_path / "out" / "search.json", SEARCH_LOG)["candidates"]
+    assert [record["name"] for record in first] == calls[:1]
+    calls.clear()
+    monkeypatch.setattr(
+        search_module, "_try", lambda candidate, *a, **k: calls.append(candidate.name) or original(candidate, *a, **k)
+    )
+    result = _optimize(tiny_run, tmp_path / "out", monkeypatch)
+    names = [record["name"] for record in result.search.records]
+    assert names[0] == first[0]["name"] and first[0]["name"] not in calls  # tried once, kept from the log
+    assert names[1:] == calls
+    # a third run has nothing left to try: the same choice from the log alone
+    calls.clear()
+    again = _optimize(tiny_run, tmp_path / "out", monkeypatch)
+    assert calls == [] and again.search.candidate == result.search.candidate
+
+
+def test_time_budget_and_size_limit_bound_the_search(tiny_run, tmp_path, monkeypatch):
+    nothing = _optimize(tiny_run, tmp_path / "none", monkeypatch, time_budget=0.0)
+    assert nothing.search.candidate.name == "baseline" and "time budget" in nothing.search.stopped
+    assert nothing.search.records == []
+    small = _optimize(tiny_run, tmp_path / "small", monkeypatch, max_size=0.3)
+    fp32 = [r for r in small.search.records if r["candidate"]["path"] == "fp32" and r["name"] != "baseline"]
+    assert fp32 and all(r["status"] == "dropped" and r["stage"] == "cost" and "size" in r["reason"] for r in fp32)
+    assert (
+        small.search.candidate.name == "baseline"
+        or small.row["size_bytes"] <= 0.3 * small.search.baseline["size_bytes"]
+    )
+
+
+def test_the_benchmarks_optimized_row_searches_the_runs_own_cells(tiny_run, tmp_path, monkeypatch):
+    folder, settings, baseline, (inception, classifier) = tiny_run
+    monkeypatch.setenv("DIT_OPTIMUM_CACHE", str(folder / "cache"))
+    technique = TECHNIQUES["optimized"]
+    options = {**technique.options, "bases": list(BASES), "paths": list(PATHS)}
+    monkeypatch.setitem(TECHNIQUES, "optimized", replace(technique, options=options))
+    bench = replace(settings, output_dir=str(tmp_path / "bench"), techniques=("baseline", "optimized"),
+                    pretrained={"DiT-XS/4": baseline})  # fmt: skip
+    rows = run_benchmark(bench, inception=inception, classifier=classifier)
+    row = {r["technique"]: r for r in rows}["optimized"]
+    assert row["status"] == "ok", row.get("error")
+    assert row["optimize"]["report"] == "optimize/DiT-XS-4/report.md" and row["quality_verdict"]
+    assert (tmp_path / "bench" / "optimize" / "DiT-XS-4" / "report.md").is_file()
+    assert row["optimize"]["candidates_tried"] == len(
+        read_json_file(tmp_path / "bench" / "optimize" / "DiT-XS-4" / "search.json", SEARCH_LOG)["candidates"]
+    )
+    report = write_report(rows, tmp_path / "bench").read_text()
+    assert "## The optimizer's choice" in report and f"chose **{row['optimize']['chosen']}**" in report
+
+
+def test_the_command_line_refuses_bad_options_before_any_work(tmp_path, capsys):
+    for arguments, message in (
+        (["--budget", "accuracy=1"], "Unknown metric 'accuracy'"),
+        (["--target", "speed"], "Unknown `target`='speed'"),
+        (["--max-size", "2"], "`max_size`=2.0"),
+    ):
+        code = main(["optimize", str(tmp_path / "missing"), "--output-dir", str(tmp_path / "o"), *arguments])
+        assert code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_pipeline_of_no_preset_is_refused_naming_the_presets(tmp_path):
+    from conftest import tiny_pixel_pipeline
+
+    with pytest.raises(DiTOptimumError, match=r"is not a DiT preset.*DiT-XS/4"):
+        optimize(tiny_pixel_pipeline(), output_dir=tmp_path / "o")
+
+
+def test_restricting_the_space_names_what_is_allowed():
+    with pytest.raises(DiTOptimumError, match=r"`bases`=\[.moe-x.\] must name some of: baseline, attention-gqa, .*prune-depth-75-recover"):
+        SearchSettings(bases=("moe-x",)).validate()
+    with pytest.raises(DiTOptimumError, match=r"`paths`=\[\] must name some of: fp32, bf16, int8"):
+        SearchSettings(paths=()).validate()
+    SearchSettings(bases=("baseline", "moe"), paths=("fp32",)).validate()  # from scratch when named: allowed
