@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 RESULTS = Path(__file__).parent / "results"
+QUALITY_KEYS = ("class_accuracy", "class_accuracy_interval", "fd_domain", "fd_domain_interval")
 
 
 def independent_accuracy(pipeline, count: int, seed: int = 0) -> np.ndarray:
@@ -112,10 +113,8 @@ def main() -> int:
         "sampling_speedup_range": row["sampling_speedup_range"],
         "size_share": row["size_bytes"] / base_row["size_bytes"],
         "runtime": row.get("runtime"),
-        "quality": {key: row.get(key) for key in ("class_accuracy", "class_accuracy_interval", "fd_domain",
-                                                  "fd_domain_interval", "num_samples")},  # fmt: skip
-        "baseline_quality": {key: base_row.get(key) for key in ("class_accuracy", "class_accuracy_interval",
-                                                                "fd_domain", "fd_domain_interval")},  # fmt: skip
+        "quality": {key: row.get(key) for key in (*QUALITY_KEYS, "num_samples")},
+        "baseline_quality": {key: base_row.get(key) for key in QUALITY_KEYS},
         "vs_baseline": row.get("vs_baseline"),
         "verdict": row.get("quality_verdict"),
         "independent_check": {

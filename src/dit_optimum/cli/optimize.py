@@ -15,9 +15,9 @@ DESCRIPTION = (
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from ..evaluation.quality import add_quality_arguments
-    from ..utils import csv_list
     from ..optimizer.budget import NO_SIGNIFICANT_CHANGE
     from ..optimizer.costs import TARGETS
+    from ..utils import csv_list
 
     parser.add_argument("pipeline", help="the baseline pipeline (a folder or a Hub id)")
     parser.add_argument(
