@@ -874,7 +874,7 @@ SEARCH_LOG = Object(
         "elapsed_s": NON_NEGATIVE,
         "candidates": List(SEARCH_CANDIDATE, max_items=100_000),
     },
-    optional={"stopped": NAME, "chosen": Nullable(NAME), "baseline": ANY_JSON},
+    optional={"stopped": NAME, "chosen": Nullable(NAME), "baseline": ANY_JSON, "space": MapOf(COUNT, max_items=16)},
 )
 # trainer_state.json of a training checkpoint.
 TRAINER_STATE = Object(

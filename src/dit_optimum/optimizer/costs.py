@@ -2,16 +2,18 @@
 
 Cost does not depend on the weights, so every candidate's network is built untrained in the shape the real one
 will have (``ShapeContext``: the baseline's config, pruned or step-distilled as the base declares). Sampling time is
-predicted as network evaluations x the measured time of one forward of that shape on that path at the sampling
-batch (``fastest_path`` times every path of one shape in one interleaved run, cached per machine); a step cache is
-credited with its declared reuse. Size and memory are measured on the untrained shape with the path applied. The
-predictions only order candidates; every reported number is measured on the real pipeline against the baseline.
+predicted as network evaluations x the time of one forward of that shape on that path at the sampling batch: every
+path is timed on the baseline's shape (``fastest_path``, interleaved, cached per machine), a smaller shape in fp32
+with the baseline shape's path ratios; a step cache is credited with its declared reuse. Size and memory are
+measured on the untrained shape with the path applied. The predictions only order candidates; every reported number
+is measured on the real pipeline against the baseline.
 """
 
 from __future__ import annotations
 
 import copy
 import json
+import statistics
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,6 +25,7 @@ from ..benchmark.settings import BenchmarkSettings
 from ..evaluation.inputs import example_inputs
 from ..evaluation.memory import peak_memory_bytes
 from ..evaluation.size import saved_size_bytes
+from ..evaluation.speed import interleaved_call_times
 from ..models.transformer import outside_sampling
 from ..techniques.caching import CACHE_METHODS
 from ..techniques.registry import get_technique
@@ -116,13 +119,26 @@ class CostModel:
         return evaluations, guidance > 1
 
     def forward_seconds(self, base: str, path: str, batch_size: int) -> float:
-        """Median seconds of one forward of ``base``'s shape on ``path`` at ``batch_size`` (every path of the shape
-        timed together, interleaved; cached per machine by ``fastest_path``)."""
-        key = ("forward", self._shape_key(base), batch_size)
+        """Predicted seconds of one forward of ``base``'s shape on ``path`` at ``batch_size``: every path is timed on
+        the baseline's shape (interleaved; cached per machine by ``fastest_path``); a smaller shape is timed in fp32
+        and given the baseline shape's path ratios (exporting every path of every shape would cost more than the
+        search saves)."""
+        key = ("paths", batch_size)
         if key not in self._measured:
-            choice = fastest_path(self.network(base), batch_size=batch_size, candidates=list(self.paths))
+            names = list(dict.fromkeys(["fp32", *self.paths]))  # fp32: what smaller shapes are timed in
+            choice = fastest_path(self.network("baseline"), batch_size=batch_size, candidates=names)
             self._measured[key] = dict(choice.seconds)
-        return self._measured[key][path]
+        ratios = self._measured[key]
+        if self._shape_key(base) == self._shape_key("baseline"):
+            return ratios[path]
+        shape = ("fp32", self._shape_key(base), batch_size)
+        if shape not in self._measured:
+            model = self.network(base).transformer
+            inputs = example_inputs(model, batch_size)
+            with outside_sampling(model):
+                times = interleaved_call_times({"fp32": lambda: model(*inputs)}, "cpu", 1, 3)["fp32"]
+            self._measured[shape] = statistics.median(times)
+        return self._measured[shape] * ratios[path] / ratios["fp32"]
 
     def sampling_seconds(self, candidate: Candidate, batch_size: int | None = None) -> float:
         """Predicted seconds of one sampling call of ``batch_size`` images (default the model's batch)."""
@@ -142,6 +158,13 @@ class CostModel:
         if key not in self._measured:
             self._measured[key] = saved_size_bytes(apply_path(self.network(candidate.base), candidate.path).transformer)
         return self._measured[key]
+
+    def size_at_least(self, candidate: Candidate) -> int:
+        """A lower bound of ``size_bytes`` that exports nothing: a runtime's folder holds at least the float32 torch
+        weights beside its graph."""
+        if FORWARD_PATHS[candidate.path][0] == "runtime":
+            return self.size_bytes(Candidate(candidate.base))
+        return self.size_bytes(candidate)
 
     def memory_bytes(self, candidate: Candidate) -> int | None:
         """Peak memory of one forward of the candidate's shape on its path at the sampling batch (None for a

@@ -134,7 +134,13 @@ def write_search_report(
         "",
         f"- Target: **{result.target}** ({_target_text(result.target)}).",
         f"- Quality budget: {result.budget.describe()}.",
-        f"- Search: {len(result.records)} candidates tried, "
+        f"- Search: {result.space.get('legal', '?')} legal stacks"
+        + (
+            f", {result.space['over_size_limit']} of them over the size limit even at their least (not tried)"
+            if result.space.get("over_size_limit")
+            else ""
+        )
+        + f"; {len(result.records)} candidates tried, "
         f"{sum(r['status'] == 'kept' for r in result.records)} within the budget, in {result.elapsed_s:.0f} s; "
         f"stopped: {result.stopped}.",
     ]

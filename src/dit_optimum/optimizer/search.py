@@ -62,7 +62,7 @@ class SearchSettings:
     """What the search makes best (``target``, a ``TARGETS`` name) within ``budget``; ``time_budget_s`` of search
     in all (across resumed runs); ``max_size``: the largest saved size allowed, as a fraction of the baseline's (None:
     any); ``screen_samples``: the N of the cheap screen (0: no screen); ``slack``: candidates predicted within this
-    factor of the best measured score are still tried; ``bases`` / ``paths`` restrict the space (None: all)."""
+    factor of the best one's prediction are still tried; ``bases`` / ``paths`` restrict the space (None: all)."""
 
     budget: QualityBudget = field(default_factory=QualityBudget)
     target: str = "sampling"
@@ -120,6 +120,7 @@ class SearchResult:
     target: str
     baseline_row: dict[str, Any] = field(default_factory=dict)
     baseline_features: tuple[dict[str, np.ndarray], dict[str, np.ndarray], np.ndarray] | None = None
+    space: dict[str, int] = field(default_factory=dict)
 
     def summary(self) -> dict[str, Any]:
         """What a benchmark row and a card record of the search."""
@@ -129,6 +130,7 @@ class SearchResult:
             "target": self.target,
             "budget": self.budget.describe(),
             "score": self.record.get("score"),
+            "candidates_legal": self.space.get("legal"),
             "candidates_tried": len(self.records),
             "candidates_kept": sum(record["status"] == "kept" for record in self.records),
             "search_s": self.elapsed_s,
@@ -229,15 +231,24 @@ def run_search(
         guidance_scale=quality.guidance_scale,
         paths=paths,
     )
-    echo("  predicting every candidate's cost from its untrained shape")
+    echo(f"  baseline measured in {time.perf_counter() - start:.0f} s; predicting every candidate's cost from its "
+         "untrained shape")  # fmt: skip
+    phase = time.perf_counter()
     origin = Candidate("baseline")
+    base_size = costs.size_bytes(origin)
+    space = search_space(bases, paths, quality.num_inference_steps)
+    legal = len(space)
+    if search.max_size is not None:  # over the size limit even at the least it can weigh: never tried
+        limit = search.max_size * base_size
+        space = [candidate for candidate in space if costs.size_at_least(candidate) <= limit]
+    skipped = {"over_size_limit": legal - len(space)} if search.max_size is not None else {}
     predicted: dict[Candidate, float] = {}
-    for candidate in search_space(bases, paths, quality.num_inference_steps):
+    for candidate in space:
         value = costs.predict(candidate, search.target, origin)
         if value is not None:
             predicted[candidate] = value
     order = sorted(predicted, key=lambda candidate: (-predicted[candidate], candidate.name))
-    base_size = costs.size_bytes(origin)
+    echo(f"  {len(order)} candidates predicted in {time.perf_counter() - phase:.0f} s")
 
     # the baseline itself is always within budget: the search starts from it
     best: dict[str, Any] = {
@@ -266,6 +277,7 @@ def run_search(
             "elapsed_s": elapsed(),
             "candidates": records,
             "baseline": baseline_summary,
+            "space": {"legal": legal, **skipped},
             **({"chosen": chosen} if chosen else {}),
             **({"stopped": stop} if stop else {}),
         }
@@ -278,10 +290,12 @@ def run_search(
         if elapsed() > search.time_budget_s:
             stopped = f"time budget of {search.time_budget_s:g} s spent"
             break
-        if predicted[candidate] * search.slack < best["score"]:
+        # predictions leave out per-step overhead, so they are compared with the best's own prediction: what is
+        # predicted well below the best's prediction is not going to measure above it
+        if predicted[candidate] * search.slack < best["predicted"]:
             stopped = (
-                f"no untried candidate is predicted within {search.slack:g}x of the best measured "
-                f"({best['score']:.2f}x)"
+                f"no untried candidate is predicted within {search.slack:g}x of the best's prediction "
+                f"({best['predicted']:.2f}x; measured {best['score']:.2f}x)"
             )
             break
         if candidate.base in failed_bases:  # its base could not be built: neither can this stack
@@ -308,7 +322,7 @@ def run_search(
     pipeline = _built(chosen, context, settings)
     save_log(chosen.name, stopped)
     return SearchResult(chosen, pipeline, best, records, baseline_summary, elapsed(), stopped, budget, search.target,
-                        base_row, reference)  # fmt: skip
+                        base_row, reference, {"legal": legal, **skipped})  # fmt: skip
 
 
 def _fixed_scorers(settings: BenchmarkSettings, baseline: Any, scorers: tuple[Any, Any]) -> tuple[Any, Any]:
