@@ -18,6 +18,7 @@ from dit_optimum.evaluation.domain import ClassifierRecipe, domain_classifier
 from dit_optimum.evaluation.reference import real_split
 from dit_optimum.optimizer import QualityBudget, SearchSettings, optimize, search_space
 from dit_optimum.optimizer import search as search_module
+from dit_optimum.optimizer.search import beats
 from dit_optimum.optimizer.space import Candidate, is_student, search_bases
 from dit_optimum.schemas import RESULTS, SEARCH_LOG, read_json_file
 from dit_optimum.techniques.caching import SAVED_CACHE_METHODS
@@ -239,3 +240,16 @@ def test_restricting_the_space_names_what_is_allowed():
     with pytest.raises(DiTOptimumError, match=r"`paths`=\[\] must name some of: fp32, bf16, int8"):
         SearchSettings(paths=()).validate()
     SearchSettings(bases=("baseline", "moe"), paths=("fp32",)).validate()  # from scratch when named: allowed
+
+
+def test_within_the_timing_noise_the_smaller_pipeline_wins():
+    def record(name, score, span, size):
+        return {"name": name, "score": score, "cost": {"sampling_speedup_range": span, "size_bytes": size}}
+
+    runtime_bf16 = record("a+openvino", 45.9, [43.5, 46.0], 21_000_000)
+    runtime_int8 = record("a+openvino-int8", 45.6, [44.1, 46.1], 13_000_000)
+    assert beats(runtime_int8, runtime_bf16, "sampling") and not beats(runtime_bf16, runtime_int8, "sampling")
+    clearly_faster = record("b", 60.0, [58.0, 61.0], 30_000_000)
+    assert beats(clearly_faster, runtime_int8, "sampling")
+    baseline = {"name": "baseline", "score": 1.0, "cost": {"size_bytes": 1}}
+    assert beats(runtime_bf16, baseline, "sampling")

@@ -170,7 +170,9 @@ def optimize(
         results = {"settings": settings.comparable(), "rows": [base_row, row]}
         write_json(output, RESULTS_FILE, results)
         write_card_files(output / PIPELINE_FOLDER, results, row, repo_id, None, grid)
-        write_search_report(result, output, row, notes=[f"Hardware: {row['hardware']}."])
+        hardware = row["hardware"]
+        machine = f"{hardware['cpu']}, {hardware['threads']} threads, torch {hardware['torch']}"
+        write_search_report(result, output, row, notes=[f"Measured on {machine}."])
     return OptimizeResult(result.pipeline, row, result, output)
 
 

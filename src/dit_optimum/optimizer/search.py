@@ -5,8 +5,9 @@ Candidates (``space.search_space``) are tried in order of predicted gain (``cost
 ``screen_samples`` samples against the baseline's same samples (a cheap paired test that drops clear losses), then
 judged by the benchmark's own measurement on its full N: quality with intervals, paired with the baseline on the same
 classes and seeds, and cost timed round-robin with the baseline in the same rounds. The best candidate within the
-budget is kept. The search stops when no untried candidate is predicted to come within ``slack`` of the best
-measured one, or when the time budget is spent (checked between candidates; a training round started finishes).
+budget is kept (of two within the timing noise, the smaller). The search stops when no untried candidate is
+predicted within ``slack`` of the best one's prediction, or when the time budget is spent (checked between
+candidates; a training round started finishes).
 ``search.json`` is rewritten after every candidate, so a killed search resumes where it stopped, on this machine.
 """
 
@@ -264,7 +265,7 @@ def run_search(
         "cost": {key: base_row.get(key) for key in COST_KEYS},
     }
     for record in earlier:
-        if record["status"] == "kept" and (record.get("score") or 0) > best["score"]:
+        if record["status"] == "kept" and beats(record, best, search.target):
             best = record
     stopped = "every candidate was tried"
 
@@ -314,7 +315,7 @@ def run_search(
             if record["status"] == "failed" and not _base_builds(candidate.base, context):
                 failed_bases[candidate.base] = f"its base {candidate.base} could not be built: {record['reason']}"
         records.append(record)
-        if record["status"] == "kept" and record["score"] > best["score"]:
+        if record["status"] == "kept" and beats(record, best, search.target):
             best = record
         save_log()
     chosen = Candidate.from_dict(best["candidate"])
@@ -323,6 +324,31 @@ def run_search(
     save_log(chosen.name, stopped)
     return SearchResult(chosen, pipeline, best, records, baseline_summary, elapsed(), stopped, budget, search.target,
                         base_row, reference, {"legal": legal, **skipped})  # fmt: skip
+
+
+def _span(record: Mapping[str, Any], target: str) -> tuple[float, float]:
+    """The range of ``record``'s score over its timed rounds (its score alone for exact targets: size, memory)."""
+    cost = record.get("cost") or {}
+    score = record["score"]
+    if target == "sampling" and cost.get("sampling_speedup_range"):
+        low, high = cost["sampling_speedup_range"]
+        return low, high
+    if target == "latency" and cost.get("latency_ratio_range"):
+        low, high = cost["latency_ratio_range"]
+        return 1 / high, 1 / low
+    return score, score
+
+
+def beats(record: Mapping[str, Any], best: Mapping[str, Any], target: str) -> bool:
+    """Whether kept ``record`` is better than ``best`` on ``target``: a higher score, unless the two are within the
+    timing noise (their ranges over the timed rounds overlap), where the smaller saved size wins."""
+    (low, high), (best_low, best_high) = _span(record, target), _span(best, target)
+    if low > best_high or high < best_low or best["name"] == "baseline":
+        return record["score"] > best["score"]
+    size, best_size = (record.get("cost") or {}).get("size_bytes"), (best.get("cost") or {}).get("size_bytes")
+    if size and best_size and size != best_size:
+        return size < best_size
+    return record["score"] > best["score"]
 
 
 def _fixed_scorers(settings: BenchmarkSettings, baseline: Any, scorers: tuple[Any, Any]) -> tuple[Any, Any]:
