@@ -253,3 +253,51 @@ def test_within_the_timing_noise_the_smaller_pipeline_wins():
     assert beats(clearly_faster, runtime_int8, "sampling")
     baseline = {"name": "baseline", "score": 1.0, "cost": {"size_bytes": 1}}
     assert beats(runtime_bf16, baseline, "sampling")
+
+
+def test_a_cost_only_run_of_the_default_preset_leaves_the_search_out(tmp_path):
+    from dit_optimum.benchmark.settings import DEFAULT_TECHNIQUES, settings_from_arguments
+    from dit_optimum.cli import build_parser
+
+    def parsed(*options):
+        return settings_from_arguments(
+            build_parser().parse_args(["benchmark", "--output-dir", str(tmp_path), *options])
+        )
+
+    assert "optimized" in DEFAULT_TECHNIQUES and "optimized" in parsed().techniques
+    assert parsed("--speed-only").techniques == tuple(t for t in DEFAULT_TECHNIQUES if t != "optimized")
+    assert parsed("--speed-only", "--techniques", "baseline,optimized").techniques == ("baseline", "optimized")
+
+
+def test_the_cards_line_follows_the_chosen_stack_and_renders_nothing_else_of_it():
+    from dit_optimum.hub.cards import loading_code
+
+    row = {"technique": "optimized", "dtype": "float32", "optimize": {"stack": {"base": "baseline", "path": "int8"}}}
+    assert "torch_dtype=torch.float32" in loading_code("org/dit", row)  # torchao: the dtype is always named
+    saved = {**row, "optimize": {"stack": {"base": "baseline", "path": "fp32", "cache": {"method": "block-schedule"}}}}
+    assert "block reuse schedule is saved with the model" in loading_code("org/dit", saved)
+    hostile = {"technique": "optimized", "optimize": {"stack": {"path": "__import__('os')", "cache": {
+        "method": "taylorseer", "cache_interval": "__import__('os').system('x')"}}}}  # fmt: skip
+    code = loading_code("org/dit", hostile)
+    assert "__import__" not in code and "enable_step_cache" not in code
+
+
+def test_a_release_of_the_optimized_cell_rebuilds_the_recorded_stack_without_searching(tiny_run, tmp_path, monkeypatch):
+    from dit_optimum.hub import release
+
+    folder, settings, baseline, (inception, classifier) = tiny_run
+    monkeypatch.setenv("DIT_OPTIMUM_CACHE", str(folder / "cache"))
+    technique = TECHNIQUES["optimized"]
+    options = {**technique.options, "bases": ["baseline"], "paths": list(PATHS)}
+    monkeypatch.setitem(TECHNIQUES, "optimized", replace(technique, options=options))
+    bench = replace(settings, output_dir=str(tmp_path / "bench"), techniques=("baseline", "optimized"),
+                    pretrained={"DiT-XS/4": baseline})  # fmt: skip
+    rows = run_benchmark(bench, inception=inception, classifier=classifier)
+    row = {r["technique"]: r for r in rows}["optimized"]
+    from dit_optimum.optimizer import technique as technique_module
+
+    monkeypatch.setattr(technique_module, "run_search", lambda *a, **k: pytest.fail("a release must not search"))
+    released = release(tmp_path / "bench", "org", tmp_path / "releases", techniques=["optimized"])
+    loaded = DiTOptimumPipeline.from_pretrained(released[0].folder)
+    assert loaded.sampling_defaults["num_inference_steps"] == row["sampling_steps"]
+    assert "optimized" in (released[0].folder / "README.md").read_text()

@@ -456,6 +456,8 @@ def settings_from_arguments(args: argparse.Namespace) -> BenchmarkSettings:
         "speed_only": args.speed_only or None,
     }
     settings = replace(settings, **{key: value for key, value in matrix.items() if value is not None})
+    if settings.speed_only and args.techniques is None:  # a preset's cells that judge quality have no cost-only form
+        settings.techniques = tuple(name for name in settings.techniques if not TECHNIQUES[name].needs_quality)
     training = {
         "steps": args.train_steps,
         "batch_size": args.train_batch_size,

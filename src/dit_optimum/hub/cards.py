@@ -164,6 +164,24 @@ def _uses_torchao(options: Any) -> bool:
     return False
 
 
+def _searched_stack(row: Mapping[str, Any]) -> dict[str, Any]:
+    """The forward path's options and the saved cache of an optimizer's row (``optimize.stack``), read only from the
+    declarations (a path name is looked up, a cache kept only when it is one a saved pipeline carries): nothing of
+    the file reaches the card's code but a declared name."""
+    from ..techniques.caching import SAVED_CACHE_METHODS
+    from ..techniques.runtimes import FORWARD_PATHS
+
+    stack = (row.get("optimize") or {}).get("stack") if isinstance(row.get("optimize"), Mapping) else None
+    stack = stack if isinstance(stack, Mapping) else {}
+    path = FORWARD_PATHS.get(stack.get("path")) if isinstance(stack.get("path"), str) else None
+    cache = stack.get("cache") if isinstance(stack.get("cache"), Mapping) else {}
+    method = cache.get("method")
+    return {
+        "path": dict(path[1]) if path else {},
+        "cache": {"method": method} if isinstance(method, str) and method in SAVED_CACHE_METHODS else None,
+    }
+
+
 def loading_code(repo_id: str, row: Mapping[str, Any], needs_package: str | None = "") -> str:
     """The lines a user types to load and sample this release (run as written by the tests). Every value is
     checked (a Hub id, a torch dtype name, numbers) before it becomes Python source.
@@ -181,13 +199,15 @@ def loading_code(repo_id: str, row: Mapping[str, Any], needs_package: str | None
     dtype = row.get("dtype", "float32")
     loader = f"DiffusionPipeline.from_pretrained({json.dumps(repo_id)})"
     technique = TECHNIQUES.get(str(row.get("technique")))
+    searched = _searched_stack(row)
     # diffusers loads torchao models in bfloat16 unless told otherwise; stock DiTPipeline then decodes bfloat16
     # latents with the VAE's dtype: the dtype is always named for torchao releases
-    if dtype != "float32" or (technique is not None and _uses_torchao(technique.options)):
+    torchao = (technique is not None and _uses_torchao(technique.options)) or _uses_torchao(searched["path"])
+    if dtype != "float32" or torchao:
         loader = f"DiffusionPipeline.from_pretrained({json.dumps(repo_id)}, torch_dtype=torch.{dtype})"
     steps = int(row.get("quality_settings", {}).get("num_inference_steps", 10))
     guidance = float(row.get("quality_settings", {}).get("guidance_scale", 2.0))
-    cache = sampling_cache(str(row.get("technique")))
+    cache = sampling_cache(str(row.get("technique"))) or searched["cache"]
     sampler = row.get("sampler")
     recorded = row.get("sampling_defaults") or {}
     steps = int(recorded.get("num_inference_steps", steps))  # what the benchmark sampled it with, as recorded

@@ -86,7 +86,8 @@ def release(
         for row in rows:
             variant = row["variant"]
             context = contexts.setdefault(variant, VariantContext(settings, variant, trainer=_never_train))
-            pipeline = get_technique(row["technique"]).build(context)
+            technique = get_technique(row["technique"])
+            pipeline = technique.rebuild(context, row) if technique.rebuild else technique.build(context)
             _check_measured(pipeline, row)
             repo_id = f"{org}/{repo_name(variant, row['technique'])}"
             base = None if row["technique"] == "baseline" else f"{org}/{repo_name(variant, 'baseline')}"

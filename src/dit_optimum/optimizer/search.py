@@ -320,7 +320,7 @@ def run_search(
         save_log()
     chosen = Candidate.from_dict(best["candidate"])
     echo(f"  chosen: {chosen.name} ({best['score']:.2f}x on {search.target}; {stopped})")
-    pipeline = _built(chosen, context, settings)
+    pipeline = built_candidate(chosen, context, settings)
     save_log(chosen.name, stopped)
     return SearchResult(chosen, pipeline, best, records, baseline_summary, elapsed(), stopped, budget, search.target,
                         base_row, reference, {"legal": legal, **skipped})  # fmt: skip
@@ -373,7 +373,7 @@ def _base_builds(base: str, context: Any) -> bool:
     return True
 
 
-def _built(candidate: Candidate, context: Any, settings: BenchmarkSettings) -> Any:
+def built_candidate(candidate: Candidate, context: Any, settings: BenchmarkSettings) -> Any:
     """The candidate's pipeline, recording the steps and guidance it was judged with: loaded with no other
     argument, it samples as it was measured."""
     pipeline = candidate.build(context)
@@ -418,7 +418,7 @@ def _try(
         share = costs.size_bytes(candidate) / base_size
         return finish("dropped", "cost", f"size {100 * share:.0f}% of the baseline's, above {100 * search.max_size:g}%")
     try:
-        pipeline = _built(candidate, context, settings)
+        pipeline = built_candidate(candidate, context, settings)
     except Exception as error:  # a base that cannot be trained here, a path that fails to build: next candidate
         return finish("failed", "build", f"{type(error).__name__}: {error}")
     count = min(search.screen_samples, quality.num_samples)

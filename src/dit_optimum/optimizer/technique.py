@@ -9,10 +9,11 @@ from typing import Any
 from ..benchmark.contexts import VariantContext, slug
 from ..errors import DiTOptimumError
 from ..pipelines.dit import DiTOptimumPipeline
-from ..techniques.registry import register_technique
+from ..techniques.registry import check_stack, get_technique, register_technique
 from .budget import QualityBudget
 from .report import write_search_report
-from .search import SearchSettings, run_search
+from .search import SearchSettings, built_candidate, run_search
+from .space import Candidate
 
 SEARCH_FOLDER = "optimize"
 
@@ -51,6 +52,23 @@ def optimized(
     return pipeline
 
 
+def rebuild_optimized(context: Any, row: dict[str, Any]) -> DiTOptimumPipeline:
+    """The stack an ``optimized`` row records as chosen (``optimize.stack``), built again from the run's trained
+    models: a release ships what was measured, without searching again."""
+    stack = (row.get("optimize") or {}).get("stack")
+    if not isinstance(stack, dict):
+        raise DiTOptimumError(f"The {row.get('variant')} / optimized row records no chosen stack (`optimize.stack`).")
+    try:
+        candidate = Candidate.from_dict(stack)
+        get_technique(candidate.base)
+        check_stack(candidate.stack())
+    except (KeyError, TypeError, ValueError, IndexError, DiTOptimumError) as error:
+        raise DiTOptimumError(
+            f"The optimized row's `optimize.stack`={stack!r} is not a registered stack: {error}"
+        ) from None
+    return built_candidate(candidate, context, context.settings)
+
+
 # The default run's row: the fastest sampling within the default budget (no significant change) at most 30% of the
 # baseline's saved size, searched for at most 4 minutes (it stops sooner once no untried stack can win).
 OPTIMIZED = {"target": "sampling", "max_size": 0.3, "time_budget_s": 240.0}
@@ -61,4 +79,6 @@ register_technique(
     "`dit-optimum optimize`'s search over the registered stacks",
     OPTIMIZED,
     trains=True,
+    needs_quality=True,
+    rebuild=rebuild_optimized,
 )

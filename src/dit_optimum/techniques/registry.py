@@ -61,6 +61,11 @@ class Technique:
     # trained from scratch under the whole recipe (attention types, MoE, a distilled student): minutes per model,
     # against seconds for what starts from a trained model (a recovery, a step-distillation round)
     from_scratch: bool = False
+    # built by judging quality (the optimizer's search): nothing to build in a cost-only (--speed-only) run
+    needs_quality: bool = False
+    # rebuild(context, row) -> pipeline: how a release rebuilds the measured pipeline from its row, where building it
+    # again would not give the same one (a search, which a release on another machine would redo); None: ``build``
+    rebuild: Callable[..., DiTOptimumPipeline] | None = None
 
     def build(self, context: TechniqueContext) -> DiTOptimumPipeline:
         return self.apply(context, **self.options)
@@ -77,6 +82,8 @@ def register_technique(
     *,
     trains: bool = False,
     from_scratch: bool = False,
+    needs_quality: bool = False,
+    rebuild: Callable[..., DiTOptimumPipeline] | None = None,
 ) -> Technique:
     """Add a technique under ``name`` (names are unique); ``options`` are passed to ``apply`` as keywords. A stack
     (``apply=stacked``) whose parts do not compose is refused here, before anything is built."""
@@ -84,7 +91,9 @@ def register_technique(
         raise DiTOptimumError(f"A technique named {name!r} is already registered.")
     if apply is stacked:
         check_stack(dict(options or {}))
-    technique = Technique(name, apply, description, dict(options or {}), trains or from_scratch, from_scratch)
+    technique = Technique(
+        name, apply, description, dict(options or {}), trains or from_scratch, from_scratch, needs_quality, rebuild
+    )
     TECHNIQUES[name] = technique
     return technique
 
