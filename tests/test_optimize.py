@@ -2,11 +2,13 @@
 search is anytime and resumable, and its pipeline, card, report and log are what it says it chose."""
 
 import json
+import shutil
 import subprocess
 import sys
 from dataclasses import replace
 
 import pytest
+import torch
 
 from conftest import TinyFeatureExtractor
 from dit_optimum import DiTOptimumError, DiTOptimumPipeline
@@ -74,7 +76,7 @@ def test_the_budget_is_the_paired_test_in_the_metrics_own_units():
 def test_search_settings_are_checked_naming_the_parameter():
     for settings, message in (
         (SearchSettings(target="speed"), "Unknown `target`='speed'; allowed values: sampling, latency, size, memory"),
-        (SearchSettings(time_budget_s=float("nan")), "`time_budget_s`"),
+        (SearchSettings(time_budget=float("nan")), "`time_budget`"),
         (SearchSettings(max_size=1.5), "`max_size`=1.5"),
         (SearchSettings(screen_samples=-1), "`screen_samples`"),
         (SearchSettings(slack=0.5), "`slack`"),
@@ -96,11 +98,11 @@ def tiny_run(tmp_path_factory):
     return folder, settings, baseline, (TinyFeatureExtractor(), classifier)
 
 
-def _optimize(tiny_run, output, monkeypatch, **options):
+def _optimize(tiny_run, output, monkeypatch, pipe=None, **options):
     folder, settings, baseline, (inception, classifier) = tiny_run
     monkeypatch.setenv("DIT_OPTIMUM_CACHE", str(folder / "cache"))
     options = {"bases": BASES, "paths": PATHS, "time_budget": 300.0, "screen_samples": 10, **options}
-    return optimize(baseline, "digits", output_dir=output, quality=settings.quality, speed=settings.speed,
+    return optimize(pipe or baseline, "digits", output_dir=output, quality=settings.quality, speed=settings.speed,
                     training=settings.training, inception=inception, classifier=classifier, **options)  # fmt: skip
 
 
@@ -189,10 +191,13 @@ def test_time_budget_and_size_limit_bound_the_search(tiny_run, tmp_path, monkeyp
     # fp32 weights of an unpruned model are over 30% of the baseline's size: never tried, counted
     assert all(r["candidate"]["path"] != "fp32" or r["candidate"]["base"] != "baseline" for r in small.search.records)
     assert small.search.space["over_size_limit"] >= 10 and small.search.space["legal"] > len(small.search.records)
-    chosen = small.search.candidate.name
-    assert chosen == "baseline" or small.row["size_bytes"] <= 0.3 * small.search.baseline["size_bytes"]
+    assert small.row["size_bytes"] <= 0.3 * small.search.baseline["size_bytes"]
     report = (tmp_path / "small" / "report.md").read_text()
     assert f"{small.search.space['over_size_limit']} of them over the size limit" in report
+    # nothing within the size limit: an error naming it, never the full-size baseline shipped as if it fitted
+    with pytest.raises(DiTOptimumError, match=r"No pipeline within `max_size`=1e-06 .* the baseline itself is 100%"):
+        _optimize(tiny_run, tmp_path / "tiny", monkeypatch, max_size=1e-6)
+    assert not (tmp_path / "tiny" / "pipeline").exists() and (tmp_path / "tiny" / "search.json").is_file()
 
 
 def test_the_benchmarks_optimized_row_searches_the_runs_own_cells(tiny_run, tmp_path, monkeypatch):
@@ -234,10 +239,10 @@ def test_a_pipeline_of_no_preset_is_refused_naming_the_presets(tmp_path):
 
 
 def test_restricting_the_space_names_what_is_allowed():
-    allowed = r"`bases`=\[.moe-x.\] must name some of: baseline, attention-gqa, .*prune-depth-75-recover"
+    allowed = r"`bases`=\[.moe-x.\] must name some of, each once: baseline, attention-gqa, .*prune-depth-75-recover"
     with pytest.raises(DiTOptimumError, match=allowed):
         SearchSettings(bases=("moe-x",)).validate()
-    with pytest.raises(DiTOptimumError, match=r"`paths`=\[\] must name some of: fp32, bf16, int8"):
+    with pytest.raises(DiTOptimumError, match=r"`paths`=\[\] must name some of, each once: fp32, bf16, int8"):
         SearchSettings(paths=()).validate()
     SearchSettings(bases=("baseline", "moe"), paths=("fp32",)).validate()  # from scratch when named: allowed
 
@@ -288,7 +293,7 @@ def test_a_release_of_the_optimized_cell_rebuilds_the_recorded_stack_without_sea
     folder, settings, baseline, (inception, classifier) = tiny_run
     monkeypatch.setenv("DIT_OPTIMUM_CACHE", str(folder / "cache"))
     technique = TECHNIQUES["optimized"]
-    options = {**technique.options, "bases": ["baseline"], "paths": list(PATHS)}
+    options = {**technique.options, "bases": ["baseline"], "paths": list(PATHS), "max_size": None}
     monkeypatch.setitem(TECHNIQUES, "optimized", replace(technique, options=options))
     bench = replace(settings, output_dir=str(tmp_path / "bench"), techniques=("baseline", "optimized"),
                     pretrained={"DiT-XS/4": baseline})  # fmt: skip
@@ -301,3 +306,53 @@ def test_a_release_of_the_optimized_cell_rebuilds_the_recorded_stack_without_sea
     loaded = DiTOptimumPipeline.from_pretrained(released[0].folder)
     assert loaded.sampling_defaults["num_inference_steps"] == row["sampling_steps"]
     assert "optimized" in (released[0].folder / "README.md").read_text()
+
+
+def test_the_output_never_overwrites_the_baseline_or_a_users_pipeline(tiny_run, tmp_path, monkeypatch):
+    baseline = tiny_run[2]
+    inside = tmp_path / "out" / "pipeline"
+    shutil.copytree(baseline, inside)
+    with pytest.raises(DiTOptimumError, match="overlap: the result would be written over or into the baseline"):
+        _optimize(tiny_run, tmp_path / "out", monkeypatch, pipe=inside)
+    foreign = tmp_path / "other"
+    shutil.copytree(baseline, foreign / "pipeline")
+    (foreign / "pipeline" / ".dit_optimum.manifest.json").unlink(missing_ok=True)
+    before = (foreign / "pipeline" / "model_index.json").read_bytes()
+    with pytest.raises(DiTOptimumError, match="holds a pipeline/ folder that dit-optimum did not write"):
+        _optimize(tiny_run, foreign, monkeypatch)
+    assert (foreign / "pipeline" / "model_index.json").read_bytes() == before
+    with pytest.raises(DiTOptimumError, match="repo_id"):  # checked before any work
+        _optimize(tiny_run, tmp_path / "bad", monkeypatch, repo_id="my repo!!")
+    assert not (tmp_path / "bad").exists()
+    with pytest.raises(DiTOptimumError, match="names 'class_accuracy' twice"):
+        QualityBudget.parse("class_accuracy=1,class_accuracy=2")
+
+
+def test_a_hand_edited_or_foreign_log_is_refused_or_not_reused(tiny_run, tmp_path, monkeypatch):
+    result = _optimize(tiny_run, tmp_path / "out", monkeypatch)
+    log_path = tmp_path / "out" / "search.json"
+    log = json.loads(log_path.read_text())
+    kept = next(record for record in log["candidates"] if record["status"] == "kept")
+    kept["candidate"]["path"] = "openvino"  # a stack this search does not allow, shipped if trusted
+    log_path.write_text(json.dumps(log))
+    with pytest.raises(DiTOptimumError, match=r"search log .* is damaged .*name is not its stack's"):
+        _optimize(tiny_run, tmp_path / "out", monkeypatch)
+    kept["candidate"]["path"], kept["cost"] = "fp32", [1]
+    log_path.write_text(json.dumps(log))
+    with pytest.raises(DiTOptimumError, match="is damaged"):
+        _optimize(tiny_run, tmp_path / "out", monkeypatch)
+    assert result.search.records
+    # the same path with other weights: a new search, not the old one's records
+    baseline = tiny_run[2]
+    moved = tmp_path / "moved"
+    shutil.copytree(baseline, moved)
+    first = _optimize(tiny_run, tmp_path / "again", monkeypatch, pipe=moved)
+    pipeline = DiTOptimumPipeline.from_pretrained(moved)
+    with torch.no_grad():
+        next(pipeline.transformer.parameters()).add_(0.01)
+    pipeline.save_pretrained(moved)
+    calls = []
+    original = search_module._try
+    monkeypatch.setattr(search_module, "_try", lambda c, *a, **k: calls.append(c.name) or original(c, *a, **k))
+    _optimize(tiny_run, tmp_path / "again", monkeypatch, pipe=moved)
+    assert calls and first.search.records

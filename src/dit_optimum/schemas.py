@@ -861,8 +861,11 @@ SEARCH_CANDIDATE = Object(
         "predicted": Nullable(NON_NEGATIVE),
         "score": Nullable(NON_NEGATIVE),
         "screen": ANY_JSON,
-        "quality": ANY_JSON,
-        "cost": ANY_JSON,
+        "quality": Object(
+            optional={"vs_baseline": MapOf(COMPARISON, key=Str("a declared metric key", choices=_metric_keys))},
+            extra=_row_column,
+        ),
+        "cost": Object(extra=_row_column),
     },
 )
 SEARCH_LOG = Object(
@@ -874,7 +877,14 @@ SEARCH_LOG = Object(
         "elapsed_s": NON_NEGATIVE,
         "candidates": List(SEARCH_CANDIDATE, max_items=100_000),
     },
-    optional={"stopped": NAME, "chosen": Nullable(NAME), "baseline": ANY_JSON, "space": MapOf(COUNT, max_items=16)},
+    optional={
+        "stopped": NAME,
+        "chosen": Nullable(NAME),
+        "baseline": ANY_JSON,
+        "space": MapOf(COUNT, max_items=16),
+        "predictions": MapOf(NON_NEGATIVE, max_items=1_000_000),
+        "baseline_sha256": SHA256,
+    },
 )
 # trainer_state.json of a training checkpoint.
 TRAINER_STATE = Object(

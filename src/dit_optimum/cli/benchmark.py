@@ -11,7 +11,7 @@ NAME = "benchmark"
 HELP = "The multi-method benchmark: variants x techniques, FID/sFID/KID, GFLOPs, speed, memory, size."
 DESCRIPTION = (
     "Runs (or resumes) the matrix and writes results.json/.csv, report.md and plots. With no arguments: the "
-    "embedded small-scale run on the digits data (about 13 minutes on 2 CPU cores)."
+    "embedded small-scale run on the digits data (about 12 minutes on 2 CPU cores)."
 )
 
 

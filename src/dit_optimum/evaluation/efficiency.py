@@ -59,7 +59,8 @@ def efficiency_metrics(pipeline, settings: SpeedSettings | None = None, referenc
     the numbers to compare, not absolute throughputs measured minutes apart.
 
     ``pipeline`` samples with its recorded sampling defaults where it has them (``sampling_options``: a few-step
-    solver is timed at its own steps), the ``reference`` with ``settings``' steps and guidance; ``speed_settings``
+    solver is timed at its own steps), the ``reference`` likewise (``settings``' steps and guidance unless it records
+    its own); ``speed_settings``
     in the result records the candidate's.
     """
     settings = settings or SpeedSettings()
@@ -76,8 +77,9 @@ def efficiency_metrics(pipeline, settings: SpeedSettings | None = None, referenc
         return lambda: model(*inputs)
 
     def sample_call(pipe, count: int) -> Callable[[], Any]:
-        # the candidate at its own steps and guidance, the reference at the settings'
-        own = (steps, guidance) if pipe is pipeline else (settings.num_inference_steps, settings.guidance_scale)
+        # each at its own recorded steps and guidance where it records them (a baseline that is itself a few-step
+        # student samples as it was made to), else at the settings'
+        own = sampling_options(pipe, settings.num_inference_steps, settings.guidance_scale)
         return lambda: generate_images(pipe, range(count), *own, seed=0)
 
     def timed(calls: dict[str, Callable[[], Any]]) -> dict[str, list[float]]:

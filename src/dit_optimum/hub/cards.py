@@ -177,6 +177,7 @@ def _searched_stack(row: Mapping[str, Any]) -> dict[str, Any]:
     cache = stack.get("cache") if isinstance(stack.get("cache"), Mapping) else {}
     method = cache.get("method")
     return {
+        "chosen": bool(stack),
         "path": dict(path[1]) if path else {},
         "cache": {"method": method} if isinstance(method, str) and method in SAVED_CACHE_METHODS else None,
     }
@@ -254,6 +255,17 @@ def loading_code(repo_id: str, row: Mapping[str, Any], needs_package: str | None
         )
     if needs_package:
         package.insert(0, f"# dit-optimum is needed to load this release: {_comment(needs_package)}")
+    call = f"num_inference_steps={steps}, guidance_scale={guidance!r}, "
+    if searched["chosen"]:  # the optimizer's pipeline samples as it was judged from its recorded defaults alone
+        loader = loader.replace("DiffusionPipeline.from_pretrained", "DiTOptimumPipeline.from_pretrained")
+        imports = imports.replace(
+            "from diffusers import DiffusionPipeline", "from dit_optimum import DiTOptimumPipeline"
+        )
+        if "DiTOptimumPipeline" not in imports:
+            imports = "from dit_optimum import DiTOptimumPipeline"
+        package = [line for line in package if not line.startswith("import dit_optimum")]
+        sampling_lines = [f"# samples with the {steps} steps and guidance {guidance!r} it was judged with (recorded)"]
+        call = ""
     return "\n".join(
         [
             "import torch",
@@ -264,8 +276,7 @@ def loading_code(repo_id: str, row: Mapping[str, Any], needs_package: str | None
             *cache_lines,
             *sampling_lines,
             "generator = torch.Generator().manual_seed(0)",
-            f"images = pipe(class_labels=[0, 1, 2, 3], num_inference_steps={steps}, guidance_scale={guidance!r}, "
-            "generator=generator).images",
+            f"images = pipe(class_labels=[0, 1, 2, 3], {call}generator=generator).images",
             'images[0].save("sample.png")',
         ]
     )

@@ -26,11 +26,14 @@ from ..errors import DiTOptimumError
 from ..evaluation.efficiency import SpeedSettings
 from ..evaluation.hardware import hardware_description
 from ..evaluation.quality import QualitySettings, output_resolution, resolve_metrics
-from ..files import check_writable, claim_files, folder_lock, write_json
+from ..files import check_save_target, check_writable, claim_files, folder_lock, read_manifest, write_json
+from ..hub.cards import RESULTS_FILE as CARD_RESULTS_FILE
+from ..hub.cards import SAMPLE_GRID
 from ..hub.releases import write_card_files
 from ..models.autoencoder import IdentityAutoencoder
 from ..models.runtimes import weights_digest
 from ..pipelines.dit import DiTOptimumPipeline
+from ..schemas import check_repo_id
 from .budget import QualityBudget
 from .report import PLOT_FILE, REPORT_FILE, write_search_report
 from .search import SEARCH_FILE, SearchResult, SearchSettings, run_search
@@ -65,35 +68,71 @@ def matching_preset(pipeline: DiTOptimumPipeline) -> str:
     """The DiT preset whose architecture ``pipeline``'s transformer has (its trained models are trained as that
     preset); a model of no preset's shape is refused, naming the presets."""
     config = pipeline.transformer.config
+    heads, widths = config.get("layer_heads"), config.get("layer_mlp_dims")
+    uniform = (heads is None or set(heads) == {config.get("num_attention_heads")}) and (
+        widths is None or (len(set(widths)) == 1 and widths[0] == int(config.get("mlp_ratio", 4) * _width(config)))
+    )
     for name in preset_names():
         expected = dit_config(name)
-        if all(config.get(key) == expected.get(key) for key in _ARCHITECTURE_KEYS):
+        if uniform and all(config.get(key) == expected.get(key) for key in _ARCHITECTURE_KEYS):
             return name
-    found = ", ".join(f"{key}={config.get(key)!r}" for key in _ARCHITECTURE_KEYS)
+    found = ", ".join(f"{key}={config.get(key)!r}" for key in (*_ARCHITECTURE_KEYS, "layer_heads", "layer_mlp_dims"))
     raise DiTOptimumError(
         f"`pipe` is not a DiT preset ({found}); `optimize` searches from a preset's architecture: one of "
         f"{', '.join(preset_names())}."
     )
 
 
-def _baseline_source(pipe: Any, work: Path) -> tuple[str, DiTOptimumPipeline, Path]:
-    """The baseline as a folder to train from, its pipeline and the work folder of its models (one per baseline's
-    weights: models derived from another baseline are never reused)."""
+def _width(config: Mapping[str, Any]) -> int:
+    return int(config.get("num_attention_heads")) * int(config.get("attention_head_dim"))
+
+
+def _loaded_baseline(pipe: Any) -> DiTOptimumPipeline:
+    """The baseline pipeline (loaded when given as a folder or Hub id); a runtime pipeline is refused."""
     if isinstance(pipe, (str, os.PathLike)):
-        source = str(pipe)
-        pipeline = DiTOptimumPipeline.from_pretrained(source)
+        pipeline = DiTOptimumPipeline.from_pretrained(pipe)
     elif isinstance(pipe, DiTOptimumPipeline):
-        pipeline, source = pipe, ""
+        pipeline = pipe
     else:
         raise DiTOptimumError(f"`pipe` must be a DiTOptimumPipeline or a pipeline folder, got {type(pipe).__name__}.")
     if getattr(pipeline.transformer, "runtime", None) is not None:
         raise DiTOptimumError("`pipe` runs an exported runtime: give the float32 torch pipeline it was made from.")
+    return pipeline
+
+
+def _claim_output(output_dir: Any, pipe: Any) -> Path:
+    """The output folder, checked before any work: not the baseline's folder or one around it, no file of a user's
+    at the names it writes, and ``pipeline/`` absent or written by this package."""
+    output = claim_files(output_dir, OUTPUT_FILES)
+    if isinstance(pipe, (str, os.PathLike)) and Path(pipe).expanduser().is_dir():
+        source, target = Path(pipe).expanduser().resolve(), output.expanduser().resolve()
+        if source == target or target in source.parents or source in target.parents:
+            raise DiTOptimumError(
+                f"`output_dir`={str(output_dir)!r} and the baseline {str(pipe)!r} overlap: the result would be written "
+                "over or into the baseline. Choose an output folder outside it."
+            )
+    folder = output / PIPELINE_FOLDER
+    check_save_target(folder, "model_index.json", False, "output_dir")
+    if os.path.lexists(folder) and read_manifest(folder) is None:
+        raise DiTOptimumError(
+            f"`output_dir`={str(output_dir)!r} holds a {PIPELINE_FOLDER}/ folder that dit-optimum did not write; the "
+            "chosen pipeline is saved there. Move it away or choose another output folder."
+        )
+    claim_files(folder, ("README.md", CARD_RESULTS_FILE, SAMPLE_GRID))
+    check_writable(output)
+    return output
+
+
+def _baseline_source(pipe: Any, pipeline: DiTOptimumPipeline, work: Path) -> tuple[str, Path]:
+    """The baseline as a folder to train from, and the work folder of its models (one per baseline's weights:
+    models derived from another baseline are never reused)."""
     folder = work / weights_digest(pipeline.transformer)[:16]
+    source = str(pipe) if isinstance(pipe, (str, os.PathLike)) else ""
     if not source:  # an in-memory pipeline is saved once, as the folder its derived models train from
         source = str(folder / "baseline")
         if not (Path(source) / "model_index.json").is_file():
             pipeline.save_pretrained(source)
-    return source, pipeline, folder
+    return source, folder
 
 
 def optimize(
@@ -137,12 +176,13 @@ def optimize(
         paths=tuple(paths) if paths is not None else None,
     )
     search.validate()
-    output = claim_files(output_dir, OUTPUT_FILES)
-    check_writable(output)
+    check_repo_id(repo_id, "repo_id")
+    baseline = _loaded_baseline(pipe)  # refused here, before the output folder is touched
+    variant = matching_preset(baseline)
+    output = _claim_output(output_dir, pipe)
     state = PartialState(cpu=True)
     with folder_lock(output, "optimize"):
-        source, baseline, work = _baseline_source(pipe, output / WORK_FOLDER)
-        variant = matching_preset(baseline)
+        source, work = _baseline_source(pipe, baseline, output / WORK_FOLDER)
         pixels = isinstance(baseline.vae, IdentityAutoencoder)
         defaults = BenchmarkSettings()
         settings = BenchmarkSettings(

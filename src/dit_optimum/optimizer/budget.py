@@ -55,6 +55,8 @@ class QualityBudget:
         drops: dict[str, float] = {}
         for entry in budget.split(","):
             key, separator, value = entry.strip().partition("=")
+            if key.strip() in drops:
+                raise DiTOptimumError(f"`budget` names {key.strip()!r} twice; give each metric's drop once.")
             try:
                 drops[key.strip()] = float(value)
             except ValueError:

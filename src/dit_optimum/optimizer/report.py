@@ -148,9 +148,11 @@ def write_search_report(
         lines.append(f"- **Weak baseline**: {markdown_text(result.baseline['baseline_weak'], 400)}.")
     lines += ["", "## The chosen pipeline", ""]
     source = final if final else result.record.get("cost") or {}
-    score = final.get("sampling_speedup") if final and result.target == "sampling" else result.record.get("score")
-    span = final.get("sampling_speedup_range") if final and result.target == "sampling" else None
-    shown = f"{score:.2f}x" + (f" [{span[0]:.2f}, {span[1]:.2f}] over the timed rounds" if span else "")
+    if final and result.target == "sampling":
+        span = final["sampling_speedup_range"]
+        shown = f"{final['sampling_speedup']:.2f}x [{span[0]:.2f}, {span[1]:.2f}] over the timed rounds"
+    else:
+        shown = _score(result.record, result.target) + " over the timed rounds"
     lines.append(f"- {result.target}: {shown} against the baseline, timed round-robin in the same run.")
     if source.get("size_bytes") and result.baseline.get("size_bytes"):
         share = 100 * source["size_bytes"] / result.baseline["size_bytes"]

@@ -32,6 +32,7 @@ from ..evaluation.hardware import hardware_description
 from ..evaluation.quality import evaluate_quality, output_resolution, resolve_metrics
 from ..evaluation.reference import real_split
 from ..files import write_json
+from ..models.runtimes import weights_digest
 from ..schemas import SEARCH_LOG, FileContentError, read_json_file
 from ..techniques.runtimes import available_paths
 from ..utils import is_integer
@@ -60,14 +61,14 @@ COST_KEYS = (
 
 @dataclass
 class SearchSettings:
-    """What the search makes best (``target``, a ``TARGETS`` name) within ``budget``; ``time_budget_s`` of search
+    """What the search makes best (``target``, a ``TARGETS`` name) within ``budget``; ``time_budget`` of search
     in all (across resumed runs); ``max_size``: the largest saved size allowed, as a fraction of the baseline's (None:
     any); ``screen_samples``: the N of the cheap screen (0: no screen); ``slack``: candidates predicted within this
     factor of the best one's prediction are still tried; ``bases`` / ``paths`` restrict the space (None: all)."""
 
     budget: QualityBudget = field(default_factory=QualityBudget)
     target: str = "sampling"
-    time_budget_s: float = 600.0
+    time_budget: float = 600.0
     max_size: float | None = None
     screen_samples: int = 100
     slack: float = 1.25
@@ -75,9 +76,9 @@ class SearchSettings:
     paths: tuple[str, ...] | None = None
 
     def validate(self) -> None:
-        if self.target not in TARGETS:
+        if not isinstance(self.target, str) or self.target not in TARGETS:
             raise DiTOptimumError(f"Unknown `target`={self.target!r}; allowed values: {', '.join(TARGETS)}.")
-        for name, value, low in (("time_budget_s", self.time_budget_s, 0), ("slack", self.slack, 1)):
+        for name, value, low in (("time_budget", self.time_budget, 0), ("slack", self.slack, 1)):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value) or value < low:
                 raise DiTOptimumError(f"`{name}`={value!r} must be a finite number >= {low}.")
         size = self.max_size
@@ -91,18 +92,18 @@ class SearchSettings:
         for name, given in (("bases", self.bases), ("paths", self.paths)):
             if given is None:
                 continue
-            unknown = [item for item in given if item not in allowed[name]]
-            if unknown or not given or isinstance(given, str):
+            unknown = [item for item in given if not isinstance(item, str) or item not in allowed[name]]
+            if isinstance(given, str) or unknown or not given or len(set(given)) != len(given):
                 raise DiTOptimumError(
-                    f"`{name}`={list(given) if not isinstance(given, str) else given!r} must name some of: "
+                    f"`{name}`={given if isinstance(given, str) else list(given)!r} must name some of, each once: "
                     f"{', '.join(allowed[name])} (a runtime's path needs its extra, e.g. dit-optimum[openvino])."
                 )
 
     def comparable(self) -> dict[str, Any]:
         """What binds a search log to its search (the time budget may grow between runs)."""
-        stored = {key: value for key, value in asdict(self).items() if key not in ("time_budget_s", "budget")}
+        stored = {key: value for key, value in asdict(self).items() if key not in ("time_budget", "budget")}
         stored["budget"] = self.budget.to_dict()
-        return {key: list(value) if isinstance(value, tuple) else value for key, value in stored.items()}
+        return {key: sorted(value) if isinstance(value, tuple) else value for key, value in stored.items()}
 
 
 @dataclass
@@ -144,21 +145,45 @@ def _machine() -> dict[str, Any]:
     return {"cpu": hardware["cpu"], "threads": hardware["threads"], "torch": hardware["torch"]}
 
 
-def _load_log(folder: Path, header: Mapping[str, Any]) -> tuple[list[dict[str, Any]], float]:
+def _load_log(folder: Path, header: Mapping[str, Any]) -> tuple[list[dict[str, Any]], float, dict[str, float]]:
     """The records and elapsed time of an earlier run of this search in ``folder`` (none when there is none, or it
     was another search or another machine: speed is never carried over from one machine to another)."""
     path = folder / SEARCH_FILE
     if not path.exists():
-        return [], 0.0
+        return [], 0.0, {}
     try:
         stored = read_json_file(path, SEARCH_LOG)
     except FileContentError as error:
         raise DiTOptimumError(
             f"The search log {str(path)!r} is damaged ({error.problem}); move it away to search again."
         ) from None
-    if any(stored[key] != header[key] for key in ("search", "settings", "machine")):
-        return [], 0.0
-    return list(stored["candidates"]), float(stored["elapsed_s"])
+    if any(stored.get(key) != header[key] for key in ("search", "settings", "machine", "baseline_sha256")):
+        return [], 0.0, {}
+    return list(stored["candidates"]), float(stored["elapsed_s"]), dict(stored.get("predictions") or {})
+
+
+def _check_records(records: list[dict[str, Any]], space: set[str], folder: Path) -> None:
+    """A resumed log's records must be candidates of this search, each once, named as their stack: a hand-edited
+    record is refused, never shipped."""
+    seen = set()
+    for index, record in enumerate(records):
+        try:
+            name = Candidate.from_dict(record["candidate"]).name
+        except (KeyError, TypeError, ValueError, IndexError):
+            name = None
+        problem = None
+        if name != record["name"] or name in seen:
+            problem = "its name is not its stack's, or it is listed twice"
+        elif name not in space:
+            problem = "it is not a candidate of this search"
+        elif record["status"] == "kept" and (record.get("score") is None or not record.get("cost")):
+            problem = "it is kept without a measured score and cost"
+        if problem:
+            raise DiTOptimumError(
+                f"The search log {str(folder / SEARCH_FILE)!r} is damaged (candidates[{index}] {record.get('name')!r}: "
+                f"{problem}); move it away to search again."
+            )
+        seen.add(name)
 
 
 def _first(features: Mapping[str, np.ndarray], count: int) -> dict[str, np.ndarray]:
@@ -192,15 +217,6 @@ def run_search(
     start = time.perf_counter()
     state = state or PartialState(cpu=True)
     folder = Path(folder)
-    header = {
-        "format": SEARCH_FORMAT,
-        "search": search.comparable(),
-        "settings": settings.comparable(),
-        "machine": _machine(),
-    }
-    earlier, spent = _load_log(folder, header)
-    done = {record["name"]: record for record in earlier}
-    records: list[dict[str, Any]] = list(earlier)
     budget = search.budget
     budget_keys = [metric.key for metric in resolve_metrics(settings.quality)]
     unknown = [key for key in budget.max_drop if key not in budget_keys]
@@ -211,6 +227,16 @@ def run_search(
 
     baseline = context.baseline()
     baseline.set_progress_bar_config(disable=True)
+    header = {
+        "format": SEARCH_FORMAT,
+        "search": search.comparable(),
+        "settings": settings.comparable(),
+        "machine": _machine(),
+        "baseline_sha256": weights_digest(baseline.transformer),  # a log of other weights at the same path: not reused
+    }
+    earlier, spent, stored_predictions = _load_log(folder, header)
+    done = {record["name"]: record for record in earlier}
+    records: list[dict[str, Any]] = list(earlier)
     scorers = _fixed_scorers(settings, baseline, scorers)
     echo("  measuring the baseline (quality on the full N, and its cost)")
     base_row, base_quality = measure_pipeline(baseline, settings, context.baseline(), scorers, state)
@@ -244,10 +270,12 @@ def run_search(
         space = [candidate for candidate in space if costs.size_at_least(candidate) <= limit]
     skipped = {"over_size_limit": legal - len(space)} if search.max_size is not None else {}
     predicted: dict[Candidate, float] = {}
-    for candidate in space:
-        value = costs.predict(candidate, search.target, origin)
+    for candidate in space:  # a resumed search keeps its predictions: its order and stopping point do not move
+        value = stored_predictions.get(candidate.name) if earlier else None
+        value = costs.predict(candidate, search.target, origin) if value is None else value
         if value is not None:
             predicted[candidate] = value
+    _check_records(earlier, {candidate.name for candidate in predicted}, folder)
     order = sorted(predicted, key=lambda candidate: (-predicted[candidate], candidate.name))
     echo(f"  {len(order)} candidates predicted in {time.perf_counter() - phase:.0f} s")
 
@@ -279,6 +307,7 @@ def run_search(
             "candidates": records,
             "baseline": baseline_summary,
             "space": {"legal": legal, **skipped},
+            "predictions": {candidate.name: value for candidate, value in predicted.items()},
             **({"chosen": chosen} if chosen else {}),
             **({"stopped": stop} if stop else {}),
         }
@@ -288,8 +317,8 @@ def run_search(
     for candidate in order:
         if candidate.name in done or candidate == origin:
             continue
-        if elapsed() > search.time_budget_s:
-            stopped = f"time budget of {search.time_budget_s:g} s spent"
+        if elapsed() > search.time_budget:
+            stopped = f"time budget of {search.time_budget:g} s spent"
             break
         # predictions leave out per-step overhead, so they are compared with the best's own prediction: what is
         # predicted well below the best's prediction is not going to measure above it
@@ -318,6 +347,14 @@ def run_search(
         if record["status"] == "kept" and beats(record, best, search.target):
             best = record
         save_log()
+    if best["name"] == origin.name and search.max_size is not None and search.max_size < 1:
+        save_log(None, stopped)
+        raise DiTOptimumError(
+            f"No pipeline within `max_size`={search.max_size:g} of the baseline's size kept its quality "
+            f"({len(records)} candidates tried, {skipped.get('over_size_limit', 0)} over the limit at their least; "
+            f"stopped: {stopped}); the baseline itself is 100%. Allow a larger size, a looser `budget` or more time; "
+            f"every candidate is in {str(folder / SEARCH_FILE)!r}."
+        )
     chosen = Candidate.from_dict(best["candidate"])
     echo(f"  chosen: {chosen.name} ({best['score']:.2f}x on {search.target}; {stopped})")
     pipeline = built_candidate(chosen, context, settings)

@@ -23,13 +23,15 @@ def optimized(
     target: str = "sampling",
     budget: str | None = None,
     max_size: float | None = None,
-    time_budget_s: float = 600.0,
+    time_budget: float = 600.0,
     bases: list[str] | None = None,
     paths: list[str] | None = None,
 ) -> DiTOptimumPipeline:
-    """The best pipeline on ``target`` within the quality budget, found by searching the registry's stacks
-    (``dit-optimum optimize``) on this run's baseline; the search's report is in ``optimize/<variant>/``. ``bases`` /
-    ``paths`` restrict the search (default: all)."""
+    """The stack the optimizer's search chose on this run's baseline, fastest within the quality budget.
+
+    The search (``dit-optimum optimize``) runs over the registry's stacks; its report is in ``optimize/<variant>/``.
+    ``target``, ``budget``, ``max_size`` and ``time_budget`` are the search's; ``bases`` / ``paths`` restrict it
+    (default: all)."""
     if not isinstance(context, VariantContext) or context.settings.speed_only:
         raise DiTOptimumError(
             "`optimized` searches under a quality budget: it needs a benchmark run that measures quality (not "
@@ -39,7 +41,7 @@ def optimized(
     search = SearchSettings(
         QualityBudget.parse(budget),
         target,
-        time_budget_s,
+        time_budget,
         max_size,
         bases=tuple(bases) if bases is not None else None,
         paths=tuple(paths) if paths is not None else None,
@@ -71,7 +73,7 @@ def rebuild_optimized(context: Any, row: dict[str, Any]) -> DiTOptimumPipeline:
 
 # The default run's row: the fastest sampling within the default budget (no significant change) at most 30% of the
 # baseline's saved size, searched for at most 4 minutes (it stops sooner once no untried stack can win).
-OPTIMIZED = {"target": "sampling", "max_size": 0.3, "time_budget_s": 240.0}
+OPTIMIZED = {"target": "sampling", "max_size": 0.3, "time_budget": 240.0}
 register_technique(
     "optimized",
     optimized,
