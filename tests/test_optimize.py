@@ -356,3 +356,16 @@ def test_a_hand_edited_or_foreign_log_is_refused_or_not_reused(tiny_run, tmp_pat
     monkeypatch.setattr(search_module, "_try", lambda c, *a, **k: calls.append(c.name) or original(c, *a, **k))
     _optimize(tiny_run, tmp_path / "again", monkeypatch, pipe=moved)
     assert calls and first.search.records
+
+
+def test_api_type_mistakes_and_share_intervals():
+    from dit_optimum.evaluation.declarations import get_metric
+    from dit_optimum.evaluation.quality import _within_range
+
+    with pytest.raises(DiTOptimumError, match=r"`bases`='baseline' must name some of"):
+        SearchSettings(bases="baseline").validate()
+    with pytest.raises(DiTOptimumError, match="Unknown `target`"):
+        SearchSettings(target=["sampling"]).validate()
+    # an accuracy's re-centred bootstrap range near 100% stays a share; a distance's change is left alone
+    assert _within_range(get_metric("class_accuracy"), (0.965, 1.003)) == [0.965, 1.0]
+    assert _within_range(get_metric("fd_domain"), (-1.0, 3.0)) == [-1.0, 3.0]

@@ -225,7 +225,14 @@ def _floor(metric: Metric, real: RealSplit, floor: dict, reference: dict, labels
         )
         _FLOORS[memo] = (value, interval)
     value, interval = _FLOORS[memo]
-    return {f"{metric.key}_real": value, f"{metric.key}_real_interval": list(interval)}
+    return {f"{metric.key}_real": value, f"{metric.key}_real_interval": _within_range(metric, interval)}
+
+
+def _within_range(metric: Metric, interval: tuple[float, float]) -> list[float]:
+    """A share's interval (a metric shown in percent) kept inside [0, 1]: the re-centred bootstrap range of an
+    accuracy near 100% can otherwise pass it."""
+    low, high = interval
+    return [max(0.0, low), min(1.0, high)] if metric.scale == 100 else [low, high]
 
 
 def evaluate_quality(
@@ -300,7 +307,7 @@ def evaluate_quality(
             CONFIDENCE,
             settings.seed,
         )
-        result.update({metric.key: value, f"{metric.key}_interval": list(interval)})
+        result.update({metric.key: value, f"{metric.key}_interval": _within_range(metric, interval)})
         cache_key = tuple(getattr(extractor, "weights_hash", "") for extractor in extractors.values())
         result.update(_floor(metric, real, floor, reference, floor_labels, settings, (resolution, cache_key)))
     if classifier is not None:

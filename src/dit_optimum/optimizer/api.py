@@ -172,8 +172,8 @@ def optimize(
         time_budget,
         max_size,
         screen_samples,
-        bases=tuple(bases) if bases is not None else None,
-        paths=tuple(paths) if paths is not None else None,
+        bases=tuple(bases) if bases is not None and not isinstance(bases, str) else bases,
+        paths=tuple(paths) if paths is not None and not isinstance(paths, str) else paths,
     )
     search.validate()
     check_repo_id(repo_id, "repo_id")
