@@ -328,7 +328,7 @@ def test_the_output_never_overwrites_the_baseline_or_a_users_pipeline(tiny_run, 
         QualityBudget.parse("class_accuracy=1,class_accuracy=2")
 
 
-def test_a_hand_edited_or_foreign_log_is_refused_or_not_reused(tiny_run, tmp_path, monkeypatch):
+def test_a_hand_edited_or_foreign_log_is_refused_or_not_reused(tiny_run, tmp_path, monkeypatch, caplog):
     result = _optimize(tiny_run, tmp_path / "out", monkeypatch)
     log_path = tmp_path / "out" / "search.json"
     log = json.loads(log_path.read_text())
@@ -354,8 +354,10 @@ def test_a_hand_edited_or_foreign_log_is_refused_or_not_reused(tiny_run, tmp_pat
     calls = []
     original = search_module._try
     monkeypatch.setattr(search_module, "_try", lambda c, *a, **k: calls.append(c.name) or original(c, *a, **k))
-    _optimize(tiny_run, tmp_path / "again", monkeypatch, pipe=moved)
+    with caplog.at_level("WARNING", logger="dit_optimum.optimizer.search"):
+        _optimize(tiny_run, tmp_path / "again", monkeypatch, pipe=moved)
     assert calls and first.search.records
+    assert "log of another search (its baseline_sha256 differ)" in caplog.text
 
 
 def test_api_type_mistakes_and_share_intervals():

@@ -13,6 +13,7 @@ candidates; a training round started finishes).
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field, replace
@@ -40,6 +41,7 @@ from .budget import QualityBudget
 from .costs import TARGETS, CostModel, ShapeContext
 from .space import Candidate, search_bases, search_space
 
+logger = logging.getLogger(__name__)
 SEARCH_FILE = "search.json"
 SEARCH_FORMAT = 1
 # The row columns a candidate's record keeps of its measured cost.
@@ -157,7 +159,13 @@ def _load_log(folder: Path, header: Mapping[str, Any]) -> tuple[list[dict[str, A
         raise DiTOptimumError(
             f"The search log {str(path)!r} is damaged ({error.problem}); move it away to search again."
         ) from None
-    if any(stored.get(key) != header[key] for key in ("search", "settings", "machine", "baseline_sha256")):
+    differing = [key for key in ("search", "settings", "machine", "baseline_sha256") if stored.get(key) != header[key]]
+    if differing:
+        logger.warning(
+            "%s is the log of another search (its %s differ): it is not resumed, and this search replaces it.",
+            path,
+            ", ".join(differing),
+        )
         return [], 0.0, {}
     return list(stored["candidates"]), float(stored["elapsed_s"]), dict(stored.get("predictions") or {})
 
