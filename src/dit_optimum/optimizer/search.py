@@ -287,8 +287,8 @@ def run_search(
     order = sorted(predicted, key=lambda candidate: (-predicted[candidate], candidate.name))
     echo(f"  {len(order)} candidates predicted in {time.perf_counter() - phase:.0f} s")
 
-    # the baseline itself is always within budget: the search starts from it
-    best: dict[str, Any] = {
+    # the baseline itself is within the quality budget: the search starts from it, unless a size limit rules it out
+    best: dict[str, Any] | None = {
         "name": origin.name,
         "candidate": origin.to_dict(),
         "status": "kept",
@@ -300,6 +300,8 @@ def run_search(
         "quality": _quality_numbers(base_row),
         "cost": {key: base_row.get(key) for key in COST_KEYS},
     }
+    if search.max_size is not None and search.max_size < 1:
+        best = None
     for record in earlier:
         if record["status"] == "kept" and beats(record, best, search.target):
             best = record
@@ -330,7 +332,7 @@ def run_search(
             break
         # predictions leave out per-step overhead, so they are compared with the best's own prediction: what is
         # predicted well below the best's prediction is not going to measure above it
-        if predicted[candidate] * search.slack < best["predicted"]:
+        if best is not None and predicted[candidate] * search.slack < best["predicted"]:
             stopped = (
                 f"no untried candidate is predicted within {search.slack:g}x of the best's prediction "
                 f"({best['predicted']:.2f}x; measured {best['score']:.2f}x)"
@@ -355,7 +357,7 @@ def run_search(
         if record["status"] == "kept" and beats(record, best, search.target):
             best = record
         save_log()
-    if best["name"] == origin.name and search.max_size is not None and search.max_size < 1:
+    if best is None:
         save_log(None, stopped)
         raise DiTOptimumError(
             f"No pipeline within `max_size`={search.max_size:g} of the baseline's size kept its quality "
@@ -384,9 +386,11 @@ def _span(record: Mapping[str, Any], target: str) -> tuple[float, float]:
     return score, score
 
 
-def beats(record: Mapping[str, Any], best: Mapping[str, Any], target: str) -> bool:
-    """Whether kept ``record`` is better than ``best`` on ``target``: a higher score, unless the two are within the
-    timing noise (their ranges over the timed rounds overlap), where the smaller saved size wins."""
+def beats(record: Mapping[str, Any], best: Mapping[str, Any] | None, target: str) -> bool:
+    """Whether kept ``record`` is better than ``best`` (None: nothing kept yet) on ``target``: a higher score, unless
+    the two are within the timing noise (their ranges over the timed rounds overlap), where the smaller size wins."""
+    if best is None:
+        return True
     (low, high), (best_low, best_high) = _span(record, target), _span(best, target)
     if low > best_high or high < best_low or best["name"] == "baseline":
         return record["score"] > best["score"]
