@@ -88,7 +88,7 @@ def is_student(base: str) -> bool:
 def search_bases(trained: Iterable[str] = ()) -> list[str]:
     """The bases a search may stack on: the baseline and every registered technique that trains a pipeline of its
     own (a ``run_name``) starting from a trained model (recoveries, step students); one trained from scratch only
-    when ``trained`` (already trained, e.g. by the benchmark's cells) names it."""
+    when ``trained`` names it (``SearchSettings.validate`` allows them all when named in ``bases``)."""
     bases = ["baseline"]
     for name, technique in TECHNIQUES.items():
         if name == "baseline" or technique.apply is stacked or "run_name" not in technique.options:
