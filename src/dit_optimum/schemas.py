@@ -861,10 +861,7 @@ SEARCH_CANDIDATE = Object(
         "predicted": Nullable(NON_NEGATIVE),
         "score": Nullable(NON_NEGATIVE),
         "screen": ANY_JSON,
-        "quality": Object(
-            optional={"vs_baseline": MapOf(COMPARISON, key=Str("a declared metric key", choices=_metric_keys))},
-            extra=_row_column,
-        ),
+        "quality": Object(optional={"vs_baseline": RESULT_ROW.optional["vs_baseline"]}, extra=_row_column),
         "cost": Object(extra=_row_column),
     },
 )

@@ -55,8 +55,8 @@ class ShapeContext(UntrainedContext):
 
 @dataclass(frozen=True)
 class Target:
-    """What the search makes best: ``key`` is the measured column, ``score`` turns a measured row (against the
-    baseline's) into "times better than the baseline" (higher is better for every target)."""
+    """What the search makes best: ``score`` turns a measured row (against the baseline's) into "times better than
+    the baseline" (higher is better for every target), ``span`` gives its range over the timed rounds."""
 
     name: str
     description: str
@@ -71,6 +71,17 @@ class Target:
         key = "size_bytes" if self.name == "size" else "peak_memory_bytes"
         value, reference = row.get(key), baseline.get(key)
         return reference / value if value and reference else None
+
+    def span(self, row: Mapping[str, Any]) -> tuple[float, float] | None:
+        """The score's range over the timed rounds, in the score's units (None: an exact target, size or memory,
+        or no ranges measured)."""
+        if self.name == "sampling" and row.get("sampling_speedup_range"):
+            low, high = row["sampling_speedup_range"]
+            return low, high
+        if self.name == "latency" and row.get("latency_ratio_range"):
+            low, high = row["latency_ratio_range"]
+            return 1 / high, 1 / low
+        return None
 
 
 TARGETS: dict[str, Target] = {

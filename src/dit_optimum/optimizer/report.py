@@ -11,6 +11,7 @@ from ..benchmark.report import _save, pareto_front
 from ..evaluation.declarations import Metric, all_metrics
 from ..files import write_text
 from ..schemas import markdown_text
+from .costs import TARGETS
 from .search import SearchResult
 
 REPORT_FILE = "report.md"
@@ -43,12 +44,8 @@ def _score(record: Mapping[str, Any], target: str) -> str:
     score = record.get("score")
     if score is None:
         return ""
-    span = (record.get("cost") or {}).get(f"{'sampling_speedup' if target == 'sampling' else 'latency_ratio'}_range")
-    if span and target == "sampling":
-        return f"{score:.2f}x [{span[0]:.2f}, {span[1]:.2f}]"
-    if span and target == "latency":
-        return f"{score:.2f}x [{1 / span[1]:.2f}, {1 / span[0]:.2f}]"
-    return f"{score:.2f}x"
+    span = TARGETS[target].span(record.get("cost") or {})
+    return f"{score:.2f}x [{span[0]:.2f}, {span[1]:.2f}]" if span else f"{score:.2f}x"
 
 
 def candidates_table(result: SearchResult) -> str:
@@ -175,6 +172,4 @@ def write_search_report(
 
 
 def _target_text(target: str) -> str:
-    from .costs import TARGETS
-
     return TARGETS[target].description

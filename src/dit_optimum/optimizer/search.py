@@ -375,15 +375,7 @@ def run_search(
 
 def _span(record: Mapping[str, Any], target: str) -> tuple[float, float]:
     """The range of ``record``'s score over its timed rounds (its score alone for exact targets: size, memory)."""
-    cost = record.get("cost") or {}
-    score = record["score"]
-    if target == "sampling" and cost.get("sampling_speedup_range"):
-        low, high = cost["sampling_speedup_range"]
-        return low, high
-    if target == "latency" and cost.get("latency_ratio_range"):
-        low, high = cost["latency_ratio_range"]
-        return 1 / high, 1 / low
-    return score, score
+    return TARGETS[target].span(record.get("cost") or {}) or (record["score"], record["score"])
 
 
 def beats(record: Mapping[str, Any], best: Mapping[str, Any] | None, target: str) -> bool:
