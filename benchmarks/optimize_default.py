@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import subprocess
 import sys
 import time
@@ -66,8 +65,9 @@ def main() -> int:
     parser.add_argument("--extra", nargs="*", default=[], help="further `dit-optimum optimize` options")
     args = parser.parse_args()
     output = Path(args.output_dir)
-    if output.exists():
-        shutil.rmtree(output)
+    if output.exists():  # a fresh run is timed: never into (or by deleting) a folder that is already there
+        print(f"--output-dir {str(output)!r} exists: give a new folder (the optimizer is timed from an empty one).")
+        return 2
     command = [str(Path(sys.executable).parent / "dit-optimum"), "optimize", args.baseline, "--output-dir",
                str(output), *args.extra]  # fmt: skip
     start = time.perf_counter()
@@ -79,6 +79,7 @@ def main() -> int:
     import dit_optimum  # noqa: F401
     from dit_optimum import DiTOptimumPipeline
     from dit_optimum.evaluation.hardware import hardware_description
+    from dit_optimum.utils import write_json_atomic
 
     global CLASSIFIER
     CLASSIFIER, held_out = fit_classifier()
@@ -126,7 +127,7 @@ def main() -> int:
     }
     cpu = result["hardware"]["cpu"].lower().replace("(r)", "").split()
     path = RESULTS / f"optimize_default_{'_'.join(cpu[:2])}.json"
-    path.write_text(json.dumps(result, indent=1, allow_nan=False) + "\n")
+    write_json_atomic(path, result)
     print(json.dumps({k: v for k, v in result.items() if k != "candidates"}, indent=1))
     print(f"wrote {path}")
     return 0
