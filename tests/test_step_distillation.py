@@ -148,7 +148,10 @@ def test_an_interrupted_round_resumes_to_the_same_weights(teacher, tmp_path):
         ({"finetune": "lora"}, r"`finetune`='lora' is not allowed with it; allowed values: full"),
         ({"teacher": "x"}, r"`student_steps` and `teacher` cannot be combined"),
         ({"teacher_guidance_scale": 0.5}, r"`teacher_guidance_scale`=0.5 must be a finite number in \[1"),
-        ({"student_prediction": "sample"}, r"Unknown `student_prediction`='sample'; allowed values: v_prediction"),
+        (
+            {"student_prediction": "sample"},
+            r"Unknown `student_prediction`='sample'; allowed values: epsilon, v_prediction",
+        ),
         ({"student_steps": None, "teacher_guidance_scale": 2.0}, r"`teacher_guidance_scale`=2.0 is a step-distil"),
     ],
 )

@@ -17,7 +17,7 @@ from ..errors import DiTOptimumError
 from ..models.transformer import DiTOptimumTransformer2DModel
 from ..pipelines.dit import DiTOptimumPipeline
 from ..techniques.registry import get_technique
-from ..training.config import STUDENT_PREDICTIONS, TrainConfig
+from ..training.config import STUDENT_PREDICTION, TrainConfig
 from ..training.step_distillation import record_student_defaults, student_scheduler
 from ..training.trainer import final_loss, train
 from .settings import BenchmarkSettings
@@ -199,7 +199,7 @@ class UntrainedContext:
             return self._pipeline(model_overrides or {})
         # a step-distilled student: its teacher's network (a pruned one stays pruned) with its own grid, steps and
         # no guidance make its cost columns
-        prediction = options.get("student_prediction", STUDENT_PREDICTIONS[0])
+        prediction = options.get("student_prediction", STUDENT_PREDICTION)
         teacher = options.get("pretrained", "baseline")
         pipeline = self.baseline() if teacher == "baseline" else get_technique(teacher).build(self)
         pipeline.scheduler = student_scheduler(DDIMScheduler().config, prediction)

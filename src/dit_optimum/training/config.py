@@ -18,13 +18,15 @@ from ..errors import DiTOptimumError
 from ..models.resources import check_resources
 from ..models.transformer import DiTOptimumTransformer2DModel
 from ..utils import check_number, check_positive_integers, is_integer
+from .diffusion import PREDICTION_TYPES
 
 MIXED_PRECISION = ("no", "bf16", "fp16")
 LR_SCHEDULES = ("constant", "cosine")
 # What a fine-tune of a `pretrained` pipeline trains: every weight, LoRA adapters, or biases (and affine norms) only.
 FINETUNE_MODES = ("full", "lora", "bias_norm")
-# What a step-distilled student predicts (its saved DDIM scheduler's `prediction_type`); the first is the default.
-STUDENT_PREDICTIONS = ("v_prediction", "epsilon")
+# What a step-distilled student predicts by default (its saved DDIM scheduler's `prediction_type`): v is well
+# conditioned at the first step, where noise prediction divides by a tiny alpha.
+STUDENT_PREDICTION = "v_prediction"
 # The trainer's noise schedule length (GaussianDiffusion): a step-distillation grid halves it evenly.
 TRAIN_TIMESTEPS = 1000
 # Model config keys the trainer sets from the data, with the option that sets them.
@@ -85,6 +87,12 @@ class TrainConfig:
     model_overrides: dict[str, Any] = option(
         dict, 'JSON object of model config keys, e.g. {"num_layers": 2}', flag="--model-config"
     )
+    prediction_type: str | None = option(
+        None,
+        f"what the network learns to predict: {' | '.join(PREDICTION_TYPES)} (saved as its scheduler's); default: "
+        "the pretrained or teacher model's, else epsilon (DiT's)",
+        modes=("base", "moe", "distill", "lora"),
+    )
     data: str = option("digits", "digits | imagefolder dir | latents dir | datasets id")
     image_size: int = option(16, "training image side (pixels; ignored for latents)")
     channels: int = option(1, "1 or 3 for pixel data, 4 for latents")
@@ -129,7 +137,7 @@ class TrainConfig:
         1.0, "guidance of the teacher's steps, learned by the unguided student (1: none)", modes=("steps",)
     )
     student_prediction: str = option(
-        STUDENT_PREDICTIONS[0], "what the student predicts: v_prediction | epsilon", modes=("steps",)
+        STUDENT_PREDICTION, f"what the student predicts: {' | '.join(PREDICTION_TYPES)}", modes=("steps",)
     )
 
     def validate(self) -> None:
@@ -167,6 +175,10 @@ class TrainConfig:
         if self.mixed_precision not in MIXED_PRECISION:
             raise DiTOptimumError(
                 f"Unknown `mixed_precision`={self.mixed_precision!r}; allowed values: {', '.join(MIXED_PRECISION)}."
+            )
+        if self.prediction_type is not None and self.prediction_type not in PREDICTION_TYPES:
+            raise DiTOptimumError(
+                f"Unknown `prediction_type`={self.prediction_type!r}; allowed values: {', '.join(PREDICTION_TYPES)}."
             )
         if self.tensorboard and not is_tensorboard_available():
             raise DiTOptimumError("`tensorboard`=True needs the `tensorboard` package: pip install tensorboard.")
@@ -304,10 +316,14 @@ class TrainConfig:
                 "with it; allowed values: full."
             )
         check_number("teacher_guidance_scale", self.teacher_guidance_scale, 1, MAX_GUIDANCE_SCALE)
-        if self.student_prediction not in STUDENT_PREDICTIONS:
+        if self.prediction_type is not None:
+            raise DiTOptimumError(
+                "`prediction_type` is a new network's; a step-distilled student's is `student_prediction`."
+            )
+        if self.student_prediction not in PREDICTION_TYPES:
             raise DiTOptimumError(
                 f"Unknown `student_prediction`={self.student_prediction!r}; allowed values: "
-                f"{', '.join(STUDENT_PREDICTIONS)}."
+                f"{', '.join(PREDICTION_TYPES)}."
             )
 
     def _validate_resources(self) -> None:

@@ -1,10 +1,30 @@
-"""DiT's training objective: 1000-step linear DDPM schedule, noise MSE plus the variational bound for learned sigma."""
+"""DiT's training objective: 1000-step linear DDPM schedule, the prediction's MSE plus the variational bound for
+learned sigma. The network predicts the noise (DiT's ``epsilon``) or the velocity ``v = sqrt(a) eps - sqrt(1 - a) x0``
+(Salimans & Ho 2022), recorded as its saved scheduler's ``prediction_type``."""
 
 from __future__ import annotations
 
 import math
 
 import torch
+
+# What a network trained here may predict, as diffusers' schedulers name it; DiT's noise prediction first.
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+
+
+def clean_and_noise(
+    output: torch.Tensor, sample: torch.Tensor, alpha_cumprod: torch.Tensor, prediction_type: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The clean image and the noise that a prediction of ``prediction_type`` (``epsilon``, ``v_prediction`` or
+    ``sample``, as diffusers reads it) implies at the noised ``sample`` with ``alpha_cumprod`` (broadcastable)."""
+    a, s = alpha_cumprod.sqrt(), (1 - alpha_cumprod).sqrt()
+    if prediction_type == "epsilon":
+        return (sample - s * output) / a, output
+    if prediction_type == "v_prediction":
+        return a * sample - s * output, a * output + s * sample
+    if prediction_type == "sample":
+        return output, (sample - a * output) / s
+    raise ValueError(f"Unknown `prediction_type`={prediction_type!r}; allowed values: epsilon, v_prediction, sample.")
 
 
 def _normal_kl(mean1, logvar1, mean2, logvar2) -> torch.Tensor:
@@ -37,6 +57,7 @@ class GaussianDiffusion:
         alphas_cumprod_prev = torch.cat([torch.ones(1, dtype=torch.float64), alphas_cumprod[:-1]])
         posterior_variance = betas * (1.0 - alphas_cumprod_prev) / (1.0 - alphas_cumprod)
         self.betas = betas
+        self.alphas_cumprod = alphas_cumprod
         self.sqrt_alphas_cumprod = alphas_cumprod.sqrt()
         self.sqrt_one_minus_alphas_cumprod = (1.0 - alphas_cumprod).sqrt()
         self.sqrt_recip_alphas_cumprod = (1.0 / alphas_cumprod).sqrt()
@@ -58,12 +79,26 @@ class GaussianDiffusion:
         )
 
     def losses(
-        self, model_output: torch.Tensor, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, noise: torch.Tensor
+        self,
+        model_output: torch.Tensor,
+        x0: torch.Tensor,
+        x_t: torch.Tensor,
+        t: torch.Tensor,
+        noise: torch.Tensor,
+        prediction_type: str = PREDICTION_TYPES[0],
     ) -> dict:
-        """Per-sample ``mse`` (noise prediction), ``vb`` (bits/dim, learned sigma only) and their sum ``loss``."""
+        """Per-sample ``mse`` (of the prediction: noise, or velocity for ``v_prediction``), ``vb`` (bits/dim, learned
+        sigma only) and their sum ``loss``."""
         channels = x0.shape[1]
-        eps = model_output[:, :channels]
-        mse = ((eps - noise) ** 2).mean(dim=tuple(range(1, x0.ndim)))
+        prediction = model_output[:, :channels]
+        alpha = self._take(self.alphas_cumprod, t, x0)
+        if prediction_type == "v_prediction":
+            target = alpha.sqrt() * noise - (1 - alpha).sqrt() * x0
+        elif prediction_type == "epsilon":
+            target = noise
+        else:
+            raise ValueError(f"Unknown `prediction_type`={prediction_type!r}; allowed values: {PREDICTION_TYPES}.")
+        mse = ((prediction - target) ** 2).mean(dim=tuple(range(1, x0.ndim)))
         if model_output.shape[1] == channels:
             return {"mse": mse, "vb": torch.zeros_like(mse), "loss": mse}
         variance = model_output[:, channels : 2 * channels]
@@ -71,11 +106,15 @@ class GaussianDiffusion:
         max_log = self._take(torch.log(self.betas), t, x0)
         fraction = (variance + 1) / 2
         model_log_variance = fraction * max_log + (1 - fraction) * min_log
-        # The VB term trains only the variance: the mean comes from the detached noise prediction.
-        pred_x0 = (
-            self._take(self.sqrt_recip_alphas_cumprod, t, x0) * x_t
-            - self._take(self.sqrt_recipm1_alphas_cumprod, t, x0) * eps.detach()
-        )
+        # The VB term trains only the variance: the mean comes from the detached prediction (the noise's image by
+        # guided-diffusion's own tables, bit for bit).
+        if prediction_type == "epsilon":
+            pred_x0 = (
+                self._take(self.sqrt_recip_alphas_cumprod, t, x0) * x_t
+                - self._take(self.sqrt_recipm1_alphas_cumprod, t, x0) * prediction.detach()
+            )
+        else:
+            pred_x0, _ = clean_and_noise(prediction.detach(), x_t, alpha, prediction_type)
         coef1, coef2 = self._take(self.posterior_mean_coef1, t, x0), self._take(self.posterior_mean_coef2, t, x0)
         model_mean = coef1 * pred_x0 + coef2 * x_t
         true_mean = coef1 * x0 + coef2 * x_t

@@ -26,15 +26,14 @@ from ..errors import DiTOptimumError
 from ..models.transformer import DiTOptimumTransformer2DModel
 from ..pipelines.dit import DiTOptimumPipeline
 from ..utils import public_config
-from .config import STUDENT_PREDICTIONS, TrainConfig
+from .config import STUDENT_PREDICTION, TrainConfig
+from .diffusion import clean_and_noise
 
 # The teacher and student must agree on these (input space, classes, network size).
 _SHARED_KEYS = ("sample_size", "in_channels", "out_channels", "num_embeds_ada_norm")
 
 
-def student_scheduler(
-    teacher_config: Mapping[str, Any], prediction_type: str = STUDENT_PREDICTIONS[0]
-) -> DDIMScheduler:
+def student_scheduler(teacher_config: Mapping[str, Any], prediction_type: str = STUDENT_PREDICTION) -> DDIMScheduler:
     """The DDIM scheduler a student samples with: the teacher's noise schedule on the trailing grid, predicting
     ``prediction_type``, without clipping the predicted image (the target it learned may leave [-1, 1])."""
     config = public_config(teacher_config)
@@ -54,13 +53,7 @@ def _ddim_update(
     """diffusers' deterministic DDIM step (eta 0) from ``t`` to ``s`` per sample (``s`` < 0: the final alpha), with
     the scheduler's prediction type and clipping; returns the next sample and the predicted clean image."""
     a_t, a_s = _alpha(scheduler, t, sample), _alpha(scheduler, s, sample)
-    kind = scheduler.config.prediction_type
-    if kind == "epsilon":
-        x0, eps = (sample - (1 - a_t).sqrt() * output) / a_t.sqrt(), output
-    elif kind == "v_prediction":
-        x0, eps = a_t.sqrt() * sample - (1 - a_t).sqrt() * output, a_t.sqrt() * output + (1 - a_t).sqrt() * sample
-    else:  # "sample"
-        x0, eps = output, (sample - a_t.sqrt() * output) / (1 - a_t).sqrt()
+    x0, eps = clean_and_noise(output, sample, a_t, scheduler.config.prediction_type)
     if scheduler.config.clip_sample:  # as diffusers: the image is clipped, the noise direction is not re-derived
         x0 = x0.clamp(-scheduler.config.clip_sample_range, scheduler.config.clip_sample_range)
     return a_s.sqrt() * x0 + (1 - a_s).sqrt() * eps, x0

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import functools
+import inspect
 import io
 import json
 import math
@@ -23,12 +24,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+import diffusers
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 from accelerate.tracking import GeneralTracker
 from accelerate.utils import set_seed
-from diffusers import DDIMScheduler
+from diffusers import DDIMScheduler, SchedulerMixin
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm.auto import tqdm
@@ -53,7 +55,7 @@ from .checkpoints import (
 )
 from .config import TrainConfig
 from .data import load_vae
-from .diffusion import GaussianDiffusion
+from .diffusion import PREDICTION_TYPES, GaussianDiffusion
 from .distillation import Distillation
 from .ema import EMA
 from .finetune import finish_lora, load_pretrained, prepare_finetune
@@ -193,6 +195,7 @@ def _train(config: TrainConfig, accelerator: Accelerator, output_dir: Path) -> P
             f"`batch_size`={config.batch_size} must be divisible by the number of processes ({world})."
         )
     checkpoint, saved = resume_point(config, output_dir)
+    prediction_type = _prediction_type(config)  # before any data is read: a conflict is refused first
     set_seed(config.seed)  # model initialisation; the training draws below are seeded per step
     data = load_training_data(config.data, config.image_size, config.channels, config.skip_corrupt)
     if config.max_samples is not None:
@@ -306,7 +309,7 @@ def _train(config: TrainConfig, accelerator: Accelerator, output_dir: Path) -> P
 
             with accelerator.autocast():
                 output = model(x_t, t, y).sample
-                terms = diffusion.losses(output.float(), x0, x_t, t, noise)
+                terms = diffusion.losses(output.float(), x0, x_t, t, noise, prediction_type)
                 loss = terms["loss"].mean()
                 extra: dict[str, torch.Tensor] = {}
                 if step_distillation is not None:  # the teacher's two-step target replaces the diffusion loss
@@ -362,7 +365,7 @@ def _train(config: TrainConfig, accelerator: Accelerator, output_dir: Path) -> P
         final.conditioning_embedding.class_embedder.dropout_prob = class_dropout
         if config.finetune == "lora":  # the adapter on its own in <output_dir>/lora, merged into the pipeline
             final = finish_lora(final, output_dir)
-        _save_pipeline(final, data, pipeline_dir, step_distillation)
+        _save_pipeline(final, data, pipeline_dir, prediction_type, step_distillation)
     accelerator.end_training()
     return pipeline_dir
 
@@ -398,6 +401,52 @@ def _stop_if_diverged(
     )
 
 
+def _prediction_type(config: TrainConfig) -> str:
+    """What the trained network predicts (its saved scheduler's ``prediction_type``): a step-distilled student its
+    ``student_prediction``; a fine-tune or a distilled student its ``pretrained`` or ``teacher`` model's, since its
+    outputs continue or match theirs; a new network ``prediction_type``, by default DiT's noise."""
+    if config.student_steps:
+        return config.student_prediction
+    kinds = {}
+    for name in ("pretrained", "teacher"):
+        source = getattr(config, name)
+        if source is None:
+            continue
+        try:
+            scheduler = DDIMScheduler.load_config(source, subfolder="scheduler")
+        except (OSError, ValueError):
+            continue  # not a readable pipeline: its loader refuses it below, naming what is wrong
+        if not isinstance(scheduler, dict):
+            continue  # likewise
+        kind = scheduler.get("prediction_type", _unstated_prediction(scheduler.get("_class_name")))
+        if kind not in PREDICTION_TYPES:
+            what = f"predicts {kind!r}" if kind is not None else f"samples with {scheduler.get('_class_name')!r}"
+            raise DiTOptimumError(
+                f"`{name}`={str(source)!r} {what} (scheduler/scheduler_config.json); the trainer trains networks "
+                f"that predict {' or '.join(PREDICTION_TYPES)} with DDPM's noise schedule."
+            )
+        kinds[name] = kind
+    if config.prediction_type is not None:
+        kinds["prediction_type"] = config.prediction_type
+    if len(set(kinds.values())) > 1:
+        named = ", ".join(f"`{name}` {kind}" for name, kind in kinds.items())
+        raise DiTOptimumError(
+            f"The network's parametrisation differs between {named}: a fine-tune or distilled student keeps its "
+            "pretrained or teacher model's (leave `prediction_type` unset)."
+        )
+    return next(iter(kinds.values()), PREDICTION_TYPES[0])
+
+
+def _unstated_prediction(class_name: Any) -> Any:
+    """What a scheduler config without ``prediction_type`` means: its class's default (DDIM's: the noise), or None
+    for a class that has no such setting (flow matching), which the trainer does not train."""
+    cls = getattr(diffusers, class_name, None) if isinstance(class_name, str) else DDIMScheduler
+    if not (isinstance(cls, type) and issubclass(cls, SchedulerMixin)):
+        cls = DDIMScheduler
+    parameter = inspect.signature(cls.__init__).parameters.get("prediction_type")
+    return None if parameter is None else parameter.default
+
+
 def _hyperparameters(settings: dict[str, Any]) -> dict[str, Any]:
     # Trackers (TensorBoard) take scalars: lists and dicts as JSON text.
     scalar = (bool, int, float, str)
@@ -408,11 +457,12 @@ def _save_pipeline(
     model: DiTOptimumTransformer2DModel,
     data: TrainingData,
     pipeline_dir: Path,
+    prediction_type: str,
     step_distillation: StepDistillation | None = None,
 ) -> None:
     vae = load_vae(data.vae) if data.vae else None
     # a step-distilled student samples with the DDIM config it was trained for, at its steps, unguided
-    scheduler = step_distillation.scheduler if step_distillation else DDIMScheduler()
+    scheduler = step_distillation.scheduler if step_distillation else DDIMScheduler(prediction_type=prediction_type)
     pipeline = DiTOptimumPipeline(
         transformer=model.eval(), vae=vae, scheduler=scheduler, id2label=data.id2label or None
     )
