@@ -206,7 +206,10 @@ def test_tiny_matrix_writes_table_report_plots_and_resumes(tmp_path, monkeypatch
 
     # results measured with other settings are not mixed into the same table
     changed = replace(settings, quality=replace(settings.quality, num_samples=12))
-    with pytest.raises(ValueError, match=r"other settings \(quality\).*another output folder"):
+    with pytest.raises(
+        ValueError,
+        match=r"other settings \(results.json -> this run: quality.num_samples: 11 -> 12\).*another output folder",
+    ):
         run_benchmark(changed, TinyFeatureExtractor())
 
 

@@ -63,7 +63,7 @@ def test_a_run_whose_cells_all_failed_does_not_lock_out_the_corrected_rerun(tmp_
     rows = run_benchmark(corrected, inception=TinyFeatureExtractor())
     assert rows[0]["status"] == "ok"
     changed = replace(settings, training=TrainingRecipe(steps=4, batch_size=8, checkpoint_every=2))
-    with pytest.raises(DiTOptimumError, match="holds results measured with other settings"):
+    with pytest.raises(DiTOptimumError, match=r"other settings \(results.json -> this run: training.steps: 2 -> 4\)"):
         run_benchmark(changed, inception=TinyFeatureExtractor())
 
 
@@ -119,5 +119,13 @@ def test_a_results_folder_from_before_a_setting_existed_stays_usable(tmp_path):
     previous = {"settings": stored, "rows": [{"status": "ok"}]}
     _check_comparable(previous, settings)  # the missing setting had its default: comparable
     settings.training.recovery_steps = 50
-    with pytest.raises(DiTOptimumError, match="other settings \\(training\\)"):
+    with pytest.raises(
+        DiTOptimumError, match=r"other settings \(results.json -> this run: training.recovery_steps: 400 -> 50\)"
+    ):
+        _check_comparable(previous, settings)
+    del stored["training"]["prediction_type"]  # written before the recipe chose what its networks predict
+    settings.training.recovery_steps = 400
+    _check_comparable(previous, settings)  # noise prediction, as every run before
+    settings.training.prediction_type = "v_prediction"
+    with pytest.raises(DiTOptimumError, match=r"training.prediction_type: \"epsilon\" -> \"v_prediction\""):
         _check_comparable(previous, settings)

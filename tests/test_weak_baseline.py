@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -223,10 +224,18 @@ def test_the_recipe_scales_to_the_data_and_an_explicit_option_wins(tmp_path):
     options = ("--data", str(folder), "--image-size", "32", "--channels", "1", "--output-dir", str(tmp_path / "b"))
     # no --variants: 32x32 images train DiT-XS/8 (16 tokens, as the tuned default), 3,800 steps for 10,000 images
     settings = settings_from_arguments(_arguments(*options))
-    assert settings.variants == ("DiT-XS/8",) and settings.training == default.scaled(10_000, 32, 8)
+    # tokens of 8 x 8 values: the networks trained from scratch predict v
+    assert settings.variants == ("DiT-XS/8",)
+    assert settings.training == replace(default.scaled(10_000, 32, 8), prediction_type="v_prediction")
     assert settings.comparable()["training"]["steps"] == 3800  # recorded, so a rerun stays comparable
+    assert settings.comparable()["training"]["prediction_type"] == "v_prediction"
     assert "scaled to 10,000 images of 16 tokens" in settings.recipe_note
+    assert "predict v_prediction (tokens of 64 values" in settings.recipe_note
     assert "variant DiT-XS/8 for 32x32 images" in settings.recipe_note
+    noise = settings_from_arguments(_arguments(*options, "--prediction-type", "epsilon"))  # an explicit option wins
+    assert noise.training.prediction_type == "epsilon" and "predict" not in noise.recipe_note
+    with pytest.raises(DiTOptimumError, match=r"Unknown `prediction_type`='sample'; allowed values: epsilon, v_pred"):
+        settings_from_arguments(_arguments(*options, "--prediction-type", "sample"))
     pretrained = settings_from_arguments(_arguments(*options, "--pretrained", f"DiT-XS/4={folder}"))
     assert pretrained.variants == ("DiT-XS/4",)  # a --pretrained baseline names its variant
     named = settings_from_arguments(_arguments(*options, "--variants", "DiT-XS/4"))  # a named variant is kept
@@ -234,6 +243,7 @@ def test_the_recipe_scales_to_the_data_and_an_explicit_option_wins(tmp_path):
     assert "scaled to 10,000 images of 64 tokens" in named.recipe_note and "variant" not in named.recipe_note
     explicit = settings_from_arguments(_arguments(*options, "--train-steps", "2000"))
     assert explicit.training.steps == 2000 and explicit.training.recovery_steps == 400
+    assert explicit.training.prediction_type == "v_prediction"  # the tokens decide, whatever the steps
     assert explicit.recipe_note.startswith("as given on the command line") and explicit.variants == ("DiT-XS/8",)
     recovery = settings_from_arguments(_arguments(*options, "--recovery-steps", "100"))
     assert recovery.training.steps == 3800 and recovery.training.recovery_steps == 100

@@ -582,6 +582,12 @@ def title_problem(title: Any) -> str | None:
 # --- the allowed sets that higher layers own, looked up when a file is checked ----------------------------------
 
 
+def _prediction_types() -> tuple[str, ...]:
+    from .training.diffusion import PREDICTION_TYPES
+
+    return PREDICTION_TYPES
+
+
 def _technique_names() -> tuple[str, ...]:
     from .techniques.registry import TECHNIQUES
 
@@ -687,6 +693,7 @@ TRAINING_RECIPE = Object(
         "checkpoint_every": POSITIVE,
         "mixed_precision": NAME,
         "seed": Int(0, 2**64),
+        "prediction_type": Str("what the network predicts", choices=_prediction_types),
         "recovery_steps": COUNT,
     }
 )

@@ -88,11 +88,24 @@ def _check_comparable(previous: Mapping[str, Any], settings: BenchmarkSettings) 
     if stored is not None:  # a setting newer than the results file was, for its rows, at its default
         stored = _with_defaults(stored, BenchmarkSettings().comparable())
     if stored is not None and stored != current:
-        differing = sorted(key for key in set(stored) | set(current) if stored.get(key) != current.get(key))
-        raise DiTOptimumError(
-            f"`output_dir`={settings.output_dir!r} holds results measured with other settings ({', '.join(differing)}"
-            "): choose another output folder, or delete its results.json to start over."
+        changes = "; ".join(
+            f"{key}: {json.dumps(old, default=str)[:80]} -> {json.dumps(new, default=str)[:80]}"
+            for key, old, new in _differences(stored, current)
         )
+        raise DiTOptimumError(
+            f"`output_dir`={settings.output_dir!r} holds results measured with other settings (results.json -> this "
+            f"run: {changes}): choose another output folder, or delete its results.json to start over."
+        )
+
+
+def _differences(old: Any, new: Any, prefix: str = "") -> list[tuple[str, Any, Any]]:
+    """The dotted keys where two settings trees differ, with both values (at most 8)."""
+    if not isinstance(old, dict) or not isinstance(new, dict):
+        return [(prefix or "settings", old, new)] if old != new else []
+    found = []
+    for key in sorted(set(old) | set(new), key=str):
+        found += _differences(old.get(key), new.get(key), f"{prefix}.{key}" if prefix else str(key))
+    return found[:8]
 
 
 def _with_defaults(stored: Any, defaults: Any) -> Any:
