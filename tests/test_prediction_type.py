@@ -174,3 +174,31 @@ def test_the_recipe_sets_new_networks_only(tmp_path):
     assert fresh.prediction_type == "v_prediction"
     for source in ({"pretrained": "base"}, {"teacher": "base"}):
         assert recipe.train_config(str(tmp_path), "DiT-XS/8", "digits", 32, 1, **source).prediction_type is None
+
+
+def test_a_finetune_samples_as_its_base_does(velocity_run, tmp_path):
+    # a step-distilled student (trailing grid, 2 unguided steps) and a solver pipeline, each fine-tuned with LoRA
+    from dit_optimum.techniques.solvers import with_solver
+    from dit_optimum.training.step_distillation import record_student_defaults, student_scheduler
+
+    _, source = velocity_run
+    student = DiTOptimumPipeline.from_pretrained(source)
+    student.scheduler = student_scheduler(student.scheduler.config, "v_prediction")
+    record_student_defaults(student, 2)
+    student.save_pretrained(tmp_path / "student")
+    with_solver(DiTOptimumPipeline.from_pretrained(source), "dpmpp-2m", 5).save_pretrained(tmp_path / "solver")
+    for base in ("student", "solver"):
+        tuned = train(
+            tiny_run(tmp_path / f"{base}-lora", pretrained=str(tmp_path / base), model_overrides={}, finetune="lora")
+        )
+        original, result = (
+            DiTOptimumPipeline.from_pretrained(tmp_path / base),
+            DiTOptimumPipeline.from_pretrained(tuned),
+        )
+        assert type(result.scheduler) is type(original.scheduler)
+        assert dict(result.scheduler.config) == dict(original.scheduler.config)
+        assert result.sampling_defaults == original.sampling_defaults
+    assert DiTOptimumPipeline.from_pretrained(tmp_path / "student-lora" / "pipeline").sampling_defaults == {
+        "num_inference_steps": 2,
+        "guidance_scale": 1.0,
+    }

@@ -7,6 +7,7 @@ and merged into the pipeline."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -23,9 +24,17 @@ CLASS_TABLE = "conditioning_embedding.class_embedder.embedding_table"
 LORA_FOLDER = "lora"
 
 
-def load_pretrained(config: TrainConfig, data: TrainingData) -> tuple[DiTOptimumTransformer2DModel, bool]:
+class BaseSampling(NamedTuple):
+    """How the pretrained pipeline samples: its scheduler and recorded sampling defaults, which a fine-tune keeps."""
+
+    scheduler: Any
+    defaults: dict[str, Any]
+
+
+def load_pretrained(config: TrainConfig, data: TrainingData) -> tuple[DiTOptimumTransformer2DModel, bool, BaseSampling]:
     """The base transformer of ``config.pretrained``, with its class table resized to the data's classes; returns
-    the model and whether the table was resized. Input size and channels must match the data."""
+    the model, whether the table was resized, and how the base samples. Input size and channels must match the
+    data."""
     try:
         pipeline = DiTOptimumPipeline.from_pretrained(config.pretrained)
     except DiTOptimumError as error:
@@ -47,9 +56,10 @@ def load_pretrained(config: TrainConfig, data: TrainingData) -> tuple[DiTOptimum
     num_classes = max(data.num_classes, max(data.id2label, default=-1) + 1)
     names = {index: str(name) for index, name in (data.id2label or {}).items()}
     same = num_classes == model.num_classes and all(base_names.get(i, names[i]) == names[i] for i in names)
+    sampling = BaseSampling(pipeline.scheduler, pipeline.sampling_defaults)
     if same:
-        return model.float(), False
-    return resize_class_table(model, num_classes, names, base_names), True
+        return model.float(), False, sampling
+    return resize_class_table(model, num_classes, names, base_names), True, sampling
 
 
 def resize_class_table(

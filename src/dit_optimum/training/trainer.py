@@ -58,7 +58,7 @@ from .data import load_vae
 from .diffusion import PREDICTION_TYPES, GaussianDiffusion
 from .distillation import Distillation
 from .ema import EMA
-from .finetune import finish_lora, load_pretrained, prepare_finetune
+from .finetune import BaseSampling, finish_lora, load_pretrained, prepare_finetune
 from .step_distillation import StepDistillation, record_student_defaults
 
 TRAIN_LOG_NAME = "train_log"  # accelerate's run name: the CSV tracker writes <name>.csv
@@ -203,10 +203,11 @@ def _train(config: TrainConfig, accelerator: Accelerator, output_dir: Path) -> P
     inputs = {"data": data_fingerprint(data)}
     if saved is not None:
         check_same_content("data", config.data, saved["inputs"].get("data"), inputs["data"], checkpoint)
+    base_sampling = None
     if config.pretrained is None:
         model, resized = build_model(config, data), False
     else:  # fine-tuning: the base, its class table resized to the data's classes when they differ
-        model, resized = load_pretrained(config, data)
+        model, resized, base_sampling = load_pretrained(config, data)
     inputs["pretrained"] = model_fingerprint(model) if config.pretrained else None
     if saved is not None:
         check_same_content(
@@ -365,7 +366,8 @@ def _train(config: TrainConfig, accelerator: Accelerator, output_dir: Path) -> P
         final.conditioning_embedding.class_embedder.dropout_prob = class_dropout
         if config.finetune == "lora":  # the adapter on its own in <output_dir>/lora, merged into the pipeline
             final = finish_lora(final, output_dir)
-        _save_pipeline(final, data, pipeline_dir, prediction_type, step_distillation)
+        sampling = None if step_distillation else base_sampling
+        _save_pipeline(final, data, pipeline_dir, prediction_type, step_distillation, sampling)
     accelerator.end_training()
     return pipeline_dir
 
@@ -459,15 +461,24 @@ def _save_pipeline(
     pipeline_dir: Path,
     prediction_type: str,
     step_distillation: StepDistillation | None = None,
+    base_sampling: BaseSampling | None = None,
 ) -> None:
     vae = load_vae(data.vae) if data.vae else None
-    # a step-distilled student samples with the DDIM config it was trained for, at its steps, unguided
-    scheduler = step_distillation.scheduler if step_distillation else DDIMScheduler(prediction_type=prediction_type)
+    # a step-distilled student samples with the DDIM config it was trained for, at its steps, unguided; a fine-tune
+    # as its base does (scheduler and recorded steps and guidance: a fine-tuned student keeps its grid)
+    if step_distillation is not None:
+        scheduler = step_distillation.scheduler
+    elif base_sampling is not None:
+        scheduler = base_sampling.scheduler
+    else:
+        scheduler = DDIMScheduler(prediction_type=prediction_type)
     pipeline = DiTOptimumPipeline(
         transformer=model.eval(), vae=vae, scheduler=scheduler, id2label=data.id2label or None
     )
     if step_distillation is not None:
         record_student_defaults(pipeline, step_distillation.steps)
+    elif base_sampling is not None:
+        pipeline.set_sampling_defaults(**base_sampling.defaults)
     pipeline.save_pretrained(pipeline_dir)
     statistics = model.routing_statistics()
     if statistics:
