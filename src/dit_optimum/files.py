@@ -93,17 +93,26 @@ def check_output_path(path: str | os.PathLike | None, parameter: str = "output_d
     return Path(text).expanduser()
 
 
+def path_overlap(target: str | os.PathLike, source: str | os.PathLike | None) -> str | None:
+    """How ``target`` lies against the existing folder ``source``, links resolved: "same", "inside" it, "around" it
+    (``source`` is inside ``target``), or None (apart, or ``source`` is not a folder)."""
+    if not source or not Path(str(source)).expanduser().is_dir():
+        return None
+    resolved, origin = Path(target).expanduser().resolve(), Path(str(source)).expanduser().resolve()
+    if resolved == origin:
+        return "same"
+    if origin in resolved.parents:
+        return "inside"
+    return "around" if resolved in origin.parents else None
+
+
 def check_not_inside_sources(
     target: str | os.PathLike, sources: Iterable[str | os.PathLike | None], parameter: str = "save_directory"
 ) -> None:
     """Refuse a target strictly inside a folder the object was loaded from (it would write a new save into, and
     replace files of, the original), naming both."""
-    resolved = Path(target).expanduser().resolve()
     for source in sources:
-        if not source or not Path(str(source)).expanduser().is_dir():
-            continue
-        origin = Path(str(source)).expanduser().resolve()
-        if resolved != origin and origin in resolved.parents:
+        if path_overlap(target, source) == "inside":
             raise DiTOptimumError(
                 f"`{parameter}`={str(target)!r} is inside {str(source)!r}, the folder this was loaded from: saving "
                 "there would mix a new save into the original. Choose a folder outside it."

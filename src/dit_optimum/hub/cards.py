@@ -198,14 +198,11 @@ def loading_code(repo_id: str, row: Mapping[str, Any], needs_package: str | None
     check_repo_id(repo_id)
     validate(row, _SNIPPET_ROW, "`row`")
     dtype = row.get("dtype", "float32")
-    loader = f"DiffusionPipeline.from_pretrained({json.dumps(repo_id)})"
     technique = TECHNIQUES.get(str(row.get("technique")))
     searched = _searched_stack(row)
     # diffusers loads torchao models in bfloat16 unless told otherwise; stock DiTPipeline then decodes bfloat16
     # latents with the VAE's dtype: the dtype is always named for torchao releases
     torchao = (technique is not None and _uses_torchao(technique.options)) or _uses_torchao(searched["path"])
-    if dtype != "float32" or torchao:
-        loader = f"DiffusionPipeline.from_pretrained({json.dumps(repo_id)}, torch_dtype=torch.{dtype})"
     steps = int(row.get("quality_settings", {}).get("num_inference_steps", 10))
     guidance = float(row.get("quality_settings", {}).get("guidance_scale", 2.0))
     cache = sampling_cache(str(row.get("technique"))) or searched["cache"]
@@ -214,7 +211,14 @@ def loading_code(repo_id: str, row: Mapping[str, Any], needs_package: str | None
     steps = int(recorded.get("num_inference_steps", steps))  # what the benchmark sampled it with, as recorded
     guidance = float(recorded.get("guidance_scale", guidance))
     noise_scaled = sampler is not None and scales_initial_noise(sampler)
-    imports = "from diffusers import DiffusionPipeline"
+    # This package's pipeline class where the stock DiTPipeline would sample otherwise: it does not scale the initial
+    # noise (Euler, Heun), sets no cache context, and ignores recorded sampling defaults (the optimizer's choice is
+    # called without them, as it was judged).
+    own_class = noise_scaled or cache is not None or searched["chosen"]
+    loader_class = "DiTOptimumPipeline" if own_class else "DiffusionPipeline"
+    dtype_argument = f", torch_dtype=torch.{dtype}" if dtype != "float32" or torchao else ""
+    loader = f"{loader_class}.from_pretrained({json.dumps(repo_id)}{dtype_argument})"
+    imports = "from dit_optimum import DiTOptimumPipeline" if own_class else "from diffusers import DiffusionPipeline"
     cache_lines = []
     sampling_lines = []
     if recorded:
@@ -223,15 +227,11 @@ def loading_code(repo_id: str, row: Mapping[str, Any], needs_package: str | None
             f"# this release samples with {what}, guidance {guidance!r} (recorded in its model_index.json; "
             "diffusers' DiTPipeline ignores the recorded values, so they are passed here)"
         ]
-    if noise_scaled and cache is None:  # the stock DiTPipeline does not scale the initial noise by the scheduler's
-        loader = loader.replace("DiffusionPipeline.from_pretrained", "DiTOptimumPipeline.from_pretrained")
-        imports = "from dit_optimum import DiTOptimumPipeline"
+    if noise_scaled and cache is None:
         sampling_lines.insert(
             0, f"# DiTOptimumPipeline scales the initial noise as {sampler} needs (DiTPipeline does not)"
         )
-    if cache is not None:  # the stock DiTPipeline sets no cache context: load this package's pipeline class
-        loader = loader.replace("DiffusionPipeline.from_pretrained", "DiTOptimumPipeline.from_pretrained")
-        imports = "from dit_optimum import DiTOptimumPipeline"
+    if cache is not None:
         method = cache.pop("method")
         if method == "block-schedule":
             cache_lines = ["# the block reuse schedule is saved with the model: DiTOptimumPipeline samples with it"]
@@ -243,7 +243,7 @@ def loading_code(repo_id: str, row: Mapping[str, Any], needs_package: str | None
                 f'enable_step_cache(pipe, "{method}"{arguments})',
             ]
     package = []  # a release in diffusers' own format loads without dit-optimum (unless it samples with a cache)
-    if needs_package is not None or cache is not None or noise_scaled:
+    if (needs_package is not None or cache is not None or noise_scaled) and not searched["chosen"]:
         package.append("import dit_optimum  # noqa: F401  (registers the dit-optimum components with diffusers)")
     runtime = str(row.get("runtime") or "torch")
     if runtime != "torch":  # the exported graph is saved in transformer/; its runtime is an extra
@@ -257,13 +257,6 @@ def loading_code(repo_id: str, row: Mapping[str, Any], needs_package: str | None
         package.insert(0, f"# dit-optimum is needed to load this release: {_comment(needs_package)}")
     call = f"num_inference_steps={steps}, guidance_scale={guidance!r}, "
     if searched["chosen"]:  # the optimizer's pipeline samples as it was judged from its recorded defaults alone
-        loader = loader.replace("DiffusionPipeline.from_pretrained", "DiTOptimumPipeline.from_pretrained")
-        imports = imports.replace(
-            "from diffusers import DiffusionPipeline", "from dit_optimum import DiTOptimumPipeline"
-        )
-        if "DiTOptimumPipeline" not in imports:
-            imports = "from dit_optimum import DiTOptimumPipeline"
-        package = [line for line in package if not line.startswith("import dit_optimum")]
         sampling_lines = [f"# samples with the {steps} steps and guidance {guidance!r} it was judged with (recorded)"]
         call = ""
     return "\n".join(

@@ -26,7 +26,15 @@ from ..errors import DiTOptimumError
 from ..evaluation.efficiency import SpeedSettings
 from ..evaluation.hardware import hardware_description
 from ..evaluation.quality import QualitySettings, output_resolution, resolve_metrics
-from ..files import check_save_target, check_writable, claim_files, folder_lock, read_manifest, write_json
+from ..files import (
+    check_save_target,
+    check_writable,
+    claim_files,
+    folder_lock,
+    path_overlap,
+    read_manifest,
+    write_json,
+)
 from ..hub.cards import RESULTS_FILE as CARD_RESULTS_FILE
 from ..hub.cards import SAMPLE_GRID
 from ..hub.releases import write_card_files
@@ -104,13 +112,11 @@ def _claim_output(output_dir: Any, pipe: Any) -> Path:
     """The output folder, checked before any work: not the baseline's folder or one around it, no file of a user's
     at the names it writes, and ``pipeline/`` absent or written by this package."""
     output = claim_files(output_dir, OUTPUT_FILES)
-    if isinstance(pipe, (str, os.PathLike)) and Path(pipe).expanduser().is_dir():
-        source, target = Path(pipe).expanduser().resolve(), output.expanduser().resolve()
-        if source == target or target in source.parents or source in target.parents:
-            raise DiTOptimumError(
-                f"`output_dir`={str(output_dir)!r} and the baseline {str(pipe)!r} overlap: the result would be written "
-                "over or into the baseline. Choose an output folder outside it."
-            )
+    if isinstance(pipe, (str, os.PathLike)) and path_overlap(output, pipe) is not None:
+        raise DiTOptimumError(
+            f"`output_dir`={str(output_dir)!r} and the baseline {str(pipe)!r} overlap: the result would be written "
+            "over or into the baseline. Choose an output folder outside it."
+        )
     folder = output / PIPELINE_FOLDER
     check_save_target(folder, "model_index.json", False, "output_dir")
     if os.path.lexists(folder) and read_manifest(folder) is None:

@@ -15,6 +15,7 @@ from accelerate.utils import is_tensorboard_available
 
 from ..configs import dit_config, parse_preset_name
 from ..errors import DiTOptimumError
+from ..files import path_overlap
 from ..models.resources import check_resources
 from ..models.transformer import DiTOptimumTransformer2DModel
 from ..utils import check_number, check_positive_integers, is_integer
@@ -162,13 +163,11 @@ class TrainConfig:
             raise DiTOptimumError(f"`output_dir`={str(self.output_dir)!r} is a file: choose a folder.")
         for name in ("pretrained", "teacher"):  # a run writes checkpoints and a pipeline: never into its source
             source = getattr(self, name)
-            if isinstance(source, (str, os.PathLike)) and str(source) and os.path.isdir(source):
-                output, folder = os.path.realpath(self.output_dir), os.path.realpath(source)
-                if output == folder or output.startswith(folder + os.sep):
-                    raise DiTOptimumError(
-                        f"`output_dir`={str(self.output_dir)!r} is inside `{name}`={str(source)!r}: the run would "
-                        "write its checkpoints and pipeline into the model it reads; choose a folder outside it."
-                    )
+            if isinstance(source, (str, os.PathLike)) and path_overlap(self.output_dir, source) in ("same", "inside"):
+                raise DiTOptimumError(
+                    f"`output_dir`={str(self.output_dir)!r} is inside `{name}`={str(source)!r}: the run would "
+                    "write its checkpoints and pipeline into the model it reads; choose a folder outside it."
+                )
         for name in ("skip_corrupt", "ema_warmup", "gradient_checkpointing", "compile", "resume", "tensorboard"):
             if not isinstance(getattr(self, name), bool):
                 raise DiTOptimumError(f"`{name}`={getattr(self, name)!r} must be True or False.")

@@ -366,8 +366,7 @@ def _train(config: TrainConfig, accelerator: Accelerator, output_dir: Path) -> P
         final.conditioning_embedding.class_embedder.dropout_prob = class_dropout
         if config.finetune == "lora":  # the adapter on its own in <output_dir>/lora, merged into the pipeline
             final = finish_lora(final, output_dir)
-        sampling = None if step_distillation else base_sampling
-        _save_pipeline(final, data, pipeline_dir, prediction_type, step_distillation, sampling)
+        _save_pipeline(final, data, pipeline_dir, prediction_type, step_distillation, base_sampling)
     accelerator.end_training()
     return pipeline_dir
 
